@@ -1,0 +1,71 @@
+// The compute backend: one table of operations that the model calls. The CPU backend
+// (OpenBLAS + OpenMP, fp32) is the reference; the CUDA backend implements the same table.
+// Conventions (as in llm.c): tensors are row-major, shapes are written next to them,
+// N = B*T rows. Backward ops ACCUMULATE (+=) into every gradient they write (parameter
+// gradients and input gradients alike); the caller zeroes them.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct mp_retrieval_layer mp_retrieval_layer;   // PEER / PKM, src/model/retrieval.h
+
+typedef struct mp_backend {
+    const char *name;
+    // memory
+    void *(*alloc)(size_t bytes);                       // zero-filled
+    void (*free)(void *p);
+    void (*zero)(void *p, size_t bytes);
+    void (*to_host)(void *host, const void *src, size_t bytes);
+    void (*from_host)(void *dst, const void *host, size_t bytes);
+
+    // token + position embedding: out (B,T,C) = wte[inp] + wpe[t]
+    void (*encoder_forward)(float *out, const int32_t *inp, const float *wte, const float *wpe,
+                            int B, int T, int C);
+    void (*encoder_backward)(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
+                             int B, int T, int C);
+    // LayerNorm over C, eps 1e-5: out (N,C), mean (N), rstd (N)
+    void (*layernorm_forward)(float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int N, int C);
+    void (*layernorm_backward)(float *dinp, float *dw, float *db, const float *dout,
+                               const float *inp, const float *w, const float *mean,
+                               const float *rstd, int N, int C);
+    // out (N,OC) = inp (N,C) @ w^T (w: (OC,C)) + bias (OC) (bias may be NULL)
+    void (*matmul_forward)(float *out, const float *inp, const float *w, const float *bias,
+                           int N, int C, int OC);
+    void (*matmul_backward)(float *dinp, float *dw, float *dbias, const float *dout,
+                            const float *inp, const float *w, int N, int C, int OC);
+    // causal self-attention: qkv (B,T,3C) as [q|k|v], heads contiguous in C;
+    // out (B,T,C); att (B,NH,T,T) softmax probabilities kept for backward
+    void (*attention_forward)(float *out, float *att, const float *qkv, int B, int T, int C,
+                              int NH);
+    void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
+                               const float *att, int B, int T, int C, int NH);
+    // exact (erf) GELU, elementwise over n
+    void (*gelu_forward)(float *out, const float *inp, long n);
+    void (*gelu_backward)(float *dinp, const float *inp, const float *dout, long n);
+    // out = a + b, elementwise (out may alias a)
+    void (*residual_forward)(float *out, const float *a, const float *b, long n);
+    // probs (N,V) = softmax(logits); losses (N) = -log probs[target]
+    void (*crossentropy_forward)(float *losses, float *probs, const float *logits,
+                                 const int32_t *targets, int N, int V);
+    // dlogits (N,V) += dloss * (probs - onehot(target))
+    void (*crossentropy_backward)(float *dlogits, const float *probs, const int32_t *targets,
+                                  float dloss, int N, int V);
+
+    // PEER / PKM layer: y (N,C) = layer(x (N,C)); train selects BatchNorm batch statistics.
+    void (*retrieval_forward)(mp_retrieval_layer *l, float *y, const float *x, int N, int train);
+    // dx (N,C) += ..., parameter gradients += ...; uses what forward kept in l.
+    void (*retrieval_backward)(mp_retrieval_layer *l, float *dx, const float *dy,
+                               const float *x, int N);
+
+    // AdamW on one contiguous range: p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)
+    // t is the 1-based step for bias correction; g is scaled by grad_scale first.
+    void (*adamw)(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float wd, long t, float grad_scale);
+    // sum of squares of x (n), accumulated in double
+    double (*sum_squares)(const float *x, size_t n);
+} mp_backend;
+
+const mp_backend *mp_backend_cpu(void);
+// NULL with a reason in err when CUDA was not compiled in or no GPU is present.
+const mp_backend *mp_backend_cuda(char *err, size_t err_len);

@@ -1,0 +1,78 @@
+// The transformer language model: parameter table, forward, backward.
+// The math is specified in docs/model.md; tools/ref/millipede_ref.py is the independent
+// JAX implementation of the same model that the tests compare against.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include "millipede/backend.h"
+#include "millipede/config.h"
+
+// Parameters live in one contiguous buffer per group, so all-reduce, checkpointing and
+// the optimizer are single calls per group:
+//   DENSE   replicated: embeddings, attention, norms, dense MLPs, W_q, query BN affine
+//   KEYS    replicated: the product-key sub-key tables K1, K2 (their own lr / weight decay)
+//   EXPERTS sharded by sub-key ownership: PEER U, V and PKM V (their own lr / weight decay)
+typedef enum { MP_GROUP_DENSE = 0, MP_GROUP_KEYS = 1, MP_GROUP_EXPERTS = 2, MP_N_GROUPS = 3 } mp_group;
+
+#define MP_MAX_TENSORS (16 + 16 * MP_MAX_LAYERS)
+
+typedef struct {
+    char name[48];        // e.g. "h2.peer.u" (docs/model.md lists them all)
+    int ndim;             // 1 or 2
+    long shape[2];        // local shape: experts hold rows [row_start, row_start+shape[0])
+    long global_rows;     // shape[0] over all ranks (== shape[0] unless sharded)
+    long row_start;       // first global row held here
+    mp_group group;
+    size_t offset;        // in floats, within its group's buffer
+    size_t numel;         // local element count
+    int decay;            // 1: weight decay applies
+} mp_tensor;
+
+typedef struct mp_model mp_model;
+
+// Builds the model for at most B sequences of at most T = cfg->context tokens.
+// Expert rows [row_start, row_start+rows) of each retrieval layer are held here; the
+// single-rank model holds all of them (mp_model_create does that).
+mp_model *mp_model_create(const mp_config *cfg, const mp_backend *be, int B);
+void mp_model_free(mp_model *m);
+// Deterministic init from cfg->seed: each value is a function of (seed, tensor name,
+// global element index) only.
+void mp_model_init(mp_model *m);
+
+// Parameter table and buffers.
+int mp_model_n_tensors(const mp_model *m);
+const mp_tensor *mp_model_tensor(const mp_model *m, int i);
+const mp_tensor *mp_model_find(const mp_model *m, const char *name);
+float *mp_model_params(mp_model *m, mp_group g);   // group buffer (backend memory)
+float *mp_model_grads(mp_model *m, mp_group g);
+size_t mp_model_group_size(const mp_model *m, mp_group g);  // floats
+// BatchNorm running statistics of every retrieval layer with query BN, one buffer:
+// for each such layer, running_mean (H*dk) then running_var (H*dk).
+float *mp_model_bn_state(mp_model *m);
+size_t mp_model_bn_state_size(const mp_model *m);
+const mp_config *mp_model_config(const mp_model *m);
+
+// Forward over inputs (B,T) int32. With targets, returns the mean cross-entropy (nats per
+// token) and keeps what backward needs; without, returns 0. train = 1 uses BatchNorm batch
+// statistics (and updates the running ones), 0 the running statistics.
+float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                       int train);
+// Logits (B,T,V) of the last forward (backend memory).
+const float *mp_model_logits(const mp_model *m);
+void mp_model_zero_grad(mp_model *m);
+// Backward of loss_scale * mean loss of the last forward; gradients accumulate.
+void mp_model_backward(mp_model *m, float loss_scale);
+
+// Expert usage (paper Table 2): when enabled, every forward adds each selected expert's
+// gate to z_e of its layer. usage = fraction with z_e > 0; unevenness = KL(z/|z| || uniform).
+void mp_model_usage_enable(mp_model *m, int on);
+int mp_model_n_retrieval(const mp_model *m);
+// Layer index (block) of the i-th retrieval layer, its z (global N floats, host), and N.
+int mp_model_retrieval_block(const mp_model *m, int i);
+const double *mp_model_usage(const mp_model *m, int i, long *n_experts);
+
+// Active floating-point operations per token of the forward pass (matmuls, attention,
+// retrieval, experts); used to match baselines and to report throughput.
+double mp_model_flops_per_token(const mp_config *cfg);
+// Total parameter count (global, over all ranks).
+long mp_model_param_count(const mp_config *cfg);

@@ -1,0 +1,43 @@
+// millipede: one MPI binary, several subcommands.
+#include <mpi.h>
+#include <stdio.h>
+#include <string.h>
+#include "commands.h"
+#include "core/log.h"
+#include "millipede/data.h"
+
+static const char *usage =
+    "usage: millipede <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  train CONFIG.ini [--set section.key=value]...   train a model\n"
+    "  eval CONFIG.ini --model FILE                      validation loss, bits/byte, expert usage (JSON)\n"
+    "  sample CONFIG.ini --model FILE --prompt TEXT --tokens N [--temperature T] [--top-k K]\n"
+    "  data prepare --out DIR [--val-fraction F] PATH... text files -> token shards\n"
+    "\n"
+    "`millipede <command> --help` describes each command.\n";
+
+int main(int argc, char **argv) {
+    MP_CHECK_MPI(MPI_Init(&argc, &argv));
+    int status;
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
+        !strcmp(argv[1], "help")) {
+        if (mp_rank() == 0) fputs(usage, argc < 2 ? stderr : stdout);
+        status = argc < 2 ? 2 : 0;
+    } else if (!strcmp(argv[1], "train")) {
+        status = mp_cmd_train(argc - 1, argv + 1);
+    } else if (!strcmp(argv[1], "eval")) {
+        status = mp_cmd_eval(argc - 1, argv + 1);
+    } else if (!strcmp(argv[1], "sample")) {
+        status = mp_cmd_sample(argc - 1, argv + 1);
+    } else if (!strcmp(argv[1], "data")) {
+        status = mp_cmd_data(argc - 1, argv + 1);
+    } else {
+        if (mp_rank() == 0)
+            fprintf(stderr, "millipede: error: unknown command '%s' (expected train, eval, sample or data)\n%s",
+                    argv[1], usage);
+        status = 2;
+    }
+    MPI_Finalize();
+    return status;
+}
