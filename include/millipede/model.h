@@ -34,6 +34,10 @@ typedef struct mp_model mp_model;
 // Expert rows [row_start, row_start+rows) of each retrieval layer are held here; the
 // single-rank model holds all of them (mp_model_create does that).
 mp_model *mp_model_create(const mp_config *cfg, const mp_backend *be, int B);
+// The model of rank `part` of `n_parts`: it holds the expert rows of the first-half
+// sub-keys a in [floor(part*n/n_parts), floor((part+1)*n/n_parts)) (DESIGN.md, sharding).
+mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B, int part,
+                               int n_parts);
 void mp_model_free(mp_model *m);
 // Deterministic init from cfg->seed: each value is a function of (seed, tensor name,
 // global element index) only.
@@ -51,6 +55,7 @@ size_t mp_model_group_size(const mp_model *m, mp_group g);  // floats
 float *mp_model_bn_state(mp_model *m);
 size_t mp_model_bn_state_size(const mp_model *m);
 const mp_config *mp_model_config(const mp_model *m);
+const mp_backend *mp_model_backend(const mp_model *m);
 
 // Forward over inputs (B,T) int32. With targets, returns the mean cross-entropy (nats per
 // token) and keeps what backward needs; without, returns 0. train = 1 uses BatchNorm batch

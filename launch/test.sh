@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Fresh Debian 12 machine -> the whole test suite: installs what is missing (with the test
+# oracle: cmocka, JAX, optax, h5py, pytest), builds from a clean folder, runs ctest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/install-deps.sh --test
+rm -rf build-test
+cmake -S . -B build-test -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build-test
+ctest --test-dir build-test --output-on-failure -j 2

@@ -1,0 +1,493 @@
+// The transformer: parameter table, activations, forward and backward side by side.
+// docs/model.md is the specification; every op runs through the backend table.
+#include "millipede/model.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "core/log.h"
+#include "core/rng.h"
+#include "model/model_private.h"
+
+typedef enum { INIT_NORMAL, INIT_UNIFORM, INIT_ONES, INIT_ZEROS } init_kind;
+
+typedef struct {   // parameter (or gradient) pointers of one block
+    float *ln1w, *ln1b, *qkvw, *qkvb, *projw, *projb, *ln2w, *ln2b;
+    float *fcw, *fcb, *fcprojw, *fcprojb;   // dense FFN only
+} block_params;
+
+typedef struct {   // what one block keeps for backward
+    float *res_in;                // (N, C) residual stream entering the block
+    float *ln1, *ln1_mean, *ln1_rstd;   // (N, C), (N), (N)
+    float *qkv;                   // (N, 3C)
+    float *atty;                  // (N, C) attention output before the projection
+    float *att;                   // (B, NH, T, T)
+    float *res_mid;               // (N, C) residual after attention
+    float *ln2, *ln2_mean, *ln2_rstd;   // (N, C), (N), (N)
+    float *fch, *fch_gelu;        // (N, F) dense FFN only
+} block_acts;
+
+struct mp_model {
+    mp_config cfg;
+    const mp_backend *be;
+    int B, T;                     // most sequences and tokens per forward
+    int n_tensors;
+    mp_tensor tensors[MP_MAX_TENSORS];
+    init_kind init[MP_MAX_TENSORS];
+    float init_scale[MP_MAX_TENSORS];
+    size_t group_size[MP_N_GROUPS];
+    float *params[MP_N_GROUPS], *grads[MP_N_GROUPS];
+    float *bn_state;
+    size_t bn_size;
+
+    float *wte, *wpe, *lnfw, *lnfb;
+    float *dwte, *dwpe, *dlnfw, *dlnfb;
+    block_params p[MP_MAX_LAYERS], g[MP_MAX_LAYERS];
+    mp_retrieval_layer *ret[MP_MAX_LAYERS];   // NULL for dense blocks
+    int n_ret;
+    int ret_block[MP_MAX_LAYERS];
+
+    // activations
+    int32_t *inputs, *targets;    // (B, T)
+    block_acts a[MP_MAX_LAYERS];
+    float *res_out;               // (N, C) residual after the last block
+    float *lnf, *lnf_mean, *lnf_rstd;   // (N, C), (N), (N)
+    float *logits, *probs;        // (N, V)
+    float *losses;                // (N)
+    float *ffn_out;               // (N, C) scratch
+    int last_B, last_T, has_targets;
+
+    // gradient scratch
+    float *dlogits;               // (N, V)
+    float *dres;                  // (N, C) gradient of the residual stream
+    float *dln;                   // (N, C) gradient of a LayerNorm output
+    float *datty;                 // (N, C)
+    float *dqkv;                  // (N, 3C)
+    float *dfch, *dfch_gelu;      // (N, F)
+    int usage_on;
+};
+
+static uint64_t name_stream(const char *s) {   // FNV-1a of the tensor name
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return h;
+}
+
+static int add_tensor(mp_model *m, const char *name, long rows, long cols, mp_group group,
+                      int decay, init_kind init, float scale, long global_rows, long row_start) {
+    if (m->n_tensors == MP_MAX_TENSORS) mp_fatal("too many tensors");
+    int i = m->n_tensors++;
+    mp_tensor *t = &m->tensors[i];
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->ndim = cols > 0 ? 2 : 1;
+    t->shape[0] = rows;
+    t->shape[1] = cols > 0 ? cols : 1;
+    t->global_rows = global_rows;
+    t->row_start = row_start;
+    t->group = group;
+    t->numel = (size_t)rows * (size_t)t->shape[1];
+    t->offset = m->group_size[group];
+    t->decay = decay;
+    m->group_size[group] += t->numel;
+    m->init[i] = init;
+    m->init_scale[i] = scale;
+    return i;
+}
+
+static int add(mp_model *m, const char *name, long rows, long cols, int decay, init_kind init,
+               float scale) {
+    return add_tensor(m, name, rows, cols, MP_GROUP_DENSE, decay, init, scale, rows, 0);
+}
+
+// The table of tensors in docs/model.md order. Retrieval layers hold expert rows
+// [row_start, row_start + rows) of each table; *idx receives tensor indices for wiring.
+static void build_table(mp_model *m, long part, long n_parts, int idx[MP_MAX_LAYERS][16],
+                        int *top_idx) {
+    const mp_config *c = &m->cfg;
+    long C = c->d_model, F = c->dense_hidden, L = c->n_layers;
+    float std = c->init_std, proj_std = c->init_std / sqrtf(2.0f * L);
+    char nm[48];
+    top_idx[0] = add(m, "wte", c->vocab_size, C, 1, INIT_NORMAL, std);
+    top_idx[1] = add(m, "wpe", c->context, C, 1, INIT_NORMAL, std);
+    for (int l = 0; l < L; l++) {
+        int *ix = idx[l];
+#define ADD(slot, suffix, rows, cols, decay, init, scale)                  \
+    snprintf(nm, sizeof nm, "h%d.%s", l, suffix);                          \
+    ix[slot] = add(m, nm, rows, cols, decay, init, scale)
+        ADD(0, "ln1.w", C, 0, 0, INIT_ONES, 0);
+        ADD(1, "ln1.b", C, 0, 0, INIT_ZEROS, 0);
+        ADD(2, "attn.qkv.w", 3 * C, C, 1, INIT_NORMAL, std);
+        ADD(3, "attn.qkv.b", 3 * C, 0, 0, INIT_ZEROS, 0);
+        ADD(4, "attn.proj.w", C, C, 1, INIT_NORMAL, proj_std);
+        ADD(5, "attn.proj.b", C, 0, 0, INIT_ZEROS, 0);
+        ADD(6, "ln2.w", C, 0, 0, INIT_ONES, 0);
+        ADD(7, "ln2.b", C, 0, 0, INIT_ZEROS, 0);
+        const mp_retrieval_config *rc = mp_config_retrieval(c, l);
+        if (!rc) {
+            ADD(8, "mlp.fc.w", F, C, 1, INIT_NORMAL, std);
+            ADD(9, "mlp.fc.b", F, 0, 0, INIT_ZEROS, 0);
+            ADD(10, "mlp.proj.w", C, F, 1, INIT_NORMAL, proj_std);
+            ADD(11, "mlp.proj.b", C, 0, 0, INIT_ZEROS, 0);
+            continue;
+        }
+        const char *kind = c->ffn[l] == MP_FFN_PEER ? "peer" : "pkm";
+        long HD = (long)rc->heads * rc->key_dim, n = rc->n_sub, half = rc->key_dim / 2;
+        long a0 = part * n / n_parts, a1 = (part + 1) * n / n_parts;   // owned first-half sub-keys
+        long row_start = a0 * n, rows = (a1 - a0) * n;
+        char sfx[32];
+#define ADDR(slot, what, rows_, cols, decay, init, scale)                  \
+    snprintf(sfx, sizeof sfx, "%s.%s", kind, what);                        \
+    ADD(slot, sfx, rows_, cols, decay, init, scale)
+        ADDR(8, "wq", HD, C, 1, INIT_NORMAL, std);
+        ix[9] = ix[10] = -1;
+        if (rc->query_bn) {
+            ADDR(9, "bn.w", HD, 0, 0, INIT_ONES, 0);
+            ADDR(10, "bn.b", HD, 0, 0, INIT_ZEROS, 0);
+        }
+        float kb = 1.0f / sqrtf((float)half);
+        snprintf(nm, sizeof nm, "h%d.%s.k1", l, kind);
+        ix[11] = add_tensor(m, nm, n, half, MP_GROUP_KEYS, 1, INIT_UNIFORM, kb, n, 0);
+        snprintf(nm, sizeof nm, "h%d.%s.k2", l, kind);
+        ix[12] = add_tensor(m, nm, n, half, MP_GROUP_KEYS, 1, INIT_UNIFORM, kb, n, 0);
+        float es = 1.0f / sqrtf((float)C);
+        long N = rc->n_experts;
+        ix[13] = -1;
+        if (c->ffn[l] == MP_FFN_PEER) {
+            snprintf(nm, sizeof nm, "h%d.peer.u", l);
+            ix[13] = add_tensor(m, nm, rows, C, MP_GROUP_EXPERTS, 1, INIT_NORMAL, es, N, row_start);
+        }
+        snprintf(nm, sizeof nm, "h%d.%s.v", l, kind);
+        ix[14] = add_tensor(m, nm, rows, C, MP_GROUP_EXPERTS, 1, INIT_NORMAL, es, N, row_start);
+#undef ADDR
+#undef ADD
+    }
+    top_idx[2] = add(m, "lnf.w", C, 0, 0, INIT_ONES, 0);
+    top_idx[3] = add(m, "lnf.b", C, 0, 0, INIT_ZEROS, 0);
+}
+
+static float *pptr(mp_model *m, int i) {
+    return i < 0 ? NULL : m->params[m->tensors[i].group] + m->tensors[i].offset;
+}
+static float *gptr(mp_model *m, int i) {
+    return i < 0 ? NULL : m->grads[m->tensors[i].group] + m->tensors[i].offset;
+}
+
+static void *act_alloc(mp_model *m, size_t n, size_t size) { return m->be->alloc(n * size); }
+
+mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B, int part,
+                               int n_parts) {
+    mp_model *m = mp_calloc(1, sizeof *m);
+    m->cfg = *cfg;
+    m->be = be;
+    m->B = B;
+    m->T = cfg->context;
+    int idx[MP_MAX_LAYERS][16], top[4];
+    build_table(m, part, n_parts, idx, top);
+    for (int g = 0; g < MP_N_GROUPS; g++) {
+        m->params[g] = be->alloc(m->group_size[g] * sizeof(float));
+        m->grads[g] = be->alloc(m->group_size[g] * sizeof(float));
+    }
+    m->wte = pptr(m, top[0]); m->dwte = gptr(m, top[0]);
+    m->wpe = pptr(m, top[1]); m->dwpe = gptr(m, top[1]);
+    m->lnfw = pptr(m, top[2]); m->dlnfw = gptr(m, top[2]);
+    m->lnfb = pptr(m, top[3]); m->dlnfb = gptr(m, top[3]);
+
+    size_t N = (size_t)B * m->T, C = cfg->d_model, F = cfg->dense_hidden, V = cfg->vocab_size;
+    for (int l = 0; l < cfg->n_layers; l++) {
+        int *ix = idx[l];
+        block_params *p = &m->p[l], *g = &m->g[l];
+        float **pp[] = {&p->ln1w, &p->ln1b, &p->qkvw, &p->qkvb, &p->projw, &p->projb, &p->ln2w, &p->ln2b};
+        float **gg[] = {&g->ln1w, &g->ln1b, &g->qkvw, &g->qkvb, &g->projw, &g->projb, &g->ln2w, &g->ln2b};
+        for (int s = 0; s < 8; s++) { *pp[s] = pptr(m, ix[s]); *gg[s] = gptr(m, ix[s]); }
+        block_acts *a = &m->a[l];
+        a->res_in = act_alloc(m, N * C, sizeof(float));
+        a->ln1 = act_alloc(m, N * C, sizeof(float));
+        a->ln1_mean = act_alloc(m, N, sizeof(float));
+        a->ln1_rstd = act_alloc(m, N, sizeof(float));
+        a->qkv = act_alloc(m, N * 3 * C, sizeof(float));
+        a->atty = act_alloc(m, N * C, sizeof(float));
+        a->att = act_alloc(m, (size_t)B * cfg->n_heads * m->T * m->T, sizeof(float));
+        a->res_mid = act_alloc(m, N * C, sizeof(float));
+        a->ln2 = act_alloc(m, N * C, sizeof(float));
+        a->ln2_mean = act_alloc(m, N, sizeof(float));
+        a->ln2_rstd = act_alloc(m, N, sizeof(float));
+        const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
+        if (!rc) {
+            p->fcw = pptr(m, ix[8]); g->fcw = gptr(m, ix[8]);
+            p->fcb = pptr(m, ix[9]); g->fcb = gptr(m, ix[9]);
+            p->fcprojw = pptr(m, ix[10]); g->fcprojw = gptr(m, ix[10]);
+            p->fcprojb = pptr(m, ix[11]); g->fcprojb = gptr(m, ix[11]);
+            a->fch = act_alloc(m, N * F, sizeof(float));
+            a->fch_gelu = act_alloc(m, N * F, sizeof(float));
+            continue;
+        }
+        mp_retrieval_layer *r = mp_calloc(1, sizeof *r);
+        size_t HD = (size_t)rc->heads * rc->key_dim, S = (size_t)rc->heads * rc->topk;
+        r->kind = cfg->ffn[l];
+        r->rc = mp_config_retrieval(&m->cfg, l);
+        r->C = (int)C;
+        r->maxN = (int)N;
+        r->row_start = m->tensors[ix[14]].row_start;
+        r->rows = m->tensors[ix[14]].shape[0];
+        r->wq = pptr(m, ix[8]); r->dwq = gptr(m, ix[8]);
+        r->bn_w = pptr(m, ix[9]); r->dbn_w = gptr(m, ix[9]);
+        r->bn_b = pptr(m, ix[10]); r->dbn_b = gptr(m, ix[10]);
+        r->k1 = pptr(m, ix[11]); r->dk1 = gptr(m, ix[11]);
+        r->k2 = pptr(m, ix[12]); r->dk2 = gptr(m, ix[12]);
+        r->u = pptr(m, ix[13]); r->du = gptr(m, ix[13]);
+        r->v = pptr(m, ix[14]); r->dv = gptr(m, ix[14]);
+        if (rc->query_bn) m->bn_size += 2 * HD;
+        r->q = act_alloc(m, N * HD, sizeof(float));
+        r->qn = act_alloc(m, N * HD, sizeof(float));
+        r->dq = act_alloc(m, N * HD, sizeof(float));
+        r->bn_mean = act_alloc(m, HD, sizeof(float));
+        r->bn_rstd = act_alloc(m, HD, sizeof(float));
+        r->sel = act_alloc(m, N * S, sizeof(int32_t));
+        r->sel_a = act_alloc(m, N * S, sizeof(int32_t));
+        r->sel_b = act_alloc(m, N * S, sizeof(int32_t));
+        r->gate = act_alloc(m, N * S, sizeof(float));
+        r->pre = act_alloc(m, N * S, sizeof(float));
+        r->dgate = act_alloc(m, N * S, sizeof(float));
+        r->dpre = act_alloc(m, N * S, sizeof(float));
+        m->ret[l] = r;
+        m->ret_block[m->n_ret++] = l;
+    }
+    // BN running statistics: one buffer, (mean, var) per layer with query BN
+    m->bn_state = be->alloc((m->bn_size ? m->bn_size : 1) * sizeof(float));
+    size_t off = 0;
+    for (int l = 0; l < cfg->n_layers; l++) {
+        mp_retrieval_layer *r = m->ret[l];
+        if (!r || !r->rc->query_bn) continue;
+        size_t HD = (size_t)r->rc->heads * r->rc->key_dim;
+        r->running_mean = m->bn_state + off;
+        r->running_var = m->bn_state + off + HD;
+        off += 2 * HD;
+    }
+    m->inputs = act_alloc(m, N, sizeof(int32_t));
+    m->targets = act_alloc(m, N, sizeof(int32_t));
+    m->res_out = act_alloc(m, N * C, sizeof(float));
+    m->lnf = act_alloc(m, N * C, sizeof(float));
+    m->lnf_mean = act_alloc(m, N, sizeof(float));
+    m->lnf_rstd = act_alloc(m, N, sizeof(float));
+    m->logits = act_alloc(m, N * V, sizeof(float));
+    m->probs = act_alloc(m, N * V, sizeof(float));
+    m->losses = act_alloc(m, N, sizeof(float));
+    m->ffn_out = act_alloc(m, N * C, sizeof(float));
+    m->dlogits = act_alloc(m, N * V, sizeof(float));
+    m->dres = act_alloc(m, N * C, sizeof(float));
+    m->dln = act_alloc(m, N * C, sizeof(float));
+    m->datty = act_alloc(m, N * C, sizeof(float));
+    m->dqkv = act_alloc(m, N * 3 * C, sizeof(float));
+    m->dfch = act_alloc(m, N * (F ? F : 1), sizeof(float));
+    m->dfch_gelu = act_alloc(m, N * (F ? F : 1), sizeof(float));
+    mp_model_init(m);
+    return m;
+}
+
+mp_model *mp_model_create(const mp_config *cfg, const mp_backend *be, int B) {
+    return mp_model_create_part(cfg, be, B, 0, 1);
+}
+
+void mp_model_free(mp_model *m) {
+    if (!m) return;
+    const mp_backend *be = m->be;
+    for (int g = 0; g < MP_N_GROUPS; g++) { be->free(m->params[g]); be->free(m->grads[g]); }
+    be->free(m->bn_state);
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        block_acts *a = &m->a[l];
+        float *bufs[] = {a->res_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att,
+                         a->res_mid, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->fch_gelu};
+        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) if (bufs[i]) be->free(bufs[i]);
+        mp_retrieval_layer *r = m->ret[l];
+        if (!r) continue;
+        void *rb[] = {r->q, r->qn, r->dq, r->bn_mean, r->bn_rstd, r->sel, r->sel_a, r->sel_b,
+                      r->gate, r->pre, r->dgate, r->dpre};
+        for (size_t i = 0; i < sizeof rb / sizeof rb[0]; i++) be->free(rb[i]);
+        free(r->usage);
+        free(r);
+    }
+    void *bufs[] = {m->inputs, m->targets, m->res_out, m->lnf, m->lnf_mean, m->lnf_rstd,
+                    m->logits, m->probs, m->losses, m->ffn_out, m->dlogits, m->dres, m->dln,
+                    m->datty, m->dqkv, m->dfch, m->dfch_gelu};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(bufs[i]);
+    free(m);
+}
+
+void mp_model_init(mp_model *m) {
+    uint64_t seed = m->cfg.seed;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const mp_tensor *t = &m->tensors[i];
+        size_t n = t->numel;
+        float *host = mp_malloc(n * sizeof(float));
+        uint64_t stream = name_stream(t->name);
+        size_t base = (size_t)t->row_start * t->shape[1];   // global index of the first value
+        float s = m->init_scale[i];
+        init_kind kind = m->init[i];
+#pragma omp parallel for schedule(static)
+        for (size_t j = 0; j < n; j++) {
+            float v = 0.0f;
+            if (kind == INIT_NORMAL) v = s * mp_normal(seed, stream, base + j);
+            else if (kind == INIT_UNIFORM) v = s * (2.0f * mp_uniform(seed, stream, base + j) - 1.0f);
+            else if (kind == INIT_ONES) v = 1.0f;
+            host[j] = v;
+        }
+        m->be->from_host(m->params[t->group] + t->offset, host, n * sizeof(float));
+        free(host);
+    }
+    // running statistics: mean 0, var 1
+    float *host = mp_calloc(m->bn_size ? m->bn_size : 1, sizeof(float));
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        mp_retrieval_layer *r = m->ret[l];
+        if (!r || !r->rc->query_bn) continue;
+        size_t HD = (size_t)r->rc->heads * r->rc->key_dim, off = r->running_var - m->bn_state;
+        for (size_t j = 0; j < HD; j++) host[off + j] = 1.0f;
+    }
+    m->be->from_host(m->bn_state, host, (m->bn_size ? m->bn_size : 1) * sizeof(float));
+    free(host);
+}
+
+int mp_model_n_tensors(const mp_model *m) { return m->n_tensors; }
+const mp_tensor *mp_model_tensor(const mp_model *m, int i) { return &m->tensors[i]; }
+const mp_tensor *mp_model_find(const mp_model *m, const char *name) {
+    for (int i = 0; i < m->n_tensors; i++)
+        if (!strcmp(m->tensors[i].name, name)) return &m->tensors[i];
+    return NULL;
+}
+float *mp_model_params(mp_model *m, mp_group g) { return m->params[g]; }
+float *mp_model_grads(mp_model *m, mp_group g) { return m->grads[g]; }
+size_t mp_model_group_size(const mp_model *m, mp_group g) { return m->group_size[g]; }
+float *mp_model_bn_state(mp_model *m) { return m->bn_state; }
+size_t mp_model_bn_state_size(const mp_model *m) { return m->bn_size; }
+const mp_config *mp_model_config(const mp_model *m) { return &m->cfg; }
+const mp_backend *mp_model_backend(const mp_model *m) { return m->be; }
+const float *mp_model_logits(const mp_model *m) { return m->logits; }
+mp_retrieval_layer *mp_model_retrieval_layer(mp_model *m, int block) { return m->ret[block]; }
+
+void mp_model_zero_grad(mp_model *m) {
+    for (int g = 0; g < MP_N_GROUPS; g++)
+        m->be->zero(m->grads[g], m->group_size[g] * sizeof(float));
+}
+
+void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train) {
+    const mp_backend *be = m->be;
+    if (m->ret[l]) {
+        be->retrieval_forward(m->ret[l], y, x, N, train);
+        return;
+    }
+    block_params *p = &m->p[l];
+    block_acts *a = &m->a[l];
+    int C = m->cfg.d_model, F = m->cfg.dense_hidden;
+    be->matmul_forward(a->fch, x, p->fcw, p->fcb, N, C, F);
+    be->gelu_forward(a->fch_gelu, a->fch, (long)N * F);
+    be->matmul_forward(y, a->fch_gelu, p->fcprojw, p->fcprojb, N, F, C);
+}
+
+void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const float *x, int N) {
+    const mp_backend *be = m->be;
+    if (m->ret[l]) {
+        be->retrieval_backward(m->ret[l], dx, dy, x, N);
+        return;
+    }
+    block_params *p = &m->p[l], *g = &m->g[l];
+    block_acts *a = &m->a[l];
+    int C = m->cfg.d_model, F = m->cfg.dense_hidden;
+    size_t NF = (size_t)N * F * sizeof(float);
+    be->zero(m->dfch_gelu, NF);
+    be->matmul_backward(m->dfch_gelu, g->fcprojw, g->fcprojb, dy, a->fch_gelu, p->fcprojw, N, F, C);
+    be->zero(m->dfch, NF);
+    be->gelu_backward(m->dfch, a->fch, m->dfch_gelu, (long)N * F);
+    be->matmul_backward(dx, g->fcw, g->fcb, m->dfch, x, p->fcw, N, C, F);
+}
+
+float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                       int train) {
+    const mp_config *c = &m->cfg;
+    const mp_backend *be = m->be;
+    if (B > m->B || T > m->T || B < 1 || T < 1)
+        mp_fatal("forward on (%d, %d) tokens; the model was built for at most (%d, %d)", B, T, m->B, m->T);
+    int N = B * T, C = c->d_model, NH = c->n_heads, V = c->vocab_size;
+    m->last_B = B;
+    m->last_T = T;
+    m->has_targets = targets != NULL;
+    be->from_host(m->inputs, inputs, (size_t)N * sizeof(int32_t));
+    if (targets) be->from_host(m->targets, targets, (size_t)N * sizeof(int32_t));
+
+    be->encoder_forward(m->a[0].res_in, m->inputs, m->wte, m->wpe, B, T, C);
+    for (int l = 0; l < c->n_layers; l++) {
+        block_params *p = &m->p[l];
+        block_acts *a = &m->a[l];
+        float *res_out = l + 1 < c->n_layers ? m->a[l + 1].res_in : m->res_out;
+        be->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, a->res_in, p->ln1w, p->ln1b, N, C);
+        be->matmul_forward(a->qkv, a->ln1, p->qkvw, p->qkvb, N, C, 3 * C);
+        be->attention_forward(a->atty, a->att, a->qkv, B, T, C, NH);
+        be->matmul_forward(m->ffn_out, a->atty, p->projw, p->projb, N, C, C);
+        be->residual_forward(a->res_mid, a->res_in, m->ffn_out, (long)N * C);
+        be->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, p->ln2w, p->ln2b, N, C);
+        mp_model_ffn_forward(m, l, m->ffn_out, a->ln2, N, train);
+        be->residual_forward(res_out, a->res_mid, m->ffn_out, (long)N * C);
+    }
+    be->layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, m->res_out, m->lnfw, m->lnfb, N, C);
+    be->matmul_forward(m->logits, m->lnf, m->wte, NULL, N, C, V);
+    if (!targets) return 0.0f;
+    be->crossentropy_forward(m->losses, m->probs, m->logits, m->targets, N, V);
+    float *losses = mp_malloc((size_t)N * sizeof(float));
+    be->to_host(losses, m->losses, (size_t)N * sizeof(float));
+    double sum = 0.0;
+    for (int i = 0; i < N; i++) sum += losses[i];
+    free(losses);
+    return (float)(sum / N);
+}
+
+void mp_model_backward(mp_model *m, float loss_scale) {
+    const mp_config *c = &m->cfg;
+    const mp_backend *be = m->be;
+    if (!m->has_targets) mp_fatal("backward without a forward on targets");
+    int B = m->last_B, T = m->last_T, N = B * T;
+    int C = c->d_model, NH = c->n_heads, V = c->vocab_size;
+    size_t NC = (size_t)N * C * sizeof(float);
+
+    be->zero(m->dlogits, (size_t)N * V * sizeof(float));
+    be->crossentropy_backward(m->dlogits, m->probs, m->targets, loss_scale / N, N, V);
+    be->zero(m->dln, NC);
+    be->matmul_backward(m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, N, C, V);
+    be->zero(m->dres, NC);
+    be->layernorm_backward(m->dres, m->dlnfw, m->dlnfb, m->dln, m->res_out, m->lnfw,
+                           m->lnf_mean, m->lnf_rstd, N, C);
+    for (int l = c->n_layers - 1; l >= 0; l--) {
+        block_params *p = &m->p[l], *g = &m->g[l];
+        block_acts *a = &m->a[l];
+        // dres holds d(block output): the FFN branch, then LN2 adds into dres
+        be->zero(m->dln, NC);
+        mp_model_ffn_backward(m, l, m->dln, m->dres, a->ln2, N);
+        be->layernorm_backward(m->dres, g->ln2w, g->ln2b, m->dln, a->res_mid, p->ln2w,
+                               a->ln2_mean, a->ln2_rstd, N, C);
+        // dres now holds d(res_mid): the attention branch, then LN1 adds into dres
+        be->zero(m->datty, NC);
+        be->matmul_backward(m->datty, g->projw, g->projb, m->dres, a->atty, p->projw, N, C, C);
+        be->zero(m->dqkv, 3 * NC);
+        be->attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, NH);
+        be->zero(m->dln, NC);
+        be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, N, C, 3 * C);
+        be->layernorm_backward(m->dres, g->ln1w, g->ln1b, m->dln, a->res_in, p->ln1w,
+                               a->ln1_mean, a->ln1_rstd, N, C);
+    }
+    be->encoder_backward(m->dwte, m->dwpe, m->dres, m->inputs, B, T, C);
+}
+
+void mp_model_usage_enable(mp_model *m, int on) {
+    m->usage_on = on;
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        mp_retrieval_layer *r = m->ret[l];
+        if (!r) continue;
+        if (on && !r->usage) r->usage = mp_calloc((size_t)r->rc->n_experts, sizeof(double));
+        if (!on) { free(r->usage); r->usage = NULL; }
+    }
+}
+
+int mp_model_n_retrieval(const mp_model *m) { return m->n_ret; }
+int mp_model_retrieval_block(const mp_model *m, int i) { return m->ret_block[i]; }
+const double *mp_model_usage(const mp_model *m, int i, long *n_experts) {
+    mp_retrieval_layer *r = m->ret[m->ret_block[i]];
+    if (n_experts) *n_experts = r->rc->n_experts;
+    return r->usage;
+}

@@ -1,0 +1,61 @@
+#include <math.h>
+#include "core/log.h"
+#include "millipede/train.h"
+
+void mp_adamw_init(mp_adamw *opt, mp_model *m) {
+    const mp_backend *be = mp_model_backend(m);
+    for (int g = 0; g < MP_N_GROUPS; g++) {
+        size_t bytes = mp_model_group_size(m, g) * sizeof(float);
+        opt->m[g] = be->alloc(bytes);
+        opt->v[g] = be->alloc(bytes);
+    }
+    opt->t = 0;
+}
+
+void mp_adamw_free(mp_adamw *opt, mp_model *m) {
+    const mp_backend *be = mp_model_backend(m);
+    for (int g = 0; g < MP_N_GROUPS; g++) {
+        be->free(opt->m[g]);
+        be->free(opt->v[g]);
+    }
+}
+
+float mp_lr_at(const mp_config *c, mp_group g, long step) {
+    float peak = g == MP_GROUP_EXPERTS ? c->expert_lr : g == MP_GROUP_KEYS ? c->key_lr : c->lr;
+    if (step < c->warmup) return peak * (float)(step + 1) / (float)c->warmup;
+    long decay_steps = c->steps - c->warmup;
+    if (decay_steps <= 0) return peak;
+    double progress = (double)(step - c->warmup) / (double)decay_steps;
+    if (progress > 1.0) progress = 1.0;
+    double floor_lr = peak * c->min_lr_frac;
+    return (float)(floor_lr + (peak - floor_lr) * 0.5 * (1.0 + cos(M_PI * progress)));
+}
+
+float mp_grad_norm(mp_model *m) {
+    const mp_backend *be = mp_model_backend(m);
+    double ss = 0.0;
+    for (int g = 0; g < MP_N_GROUPS; g++)
+        ss += be->sum_squares(mp_model_grads(m, g), mp_model_group_size(m, g));
+    return (float)sqrt(ss);
+}
+
+float mp_adamw_step(mp_adamw *opt, mp_model *m, long step) {
+    const mp_config *c = mp_model_config(m);
+    const mp_backend *be = mp_model_backend(m);
+    float norm = mp_grad_norm(m);
+    float scale = 1.0f;
+    if (c->grad_clip > 0.0f && norm > c->grad_clip) scale = c->grad_clip / norm;
+    opt->t++;
+    for (int i = 0; i < mp_model_n_tensors(m); i++) {
+        const mp_tensor *t = mp_model_tensor(m, i);
+        mp_group g = t->group;
+        float wd = !t->decay ? 0.0f
+                   : g == MP_GROUP_EXPERTS ? c->expert_weight_decay
+                   : g == MP_GROUP_KEYS    ? c->key_weight_decay
+                                           : c->weight_decay;
+        be->adamw(mp_model_params(m, g) + t->offset, mp_model_grads(m, g) + t->offset,
+                  opt->m[g] + t->offset, opt->v[g] + t->offset, t->numel, mp_lr_at(c, g, step),
+                  c->beta1, c->beta2, c->eps, wd, opt->t, scale);
+    }
+    return norm;
+}

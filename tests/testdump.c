@@ -1,0 +1,199 @@
+// millipede-testdump: runs the C model (or one FFN layer) on random inputs and writes
+// parameters, inputs, outputs and gradients to HDF5, for the JAX comparisons in
+// tests/python. Layout: tests/python/conftest.py and the comments below.
+//   model CONFIG.ini OUT.h5 [--steps S] [--set k=v]...
+//   layer CONFIG.ini OUT.h5 --block L [--tokens N] [--eval] [--set k=v]...
+#include <hdf5.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "core/log.h"
+#include "core/rng.h"
+#include "millipede/model.h"
+#include "millipede/train.h"
+#include "model/model_private.h"
+
+static void write_array(hid_t file, const char *path, hid_t type, const void *data, int ndim,
+                        const long *shape) {
+    hsize_t dims[3];
+    for (int i = 0; i < ndim; i++) dims[i] = (hsize_t)shape[i];
+    hid_t lcpl = MP_CHECK_H5(H5Pcreate(H5P_LINK_CREATE));
+    MP_CHECK_H5(H5Pset_create_intermediate_group(lcpl, 1));
+    hid_t space = MP_CHECK_H5(ndim ? H5Screate_simple(ndim, dims, NULL) : H5Screate(H5S_SCALAR));
+    hid_t ds = MP_CHECK_H5(H5Dcreate2(file, path, type, space, lcpl, H5P_DEFAULT, H5P_DEFAULT));
+    MP_CHECK_H5(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data));
+    MP_CHECK_H5(H5Dclose(ds));
+    MP_CHECK_H5(H5Sclose(space));
+    MP_CHECK_H5(H5Pclose(lcpl));
+}
+
+static void write_floats(hid_t f, const char *path, const float *x, int ndim, const long *shape) {
+    write_array(f, path, H5T_NATIVE_FLOAT, x, ndim, shape);
+}
+
+static void write_attr_string(hid_t obj, const char *name, const char *text) {
+    hid_t type = MP_CHECK_H5(H5Tcopy(H5T_C_S1));
+    MP_CHECK_H5(H5Tset_size(type, strlen(text) + 1));
+    hid_t space = MP_CHECK_H5(H5Screate(H5S_SCALAR));
+    hid_t a = MP_CHECK_H5(H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT));
+    MP_CHECK_H5(H5Awrite(a, type, text));
+    MP_CHECK_H5(H5Aclose(a));
+    MP_CHECK_H5(H5Sclose(space));
+    MP_CHECK_H5(H5Tclose(type));
+}
+
+static void write_attr_int(hid_t obj, const char *name, int v) {
+    hid_t space = MP_CHECK_H5(H5Screate(H5S_SCALAR));
+    hid_t a = MP_CHECK_H5(H5Acreate2(obj, name, H5T_NATIVE_INT, space, H5P_DEFAULT, H5P_DEFAULT));
+    MP_CHECK_H5(H5Awrite(a, H5T_NATIVE_INT, &v));
+    MP_CHECK_H5(H5Aclose(a));
+    MP_CHECK_H5(H5Sclose(space));
+}
+
+// Writes every tensor whose name starts with prefix ("" = all) from a group buffer set.
+static void write_tensors(hid_t f, mp_model *m, const char *dir, int grads, const char *prefix) {
+    char path[128];
+    for (int i = 0; i < mp_model_n_tensors(m); i++) {
+        const mp_tensor *t = mp_model_tensor(m, i);
+        if (strncmp(t->name, prefix, strlen(prefix)) != 0) continue;
+        float *base = grads ? mp_model_grads(m, t->group) : mp_model_params(m, t->group);
+        snprintf(path, sizeof path, "/%s/%s", dir, t->name);
+        write_floats(f, path, base + t->offset, t->ndim, t->shape);
+    }
+}
+
+static void fill_normal(float *x, size_t n, uint64_t seed, uint64_t stream) {
+    for (size_t i = 0; i < n; i++) x[i] = mp_normal(seed, stream, i);
+}
+
+static int dump_model(mp_model *m, hid_t f, int steps) {
+    const mp_config *c = mp_model_config(m);
+    int B = c->batch_size, T = c->context, N = B * T, V = c->vocab_size;
+    int32_t *inputs = malloc((size_t)N * sizeof(int32_t)), *targets = malloc((size_t)N * sizeof(int32_t));
+    for (int i = 0; i < N; i++) {
+        inputs[i] = (int32_t)(mp_hash3(c->seed, 101, i) % (uint64_t)V);
+        targets[i] = (int32_t)(mp_hash3(c->seed, 102, i) % (uint64_t)V);
+    }
+    long bt[2] = {B, T}, btv[3] = {B, T, V};
+    write_array(f, "/batch/inputs", H5T_NATIVE_INT32, inputs, 2, bt);
+    write_array(f, "/batch/targets", H5T_NATIVE_INT32, targets, 2, bt);
+    write_tensors(f, m, "params", 0, "");
+    mp_model_zero_grad(m);
+    float loss = mp_model_forward(m, inputs, targets, B, T, 1);
+    mp_model_backward(m, 1.0f);
+    write_floats(f, "/out/logits", mp_model_logits(m), 3, btv);
+    write_floats(f, "/out/loss", &loss, 0, NULL);
+    write_tensors(f, m, "grads", 1, "");
+    if (steps > 0) {
+        mp_adamw opt;
+        mp_adamw_init(&opt, m);
+        float *losses = malloc(steps * sizeof(float)), *norms = malloc(steps * sizeof(float));
+        for (int s = 0; s < steps; s++) {
+            mp_model_zero_grad(m);
+            losses[s] = mp_model_forward(m, inputs, targets, B, T, 1);
+            mp_model_backward(m, 1.0f);
+            norms[s] = mp_adamw_step(&opt, m, s);
+        }
+        long sh[1] = {steps};
+        write_floats(f, "/train/losses", losses, 1, sh);
+        write_floats(f, "/train/grad_norms", norms, 1, sh);
+        write_tensors(f, m, "final", 0, "");
+        mp_adamw_free(&opt, m);
+        free(losses);
+        free(norms);
+    }
+    free(inputs);
+    free(targets);
+    return 0;
+}
+
+// One FFN layer (dense or retrieval) on random x, backward of sum(y * dy).
+static int dump_layer(mp_model *m, hid_t f, int block, int N, int eval) {
+    const mp_config *c = mp_model_config(m);
+    int C = c->d_model;
+    char prefix[32];
+    snprintf(prefix, sizeof prefix, "h%d.%s", block,
+             c->ffn[block] == MP_FFN_PEER ? "peer" : c->ffn[block] == MP_FFN_PKM ? "pkm" : "mlp");
+    float *x = malloc((size_t)N * C * sizeof(float)), *dy = malloc((size_t)N * C * sizeof(float));
+    float *y = calloc((size_t)N * C, sizeof(float)), *dx = calloc((size_t)N * C, sizeof(float));
+    fill_normal(x, (size_t)N * C, c->seed, 201);
+    fill_normal(dy, (size_t)N * C, c->seed, 202);
+    long nc[2] = {N, C};
+    write_floats(f, "/layer/x", x, 2, nc);
+    write_floats(f, "/layer/dy", dy, 2, nc);
+    write_tensors(f, m, "params", 0, prefix);
+    mp_model_zero_grad(m);
+    mp_retrieval_layer *r = mp_model_retrieval_layer(m, block);
+    if (r && eval && r->rc->query_bn) {   // non-trivial running statistics
+        int HD = r->rc->heads * r->rc->key_dim;
+        for (int j = 0; j < HD; j++) {
+            r->running_mean[j] = 0.3f * mp_normal(c->seed, 203, j);
+            r->running_var[j] = 0.5f + mp_uniform(c->seed, 204, j);
+        }
+        char p[96];
+        long hd[1] = {HD};
+        snprintf(p, sizeof p, "/state/%s.bn.running_mean", prefix);
+        write_floats(f, p, r->running_mean, 1, hd);
+        snprintf(p, sizeof p, "/state/%s.bn.running_var", prefix);
+        write_floats(f, p, r->running_var, 1, hd);
+    }
+    mp_model_ffn_forward(m, block, y, x, N, !eval);
+    mp_model_ffn_backward(m, block, dx, dy, x, N);
+    if (r) {
+        long nhk[3] = {N, r->rc->heads, r->rc->topk};
+        write_array(f, "/layer/selections", H5T_NATIVE_INT32, r->sel, 3, nhk);
+        write_floats(f, "/layer/gates", r->gate, 3, nhk);
+    }
+    write_floats(f, "/layer/y", y, 2, nc);
+    write_floats(f, "/layer/dx", dx, 2, nc);
+    write_tensors(f, m, "grads", 1, prefix);
+    write_attr_int(f, "train", !eval);
+    free(x); free(dy); free(y); free(dx);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    MP_CHECK_MPI(MPI_Init(&argc, &argv));
+    if (argc < 4 || (strcmp(argv[1], "model") && strcmp(argv[1], "layer"))) {
+        fprintf(stderr, "usage: millipede-testdump model|layer CONFIG.ini OUT.h5 [--steps S] "
+                        "[--block L] [--tokens N] [--eval] [--set k=v]...\n");
+        return 2;
+    }
+    int steps = 0, block = -1, tokens = 0, eval = 0, n_sets = 0;
+    char *sets[64];
+    for (int i = 4; i < argc; i++) {
+        if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--block") && i + 1 < argc) block = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--tokens") && i + 1 < argc) tokens = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--eval")) eval = 1;
+        else if (!strcmp(argv[i], "--set") && i + 1 < argc && n_sets < 64) sets[n_sets++] = argv[++i];
+        else { fprintf(stderr, "millipede-testdump: bad argument '%s'\n", argv[i]); return 2; }
+    }
+    mp_config cfg;
+    char err[1024];
+    if (mp_config_load(&cfg, argv[2], sets, n_sets, err, sizeof err) != 0) {
+        fprintf(stderr, "millipede-testdump: %s\n", err);
+        return 2;
+    }
+    int layer_mode = !strcmp(argv[1], "layer");
+    if (layer_mode && (block < 0 || block >= cfg.n_layers)) {
+        fprintf(stderr, "millipede-testdump: layer mode needs --block in [0, %d)\n", cfg.n_layers);
+        return 2;
+    }
+    if (!tokens) tokens = cfg.batch_size * cfg.context;
+    // layer mode: N token rows = (B = tokens, T = 1) in the model's buffers
+    int B = layer_mode ? (tokens + cfg.context - 1) / cfg.context : cfg.batch_size;
+    mp_model *m = mp_model_create(&cfg, mp_backend_cpu(), B);
+    hid_t f = MP_CHECK_H5(H5Fcreate(argv[3], H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
+    size_t len = mp_config_to_ini(&cfg, NULL, 0) + 1;
+    char *ini = malloc(len);
+    mp_config_to_ini(&cfg, ini, len);
+    write_attr_string(f, "config", ini);
+    free(ini);
+    int rc = layer_mode ? dump_layer(m, f, block, tokens, eval) : dump_model(m, f, steps);
+    MP_CHECK_H5(H5Fclose(f));
+    mp_model_free(m);
+    MPI_Finalize();
+    return rc;
+}
