@@ -34,8 +34,8 @@ int main(int argc, char **argv) {
         status = mp_cmd_data(argc - 1, argv + 1);
     } else {
         if (mp_rank() == 0)
-            fprintf(stderr, "millipede: error: unknown command '%s' (expected train, eval, sample or data)\n%s",
-                    argv[1], usage);
+            fprintf(stderr, "millipede: error: unknown command '%s' (expected train, eval, sample "
+                            "or data; see millipede --help)\n", argv[1]);
         status = 2;
     }
     MPI_Finalize();

@@ -1,0 +1,202 @@
+// `millipede eval CONFIG.ini --model FILE [--batches N] [--set section.key=value]...`
+// Validation loss, bits per token/byte and expert usage of a model file, as one JSON line
+// on stdout (fields in docs/outputs.md). Everything else goes to stderr.
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "commands.h"
+#include "core/log.h"
+#include "millipede/config.h"
+#include "millipede/data.h"
+#include "millipede/model.h"
+#include "millipede/model_file.h"
+#include "millipede/train.h"
+
+static const char *eval_usage =
+    "usage: millipede eval CONFIG.ini --model FILE [--batches N] [--set section.key=value]...\n"
+    "\n"
+    "Evaluates a model file on data.val and prints one JSON line on stdout:\n"
+    "  {\"val_loss\": nats per token, \"bits_per_token\": ..., \"bits_per_byte\": ... (byte\n"
+    "   tokenizer only), \"tokens\": ..., \"layers\": [{\"block\", \"kind\", \"experts\",\n"
+    "   \"usage\", \"unevenness\"}, ...]}\n"
+    "The model's shapes come from FILE and must match CONFIG; data paths, batch size and\n"
+    "seed come from CONFIG. Batches are validation batches 0..N-1 (sampler stream 1).\n"
+    "\n"
+    "options:\n"
+    "  --model FILE      model file written by `millipede train` (<run.dir>/model.h5)\n"
+    "  --batches N       number of batches of train.batch_size sequences (default\n"
+    "                    train.eval_batches)\n"
+    "  --set s.k=v       override a configuration key (repeatable)\n";
+
+// A one-line bad-input message on stderr (the caller returns status 2).
+static void eval_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void eval_error(const char *fmt, ...) {
+    if (mp_rank() != 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("millipede: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+// Prints a JSON number; NaN and infinities are not JSON, so they become null.
+static void json_num(const char *key, double v) {
+    if (isfinite(v))
+        printf("\"%s\": %.9g", key, v);
+    else
+        printf("\"%s\": null", key);
+}
+
+// usage = fraction of experts with z_e > 0; unevenness = KL(p || uniform) = log N + sum p log p
+// with p = z / sum(z), in nats (p log p = 0 at p = 0).
+static void usage_stats(const double *z, long n, double *usage, double *uneven) {
+    double total = 0;
+    long used = 0;
+    for (long e = 0; e < n; e++) {
+        total += z[e];
+        used += z[e] > 0;
+    }
+    *usage = n > 0 ? (double)used / (double)n : NAN;
+    if (!(total > 0)) {
+        *uneven = NAN;   // nothing was routed: undefined, reported as null
+        return;
+    }
+    double plogp = 0;
+    for (long e = 0; e < n; e++)
+        if (z[e] > 0) {
+            double p = z[e] / total;
+            plogp += p * log(p);
+        }
+    double kl = log((double)n) + plogp;
+    *uneven = kl < 0 ? 0 : kl;   // >= 0 exactly; rounding can give -1e-16
+}
+
+int mp_cmd_eval(int argc, char **argv) {
+    const char *cfg_path = NULL, *model_path = NULL;
+    long batches = -1;
+    char **overrides = mp_calloc((size_t)argc, sizeof *overrides);
+    int n_over = 0, status = 2;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            if (mp_rank() == 0) fputs(eval_usage, stdout);
+            free(overrides);
+            return 0;
+        }
+        int has_value = i + 1 < argc;
+        if (!strcmp(a, "--model") || !strcmp(a, "--batches") || !strcmp(a, "--set")) {
+            if (!has_value) {
+                eval_error("eval: option %s needs a value", a);
+                goto out;
+            }
+            const char *v = argv[++i];
+            if (!strcmp(a, "--model")) {
+                model_path = v;
+            } else if (!strcmp(a, "--set")) {
+                overrides[n_over++] = argv[i];
+            } else {
+                char *end;
+                errno = 0;
+                batches = strtol(v, &end, 10);
+                if (errno || end == v || *end || batches < 1 || batches > 1000000000) {
+                    eval_error("eval: --batches '%s': expected a positive integer", v);
+                    goto out;
+                }
+            }
+        } else if (a[0] == '-') {
+            eval_error("eval: unknown option '%s' (see millipede eval --help)", a);
+            goto out;
+        } else if (!cfg_path) {
+            cfg_path = a;
+        } else {
+            eval_error("eval: unexpected argument '%s' (one CONFIG.ini expected)", a);
+            goto out;
+        }
+    }
+    if (!cfg_path) {
+        eval_error("eval: missing CONFIG.ini (usage: millipede eval CONFIG.ini --model FILE)");
+        goto out;
+    }
+    if (!model_path) {
+        eval_error("eval: missing --model FILE (usage: millipede eval CONFIG.ini --model FILE)");
+        goto out;
+    }
+    if (mp_world() > 1) {
+        eval_error("eval runs on one rank, not %d", mp_world());
+        goto out;
+    }
+
+    char err[2048];
+    mp_config cfg, mcfg;
+    if (mp_config_load(&cfg, cfg_path, overrides, n_over, err, sizeof err) < 0) {
+        eval_error("%s", err);
+        goto out;
+    }
+    const mp_backend *be = mp_cli_setup(&cfg);   // threads; exits 2 when the backend is missing
+    if (batches < 0) batches = cfg.eval_batches;
+    int B = cfg.batch_size, T = cfg.context;
+    mp_model *m = mp_model_open_file(model_path, &cfg, cfg_path, be, B, &mcfg, err, sizeof err);
+    if (!m) {
+        eval_error("%s", err);
+        goto out;
+    }
+    mp_shard val;
+    if (mp_shard_open(&val, cfg.val_path, (uint32_t)mcfg.vocab_size, err, sizeof err) < 0) {
+        eval_error("%s", err);
+        mp_model_free(m);
+        goto out;
+    }
+    if (val.n_tokens < (uint64_t)T + 1) {
+        eval_error("%s: data.val holds %llu tokens, need at least %d for model.context %d",
+                   cfg.val_path, (unsigned long long)val.n_tokens, T + 1, T);
+        mp_shard_close(&val);
+        mp_model_free(m);
+        goto out;
+    }
+
+    fprintf(stderr, "millipede eval: %s on %s: %ld batches of %d x %d tokens\n", model_path,
+            cfg.val_path, batches, B, T);
+    mp_model_usage_enable(m, 1);
+    // The trainer's validation loss (src/train/eval.c): batches 0..N-1 of sampler stream 1,
+    // BatchNorm in eval mode, so eval of a saved model reproduces the run's last val_loss.
+    double val_loss = mp_eval_loss(m, &val, (int)batches);
+
+    printf("{");
+    json_num("val_loss", val_loss);
+    printf(", ");
+    json_num("bits_per_token", val_loss / log(2.0));
+    if (mcfg.vocab_size == MP_BYTE_VOCAB) {
+        // Byte tokenizer: one token is one byte, so bits per byte = bits per token.
+        printf(", ");
+        json_num("bits_per_byte", val_loss / log(2.0));
+    }
+    printf(", \"tokens\": %lld, \"layers\": [", (long long)batches * B * T);
+    for (int i = 0; i < mp_model_n_retrieval(m); i++) {
+        int block = mp_model_retrieval_block(m, i);
+        long n = 0;
+        const double *z = mp_model_usage(m, i, &n);
+        double usage, uneven;
+        usage_stats(z, n, &usage, &uneven);
+        printf("%s{\"block\": %d, \"kind\": \"%s\", \"experts\": %ld, ", i ? ", " : "", block,
+               mcfg.ffn[block] == MP_FFN_PEER ? "peer" : "pkm", n);
+        json_num("usage", usage);
+        printf(", ");
+        json_num("unevenness", uneven);
+        printf("}");
+    }
+    printf("]}\n");
+    fflush(stdout);
+    status = 0;
+
+    mp_shard_close(&val);
+    mp_model_free(m);
+out:
+    free(overrides);
+    return status;
+}
