@@ -52,11 +52,26 @@ typedef struct mp_backend {
     void (*crossentropy_backward)(float *dlogits, const float *probs, const int32_t *targets,
                                   float dloss, int N, int V);
 
-    // PEER / PKM layer: y (N,C) = layer(x (N,C)); train selects BatchNorm batch statistics.
-    void (*retrieval_forward)(mp_retrieval_layer *l, float *y, const float *x, int N, int train);
-    // dx (N,C) += ..., parameter gradients += ...; uses what forward kept in l.
-    void (*retrieval_backward)(mp_retrieval_layer *l, float *dx, const float *dy,
-                               const float *x, int N);
+    // PEER / PKM layer, in two halves (src/model/retrieval.c moves data between them).
+    // Where the token lives: queries q (N, H*dk) = x (N,C) wq^T, BatchNorm (train: over the
+    // global batch, reduced through l->comm), sub-key scores, product-key top-k and gates
+    // into l->sel, l->sel_a, l->sel_b, l->gate (N, H, k).
+    void (*retrieval_route)(mp_retrieval_layer *l, const float *x, int N, int train);
+    // ...and its backward from the gate gradients in l->dgate (N, H, k): softmax, sub-keys,
+    // BatchNorm, W_q; dx (N,C) += the query path's contribution.
+    void (*retrieval_route_backward)(mp_retrieval_layer *l, float *dx, const float *x, int N);
+    // Where the expert rows live: M received tokens x (M,C) and R records (slot, local row,
+    // gate) grouped by slot (records of slot m are [slot_start[m], slot_start[m+1])).
+    // y (M,C) = per slot, sum of gate * act(u_row . x) * v_row (PEER) or gate * v_row (PKM);
+    // pre (R) keeps u_row . x for backward.
+    void (*experts_forward)(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
+                            const int64_t *slot_start, const int32_t *slot, const int32_t *row,
+                            const float *gate, float *pre, int64_t R);
+    // dx (M,C) and dgate (R) are written (not accumulated); l->du, l->dv += this batch's part.
+    void (*experts_backward)(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
+                             const float *x, int64_t M, const int64_t *slot_start,
+                             const int32_t *slot, const int32_t *row, const float *gate,
+                             const float *pre, int64_t R);
 
     // AdamW on one contiguous range: p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)
     // t is the 1-based step for bias correction; g is scaled by grad_scale first.

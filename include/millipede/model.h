@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "millipede/backend.h"
+#include "millipede/comm.h"
 #include "millipede/config.h"
 
 // Parameters live in one contiguous buffer per group, so all-reduce, checkpointing and
@@ -38,6 +39,10 @@ mp_model *mp_model_create(const mp_config *cfg, const mp_backend *be, int B);
 // sub-keys a in [floor(part*n/n_parts), floor((part+1)*n/n_parts)) (DESIGN.md, sharding).
 mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B, int part,
                                int n_parts);
+// The model of rank comm->rank of comm->size for data-parallel training: its retrieval
+// layers exchange activations with the owners of the experts through comm.
+mp_model *mp_model_create_sharded(const mp_config *cfg, const mp_backend *be, int B, mp_comm *comm);
+mp_comm *mp_model_comm(const mp_model *m);   // NULL for a single-process model
 void mp_model_free(mp_model *m);
 // Deterministic init from cfg->seed: each value is a function of (seed, tensor name,
 // global element index) only.

@@ -65,6 +65,7 @@ struct mp_model {
     float *dqkv;                  // (N, 3C)
     float *dfch, *dfch_gelu;      // (N, F)
     int usage_on;
+    mp_comm *comm;                // NULL: a single process
 };
 
 static uint64_t name_stream(const char *s) {   // FNV-1a of the tensor name
@@ -174,8 +175,8 @@ static float *gptr(mp_model *m, int i) {
 
 static void *act_alloc(mp_model *m, size_t n, size_t size) { return m->be->alloc(n * size); }
 
-mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B, int part,
-                               int n_parts) {
+static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, int part,
+                             int n_parts, mp_comm *comm) {
     mp_model *m = mp_calloc(1, sizeof *m);
     m->cfg = *cfg;
     m->be = be;
@@ -246,9 +247,8 @@ mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B
         r->sel_a = act_alloc(m, N * S, sizeof(int32_t));
         r->sel_b = act_alloc(m, N * S, sizeof(int32_t));
         r->gate = act_alloc(m, N * S, sizeof(float));
-        r->pre = act_alloc(m, N * S, sizeof(float));
         r->dgate = act_alloc(m, N * S, sizeof(float));
-        r->dpre = act_alloc(m, N * S, sizeof(float));
+        mp_retrieval_exchange_init(r, comm);
         m->ret[l] = r;
         m->ret_block[m->n_ret++] = l;
     }
@@ -285,7 +285,18 @@ mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B
 }
 
 mp_model *mp_model_create(const mp_config *cfg, const mp_backend *be, int B) {
-    return mp_model_create_part(cfg, be, B, 0, 1);
+    return model_build(cfg, be, B, 0, 1, NULL);
+}
+
+mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B, int part,
+                               int n_parts) {
+    return model_build(cfg, be, B, part, n_parts, NULL);
+}
+
+mp_model *mp_model_create_sharded(const mp_config *cfg, const mp_backend *be, int B, mp_comm *comm) {
+    mp_model *m = model_build(cfg, be, B, comm->rank, comm->size, comm);
+    m->comm = comm;
+    return m;
 }
 
 void mp_model_free(mp_model *m) {
@@ -301,8 +312,9 @@ void mp_model_free(mp_model *m) {
         mp_retrieval_layer *r = m->ret[l];
         if (!r) continue;
         void *rb[] = {r->q, r->qn, r->dq, r->bn_mean, r->bn_rstd, r->sel, r->sel_a, r->sel_b,
-                      r->gate, r->pre, r->dgate, r->dpre};
+                      r->gate, r->dgate};
         for (size_t i = 0; i < sizeof rb / sizeof rb[0]; i++) be->free(rb[i]);
+        mp_retrieval_exchange_free(r);
         free(r->usage);
         free(r);
     }
@@ -360,6 +372,7 @@ float *mp_model_bn_state(mp_model *m) { return m->bn_state; }
 size_t mp_model_bn_state_size(const mp_model *m) { return m->bn_size; }
 const mp_config *mp_model_config(const mp_model *m) { return &m->cfg; }
 const mp_backend *mp_model_backend(const mp_model *m) { return m->be; }
+mp_comm *mp_model_comm(const mp_model *m) { return m->comm; }
 const float *mp_model_logits(const mp_model *m) { return m->logits; }
 mp_retrieval_layer *mp_model_retrieval_layer(mp_model *m, int block) { return m->ret[block]; }
 
@@ -371,7 +384,7 @@ void mp_model_zero_grad(mp_model *m) {
 void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train) {
     const mp_backend *be = m->be;
     if (m->ret[l]) {
-        be->retrieval_forward(m->ret[l], y, x, N, train);
+        mp_retrieval_forward(m->ret[l], be, y, x, N, train);
         return;
     }
     block_params *p = &m->p[l];
@@ -385,7 +398,7 @@ void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, i
 void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const float *x, int N) {
     const mp_backend *be = m->be;
     if (m->ret[l]) {
-        be->retrieval_backward(m->ret[l], dx, dy, x, N);
+        mp_retrieval_backward(m->ret[l], be, dx, dy, x, N);
         return;
     }
     block_params *p = &m->p[l], *g = &m->g[l];

@@ -2,7 +2,31 @@
 // (values v_e only). The math is in docs/model.md; the backend computes it.
 #pragma once
 #include <stdint.h>
+#include "dist/shard_plan.h"
+#include "millipede/backend.h"
+#include "millipede/comm.h"
 #include "millipede/config.h"
+
+typedef struct {   // what the expert exchange measured since the last reset
+    double bytes_sent, bytes_recv;   // to and from other ranks, all payloads
+    double selections;               // records this rank's experts served
+    double seconds;                  // wall time in the exchange (routing included)
+} mp_exchange_stats;
+
+// The expert exchange of one layer: the plan, and the owner side's received batch.
+// Buffers are host memory that grows as needed (grow() in retrieval.c).
+typedef struct {
+    mp_route_plan plan;
+    int64_t *i64;                    // (4P) counts scratch
+    int64_t *recv_tok, *recv_rec;    // (P) tokens and records received from each rank
+    int64_t M, R;                    // received tokens and records
+    float *x_send, *y_back, *x_recv, *y_recv, *dx_recv, *gate, *pre, *dgate, *dgate_back;
+    int32_t *rec_send, *rec_recv, *slot, *row;
+    int64_t *slot_start;
+    size_t cap_x_send, cap_y_back, cap_x_recv, cap_y_recv, cap_dx_recv, cap_gate, cap_pre,
+        cap_dgate, cap_dgate_back, cap_rec_send, cap_rec_recv, cap_slot, cap_row, cap_slot_start;
+    mp_exchange_stats stats;
+} mp_exchange;
 
 struct mp_retrieval_layer {
     mp_ffn_kind kind;                 // MP_FFN_PEER or MP_FFN_PKM
@@ -23,19 +47,29 @@ struct mp_retrieval_layer {
     float *q;                         // (maxN, H*dk) query before BN
     float *qn;                        // (maxN, H*dk) query after BN (what scores use)
     float *bn_mean, *bn_rstd;         // (H*dk) the statistics the forward used
+    double bn_count;                  // tokens over all ranks behind the batch statistics
     int32_t *sel;                     // (maxN, H, k) selected expert id e = a*n + b
     int32_t *sel_a, *sel_b;           // (maxN, H, k) its sub-key indices
     float *gate;                      // (maxN, H, k) softmax gates
-    float *pre;                       // (maxN, H, k) u_e . x (PEER)
     int last_N, last_train;
 
     // scratch for backward
-    float *dgate;                     // (maxN, H, k)
-    float *dpre;                      // (maxN, H, k)
+    float *dgate;                     // (maxN, H, k) gate gradients, then score gradients
     float *dq;                        // (maxN, H*dk)
 
     double *usage;                    // (N) z_e accumulators when enabled, else NULL
+
+    mp_comm *comm;                    // NULL: a single process
+    mp_exchange ex;
 };
+
+// The layer across ranks: route, exchange, experts, exchange back (src/model/retrieval.c).
+void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y, const float *x,
+                          int N, int train);
+void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, const float *dy,
+                           const float *x, int N);
+void mp_retrieval_exchange_init(mp_retrieval_layer *l, mp_comm *comm);
+void mp_retrieval_exchange_free(mp_retrieval_layer *l);
 
 // Top-k of s (n) by score, ties to the lower index: vals (k) descending, idxs (k).
 void mp_topk(const float *s, int n, int k, float *vals, long *idxs);

@@ -54,7 +54,7 @@ static size_t selections(mp_model *m, int32_t *out) {
         n += k;
         if (r->kind != MP_FFN_PEER || r->rc->activation != MP_ACT_RELU) continue;
         for (size_t j = 0; j < k; j++, n++)
-            if (out) out[n] = r->pre[j] > 0.0f;
+            if (out) out[n] = r->ex.pre[j] > 0.0f;   // one process: record j is selection j
     }
     return n;
 }

@@ -1,9 +1,10 @@
-// PEER / PKM layer on the CPU (fp32, OpenBLAS + OpenMP): the reference implementation.
-// Forward: query projection, query BatchNorm, sub-key scores (GEMM), product-key top-k,
-// gate softmax, experts. Backward: the same in reverse. Expert gradients are accumulated
-// grouped by expert row (a counting sort of the selections), so no two threads write one
-// row and the sums happen in a fixed order: results are bitwise repeatable.
-#include <cblas.h>
+// PEER / PKM layer on the CPU (fp32, OpenBLAS + OpenMP): the reference implementation of
+// the backend's four retrieval ops. Route (where the token lives): query projection,
+// query BatchNorm over the global batch, sub-key scores (GEMM), product-key top-k, gate
+// softmax; and its backward. Experts (where the rows live): partial outputs per received
+// token; backward with expert gradients accumulated grouped by expert row (a counting sort
+// of the records), so no two threads write one row and the sums happen in a fixed order:
+// results are bitwise repeatable.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,12 +27,7 @@ static inline float act_grad(mp_activation a, float x) {
     return cdf + x * pdf;
 }
 
-static inline float dot(const float *a, const float *b, int n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
+static inline float dot(const float *a, const float *b, int n) { return mp_dot8(a, b, n); }
 
 static inline void axpy(float *y, float alpha, const float *x, int n) {
 #pragma omp simd
@@ -91,7 +87,13 @@ void mp_product_topk(const float *s1, const float *s2, int n, int k, float *vals
     }
 }
 
-// Query BatchNorm forward, in place from l->q into l->qn. (N, HD)
+// Sums over ranks of the (n) doubles in buf; a single process has nothing to add.
+static void allreduce(mp_retrieval_layer *l, double *buf, size_t n) {
+    if (l->comm && l->comm->size > 1) l->comm->allreduce_f64(l->comm, buf, n);
+}
+
+// Query BatchNorm forward from l->q into l->qn (N, HD). Training statistics are over the
+// global batch: column sums are reduced across ranks, then the centred squares.
 static void query_bn_forward(mp_retrieval_layer *l, int N, int train) {
     const mp_retrieval_config *rc = l->rc;
     int HD = rc->heads * rc->key_dim;
@@ -99,33 +101,47 @@ static void query_bn_forward(mp_retrieval_layer *l, int N, int train) {
         memcpy(l->qn, l->q, (size_t)N * HD * sizeof(float));
         return;
     }
+    if (train) {
+        double *sum = mp_calloc((size_t)HD + 1, sizeof(double));   // (HD) column sums, count
+        double *sq = mp_calloc((size_t)HD, sizeof(double));        // (HD) centred squares
 #pragma omp parallel for schedule(static)
-    for (int j = 0; j < HD; j++) {
-        float mean, var;
-        if (train) {
-            double s = 0.0, ss = 0.0;
-            for (int i = 0; i < N; i++) s += l->q[(size_t)i * HD + j];
-            double m = s / N;
+        for (int j = 0; j < HD; j++)
+            for (int i = 0; i < N; i++) sum[j] += l->q[(size_t)i * HD + j];
+        sum[HD] = N;
+        allreduce(l, sum, HD + 1);
+        double count = sum[HD];
+#pragma omp parallel for schedule(static)
+        for (int j = 0; j < HD; j++) {
+            double m = sum[j] / count;
             for (int i = 0; i < N; i++) {
                 double d = l->q[(size_t)i * HD + j] - m;
-                ss += d * d;
+                sq[j] += d * d;
             }
-            mean = (float)m;
-            var = (float)(ss / N);
-            float mo = rc->bn_momentum;
-            l->running_mean[j] = (1.0f - mo) * l->running_mean[j] + mo * mean;
-            float unbiased = N > 1 ? (float)(ss / (N - 1)) : var;
-            l->running_var[j] = (1.0f - mo) * l->running_var[j] + mo * unbiased;
-        } else {
-            mean = l->running_mean[j];
-            var = l->running_var[j];
         }
-        float rstd = 1.0f / sqrtf(var + rc->bn_eps);
-        l->bn_mean[j] = mean;
-        l->bn_rstd[j] = rstd;
-        for (int i = 0; i < N; i++) {
+        allreduce(l, sq, HD);
+        float mo = rc->bn_momentum;
+        for (int j = 0; j < HD; j++) {
+            float mean = (float)(sum[j] / count), var = (float)(sq[j] / count);
+            float unbiased = count > 1 ? (float)(sq[j] / (count - 1)) : var;
+            l->running_mean[j] = (1.0f - mo) * l->running_mean[j] + mo * mean;
+            l->running_var[j] = (1.0f - mo) * l->running_var[j] + mo * unbiased;
+            l->bn_mean[j] = mean;
+            l->bn_rstd[j] = 1.0f / sqrtf(var + rc->bn_eps);
+        }
+        l->bn_count = count;
+        free(sum);
+        free(sq);
+    } else {
+        for (int j = 0; j < HD; j++) {
+            l->bn_mean[j] = l->running_mean[j];
+            l->bn_rstd[j] = 1.0f / sqrtf(l->running_var[j] + rc->bn_eps);
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        for (int j = 0; j < HD; j++) {
             size_t o = (size_t)i * HD + j;
-            l->qn[o] = l->bn_w[j] * (l->q[o] - mean) * rstd + l->bn_b[j];
+            l->qn[o] = l->bn_w[j] * (l->q[o] - l->bn_mean[j]) * l->bn_rstd[j] + l->bn_b[j];
         }
     }
 }
@@ -144,10 +160,9 @@ static void retrieve(mp_retrieval_layer *l, int N) {
     for (long r0 = 0; r0 < rows_total; r0 += chunk) {
         long rc_ = rows_total - r0 < chunk ? rows_total - r0 : chunk;
         // qn viewed as (N*H, dk): the first half of each row against K1, the second against K2
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rc_, n, half, 1.0f,
-                    l->qn + r0 * dk, dk, l->k1, half, 0.0f, s1, n);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rc_, n, half, 1.0f,
-                    l->qn + r0 * dk + half, dk, l->k2, half, 0.0f, s2, n);
+        mp_cpu_sgemm(0, 1, (int)rc_, n, half, 1.0f, l->qn + r0 * dk, dk, l->k1, half, 0.0f, s1, n);
+        mp_cpu_sgemm(0, 1, (int)rc_, n, half, 1.0f, l->qn + r0 * dk + half, dk, l->k2, half, 0.0f,
+                     s2, n);
 #pragma omp parallel for schedule(static)
         for (long r = 0; r < rc_; r++) {
             long row = r0 + r;                                   // = t*H + h
@@ -170,74 +185,73 @@ static void retrieve(mp_retrieval_layer *l, int N) {
     free(s2);
 }
 
-void mp_cpu_retrieval_forward(mp_retrieval_layer *l, float *y, const float *x, int N, int train) {
+void mp_cpu_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train) {
     const mp_retrieval_config *rc = l->rc;
-    int C = l->C, HD = rc->heads * rc->key_dim, S = rc->heads * rc->topk;
+    int C = l->C, HD = rc->heads * rc->key_dim;
     if (N > l->maxN) mp_fatal("retrieval layer: %d rows exceed the %d it was built for", N, l->maxN);
-    l->last_N = N;
-    l->last_train = train;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, HD, C, 1.0f, x, C, l->wq, C, 0.0f,
-                l->q, HD);
+    mp_cpu_sgemm(0, 1, N, HD, C, 1.0f, x, C, l->wq, C, 0.0f, l->q, HD);
     query_bn_forward(l, N, train);
     retrieve(l, N);
+}
 
-    int peer = l->kind == MP_FFN_PEER;
+void mp_cpu_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
+                            const int64_t *slot_start, const int32_t *slot, const int32_t *row,
+                            const float *gate, float *pre, int64_t R) {
+    (void)slot;
+    (void)R;
+    int C = l->C, peer = l->kind == MP_FFN_PEER;
+    mp_activation act = l->rc->activation;
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < N; t++) {
-        float *yt = y + (size_t)t * C;
-        const float *xt = x + (size_t)t * C;
-        memset(yt, 0, C * sizeof(float));
-        for (int s = 0; s < S; s++) {
-            size_t o = (size_t)t * S + s;
-            long r = l->sel[o] - l->row_start;
-            float w = l->gate[o];
+    for (int64_t m = 0; m < M; m++) {
+        float *ym = y + m * C;
+        const float *xm = x + m * C;
+        memset(ym, 0, C * sizeof(float));
+        for (int64_t i = slot_start[m]; i < slot_start[m + 1]; i++) {
+            long r = row[i];
+            float w = gate[i];
             if (peer) {
-                float h = dot(l->u + r * C, xt, C);
-                l->pre[o] = h;
-                w *= act_fwd(rc->activation, h);
+                float h = dot(l->u + r * C, xm, C);
+                pre[i] = h;
+                w *= act_fwd(act, h);
             }
-            axpy(yt, w, l->v + r * C, C);
+            axpy(ym, w, l->v + r * C, C);
         }
-    }
-    if (l->usage) {
-        for (size_t o = 0; o < (size_t)N * S; o++) l->usage[l->sel[o]] += l->gate[o];
     }
 }
 
-// dU and dV, one expert row at a time: selections are bucketed by row with a counting sort
-// (stable, so each row sums its selections in token order).
-static void expert_grads(mp_retrieval_layer *l, const float *dy, const float *x, int N) {
-    const mp_retrieval_config *rc = l->rc;
-    int C = l->C, S = rc->heads * rc->topk;
-    long total = (long)N * S;
-    int32_t *start = mp_calloc((size_t)l->rows + 1, sizeof(int32_t));   // (rows+1)
-    int32_t *items = mp_malloc((size_t)total * sizeof(int32_t));          // (N*S)
-    int32_t *touched = mp_malloc((size_t)total * sizeof(int32_t));
-    for (long o = 0; o < total; o++) start[l->sel[o] - l->row_start + 1]++;
+// dU and dV, one expert row at a time: records are bucketed by row with a counting sort
+// (stable, so each row sums its records in arrival order).
+static void expert_grads(mp_retrieval_layer *l, const float *dy, const float *x,
+                         const int32_t *slot, const int32_t *row, const float *gate,
+                         const float *pre, const float *dpre, int64_t R) {
+    int C = l->C, peer = l->kind == MP_FFN_PEER;
+    mp_activation act = l->rc->activation;
+    int64_t *start = mp_calloc((size_t)l->rows + 1, sizeof(int64_t));   // (rows+1)
+    int64_t *items = mp_malloc((size_t)(R ? R : 1) * sizeof(int64_t));   // (R)
+    int32_t *touched = mp_malloc((size_t)(R ? R : 1) * sizeof(int32_t));
+    for (int64_t i = 0; i < R; i++) start[row[i] + 1]++;
     long n_touched = 0;
     for (long r = 0; r < l->rows; r++) {
         if (start[r + 1] > 0) touched[n_touched++] = (int32_t)r;
         start[r + 1] += start[r];
     }
-    int32_t *fill = mp_malloc((size_t)l->rows * sizeof(int32_t));
-    memcpy(fill, start, (size_t)l->rows * sizeof(int32_t));
-    for (long o = 0; o < total; o++) items[fill[l->sel[o] - l->row_start]++] = (int32_t)o;
+    int64_t *fill = mp_malloc((size_t)l->rows * sizeof(int64_t));
+    memcpy(fill, start, (size_t)l->rows * sizeof(int64_t));
+    for (int64_t i = 0; i < R; i++) items[fill[row[i]]++] = i;
     free(fill);
-
-    int peer = l->kind == MP_FFN_PEER;
 #pragma omp parallel for schedule(dynamic, 16)
-    for (long i = 0; i < n_touched; i++) {
-        long r = touched[i];
+    for (long k = 0; k < n_touched; k++) {
+        long r = touched[k];
         float *dv = l->dv + r * C;
         float *du = peer ? l->du + r * C : NULL;
-        for (int32_t p = start[r]; p < start[r + 1]; p++) {
-            long o = items[p], t = o / S;
-            float w = l->gate[o];
+        for (int64_t p = start[r]; p < start[r + 1]; p++) {
+            int64_t i = items[p], m = slot[i];
+            float w = gate[i];
             if (peer) {
-                w *= act_fwd(rc->activation, l->pre[o]);
-                axpy(du, l->dpre[o], x + t * C, C);
+                w *= act_fwd(act, pre[i]);
+                axpy(du, dpre[i], x + m * C, C);
             }
-            axpy(dv, w, dy + t * C, C);
+            axpy(dv, w, dy + m * C, C);
         }
     }
     free(start);
@@ -245,68 +259,85 @@ static void expert_grads(mp_retrieval_layer *l, const float *dy, const float *x,
     free(touched);
 }
 
-// Query BatchNorm backward: l->dq holds d(qn) on entry and d(q) on exit.
+void mp_cpu_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
+                             const float *x, int64_t M, const int64_t *slot_start,
+                             const int32_t *slot, const int32_t *row, const float *gate,
+                             const float *pre, int64_t R) {
+    int C = l->C, peer = l->kind == MP_FFN_PEER;
+    mp_activation act = l->rc->activation;
+    float *dpre = peer ? mp_malloc((size_t)(R ? R : 1) * sizeof(float)) : NULL;   // (R)
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *dym = dy + m * C;
+        float *dxm = dx + m * C;
+        memset(dxm, 0, C * sizeof(float));
+        for (int64_t i = slot_start[m]; i < slot_start[m + 1]; i++) {
+            long r = row[i];
+            float dv_dot = dot(dym, l->v + r * C, C);
+            if (peer) {
+                float h = pre[i];
+                dgate[i] = act_fwd(act, h) * dv_dot;
+                dpre[i] = gate[i] * dv_dot * act_grad(act, h);
+                axpy(dxm, dpre[i], l->u + r * C, C);
+            } else {
+                dgate[i] = dv_dot;
+            }
+        }
+    }
+    expert_grads(l, dy, x, slot, row, gate, pre, dpre, R);
+    free(dpre);
+}
+
+// Query BatchNorm backward: l->dq holds d(qn) on entry and d(q) on exit. In training the
+// two column sums the formula needs are over the global batch.
 static void query_bn_backward(mp_retrieval_layer *l, int N) {
     const mp_retrieval_config *rc = l->rc;
     if (!rc->query_bn) return;
     int HD = rc->heads * rc->key_dim;
+    double *sums = mp_calloc(2 * (size_t)HD, sizeof(double));   // sum dqn, sum dqn*xhat
 #pragma omp parallel for schedule(static)
     for (int j = 0; j < HD; j++) {
-        float mean = l->bn_mean[j], rstd = l->bn_rstd[j], w = l->bn_w[j];
-        double sum_d = 0.0, sum_dx = 0.0;      // sums of dxhat and dxhat * xhat
-        double sum_dy = 0.0, sum_dyx = 0.0;    // sums of dqn and dqn * xhat
+        float mean = l->bn_mean[j], rstd = l->bn_rstd[j];
+        double sum_dy = 0.0, sum_dyx = 0.0;
         for (int i = 0; i < N; i++) {
             size_t o = (size_t)i * HD + j;
-            float xhat = (l->q[o] - mean) * rstd;
             float g = l->dq[o];
             sum_dy += g;
-            sum_dyx += g * xhat;
-            sum_d += g * w;
-            sum_dx += g * w * xhat;
+            sum_dyx += g * ((l->q[o] - mean) * rstd);
         }
-        l->dbn_w[j] += (float)sum_dyx;
+        l->dbn_w[j] += (float)sum_dyx;   // local part; dense gradients are all-reduced later
         l->dbn_b[j] += (float)sum_dy;
-        for (int i = 0; i < N; i++) {
+        sums[j] = sum_dy;
+        sums[HD + j] = sum_dyx;
+    }
+    if (l->last_train) allreduce(l, sums, 2 * (size_t)HD);
+    double count = l->bn_count;
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        for (int j = 0; j < HD; j++) {
             size_t o = (size_t)i * HD + j;
-            float dxhat = l->dq[o] * w;
+            float w = l->bn_w[j], rstd = l->bn_rstd[j];
             if (l->last_train) {
-                float xhat = (l->q[o] - mean) * rstd;
-                l->dq[o] = rstd / N * (N * dxhat - (float)sum_d - xhat * (float)sum_dx);
+                float xhat = (l->q[o] - l->bn_mean[j]) * rstd;
+                // dxhat = w * dqn, so the sums of dxhat are w times the sums of dqn
+                l->dq[o] = w * rstd * (l->dq[o] - (float)(sums[j] / count) -
+                                       xhat * (float)(sums[HD + j] / count));
             } else {
-                l->dq[o] = dxhat * rstd;   // eval: statistics are constants
+                l->dq[o] = l->dq[o] * w * rstd;   // eval: the statistics are constants
             }
         }
     }
+    free(sums);
 }
 
-void mp_cpu_retrieval_backward(mp_retrieval_layer *l, float *dx, const float *dy, const float *x,
-                               int N) {
+void mp_cpu_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N) {
     const mp_retrieval_config *rc = l->rc;
     int C = l->C, H = rc->heads, k = rc->topk, dk = rc->key_dim, half = dk / 2;
     int HD = H * dk, S = H * k;
-    if (N != l->last_N) mp_fatal("retrieval backward on %d rows after a forward on %d", N, l->last_N);
-    int peer = l->kind == MP_FFN_PEER;
-
-    // per selection: d(gate) and d(pre-activation); then dx from the experts' u rows and
-    // the softmax backward into d(score), all per token
+    // softmax backward per head: dscore_j = g_j (dg_j - sum_i g_i dg_i), kept in dgate;
+    // then the query gradient through the selected sub-keys
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
-        const float *dyt = dy + (size_t)t * C;
-        float *dxt = dx + (size_t)t * C;
-        for (int s = 0; s < S; s++) {
-            size_t o = (size_t)t * S + s;
-            long r = l->sel[o] - l->row_start;
-            float dv_dot = dot(dyt, l->v + r * C, C);
-            if (peer) {
-                float h = l->pre[o];
-                l->dgate[o] = act_fwd(rc->activation, h) * dv_dot;
-                l->dpre[o] = l->gate[o] * dv_dot * act_grad(rc->activation, h);
-                axpy(dxt, l->dpre[o], l->u + r * C, C);
-            } else {
-                l->dgate[o] = dv_dot;
-            }
-        }
-        // softmax backward per head: dscore_j = g_j (dg_j - sum_i g_i dg_i), kept in dgate
         float *dqt = l->dq + (size_t)t * HD;
         memset(dqt, 0, HD * sizeof(float));
         for (int h = 0; h < H; h++) {
@@ -321,8 +352,6 @@ void mp_cpu_retrieval_backward(mp_retrieval_layer *l, float *dx, const float *dy
             }
         }
     }
-    expert_grads(l, dy, x, N);
-
     // sub-key gradients: parallel over key columns so each element has one writer and a
     // fixed summation order
 #pragma omp parallel for schedule(static)
@@ -335,10 +364,7 @@ void mp_cpu_retrieval_backward(mp_retrieval_layer *l, float *dx, const float *dy
             l->dk2[(size_t)l->sel_b[o] * half + c] += ds * qt[half + c];
         }
     }
-
     query_bn_backward(l, N);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, HD, C, N, 1.0f, l->dq, HD, x, C, 1.0f,
-                l->dwq, C);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, HD, 1.0f, l->dq, HD, l->wq, C,
-                1.0f, dx, C);
+    mp_cpu_sgemm(1, 0, HD, C, N, 1.0f, l->dq, HD, x, C, 1.0f, l->dwq, C);
+    mp_cpu_sgemm(0, 0, N, C, HD, 1.0f, l->dq, HD, l->wq, C, 1.0f, dx, C);
 }

@@ -1,0 +1,197 @@
+// One PEER / PKM layer across ranks (DESIGN.md, "Sharding: sub-key ownership").
+// Forward: route where the token lives (queries, BN over the global batch, product-key
+// top-k, gates); group the selections by owner (the plan); counts, then an all-to-all-v
+// of x once per (token, owner) and of the (slot, row, gate) records; owners compute
+// partial outputs; a reverse all-to-all-v returns them and they are summed by rank.
+// Backward: dy goes out on the same plan; owners accumulate dU, dV in their own rows and
+// return dx partials and gate gradients; the rest of the backward runs where the token is.
+#include <stdlib.h>
+#include <string.h>
+#include "core/log.h"
+#include "model/retrieval.h"
+
+static void *grow(void *p, size_t *cap, size_t bytes) {
+    if (bytes <= *cap) return p;
+    free(p);
+    *cap = bytes;
+    return mp_malloc(bytes);
+}
+
+// Counts in elements of `width` per token or record, with displacements.
+static void scaled(const int64_t *count, int P, int64_t width, int64_t *out_count, int64_t *out_displ) {
+    int64_t o = 0;
+    for (int r = 0; r < P; r++) {
+        out_count[r] = count[r] * width;
+        out_displ[r] = o;
+        o += out_count[r];
+    }
+}
+
+// One personalised exchange; a single process copies (its only peer is itself).
+static void exchange_f32(mp_comm *c, const float *send, const int64_t *sc, const int64_t *sd,
+                         float *recv, const int64_t *rc, const int64_t *rd) {
+    if (!c || c->size == 1) { memcpy(recv + rd[0], send + sd[0], (size_t)sc[0] * sizeof(float)); return; }
+    c->alltoallv_f32(c, send, sc, sd, recv, rc, rd);
+}
+static void exchange_i32(mp_comm *c, const int32_t *send, const int64_t *sc, const int64_t *sd,
+                         int32_t *recv, const int64_t *rc, const int64_t *rd) {
+    if (!c || c->size == 1) { memcpy(recv + rd[0], send + sd[0], (size_t)sc[0] * sizeof(int32_t)); return; }
+    c->alltoallv_i32(c, send, sc, sd, recv, rc, rd);
+}
+
+void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y, const float *x,
+                          int N, int train) {
+    mp_exchange *e = &l->ex;
+    mp_route_plan *p = &e->plan;
+    int C = l->C, S = l->rc->heads * l->rc->topk, P = p->P;
+    double t0 = mp_now();
+    be->retrieval_route(l, x, N, train);
+    mp_route_plan_build(p, l->sel, N, S, l->rc->n_sub);
+
+    // counts first: (tokens, records) per peer
+    int64_t *send2 = e->i64, *recv2 = e->i64 + 2 * P;
+    for (int r = 0; r < P; r++) { send2[2 * r] = p->tok_count[r]; send2[2 * r + 1] = p->rec_count[r]; }
+    if (l->comm && P > 1) l->comm->alltoall_i64(l->comm, send2, recv2, 2);
+    else memcpy(recv2, send2, 2 * sizeof(int64_t));
+    e->M = e->R = 0;
+    for (int r = 0; r < P; r++) {
+        e->recv_tok[r] = recv2[2 * r];
+        e->recv_rec[r] = recv2[2 * r + 1];
+        e->M += e->recv_tok[r];
+        e->R += e->recv_rec[r];
+    }
+
+    // payload: x rows of the sent tokens; records as (slot, row, gate bits)
+    e->x_send = grow(e->x_send, &e->cap_x_send, (size_t)p->n_tok * C * sizeof(float));
+    e->rec_send = grow(e->rec_send, &e->cap_rec_send, (size_t)p->n_rec * 3 * sizeof(int32_t));
+    for (int64_t i = 0; i < p->n_tok; i++)
+        memcpy(e->x_send + i * C, x + (size_t)p->tok_list[i] * C, C * sizeof(float));
+    for (int64_t i = 0; i < p->n_rec; i++) {
+        e->rec_send[3 * i] = p->rec_slot[i];
+        e->rec_send[3 * i + 1] = p->rec_row[i];
+        memcpy(&e->rec_send[3 * i + 2], &l->gate[p->rec_sel[i]], sizeof(float));
+    }
+    int64_t sc[P], sd[P], rc[P], rd[P];
+    e->x_recv = grow(e->x_recv, &e->cap_x_recv, (size_t)e->M * C * sizeof(float));
+    e->y_recv = grow(e->y_recv, &e->cap_y_recv, (size_t)e->M * C * sizeof(float));
+    e->rec_recv = grow(e->rec_recv, &e->cap_rec_recv, (size_t)e->R * 3 * sizeof(int32_t));
+    scaled(p->tok_count, P, C, sc, sd);
+    scaled(e->recv_tok, P, C, rc, rd);
+    exchange_f32(l->comm, e->x_send, sc, sd, e->x_recv, rc, rd);
+    scaled(p->rec_count, P, 3, sc, sd);
+    scaled(e->recv_rec, P, 3, rc, rd);
+    exchange_i32(l->comm, e->rec_send, sc, sd, e->rec_recv, rc, rd);
+
+    // owner side: records arrive grouped by source rank, then by slot in increasing order
+    size_t R = (size_t)e->R;
+    e->slot = grow(e->slot, &e->cap_slot, R * sizeof(int32_t));
+    e->row = grow(e->row, &e->cap_row, R * sizeof(int32_t));
+    e->gate = grow(e->gate, &e->cap_gate, R * sizeof(float));
+    e->pre = grow(e->pre, &e->cap_pre, R * sizeof(float));
+    e->dgate = grow(e->dgate, &e->cap_dgate, R * sizeof(float));
+    e->slot_start = grow(e->slot_start, &e->cap_slot_start, ((size_t)e->M + 1) * sizeof(int64_t));
+    int64_t i = 0, tok_base = 0;
+    for (int r = 0; r < P; r++) {
+        for (int64_t j = 0; j < e->recv_rec[r]; j++, i++) {
+            e->slot[i] = (int32_t)(tok_base + e->rec_recv[3 * i]);
+            e->row[i] = e->rec_recv[3 * i + 1];
+            memcpy(&e->gate[i], &e->rec_recv[3 * i + 2], sizeof(float));
+            if (e->row[i] < 0 || e->row[i] >= l->rows)
+                mp_fatal("expert exchange: record for row %d outside this rank's %ld rows", e->row[i], l->rows);
+        }
+        tok_base += e->recv_tok[r];
+    }
+    int64_t m = 0;
+    for (size_t k = 0; k < R; k++)
+        while (m <= e->slot[k]) e->slot_start[m++] = (int64_t)k;
+    while (m <= e->M) e->slot_start[m++] = (int64_t)R;
+    be->experts_forward(l, e->y_recv, e->x_recv, e->M, e->slot_start, e->slot, e->row, e->gate,
+                        e->pre, e->R);
+
+    // partial outputs go back; each token sums them in rank order
+    e->y_back = grow(e->y_back, &e->cap_y_back, (size_t)p->n_tok * C * sizeof(float));
+    scaled(e->recv_tok, P, C, sc, sd);
+    scaled(p->tok_count, P, C, rc, rd);
+    exchange_f32(l->comm, e->y_recv, sc, sd, e->y_back, rc, rd);
+    memset(y, 0, (size_t)N * C * sizeof(float));
+    for (int r = 0; r < P; r++) {
+        const int64_t lo = p->tok_displ[r], hi = lo + p->tok_count[r];
+        // within one owner's block every token appears once: no two threads share a row
+#pragma omp parallel for schedule(static)
+        for (int64_t k = lo; k < hi; k++) {
+            float *yt = y + (size_t)p->tok_list[k] * C;
+            const float *part = e->y_back + k * C;
+            for (int c = 0; c < C; c++) yt[c] += part[c];
+        }
+    }
+    if (l->usage) {
+        for (size_t o = 0; o < (size_t)N * S; o++) l->usage[l->sel[o]] += l->gate[o];
+    }
+    e->stats.bytes_sent += (double)(p->n_tok * C + p->n_rec * 3) * 4 + (double)p->n_tok * C * 4;
+    e->stats.bytes_recv += (double)(e->M * C + e->R * 3) * 4 + (double)p->n_tok * C * 4;
+    e->stats.selections += (double)e->R;
+    e->stats.seconds += mp_now() - t0;
+    l->last_N = N;
+    l->last_train = train;
+}
+
+void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, const float *dy,
+                           const float *x, int N) {
+    mp_exchange *e = &l->ex;
+    mp_route_plan *p = &e->plan;
+    int C = l->C, P = p->P;
+    if (N != l->last_N) mp_fatal("retrieval backward on %d rows after a forward on %d", N, l->last_N);
+    double t0 = mp_now();
+    int64_t sc[P], sd[P], rc[P], rd[P];
+    // dy rows out on the forward plan (x_send's buffer is free again)
+    for (int64_t i = 0; i < p->n_tok; i++)
+        memcpy(e->x_send + i * C, dy + (size_t)p->tok_list[i] * C, C * sizeof(float));
+    scaled(p->tok_count, P, C, sc, sd);
+    scaled(e->recv_tok, P, C, rc, rd);
+    exchange_f32(l->comm, e->x_send, sc, sd, e->y_recv, rc, rd);   // y_recv now holds dy
+    e->dx_recv = grow(e->dx_recv, &e->cap_dx_recv, (size_t)e->M * C * sizeof(float));
+    be->experts_backward(l, e->dx_recv, e->dgate, e->y_recv, e->x_recv, e->M, e->slot_start,
+                         e->slot, e->row, e->gate, e->pre, e->R);
+
+    // dx partials and gate gradients come back
+    scaled(e->recv_tok, P, C, sc, sd);
+    scaled(p->tok_count, P, C, rc, rd);
+    exchange_f32(l->comm, e->dx_recv, sc, sd, e->y_back, rc, rd);   // y_back now holds dx parts
+    e->dgate_back = grow(e->dgate_back, &e->cap_dgate_back, (size_t)p->n_rec * sizeof(float));
+    scaled(e->recv_rec, P, 1, sc, sd);
+    scaled(p->rec_count, P, 1, rc, rd);
+    exchange_f32(l->comm, e->dgate, sc, sd, e->dgate_back, rc, rd);
+    for (int64_t i = 0; i < p->n_rec; i++) l->dgate[p->rec_sel[i]] = e->dgate_back[i];
+    for (int r = 0; r < P; r++) {
+        const int64_t lo = p->tok_displ[r], hi = lo + p->tok_count[r];
+#pragma omp parallel for schedule(static)
+        for (int64_t k = lo; k < hi; k++) {
+            float *dxt = dx + (size_t)p->tok_list[k] * C;
+            const float *part = e->y_back + k * C;
+            for (int c = 0; c < C; c++) dxt[c] += part[c];
+        }
+    }
+    be->retrieval_route_backward(l, dx, x, N);
+    e->stats.bytes_sent += (double)p->n_tok * C * 4 + (double)(e->M * C + e->R) * 4;
+    e->stats.bytes_recv += (double)e->M * C * 4 + (double)(p->n_tok * C + p->n_rec) * 4;
+    e->stats.seconds += mp_now() - t0;
+}
+
+void mp_retrieval_exchange_init(mp_retrieval_layer *l, mp_comm *comm) {
+    int P = comm ? comm->size : 1;
+    l->comm = comm;
+    mp_route_plan_init(&l->ex.plan, P);
+    l->ex.i64 = mp_calloc(4 * (size_t)P, sizeof(int64_t));
+    l->ex.recv_tok = mp_calloc(P, sizeof(int64_t));
+    l->ex.recv_rec = mp_calloc(P, sizeof(int64_t));
+}
+
+void mp_retrieval_exchange_free(mp_retrieval_layer *l) {
+    mp_exchange *e = &l->ex;
+    mp_route_plan_free(&e->plan);
+    void *bufs[] = {e->i64, e->recv_tok, e->recv_rec, e->x_send, e->y_back, e->x_recv, e->y_recv,
+                    e->dx_recv, e->gate, e->pre, e->dgate, e->dgate_back, e->rec_send,
+                    e->rec_recv, e->slot, e->row, e->slot_start};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    memset(e, 0, sizeof *e);
+}
