@@ -72,6 +72,9 @@ const float *mp_model_logits(const mp_model *m);
 void mp_model_zero_grad(mp_model *m);
 // Backward of loss_scale * mean loss of the last forward; gradients accumulate.
 void mp_model_backward(mp_model *m, float loss_scale);
+// Sums the replicated groups' gradients (dense, keys) over the ranks of a sharded model;
+// nothing for a single process. Expert gradients never cross ranks.
+void mp_model_allreduce_grads(mp_model *m);
 
 // Expert usage (paper Table 2): when enabled, every forward adds each selected expert's
 // gate to z_e of its layer. usage = fraction with z_e > 0; unevenness = KL(z/|z| || uniform).

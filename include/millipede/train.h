@@ -13,7 +13,8 @@ void mp_adamw_init(mp_adamw *opt, mp_model *m);
 void mp_adamw_free(mp_adamw *opt, mp_model *m);
 // Learning rate of group g at 0-based step `step`.
 float mp_lr_at(const mp_config *c, mp_group g, long step);
-// Global L2 norm of all gradients (before clipping).
+// Global L2 norm of all gradients (before clipping); for a sharded model the expert part
+// is summed over ranks.
 float mp_grad_norm(mp_model *m);
 // One update at 0-based `step`: clips to train.grad_clip, applies AdamW per tensor.
 // Returns the gradient norm before clipping.
@@ -22,6 +23,8 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step);
 // Mean validation loss (nats per token) over n_batches micro-batches of the validation
 // stream, BatchNorm in eval mode. Batch i is mp_batch_fill(seed, 1, i, 0, 0, ...).
 double mp_eval_loss(mp_model *m, const mp_shard *val, int n_batches);
+// The same over sequences [j0, j0 + B) of each validation batch (one rank's slice).
+double mp_eval_loss_slice(mp_model *m, const mp_shard *val, int n_batches, int j0, int B);
 
 // The whole training run: prints and saves the resolved config, trains, validates, logs
 // metrics.jsonl and saves <run.dir>/model.h5. Returns the process exit status.

@@ -248,7 +248,7 @@ static hid_t open_model_file(const char *path, char *err, size_t err_len) {
 // ----------------------------------------------------------------------------
 // save
 
-static void write_dataset(hid_t file, const ds_spec *d, const mp_backend *be, float *host) {
+static void create_dataset(hid_t file, const ds_spec *d) {
     hsize_t cols = ds_cols(d);
     hsize_t chunk[2];
     if (d->ndim == 2) {
@@ -265,8 +265,17 @@ static void write_dataset(hid_t file, const ds_spec *d, const mp_backend *be, fl
     hid_t fspace = MP_CHECK_H5(H5Screate_simple(d->ndim, d->dims, NULL));
     hid_t dset = MP_CHECK_H5(H5Dcreate2(file, d->path, H5T_IEEE_F32LE, fspace, H5P_DEFAULT,
                                         dcpl, H5P_DEFAULT));
+    MP_CHECK_H5(H5Dclose(dset));
+    MP_CHECK_H5(H5Sclose(fspace));
+    MP_CHECK_H5(H5Pclose(dcpl));
+}
+
+// Local rows go to [row_start, row_start + rows) of the global dataset.
+static void write_rows(hid_t file, const ds_spec *d, const mp_backend *be, float *host) {
+    hsize_t cols = ds_cols(d);
+    hid_t dset = MP_CHECK_H5(H5Dopen2(file, d->path, H5P_DEFAULT));
+    hid_t fspace = MP_CHECK_H5(H5Dget_space(dset));
     be->to_host(host, d->buf, d->rows * cols * sizeof(float));
-    // Local rows go to [row_start, row_start + rows) of the global dataset.
     hsize_t start[2] = {d->row_start, 0}, count[2] = {d->rows, cols};
     hid_t mspace = MP_CHECK_H5(H5Screate_simple(d->ndim, count, NULL));
     MP_CHECK_H5(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL));
@@ -274,7 +283,6 @@ static void write_dataset(hid_t file, const ds_spec *d, const mp_backend *be, fl
     MP_CHECK_H5(H5Sclose(mspace));
     MP_CHECK_H5(H5Dclose(dset));
     MP_CHECK_H5(H5Sclose(fspace));
-    MP_CHECK_H5(H5Pclose(dcpl));
 }
 
 // fsync a file (or directory) by path; -1 with errno set on failure.
@@ -288,20 +296,67 @@ static int fsync_path(const char *path, int flags) {
     return rc;
 }
 
-int mp_model_save(mp_model *m, const char *path, long step, char *err, size_t err_len) {
-    if (mp_world() > 1) {
-        snprintf(err, err_len,
-                 "%s: model files are written by a single rank; %d ranks hold a sharded model "
-                 "(use the sharded checkpoint)",
-                 path, mp_world());
-        return -1;
-    }
+// Rank `rank` writes its part into tmp: rank 0 creates the file with every dataset at its
+// global shape and writes all it holds; each later rank writes only its own expert rows.
+static int write_part(mp_model *m, const char *tmp, long step, int rank, char *err,
+                      size_t err_len) {
     const mp_backend *be = mp_model_backend(m);
     ds_spec *ds;
     int n = model_datasets(m, &ds);
     size_t max_elems = 1;
     for (int i = 0; i < n; i++) {
-        if (ds[i].rows != ds[i].dims[0]) {
+        size_t e = (size_t)(ds[i].rows * ds_cols(&ds[i]));
+        if (e > max_elems) max_elems = e;
+    }
+    h5_quiet q = quiet_begin();
+    hid_t file = rank == 0 ? H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT)
+                           : H5Fopen(tmp, H5F_ACC_RDWR, H5P_DEFAULT);
+    if (file < 0) {
+        char h5[256];
+        snprintf(err, err_len, "%s: cannot %s model file (rank %d): %s", tmp,
+                 rank == 0 ? "create" : "open", rank, h5_last_error(h5));
+        quiet_end(q);
+        free(ds);
+        return -1;
+    }
+    quiet_end(q);
+    if (rank == 0) {
+        const mp_config *cfg = mp_model_config(m);
+        char probe[1];
+        size_t ini_len = mp_config_to_ini(cfg, probe, sizeof probe);
+        char *ini = mp_malloc(ini_len + 1);
+        mp_config_to_ini(cfg, ini, ini_len + 1);
+        write_str_attr(file, "format", MP_MODEL_FORMAT);
+        int version = MP_MODEL_VERSION;
+        write_scalar_attr(file, "version", H5T_STD_I32LE, H5T_NATIVE_INT, &version);
+        write_str_attr(file, "config", ini);
+        int64_t step64 = step;
+        write_scalar_attr(file, "step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step64);
+        free(ini);
+        hid_t g = MP_CHECK_H5(H5Gcreate2(file, "params", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+        MP_CHECK_H5(H5Gclose(g));
+        g = MP_CHECK_H5(H5Gcreate2(file, "state", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+        MP_CHECK_H5(H5Gclose(g));
+        for (int i = 0; i < n; i++) create_dataset(file, &ds[i]);
+    }
+    float *host = mp_malloc(max_elems * sizeof(float));
+    for (int i = 0; i < n; i++)
+        if (rank == 0 || ds[i].rows != ds[i].dims[0]) write_rows(file, &ds[i], be, host);
+    free(host);
+    free(ds);
+    MP_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
+    MP_CHECK_H5(H5Fclose(file));
+    return 0;
+}
+
+int mp_model_save(mp_model *m, const char *path, long step, char *err, size_t err_len) {
+    mp_comm *comm = mp_model_comm(m);
+    int rank = comm ? comm->rank : 0, P = comm ? comm->size : 1;
+    if (!comm) {   // a model of one process must hold every row
+        ds_spec *ds;
+        int n = model_datasets(m, &ds);
+        for (int i = 0; i < n; i++) {
+            if (ds[i].rows == ds[i].dims[0]) continue;
             snprintf(err, err_len,
                      "%s: the model holds rows [%llu, %llu) of '%s' of %llu: a model file needs "
                      "all rows",
@@ -311,53 +366,28 @@ int mp_model_save(mp_model *m, const char *path, long step, char *err, size_t er
             free(ds);
             return -1;
         }
-        size_t e = (size_t)(ds[i].rows * ds_cols(&ds[i]));
-        if (e > max_elems) max_elems = e;
+        free(ds);
     }
-
     size_t plen = strlen(path);
     char *tmp = mp_malloc(plen + 5);
     memcpy(tmp, path, plen);
     memcpy(tmp + plen, ".tmp", 5);
-
-    h5_quiet q = quiet_begin();
-    hid_t file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    if (file < 0) {
-        char h5[256];
-        snprintf(err, err_len, "%s: cannot create model file: %s", tmp, h5_last_error(h5));
-        quiet_end(q);
-        free(tmp);
-        free(ds);
-        return -1;
+    // ranks take turns on one file, so serial HDF5 suffices; all agree on each outcome
+    for (int r = 0; r < P; r++) {
+        double failed = 0.0;
+        if (r == rank) failed = write_part(m, tmp, step, rank, err, err_len) != 0;
+        if (P > 1) comm->allreduce_f64(comm, &failed, 1);
+        if (failed != 0.0) {
+            if (r != rank) snprintf(err, err_len, "%s: rank %d failed to write its part", path, r);
+            free(tmp);
+            return -1;
+        }
     }
-    quiet_end(q);
-
-    // root attributes
-    const mp_config *cfg = mp_model_config(m);
-    char probe[1];
-    size_t ini_len = mp_config_to_ini(cfg, probe, sizeof probe);
-    char *ini = mp_malloc(ini_len + 1);
-    mp_config_to_ini(cfg, ini, ini_len + 1);
-    write_str_attr(file, "format", MP_MODEL_FORMAT);
-    int version = MP_MODEL_VERSION;
-    write_scalar_attr(file, "version", H5T_STD_I32LE, H5T_NATIVE_INT, &version);
-    write_str_attr(file, "config", ini);
-    int64_t step64 = step;
-    write_scalar_attr(file, "step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step64);
-    free(ini);
-
-    hid_t g = MP_CHECK_H5(H5Gcreate2(file, "params", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-    MP_CHECK_H5(H5Gclose(g));
-    g = MP_CHECK_H5(H5Gcreate2(file, "state", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
-    MP_CHECK_H5(H5Gclose(g));
-
-    float *host = mp_malloc(max_elems * sizeof(float));
-    for (int i = 0; i < n; i++) write_dataset(file, &ds[i], be, host);
-    free(host);
-    free(ds);
-
-    MP_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
-    MP_CHECK_H5(H5Fclose(file));
+    if (rank != 0) {
+        free(tmp);
+        comm->barrier(comm);   // rank 0 renames
+        return 0;
+    }
 
     // HDF5 does not fsync; without it a crash after the rename could leave a renamed
     // file whose data never reached the disk.
@@ -385,6 +415,7 @@ int mp_model_save(mp_model *m, const char *path, long step, char *err, size_t er
     } else {
         fsync_path(".", O_RDONLY | O_DIRECTORY);
     }
+    if (P > 1) comm->barrier(comm);
     return 0;
 }
 

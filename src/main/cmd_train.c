@@ -37,9 +37,6 @@ int mp_cmd_train(int argc, char **argv) {
     if (!config_path) mp_input_error("train: missing CONFIG.ini (see millipede train --help)");
     mp_config cfg;
     mp_cli_load_config(&cfg, config_path, sets, n_sets);
-    if (mp_world() > 1)
-        mp_input_error("train: %d ranks, but this build trains on one rank only; run it without "
-                       "mpirun or with -np 1", mp_world());
     const mp_backend *be = mp_cli_setup(&cfg);
     return mp_train_run(&cfg, be);
 }

@@ -504,3 +504,14 @@ const double *mp_model_usage(const mp_model *m, int i, long *n_experts) {
     if (n_experts) *n_experts = r->rc->n_experts;
     return r->usage;
 }
+
+mp_exchange_stats *mp_model_exchange_stats(mp_model *m, int i) {
+    return &m->ret[m->ret_block[i]]->ex.stats;
+}
+
+void mp_model_allreduce_grads(mp_model *m) {
+    if (!m->comm || m->comm->size == 1) return;
+    // replicated groups only: expert gradients already sit with the rank owning the rows
+    m->comm->allreduce_f32(m->comm, m->grads[MP_GROUP_DENSE], m->group_size[MP_GROUP_DENSE]);
+    m->comm->allreduce_f32(m->comm, m->grads[MP_GROUP_KEYS], m->group_size[MP_GROUP_KEYS]);
+}

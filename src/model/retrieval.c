@@ -27,6 +27,14 @@ static void scaled(const int64_t *count, int P, int64_t width, int64_t *out_coun
     }
 }
 
+// Sum of count[r] over the other ranks: what actually crosses between processes.
+static double off_rank(const int64_t *count, int P, int me) {
+    double s = 0.0;
+    for (int r = 0; r < P; r++)
+        if (r != me) s += (double)count[r];
+    return s;
+}
+
 // One personalised exchange; a single process copies (its only peer is itself).
 static void exchange_f32(mp_comm *c, const float *send, const int64_t *sc, const int64_t *sd,
                          float *recv, const int64_t *rc, const int64_t *rd) {
@@ -127,8 +135,12 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
     if (l->usage) {
         for (size_t o = 0; o < (size_t)N * S; o++) l->usage[l->sel[o]] += l->gate[o];
     }
-    e->stats.bytes_sent += (double)(p->n_tok * C + p->n_rec * 3) * 4 + (double)p->n_tok * C * 4;
-    e->stats.bytes_recv += (double)(e->M * C + e->R * 3) * 4 + (double)p->n_tok * C * 4;
+    // off-rank bytes: x and the records out, partial outputs back (and the counts)
+    int me = l->comm ? l->comm->rank : 0;
+    e->stats.bytes_sent += 4.0 * (C * off_rank(p->tok_count, P, me) + 3 * off_rank(p->rec_count, P, me) +
+                                  C * off_rank(e->recv_tok, P, me)) + 16.0 * (P - 1);
+    e->stats.bytes_recv += 4.0 * (C * off_rank(e->recv_tok, P, me) + 3 * off_rank(e->recv_rec, P, me) +
+                                  C * off_rank(p->tok_count, P, me)) + 16.0 * (P - 1);
     e->stats.selections += (double)e->R;
     e->stats.seconds += mp_now() - t0;
     l->last_N = N;
@@ -172,8 +184,12 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
         }
     }
     be->retrieval_route_backward(l, dx, x, N);
-    e->stats.bytes_sent += (double)p->n_tok * C * 4 + (double)(e->M * C + e->R) * 4;
-    e->stats.bytes_recv += (double)e->M * C * 4 + (double)(p->n_tok * C + p->n_rec) * 4;
+    // dy out; dx partials and gate gradients back
+    int me = l->comm ? l->comm->rank : 0;
+    e->stats.bytes_sent += 4.0 * (C * off_rank(p->tok_count, P, me) + C * off_rank(e->recv_tok, P, me) +
+                                  off_rank(e->recv_rec, P, me));
+    e->stats.bytes_recv += 4.0 * (C * off_rank(e->recv_tok, P, me) + C * off_rank(p->tok_count, P, me) +
+                                  off_rank(p->rec_count, P, me));
     e->stats.seconds += mp_now() - t0;
 }
 

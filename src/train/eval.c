@@ -3,13 +3,17 @@
 #include "millipede/train.h"
 
 double mp_eval_loss(mp_model *m, const mp_shard *val, int n_batches) {
+    return mp_eval_loss_slice(m, val, n_batches, 0, mp_model_config(m)->batch_size);
+}
+
+double mp_eval_loss_slice(mp_model *m, const mp_shard *val, int n_batches, int j0, int B) {
     const mp_config *c = mp_model_config(m);
-    int B = c->batch_size, T = c->context;
+    int T = c->context;
     int32_t *inputs = mp_malloc((size_t)B * T * sizeof(int32_t));    // (B, T)
     int32_t *targets = mp_malloc((size_t)B * T * sizeof(int32_t));   // (B, T)
     double sum = 0.0;
     for (int i = 0; i < n_batches; i++) {
-        mp_batch_fill(val, c->seed, 1, (uint64_t)i, 0, 0, B, T, inputs, targets);
+        mp_batch_fill(val, c->seed, 1, (uint64_t)i, 0, (uint32_t)j0, B, T, inputs, targets);
         sum += mp_model_forward(m, inputs, targets, B, T, 0);
     }
     free(inputs);

@@ -1,6 +1,9 @@
-// The training loop: micro-batches of the global batch (a function of seed and step
-// only), AdamW, periodic validation, step lines on stdout and JSON lines in metrics.jsonl.
+// The training loop, data parallel over the ranks of comm: every rank takes its slice of
+// each micro-batch of the global batch (a function of seed and step only, never of the
+// rank count), dense and key gradients are all-reduced, expert gradients stay with the
+// rank that owns the rows. Step lines on stdout, JSON lines in metrics.jsonl.
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +11,7 @@
 #include "core/log.h"
 #include "millipede/model_file.h"
 #include "millipede/train.h"
+#include "model/model_private.h"
 
 static void open_shard(mp_shard *s, const char *path, const mp_config *cfg, const char *key) {
     char err[1024];
@@ -18,29 +22,91 @@ static void open_shard(mp_shard *s, const char *path, const mp_config *cfg, cons
                        path, (unsigned long long)s->n_tokens, cfg->context + 1, key);
 }
 
-static void report_memory(mp_model *m) {
-    static const char *names[MP_N_GROUPS] = {"dense", "keys", "experts"};
-    double total = 0.0;
-    for (int g = 0; g < MP_N_GROUPS; g++) {
-        double n = (double)mp_model_group_size(m, g);
-        total += n;
-        // parameters + gradients + two AdamW moments, fp32
-        mp_log("params %-7s %12.0f floats  %8.1f MiB (params+grads+adam %8.1f MiB)", names[g], n,
-               n * 4 / 1048576.0, n * 16 / 1048576.0);
+// Checks that need the rank count, the same on every rank (so all of them exit together).
+static void check_ranks(const mp_config *cfg, mp_comm *comm) {
+    int P = comm->size;
+    for (int l = 0; l < cfg->n_layers; l++) {
+        const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
+        if (rc && P > rc->n_sub)
+            mp_input_error("%d ranks, but block %d's %ld experts have only n = %d first-half "
+                           "sub-keys to own: use at most %d ranks", P, l, rc->n_experts,
+                           rc->n_sub, rc->n_sub);
     }
-    mp_log("params total   %12.0f floats  %8.1f MiB (params+grads+adam %8.1f MiB)", total,
-           total * 4 / 1048576.0, total * 16 / 1048576.0);
+    if (cfg->batch_size < P)
+        mp_input_error("%d ranks, but train.batch_size = %d: every rank needs at least one "
+                       "sequence of the global batch", P, cfg->batch_size);
+    // every rank must run the same resolved configuration
+    double *hashes = mp_calloc(P, sizeof(double));
+    uint64_t h = mp_config_hash(cfg);
+    hashes[comm->rank] = (double)(h >> 12);   // 52 bits survive the sum of doubles exactly
+    comm->allreduce_f64(comm, hashes, P);
+    for (int r = 1; r < P; r++)
+        if (hashes[r] != hashes[0])
+            mp_input_error("rank %d's resolved configuration differs from rank 0's (config hash "
+                           "mismatch): every rank must get the same CONFIG.ini and --set options", r);
+    free(hashes);
+}
+
+static void report_memory(mp_model *m, mp_comm *comm) {
+    static const char *names[MP_N_GROUPS] = {"dense", "keys", "experts"};
+    int P = comm->size;
+    double *rows = mp_calloc(P, sizeof(double)), *floats = mp_calloc(P, sizeof(double));
+    floats[comm->rank] = (double)mp_model_group_size(m, MP_GROUP_EXPERTS);
+    for (int i = 0; i < mp_model_n_tensors(m); i++) {
+        const mp_tensor *t = mp_model_tensor(m, i);
+        if (t->group == MP_GROUP_EXPERTS) rows[comm->rank] += (double)t->shape[0];
+    }
+    comm->allreduce_f64(comm, rows, P);
+    comm->allreduce_f64(comm, floats, P);
+    // fp32 parameters, gradients and two AdamW moments: 16 bytes per float
+    for (int g = 0; g < MP_N_GROUPS - 1; g++) {
+        double n = (double)mp_model_group_size(m, g);
+        mp_log("memory %-7s (replicated) %12.0f floats: params %.1f MiB, +grads +adam %.1f MiB",
+               names[g], n, n * 4 / 1048576.0, n * 16 / 1048576.0);
+    }
+    for (int r = 0; r < P; r++)
+        mp_log("memory experts rank %-4d %10.0f rows %12.0f floats: params %.1f MiB, +grads "
+               "+adam %.1f MiB", r, rows[r], floats[r], floats[r] * 4 / 1048576.0,
+               floats[r] * 16 / 1048576.0);
+    free(rows);
+    free(floats);
+}
+
+// Sums the exchange statistics of every retrieval layer on this rank and resets them.
+static mp_exchange_stats take_exchange_stats(mp_model *m) {
+    mp_exchange_stats total = {0};
+    for (int i = 0; i < mp_model_n_retrieval(m); i++) {
+        mp_exchange_stats *s = mp_model_exchange_stats(m, i);
+        total.bytes_sent += s->bytes_sent;
+        total.bytes_recv += s->bytes_recv;
+        total.selections += s->selections;
+        total.seconds += s->seconds;
+        memset(s, 0, sizeof *s);
+    }
+    return total;
+}
+
+// Mean validation loss over the global validation batches, each rank its slice.
+static double eval_global(mp_model *m, const mp_shard *val, mp_comm *comm, int j0, int Bl) {
+    const mp_config *c = mp_model_config(m);
+    double sum[2] = {mp_eval_loss_slice(m, val, c->eval_batches, j0, Bl) * Bl, (double)Bl};
+    comm->allreduce_f64(comm, sum, 2);
+    return sum[0] / sum[1];
 }
 
 int mp_train_run(const mp_config *cfg, const mp_backend *be) {
     char err[1024], path[MP_PATH_MAX + 64];
-    if (mp_mkdirs(cfg->run_dir, err, sizeof err) != 0) mp_input_error("run.dir: %s", err);
+    mp_comm *comm = mp_comm_mpi();
+    int rank = comm->rank, P = comm->size;
+    check_ranks(cfg, comm);
+    if (rank == 0 && mp_mkdirs(cfg->run_dir, err, sizeof err) != 0) mp_input_error("run.dir: %s", err);
+    comm->barrier(comm);
     size_t ini_len = mp_config_to_ini(cfg, NULL, 0) + 1;
     char *ini = mp_malloc(ini_len);
     mp_config_to_ini(cfg, ini, ini_len);
     mp_log("# resolved configuration\n%s", ini);
     snprintf(path, sizeof path, "%s/config.ini", cfg->run_dir);
-    if (mp_write_text_file(path, ini, err, sizeof err) != 0) mp_fatal("%s", err);
+    if (rank == 0 && mp_write_text_file(path, ini, err, sizeof err) != 0) mp_fatal("%s", err);
     free(ini);
 
     mp_shard train, val;
@@ -49,47 +115,87 @@ int mp_train_run(const mp_config *cfg, const mp_backend *be) {
     mp_log("data: train %s (%llu tokens), val %s (%llu tokens)", cfg->train_path,
            (unsigned long long)train.n_tokens, cfg->val_path, (unsigned long long)val.n_tokens);
 
+    // this rank's slice of every micro-batch: sequences [j0, j0 + Bl) of batch_size
     int B = cfg->batch_size, T = cfg->context, A = cfg->grad_accum;
-    mp_model *m = mp_model_create(cfg, be, B);
+    int j0 = (int)((long)B * rank / P), Bl = (int)((long)B * (rank + 1) / P) - j0;
+    mp_model *m = mp_model_create_sharded(cfg, be, Bl, comm);
     mp_adamw opt;
     mp_adamw_init(&opt, m);
-    report_memory(m);
-    mp_log("model: %ld parameters, %.3g forward FLOPs per token, backend %s",
-           mp_model_param_count(cfg), mp_model_flops_per_token(cfg), be->name);
+    mp_log("model: %ld parameters, %.3g forward FLOPs per token, backend %s, %d rank%s",
+           mp_model_param_count(cfg), mp_model_flops_per_token(cfg), be->name, P, P > 1 ? "s" : "");
+    report_memory(m, comm);
 
-    snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run_dir);
-    FILE *metrics = fopen(path, "w");
-    if (!metrics) mp_input_error("%s: cannot write: %s", path, strerror(errno));
+    FILE *metrics = NULL;
+    if (rank == 0) {
+        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run_dir);
+        metrics = fopen(path, "w");
+        if (!metrics) mp_fatal("%s: cannot write: %s", path, strerror(errno));
+    }
 
-    int32_t *inputs = mp_malloc((size_t)B * T * sizeof(int32_t));    // (B, T)
-    int32_t *targets = mp_malloc((size_t)B * T * sizeof(int32_t));   // (B, T)
+    int32_t *inputs = mp_malloc((size_t)Bl * T * sizeof(int32_t));    // (Bl, T)
+    int32_t *targets = mp_malloc((size_t)Bl * T * sizeof(int32_t));   // (Bl, T)
     long eval_every = cfg->eval_every > 0 ? cfg->eval_every : cfg->steps;
+    double tokens_step = (double)A * B * T;
+    // each rank's mean loss, weighted by its share of the global batch
+    float share = (float)Bl / (float)B;
     for (long step = 0; step < cfg->steps; step++) {
         double t0 = mp_now();
         mp_model_zero_grad(m);
         double loss = 0.0;
         for (int micro = 0; micro < A; micro++) {
-            mp_batch_fill(&train, cfg->seed, 0, (uint64_t)step, (uint32_t)micro, 0, B, T, inputs, targets);
-            loss += mp_model_forward(m, inputs, targets, B, T, 1) / A;
-            mp_model_backward(m, 1.0f / A);
+            mp_batch_fill(&train, cfg->seed, 0, (uint64_t)step, (uint32_t)micro, (uint32_t)j0, Bl, T,
+                          inputs, targets);
+            loss += mp_model_forward(m, inputs, targets, Bl, T, 1) * share / A;
+            mp_model_backward(m, share / A);
         }
+        mp_model_allreduce_grads(m);
         float norm = mp_adamw_step(&opt, m, step);
+        // the step's global numbers: loss, exchange traffic and balance over ranks
+        mp_exchange_stats ex = take_exchange_stats(m);
+        double *g = mp_calloc(2 * (size_t)P + 4, sizeof(double));
+        g[rank] = ex.selections;
+        g[P + rank] = ex.seconds;
+        g[2 * P] = loss;
+        g[2 * P + 1] = ex.bytes_sent;
+        g[2 * P + 2] = ex.bytes_recv;
+        comm->allreduce_f64(comm, g, 2 * (size_t)P + 4);
+        double sel_max = 0, sel_sum = 0, ex_max = 0;
+        for (int r = 0; r < P; r++) {
+            sel_max = g[r] > sel_max ? g[r] : sel_max;
+            sel_sum += g[r];
+            ex_max = g[P + r] > ex_max ? g[P + r] : ex_max;
+        }
+        loss = g[2 * P];
         double ms = (mp_now() - t0) * 1e3;
-        double tok_s = (double)A * B * T / (ms / 1e3);
+        double tok_s = tokens_step / (ms / 1e3);
         float lr = mp_lr_at(cfg, MP_GROUP_DENSE, step);
-        fprintf(metrics, "{\"step\": %ld, \"loss\": %.6f, \"lr\": %.6g, \"grad_norm\": %.6g, "
-                "\"ms\": %.2f, \"tokens_per_s\": %.1f}\n", step + 1, loss, lr, norm, ms, tok_s);
+        if (rank == 0) {
+            fprintf(metrics, "{\"step\": %ld, \"loss\": %.9g, \"lr\": %.6g, \"grad_norm\": %.6g, "
+                    "\"ms\": %.2f, \"tokens_per_s\": %.1f, \"ranks\": %d", step + 1, loss, lr, norm,
+                    ms, tok_s, P);
+            if (mp_model_n_retrieval(m) > 0)
+                fprintf(metrics, ", \"exchange_bytes_sent\": %.0f, \"exchange_bytes_recv\": %.0f, "
+                        "\"exchange_ms\": %.2f, \"selections_per_rank\": [", g[2 * P + 1],
+                        g[2 * P + 2], ex_max * 1e3);
+            for (int r = 0; r < P && mp_model_n_retrieval(m) > 0; r++)
+                fprintf(metrics, "%s%.0f", r ? ", " : "", g[r]);
+            if (mp_model_n_retrieval(m) > 0)
+                fprintf(metrics, "], \"load_imbalance\": %.4f", sel_sum > 0 ? sel_max / (sel_sum / P) : 1.0);
+            fprintf(metrics, "}\n");
+        }
+        free(g);
         if ((step + 1) % cfg->log_every == 0 || step == 0 || step + 1 == cfg->steps)
             mp_log("step %6ld/%ld | loss %.4f | lr %.3e | grad norm %.4f | %.1f ms | %.0f tok/s",
                    step + 1, cfg->steps, loss, lr, norm, ms, tok_s);
         if ((step + 1) % eval_every == 0 || step + 1 == cfg->steps) {
-            double vl = mp_eval_loss(m, &val, cfg->eval_batches);
-            fprintf(metrics, "{\"step\": %ld, \"val_loss\": %.6f}\n", step + 1, vl);
+            double vl = eval_global(m, &val, comm, j0, Bl);
+            if (rank == 0) fprintf(metrics, "{\"step\": %ld, \"val_loss\": %.9g}\n", step + 1, vl);
             mp_log("step %6ld/%ld | val loss %.4f", step + 1, cfg->steps, vl);
+            take_exchange_stats(m);   // validation traffic is not the training step's
         }
-        fflush(metrics);
+        if (rank == 0) fflush(metrics);
     }
-    fclose(metrics);
+    if (rank == 0) fclose(metrics);
 
     snprintf(path, sizeof path, "%s/model.h5", cfg->run_dir);
     if (mp_model_save(m, path, cfg->steps, err, sizeof err) != 0) mp_fatal("%s", err);
@@ -98,6 +204,7 @@ int mp_train_run(const mp_config *cfg, const mp_backend *be) {
     free(targets);
     mp_adamw_free(&opt, m);
     mp_model_free(m);
+    mp_comm_free(comm);
     mp_shard_close(&train);
     mp_shard_close(&val);
     return 0;

@@ -33,8 +33,12 @@ float mp_lr_at(const mp_config *c, mp_group g, long step) {
 
 float mp_grad_norm(mp_model *m) {
     const mp_backend *be = mp_model_backend(m);
-    double ss = 0.0;
-    for (int g = 0; g < MP_N_GROUPS; g++)
+    double experts = be->sum_squares(mp_model_grads(m, MP_GROUP_EXPERTS),
+                                     mp_model_group_size(m, MP_GROUP_EXPERTS));
+    mp_comm *comm = mp_model_comm(m);
+    if (comm && comm->size > 1) comm->allreduce_f64(comm, &experts, 1);
+    double ss = experts;
+    for (int g = 0; g < MP_GROUP_EXPERTS; g++)   // replicated: the same on every rank
         ss += be->sum_squares(mp_model_grads(m, g), mp_model_group_size(m, g));
     return (float)sqrt(ss);
 }

@@ -1,0 +1,112 @@
+// CPU backend (fp32, OpenBLAS + OpenMP): the operations behind mp_backend_cpu(), exported
+// so that other CPU code (the retrieval layer) can call them directly.
+// Shapes and conventions are those of include/millipede/backend.h: backward ops ACCUMULATE.
+//
+// Determinism: every op gives bitwise identical results for the same inputs on every run.
+// No atomics, no OpenMP float reductions; every output element is written by one thread
+// in a fixed order, and sums over rows use fixed row blocks (independent of the thread
+// count). Dot products and row sums use the fixed 8-lane order of mp_dot8 / mp_sum8 below,
+// so results do not depend on how the compiler vectorises or on data alignment either.
+// Everything except matmul is also independent of the thread count (attention makes one
+// single-threaded sgemm call per unit of work); matmul splits its sgemm by thread count, so
+// it is bitwise reproducible for a fixed OMP_NUM_THREADS.
+#pragma once
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include "millipede/backend.h"
+
+// memory (host): zero-filled, 64-byte aligned
+void *mp_cpu_alloc(size_t bytes);
+void mp_cpu_free(void *p);
+void mp_cpu_zero(void *p, size_t bytes);
+void mp_cpu_copy(void *dst, const void *src, size_t bytes);
+
+void mp_cpu_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
+                            int B, int T, int C);
+void mp_cpu_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
+                             int B, int T, int C);
+void mp_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int N, int C);
+void mp_cpu_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                               const float *inp, const float *w, const float *mean,
+                               const float *rstd, int N, int C);
+// Sets OpenBLAS to one thread (once; mp_backend_cpu and mp_cpu_sgemm call it): OpenMP
+// threads share the work instead, see ops_dense.c.
+void mp_cpu_blas_init(void);
+// Row-major C (M,N) = alpha op(A) op(B) + beta C, op = transpose when trans_x is non-zero
+// (A is then stored (K,M), B (N,K)). Threads with OpenMP, one single-threaded OpenBLAS call
+// per thread's block of C; inside a parallel region it is one plain call. Use this rather
+// than cblas_sgemm directly, which would run on one thread only.
+void mp_cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                  int lda, const float *B, int ldb, float beta, float *C, int ldc);
+// bias may be NULL; in backward any of dinp, dw, dbias may be NULL (not wanted).
+void mp_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
+                           int N, int C, int OC);
+void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
+                            const float *inp, const float *w, int N, int C, int OC);
+void mp_cpu_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
+                              int NH);
+void mp_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
+                               const float *att, int B, int T, int C, int NH);
+void mp_cpu_gelu_forward(float *out, const float *inp, long n);
+void mp_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
+void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n);
+void mp_cpu_crossentropy_forward(float *losses, float *probs, const float *logits,
+                                 const int32_t *targets, int N, int V);
+void mp_cpu_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
+                                  float dloss, int N, int V);
+void mp_cpu_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float wd, long t, float grad_scale);
+double mp_cpu_sum_squares(const float *x, size_t n);
+
+// PEER / PKM layer on the CPU (src/backend/cpu/retrieval_cpu.c); the table entries of the
+// same names in include/millipede/backend.h say what they do.
+void mp_cpu_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train);
+void mp_cpu_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N);
+void mp_cpu_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
+                            const int64_t *slot_start, const int32_t *slot, const int32_t *row,
+                            const float *gate, float *pre, int64_t R);
+void mp_cpu_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
+                             const float *x, int64_t M, const int64_t *slot_start,
+                             const int32_t *slot, const int32_t *row, const float *gate,
+                             const float *pre, int64_t R);
+
+// Dot product in a fixed order: 8 independent lanes (the compiler turns them into one or two
+// vector registers without reassociating anything), then the lanes pairwise, then the tail.
+static inline float mp_dot8(const float *a, const float *b, int n) {
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    return (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])))
+           + tail;
+}
+
+// Sum in the same fixed order.
+static inline float mp_sum8(const float *a, int n) {
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j];
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i];
+    return (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])))
+           + tail;
+}
+
+// Maximum in 8 lanes (a > m ? a : m vectorises, fmaxf does not without -ffast-math);
+// -INFINITY for n = 0. Max is exact, so the lane order does not matter.
+static inline float mp_max8(const float *a, int n) {
+    float acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = -INFINITY;
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] = a[i + j] > acc[j] ? a[i + j] : acc[j];
+    for (; i < n; i++) acc[0] = a[i] > acc[0] ? a[i] : acc[0];
+    float m = acc[0];
+    for (int j = 1; j < 8; j++) m = acc[j] > m ? acc[j] : m;
+    return m;
+}

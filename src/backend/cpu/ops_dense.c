@@ -1,0 +1,327 @@
+// CPU dense ops: embeddings, LayerNorm, matmul (OpenBLAS), GELU, residual, cross-entropy.
+// The math is docs/model.md; shapes and the accumulate-into-gradients convention are
+// include/millipede/backend.h. See cpu.h for how determinism is kept.
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include "core/log.h"
+#include "cpu.h"
+
+#define LN_EPS 1e-5f
+#define INV_SQRT2 0.70710678118654752440f
+#define INV_SQRT_2PI 0.39894228040143267794f
+// Rows per partial-sum block where a gradient is a sum over rows (LayerNorm dw, db).
+// Fixed, so the summation order does not depend on the thread count.
+#define LN_ROW_BLOCK 32
+
+// This thread's share [c0, c1) of C columns inside a parallel region, cut at multiples of
+// 16 floats (one cache line) so that threads never write the same line.
+static void thread_columns(int C, int *c0, int *c1) {
+    int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    long lines = (C + 15) / 16;
+    long a = lines * tid / nt * 16, b = lines * (tid + 1) / nt * 16;
+    *c0 = (int)(a < C ? a : C);
+    *c1 = (int)(b < C ? b : C);
+}
+
+// ---------------------------------------------------------------------------------------
+// token + position embedding
+
+void mp_cpu_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
+                            int B, int T, int C) {
+    // out (B,T,C), inp (B,T), wte (V,C), wpe (>=T,C). Token ids are checked by the loader.
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            float *o = out + ((size_t)b * T + t) * C;
+            const float *we = wte + (size_t)inp[(size_t)b * T + t] * C;
+            const float *pe = wpe + (size_t)t * C;
+            #pragma omp simd
+            for (int c = 0; c < C; c++) o[c] = we[c] + pe[c];
+        }
+    }
+}
+
+void mp_cpu_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
+                             int B, int T, int C) {
+    // Many positions scatter into the same dwte row, so threads split the C columns and
+    // each walks all positions in order: no two threads touch one element, and every
+    // element is summed in position order whatever the thread count.
+    #pragma omp parallel
+    {
+        int c0, c1;
+        thread_columns(C, &c0, &c1);
+        for (int b = 0; b < B; b++) {
+            for (int t = 0; t < T; t++) {
+                const float *d = dout + ((size_t)b * T + t) * C;   // (C)
+                float *gw = dwte + (size_t)inp[(size_t)b * T + t] * C;
+                float *gp = dwpe + (size_t)t * C;
+                #pragma omp simd
+                for (int c = c0; c < c1; c++) {
+                    gw[c] += d[c];
+                    gp[c] += d[c];
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// LayerNorm over the last dimension (biased variance, eps 1e-5)
+
+void mp_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int N, int C) {
+    // out (N,C), mean (N), rstd (N), inp (N,C), w (C), b (C)
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        float *o = out + (size_t)n * C;
+        float m = mp_sum8(x, C) / C;
+        // two passes (mean, then squared deviations) rather than E[x^2] - m^2, which
+        // cancels badly when |mean| >> std
+        float acc[8] = {0}, tail = 0.0f;
+        int c = 0;
+        for (; c + 8 <= C; c += 8)
+            for (int j = 0; j < 8; j++) {
+                float d = x[c + j] - m;
+                acc[j] += d * d;
+            }
+        for (; c < C; c++) tail += (x[c] - m) * (x[c] - m);
+        float var = ((((acc[0] + acc[4]) + (acc[1] + acc[5])) +
+                      ((acc[2] + acc[6]) + (acc[3] + acc[7]))) + tail) / C;
+        float s = 1.0f / sqrtf(var + LN_EPS);
+        #pragma omp simd
+        for (int i = 0; i < C; i++) o[i] = (x[i] - m) * s * w[i] + b[i];
+        if (mean) mean[n] = m;
+        if (rstd) rstd[n] = s;
+    }
+}
+
+void mp_cpu_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                               const float *inp, const float *w, const float *mean,
+                               const float *rstd, int N, int C) {
+    // dinp (N,C), dw (C), db (C), dout (N,C), inp (N,C), w (C), mean (N), rstd (N)
+    // dw and db are sums over rows: each block of LN_ROW_BLOCK rows writes its own partial
+    // sums, which are then added in block order.
+    int nblk = (N + LN_ROW_BLOCK - 1) / LN_ROW_BLOCK;
+    float *part = mp_calloc((size_t)nblk * 2 * C, sizeof(float));   // (nblk, 2, C)
+    #pragma omp parallel
+    {
+        float *dnorm = mp_malloc((size_t)C * sizeof(float));          // (C) row scratch
+        #pragma omp for schedule(static)
+        for (int k = 0; k < nblk; k++) {
+            float *pw = part + (size_t)k * 2 * C, *pb = pw + C;
+            int n1 = (k + 1) * LN_ROW_BLOCK < N ? (k + 1) * LN_ROW_BLOCK : N;
+            for (int n = k * LN_ROW_BLOCK; n < n1; n++) {
+                const float *x = inp + (size_t)n * C, *d = dout + (size_t)n * C;
+                float *dx = dinp + (size_t)n * C;
+                float m = mean[n], s = rstd[n];
+                // norm = (x - m) s; dnorm = w * dout; the input gradient is
+                // s * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+                #pragma omp simd
+                for (int c = 0; c < C; c++) dnorm[c] = w[c] * d[c];
+                float dn_mean = mp_sum8(dnorm, C) / C;
+                float acc[8] = {0}, tail = 0.0f;
+                int c = 0;
+                for (; c + 8 <= C; c += 8)
+                    for (int j = 0; j < 8; j++) acc[j] += dnorm[c + j] * ((x[c + j] - m) * s);
+                for (; c < C; c++) tail += dnorm[c] * ((x[c] - m) * s);
+                float dnn_mean = ((((acc[0] + acc[4]) + (acc[1] + acc[5])) +
+                                   ((acc[2] + acc[6]) + (acc[3] + acc[7]))) + tail) / C;
+                #pragma omp simd
+                for (int i = 0; i < C; i++) {
+                    float norm = (x[i] - m) * s;
+                    pw[i] += d[i] * norm;
+                    pb[i] += d[i];
+                    dx[i] += (dnorm[i] - dn_mean - norm * dnn_mean) * s;
+                }
+            }
+        }
+        free(dnorm);
+        // the implicit barrier of the omp for above has passed: all partials are written
+        int c0, c1;
+        thread_columns(C, &c0, &c1);
+        for (int i = c0; i < c1; i++) {
+            float sw = 0.0f, sb = 0.0f;
+            for (int k = 0; k < nblk; k++) {
+                sw += part[(size_t)k * 2 * C + i];
+                sb += part[(size_t)k * 2 * C + C + i];
+            }
+            dw[i] += sw;
+            db[i] += sb;
+        }
+    }
+    free(part);
+}
+
+// ---------------------------------------------------------------------------------------
+// matmul: out = inp @ w^T + bias (the nn.Linear layout), via OpenBLAS sgemm
+//
+// Threading: OpenMP owns the cores. OpenBLAS (the pthreads build) would otherwise keep a
+// second pool of threads that fights OpenMP's spinning workers for the same cores (measured:
+// 2.6x slower sgemm right after any OpenMP loop). So OpenBLAS is set to one thread and
+// mp_cpu_sgemm splits the output into one block per OpenMP thread, one sgemm call each.
+
+static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
+static void blas_one_thread(void) { openblas_set_num_threads(1); }
+void mp_cpu_blas_init(void) { pthread_once(&blas_once, blas_one_thread); }
+
+// Below this many multiply-adds one call is cheaper than waking the team.
+#define SGEMM_PARALLEL_MIN (1 << 18)
+
+void mp_cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                  int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    if (M <= 0 || N <= 0) return;
+    mp_cpu_blas_init();
+    CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
+    CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
+    if (K <= 0) {   // empty sum (sgemm rejects K = 0 leading dimensions): C = beta C
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                float *c = C + (size_t)i * ldc + j;
+                *c = beta == 0.0f ? 0.0f : beta * *c;   // beta = 0: C is not read (BLAS rule)
+            }
+        return;
+    }
+    if ((double)M * N * K < SGEMM_PARALLEL_MIN || omp_get_max_threads() == 1 ||
+        omp_in_parallel()) {
+        cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    // Split the larger output dimension; column blocks are cut at 16 floats (a cache line).
+    int split_rows = M >= N;
+    #pragma omp parallel
+    {
+        int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        if (split_rows) {
+            int m0 = (int)((long)M * tid / nt), m1 = (int)((long)M * (tid + 1) / nt);
+            if (m1 > m0) {
+                // row m of op(A) starts at A + m*lda, or at A + m when A is stored (K,M)
+                const float *a = A + (trans_a ? (size_t)m0 : (size_t)m0 * lda);
+                cblas_sgemm(CblasRowMajor, ta, tb, m1 - m0, N, K, alpha, a, lda, B, ldb, beta,
+                            C + (size_t)m0 * ldc, ldc);
+            }
+        } else {
+            int n0, n1;
+            thread_columns(N, &n0, &n1);
+            if (n1 > n0) {
+                // column n of op(B) starts at B + n, or at B + n*ldb when B is stored (N,K)
+                const float *b = B + (trans_b ? (size_t)n0 * ldb : (size_t)n0);
+                cblas_sgemm(CblasRowMajor, ta, tb, M, n1 - n0, K, alpha, A, lda, b, ldb, beta,
+                            C + n0, ldc);
+            }
+        }
+    }
+}
+
+void mp_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
+                           int N, int C, int OC) {
+    // out (N,OC), inp (N,C), w (OC,C), bias (OC) or NULL
+    if (N <= 0 || OC <= 0) return;
+    mp_cpu_sgemm(0, 1, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
+    if (bias) {
+        #pragma omp parallel for schedule(static)
+        for (int n = 0; n < N; n++) {
+            float *o = out + (size_t)n * OC;
+            #pragma omp simd
+            for (int j = 0; j < OC; j++) o[j] += bias[j];
+        }
+    }
+}
+
+void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
+                            const float *inp, const float *w, int N, int C, int OC) {
+    // dinp (N,C) += dout (N,OC) @ w (OC,C); dw (OC,C) += dout^T @ inp (N,C);
+    // dbias (OC) += column sums of dout. beta = 1 makes sgemm accumulate.
+    if (N <= 0 || OC <= 0 || C <= 0) return;
+    if (dinp) mp_cpu_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, 1.0f, dinp, C);
+    if (dw) mp_cpu_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
+    if (dbias) {
+        // threads own column ranges and sum the rows in order
+        #pragma omp parallel
+        {
+            int c0, c1;
+            thread_columns(OC, &c0, &c1);
+            if (c1 > c0) {
+                float *acc = mp_calloc((size_t)(c1 - c0), sizeof(float));
+                for (int n = 0; n < N; n++) {
+                    const float *d = dout + (size_t)n * OC;
+                    #pragma omp simd
+                    for (int j = c0; j < c1; j++) acc[j - c0] += d[j];
+                }
+                for (int j = c0; j < c1; j++) dbias[j] += acc[j - c0];
+                free(acc);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// GELU, exact (erf) form
+
+void mp_cpu_gelu_forward(float *out, const float *inp, long n) {
+    #pragma omp parallel for schedule(static)
+    for (long i = 0; i < n; i++) {
+        float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + erff(x * INV_SQRT2));
+    }
+}
+
+void mp_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, long n) {
+    // d/dx [x Phi(x)] = Phi(x) + x phi(x)
+    #pragma omp parallel for schedule(static)
+    for (long i = 0; i < n; i++) {
+        float x = inp[i];
+        float cdf = 0.5f * (1.0f + erff(x * INV_SQRT2));
+        float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
+        dinp[i] += (cdf + x * pdf) * dout[i];
+    }
+}
+
+void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n) {
+    #pragma omp parallel for simd schedule(static)
+    for (long i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+// ---------------------------------------------------------------------------------------
+// softmax cross-entropy
+
+void mp_cpu_crossentropy_forward(float *losses, float *probs, const float *logits,
+                                 const int32_t *targets, int N, int V) {
+    // losses (N), probs (N,V), logits (N,V), targets (N)
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *x = logits + (size_t)n * V;
+        float *p = probs + (size_t)n * V;
+        float mx = mp_max8(x, V);
+        for (int v = 0; v < V; v++) p[v] = expf(x[v] - mx);
+        // the normaliser over a large vocabulary is summed in double, in fixed lanes
+        double acc[4] = {0}, tail = 0.0;
+        int v = 0;
+        for (; v + 4 <= V; v += 4)
+            for (int j = 0; j < 4; j++) acc[j] += p[v + j];
+        for (; v < V; v++) tail += p[v];
+        double sum = ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail;
+        float inv = (float)(1.0 / sum);
+        #pragma omp simd
+        for (int i = 0; i < V; i++) p[i] *= inv;
+        // -log softmax[target] = log(sum) - (x[target] - max): no log of an underflowed 0
+        losses[n] = (float)(log(sum) - (double)(x[targets[n]] - mx));
+    }
+}
+
+void mp_cpu_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
+                                  float dloss, int N, int V) {
+    // dlogits (N,V) += dloss * (probs - onehot(target))
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *p = probs + (size_t)n * V;
+        float *d = dlogits + (size_t)n * V;
+        int32_t tg = targets[n];
+        #pragma omp simd
+        for (int v = 0; v < V; v++) d[v] += dloss * (p[v] - (v == tg ? 1.0f : 0.0f));
+    }
+}

@@ -1,0 +1,51 @@
+// CPU optimizer ops: AdamW on one contiguous range, and the sum of squares for clipping.
+#include <math.h>
+#include <stdlib.h>
+#include "core/log.h"
+#include "cpu.h"
+
+// Elements per partial sum in sum_squares. Fixed, so the order of the final sum depends
+// only on n, not on the thread count.
+#define SS_BLOCK 16384
+
+void mp_cpu_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float wd, long t, float grad_scale) {
+    // p, g, m, v (n); t is the 1-based step (docs/model.md, Training)
+    float bc1 = 1.0f - powf(beta1, (float)t);
+    float bc2 = 1.0f - powf(beta2, (float)t);
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float gi = g[i] * grad_scale;
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        float mhat = mi / bc1, vhat = vi / bc2;
+        p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+    }
+}
+
+static double block_sum_squares(const float *x, size_t n) {
+    double acc[4] = {0}, tail = 0.0;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; j++) acc[j] += (double)x[i + j] * x[i + j];
+    for (; i < n; i++) tail += (double)x[i] * x[i];
+    return ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail;
+}
+
+double mp_cpu_sum_squares(const float *x, size_t n) {
+    size_t nblk = (n + SS_BLOCK - 1) / SS_BLOCK;
+    if (nblk <= 1) return block_sum_squares(x, n);
+    // each block's partial is written by one thread; the partials are added in block order
+    double *part = mp_malloc(nblk * sizeof(double));
+    #pragma omp parallel for schedule(static)
+    for (size_t k = 0; k < nblk; k++) {
+        size_t lo = k * SS_BLOCK, len = n - lo < SS_BLOCK ? n - lo : SS_BLOCK;
+        part[k] = block_sum_squares(x + lo, len);
+    }
+    double s = 0.0;
+    for (size_t k = 0; k < nblk; k++) s += part[k];
+    free(part);
+    return s;
+}
