@@ -3,6 +3,9 @@
 // tests/python. Layout: tests/python/conftest.py and the comments below.
 //   model CONFIG.ini OUT.h5 [--steps S] [--set k=v]...
 //   layer CONFIG.ini OUT.h5 --block L [--tokens N] [--eval] [--set k=v]...
+// Under mpirun with P > 1 ranks (model mode only), the model is sharded as in training:
+// rank r writes OUT.rank<r> with its slice of the batch (attributes j0, rows), its own
+// expert rows (attribute row_start on those datasets) and the all-reduced dense gradients.
 #include <hdf5.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -30,6 +33,14 @@ static void write_array(hid_t file, const char *path, hid_t type, const void *da
 
 static void write_floats(hid_t f, const char *path, const float *x, int ndim, const long *shape) {
     write_array(f, path, H5T_NATIVE_FLOAT, x, ndim, shape);
+}
+
+static void write_attr_long(hid_t obj, const char *name, long v) {
+    hid_t space = MP_CHECK_H5(H5Screate(H5S_SCALAR));
+    hid_t a = MP_CHECK_H5(H5Acreate2(obj, name, H5T_NATIVE_LONG, space, H5P_DEFAULT, H5P_DEFAULT));
+    MP_CHECK_H5(H5Awrite(a, H5T_NATIVE_LONG, &v));
+    MP_CHECK_H5(H5Aclose(a));
+    MP_CHECK_H5(H5Sclose(space));
 }
 
 static void write_attr_string(hid_t obj, const char *name, const char *text) {
@@ -60,6 +71,12 @@ static void write_tensors(hid_t f, mp_model *m, const char *dir, int grads, cons
         float *base = grads ? mp_model_grads(m, t->group) : mp_model_params(m, t->group);
         snprintf(path, sizeof path, "/%s/%s", dir, t->name);
         write_floats(f, path, base + t->offset, t->ndim, t->shape);
+        if (t->shape[0] != t->global_rows) {   // a shard: say where its rows go
+            hid_t ds = MP_CHECK_H5(H5Dopen2(f, path, H5P_DEFAULT));
+            write_attr_long(ds, "row_start", t->row_start);
+            write_attr_long(ds, "global_rows", t->global_rows);
+            MP_CHECK_H5(H5Dclose(ds));
+        }
     }
 }
 
@@ -67,7 +84,8 @@ static void fill_normal(float *x, size_t n, uint64_t seed, uint64_t stream) {
     for (size_t i = 0; i < n; i++) x[i] = mp_normal(seed, stream, i);
 }
 
-static int dump_model(mp_model *m, hid_t f, int steps) {
+// The whole model on a random batch; with comm, this rank's slice [j0, j0 + Bl) of it.
+static int dump_model(mp_model *m, hid_t f, int steps, mp_comm *comm, int j0, int Bl) {
     const mp_config *c = mp_model_config(m);
     int B = c->batch_size, T = c->context, N = B * T, V = c->vocab_size;
     int32_t *inputs = malloc((size_t)N * sizeof(int32_t)), *targets = malloc((size_t)N * sizeof(int32_t));
@@ -75,15 +93,22 @@ static int dump_model(mp_model *m, hid_t f, int steps) {
         inputs[i] = (int32_t)(mp_hash3(c->seed, 101, i) % (uint64_t)V);
         targets[i] = (int32_t)(mp_hash3(c->seed, 102, i) % (uint64_t)V);
     }
-    long bt[2] = {B, T}, btv[3] = {B, T, V};
+    long bt[2] = {B, T}, btv[3] = {Bl, T, V};
     write_array(f, "/batch/inputs", H5T_NATIVE_INT32, inputs, 2, bt);
     write_array(f, "/batch/targets", H5T_NATIVE_INT32, targets, 2, bt);
+    write_attr_long(f, "j0", j0);
+    write_attr_long(f, "rows", Bl);
+    const int32_t *in = inputs + (size_t)j0 * T, *tg = targets + (size_t)j0 * T;
+    float share = (float)Bl / (float)B;   // this rank's part of the global mean loss
     write_tensors(f, m, "params", 0, "");
     mp_model_zero_grad(m);
-    float loss = mp_model_forward(m, inputs, targets, B, T, 1);
-    mp_model_backward(m, 1.0f);
+    double loss = mp_model_forward(m, in, tg, Bl, T, 1) * share;
+    mp_model_backward(m, share);
+    mp_model_allreduce_grads(m);
+    if (comm) comm->allreduce_f64(comm, &loss, 1);
+    float loss32 = (float)loss;
     write_floats(f, "/out/logits", mp_model_logits(m), 3, btv);
-    write_floats(f, "/out/loss", &loss, 0, NULL);
+    write_floats(f, "/out/loss", &loss32, 0, NULL);
     write_tensors(f, m, "grads", 1, "");
     if (steps > 0) {
         mp_adamw opt;
@@ -91,8 +116,11 @@ static int dump_model(mp_model *m, hid_t f, int steps) {
         float *losses = malloc(steps * sizeof(float)), *norms = malloc(steps * sizeof(float));
         for (int s = 0; s < steps; s++) {
             mp_model_zero_grad(m);
-            losses[s] = mp_model_forward(m, inputs, targets, B, T, 1);
-            mp_model_backward(m, 1.0f);
+            double l = mp_model_forward(m, in, tg, Bl, T, 1) * share;
+            mp_model_backward(m, share);
+            mp_model_allreduce_grads(m);
+            if (comm) comm->allreduce_f64(comm, &l, 1);
+            losses[s] = (float)l;
             norms[s] = mp_adamw_step(&opt, m, s);
         }
         long sh[1] = {steps};
@@ -182,18 +210,36 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (!tokens) tokens = cfg.batch_size * cfg.context;
-    // layer mode: N token rows = (B = tokens, T = 1) in the model's buffers
-    int B = layer_mode ? (tokens + cfg.context - 1) / cfg.context : cfg.batch_size;
-    mp_model *m = mp_model_create(&cfg, mp_backend_cpu(), B);
-    hid_t f = MP_CHECK_H5(H5Fcreate(argv[3], H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
+    mp_comm *comm = NULL;
+    int j0 = 0, Bl = cfg.batch_size;
+    char out[4096];
+    snprintf(out, sizeof out, "%s", argv[3]);
+    mp_model *m;
+    if (mp_world() > 1) {
+        if (layer_mode) {
+            fprintf(stderr, "millipede-testdump: layer mode runs on one rank\n");
+            return 2;
+        }
+        comm = mp_comm_mpi();
+        j0 = (int)((long)cfg.batch_size * comm->rank / comm->size);
+        Bl = (int)((long)cfg.batch_size * (comm->rank + 1) / comm->size) - j0;
+        snprintf(out, sizeof out, "%s.rank%d", argv[3], comm->rank);
+        m = mp_model_create_sharded(&cfg, mp_backend_cpu(), Bl, comm);
+    } else {
+        // layer mode: N token rows = (B = tokens, T = 1) in the model's buffers
+        int B = layer_mode ? (tokens + cfg.context - 1) / cfg.context : cfg.batch_size;
+        m = mp_model_create(&cfg, mp_backend_cpu(), B);
+    }
+    hid_t f = MP_CHECK_H5(H5Fcreate(out, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
     size_t len = mp_config_to_ini(&cfg, NULL, 0) + 1;
     char *ini = malloc(len);
     mp_config_to_ini(&cfg, ini, len);
     write_attr_string(f, "config", ini);
     free(ini);
-    int rc = layer_mode ? dump_layer(m, f, block, tokens, eval) : dump_model(m, f, steps);
+    int rc = layer_mode ? dump_layer(m, f, block, tokens, eval) : dump_model(m, f, steps, comm, j0, Bl);
     MP_CHECK_H5(H5Fclose(f));
     mp_model_free(m);
+    mp_comm_free(comm);
     MPI_Finalize();
     return rc;
 }

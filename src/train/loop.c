@@ -4,6 +4,7 @@
 // rank that owns the rows. Step lines on stdout, JSON lines in metrics.jsonl.
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,6 +87,18 @@ static mp_exchange_stats take_exchange_stats(mp_model *m) {
     return total;
 }
 
+// Test hook: MILLIPEDE_FAULT_KILL="RANK:STEP" makes that rank die by SIGKILL when it
+// starts that step, as a crashed node would; the launcher must end the whole job.
+static void maybe_die(int rank, long step) {
+    const char *f = getenv("MILLIPEDE_FAULT_KILL");
+    int r;
+    long s;
+    if (f && sscanf(f, "%d:%ld", &r, &s) == 2 && r == rank && s == step) {
+        fprintf(stderr, "millipede: rank %d: MILLIPEDE_FAULT_KILL: killing myself at step %ld\n", rank, step);
+        raise(SIGKILL);
+    }
+}
+
 // Mean validation loss over the global validation batches, each rank its slice.
 static double eval_global(mp_model *m, const mp_shard *val, mp_comm *comm, int j0, int Bl) {
     const mp_config *c = mp_model_config(m);
@@ -139,6 +152,7 @@ int mp_train_run(const mp_config *cfg, const mp_backend *be) {
     // each rank's mean loss, weighted by its share of the global batch
     float share = (float)Bl / (float)B;
     for (long step = 0; step < cfg->steps; step++) {
+        maybe_die(rank, step);
         double t0 = mp_now();
         mp_model_zero_grad(m);
         double loss = 0.0;

@@ -1,0 +1,208 @@
+"""Expert tables sharded across MPI ranks by sub-key ownership (DESIGN.md, "Sharding").
+
+1. Gradients of a model with two PEER layers on P = 3 ranks (each rank its slice of the
+   batch and its rows of U and V) agree with the JAX reference on the whole batch.
+2. Training 20 steps on P = 1, 2, 3 and 4 ranks gives the same losses and the same final
+   parameters, expert rows compared through their global index.
+3. Bad rank counts and configs that differ between ranks are refused; a rank that dies
+   ends the whole job instead of leaving the others waiting.
+"""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import millipede_ref as R
+from conftest import Dump, GRAD_FLOOR, SOURCE_DIR, as_f64, assert_close, make_ini
+
+TWO_PEER = {"model": {"ffn": "peer,peer"}, "train": {"batch_size": 6}}
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_mpi_yield_when_idle": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1",
+           "OMP_NUM_THREADS": "1"}
+
+
+def mpirun(n, *cmd, timeout=300, env=None):
+    full = ["mpirun", "--oversubscribe", "-np", str(n), *map(str, cmd)]
+    e = dict(os.environ, **MPI_ENV, **(env or {}))
+    return subprocess.run(full, capture_output=True, text=True, env=e, timeout=timeout)
+
+
+class ShardedDump:
+    """The per-rank dump files of one sharded run, stitched into global tensors."""
+
+    def __init__(self, base, P):
+        ranks = [Dump(f"{base}.rank{r}") for r in range(P)]
+        self.ranks = ranks
+        self.config_text = ranks[0].config_text
+        self.loss = float(ranks[0]["/out/loss"])
+        order = sorted(range(P), key=lambda r: ranks[r].attrs["j0"])
+        self.logits = np.concatenate([ranks[r]["/out/logits"] for r in order])
+        self.inputs = ranks[0]["/batch/inputs"]
+        self.targets = ranks[0]["/batch/targets"]
+
+    def group(self, name):
+        out = {}
+        for key in self.ranks[0].group(name):
+            path = f"/{name}/{key}"
+            starts = [d.attrs.get(f"{path}/row_start") for d in self.ranks]
+            if starts[0] is None:   # replicated: every rank holds the same values
+                for d in self.ranks[1:]:
+                    np.testing.assert_array_equal(d[path], self.ranks[0][path], err_msg=path)
+                out[key] = self.ranks[0][path]
+            else:
+                parts = sorted(zip(starts, (d[path] for d in self.ranks)), key=lambda p: p[0])
+                rows = np.concatenate([p[1] for p in parts])
+                assert rows.shape[0] == self.ranks[0].attrs[f"{path}/global_rows"], path
+                out[key] = rows
+        return out
+
+
+def test_gradients_on_three_ranks_match_jax(testdump, tmp_path):
+    ini = tmp_path / "config.ini"
+    ini.write_text(make_ini(TWO_PEER))
+    out = tmp_path / "dump.h5"
+    proc = mpirun(3, testdump, "model", ini, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = ShardedDump(out, 3)
+    cfg = R.parse_config(d.config_text)
+    # rank r holds rows [A_r n, A_{r+1} n) of each expert table, A_r = floor(r n / P)
+    n = 8
+    assert cfg.peer.n_sub == n
+    for r, rank in enumerate(d.ranks):
+        u = rank["/params/h0.peer.u"]
+        assert rank.attrs["/params/h0.peer.u/row_start"] == (r * n // 3) * n
+        assert u.shape[0] == ((r + 1) * n // 3 - r * n // 3) * n
+    params = as_f64(d.group("params"))
+    state = R.init_state(cfg, np.float64)
+    loss, logits, grads, _ = R.loss_and_grads(params, state, np.asarray(d.inputs, np.int64),
+                                              np.asarray(d.targets, np.int64), cfg)
+    assert_close({"logits": d.logits, "loss": d.loss}, {"logits": logits, "loss": loss}, "P=3")
+    assert_close(d.group("grads"), grads, "P=3 gradients", floor=GRAD_FLOOR)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Token shards of real text: this repository's docs and sources."""
+    millipede = os.environ["MILLIPEDE"]
+    d = tmp_path_factory.mktemp("corpus")
+    docs = d / "docs"
+    docs.mkdir()
+    for p in list((SOURCE_DIR / "docs").glob("*.md")) + list((SOURCE_DIR / "src").rglob("*.c")):
+        shutil.copy(p, docs / f"{p.parent.name}_{p.name}")
+    subprocess.run([millipede, "data", "prepare", "--out", d / "data", docs], check=True,
+                   capture_output=True)
+    return d / "data"
+
+
+def train_args(corpus, run_dir, steps=20):
+    sets = {"run.dir": run_dir, "data.train": corpus / "train.bin", "data.val": corpus / "val.bin",
+            "model.context": 32, "model.d_model": 32, "model.n_heads": 2, "model.n_layers": 2,
+            "model.ffn": "peer,peer", "peer.experts": 256, "peer.heads": 2, "peer.topk": 4,
+            "peer.key_dim": 16, "train.batch_size": 8, "train.steps": steps,
+            "train.warmup": 4, "train.eval_every": 10, "train.eval_batches": 2,
+            "train.log_every": 10}
+    args = [os.environ["MILLIPEDE"], "train", SOURCE_DIR / "configs" / "tiny.ini"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def metrics(run_dir):
+    lines = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+    return [x for x in lines if "loss" in x], [x for x in lines if "val_loss" in x]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    out = {}
+    for P in (1, 2, 3, 4):
+        run_dir = tmp_path_factory.mktemp(f"p{P}")
+        proc = mpirun(P, *train_args(corpus, run_dir))
+        assert proc.returncode == 0, f"P={P}: {proc.stderr[-3000:]}"
+        out[P] = run_dir
+    return out
+
+
+def final_params(run_dir):
+    d = Dump(run_dir / "model.h5")
+    return d.group("params")
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_losses_equal_on_any_rank_count(runs, P):
+    ref, ref_val = metrics(runs[1])
+    got, got_val = metrics(runs[P])
+    a = np.array([x["loss"] for x in got])
+    b = np.array([x["loss"] for x in ref])
+    assert a.shape == b.shape == (20,)
+    err = np.abs(a - b) / np.abs(b)
+    assert err.max() <= 1e-5, f"P={P}: step {err.argmax() + 1} loss {a[err.argmax()]} vs {b[err.argmax()]}"
+    va = np.array([x["val_loss"] for x in got_val])
+    vb = np.array([x["val_loss"] for x in ref_val])
+    assert np.all(np.abs(va - vb) / vb <= 1e-5)
+    assert b[-1] < b[0] - 0.3, "the run must actually train for the comparison to mean much"
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_final_parameters_equal_on_any_rank_count(runs, P):
+    ref = final_params(runs[1])
+    got = final_params(runs[P])
+    assert_close(got, ref, f"P={P} final parameters vs P=1", tol=1e-4)
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_exchange_metrics(runs, P):
+    steps, _ = metrics(runs[P])
+    for x in steps:
+        sel = x["selections_per_rank"]
+        assert len(sel) == P and x["ranks"] == P
+        # every selection is served by exactly one owner: tokens x layers x H x k
+        assert sum(sel) == 8 * 32 * 2 * 2 * 4
+        assert x["load_imbalance"] == pytest.approx(max(sel) / (sum(sel) / P), abs=1e-4)
+        assert x["exchange_bytes_sent"] == x["exchange_bytes_recv"] > 0
+    one, _ = metrics(runs[1])
+    assert all(x["exchange_bytes_sent"] == 0 for x in one)
+
+
+def test_memory_scales_with_rank_count(corpus, tmp_path):
+    """The expert rows and bytes each rank reports at start add up to N per table."""
+    for P in (1, 2, 4):
+        proc = mpirun(P, *train_args(corpus, tmp_path / f"m{P}", steps=1))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = [int(line.split()[4]) for line in proc.stdout.splitlines()
+                if line.startswith("memory experts rank")]
+        assert len(rows) == P
+        # two PEER layers, U and V each: 4 tables of N = 256 rows
+        assert sum(rows) == 4 * 256 and max(rows) <= 4 * 256 // P + 4 * 16
+
+
+def run_fail(P, args, timeout=120, env=None):
+    proc = mpirun(P, *args, timeout=timeout, env=env)
+    assert proc.returncode != 0
+    return proc.stderr
+
+
+def test_more_ranks_than_subkeys_is_refused(corpus, tmp_path):
+    args = train_args(corpus, tmp_path / "r") + ["--set", "peer.experts=16", "--set", "peer.topk=2"]
+    err = run_fail(5, args)
+    assert "millipede: error: 5 ranks" in err and "at most 4 ranks" in err
+
+
+def test_config_differing_between_ranks_is_refused(corpus, tmp_path):
+    a = train_args(corpus, tmp_path / "c")
+    full = ["mpirun", "--oversubscribe", "-np", "1", *map(str, a), "--set", "train.seed=1", ":",
+            "-np", "1", *map(str, a), "--set", "train.seed=2"]
+    proc = subprocess.run(full, capture_output=True, text=True, env=dict(os.environ, **MPI_ENV),
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1's resolved configuration differs from rank 0's" in proc.stderr
+
+
+def test_a_dying_rank_ends_the_job(corpus, tmp_path):
+    err = run_fail(3, train_args(corpus, tmp_path / "k"), timeout=60,
+                   env={"MILLIPEDE_FAULT_KILL": "1:3"})
+    assert "killing myself at step 3" in err
