@@ -80,6 +80,22 @@ static void write_tensors(hid_t f, mp_model *m, const char *dir, int grads, cons
     }
 }
 
+// The BN running statistics of every retrieval layer as /<dir>/h{l}.{kind}.bn.running_*.
+static void write_bn_state(hid_t f, mp_model *m, const char *dir) {
+    const mp_config *c = mp_model_config(m);
+    for (int l = 0; l < c->n_layers; l++) {
+        mp_retrieval_layer *r = mp_model_retrieval_layer(m, l);
+        if (!r || !r->rc->query_bn) continue;
+        const char *kind = r->kind == MP_FFN_PEER ? "peer" : "pkm";
+        long hd[1] = {r->rc->heads * r->rc->key_dim};
+        char p[96];
+        snprintf(p, sizeof p, "/%s/h%d.%s.bn.running_mean", dir, l, kind);
+        write_floats(f, p, r->running_mean, 1, hd);
+        snprintf(p, sizeof p, "/%s/h%d.%s.bn.running_var", dir, l, kind);
+        write_floats(f, p, r->running_var, 1, hd);
+    }
+}
+
 static void fill_normal(float *x, size_t n, uint64_t seed, uint64_t stream) {
     for (size_t i = 0; i < n; i++) x[i] = mp_normal(seed, stream, i);
 }
@@ -101,6 +117,10 @@ static int dump_model(mp_model *m, hid_t f, int steps, mp_comm *comm, int j0, in
     const int32_t *in = inputs + (size_t)j0 * T, *tg = targets + (size_t)j0 * T;
     float share = (float)Bl / (float)B;   // this rank's part of the global mean loss
     write_tensors(f, m, "params", 0, "");
+    // the training steps below start from the initial running statistics
+    size_t nbn = mp_model_bn_state_size(m);
+    float *bn0 = malloc((nbn + 1) * sizeof(float));
+    memcpy(bn0, mp_model_bn_state(m), nbn * sizeof(float));
     mp_model_zero_grad(m);
     double loss = mp_model_forward(m, in, tg, Bl, T, 1) * share;
     mp_model_backward(m, share);
@@ -110,6 +130,8 @@ static int dump_model(mp_model *m, hid_t f, int steps, mp_comm *comm, int j0, in
     write_floats(f, "/out/logits", mp_model_logits(m), 3, btv);
     write_floats(f, "/out/loss", &loss32, 0, NULL);
     write_tensors(f, m, "grads", 1, "");
+    memcpy(mp_model_bn_state(m), bn0, nbn * sizeof(float));
+    free(bn0);
     if (steps > 0) {
         mp_adamw opt;
         mp_adamw_init(&opt, m);
@@ -127,6 +149,7 @@ static int dump_model(mp_model *m, hid_t f, int steps, mp_comm *comm, int j0, in
         write_floats(f, "/train/losses", losses, 1, sh);
         write_floats(f, "/train/grad_norms", norms, 1, sh);
         write_tensors(f, m, "final", 0, "");
+        write_bn_state(f, m, "final_state");
         mp_adamw_free(&opt, m);
         free(losses);
         free(norms);
@@ -168,6 +191,14 @@ static int dump_layer(mp_model *m, hid_t f, int block, int N, int eval) {
     }
     mp_model_ffn_forward(m, block, y, x, N, !eval);
     mp_model_ffn_backward(m, block, dx, dy, x, N);
+    if (r && !eval && r->rc->query_bn) {   // the running statistics after one update
+        char p[96];
+        long hd[1] = {r->rc->heads * r->rc->key_dim};
+        snprintf(p, sizeof p, "/new_state/%s.bn.running_mean", prefix);
+        write_floats(f, p, r->running_mean, 1, hd);
+        snprintf(p, sizeof p, "/new_state/%s.bn.running_var", prefix);
+        write_floats(f, p, r->running_var, 1, hd);
+    }
     if (r) {
         long nhk[3] = {N, r->rc->heads, r->rc->topk};
         write_array(f, "/layer/selections", H5T_NATIVE_INT32, r->sel, 3, nhk);

@@ -71,6 +71,13 @@ void *mp_calloc_at(size_t n, size_t size, const char *file, int line) {
     return p;
 }
 
+void *mp_grow_at(void *p, size_t *cap, size_t bytes, const char *file, int line) {
+    if (p && bytes <= *cap) return p;
+    free(p);
+    *cap = bytes;
+    return mp_malloc_at(bytes, file, line);
+}
+
 double mp_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

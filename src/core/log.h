@@ -20,6 +20,10 @@ int mp_world(void);     // MPI world size, 1 before MPI_Init
 void *mp_malloc_at(size_t bytes, const char *file, int line);
 void *mp_calloc_at(size_t n, size_t size, const char *file, int line);
 #define mp_malloc(b) mp_malloc_at((b), __FILE__, __LINE__)
+// Scratch that grows: returns p when *cap >= bytes, else frees it and allocates bytes
+// (contents are not kept). Keeps per-step buffers allocated across steps.
+void *mp_grow_at(void *p, size_t *cap, size_t bytes, const char *file, int line);
+#define mp_grow(p, cap, b) mp_grow_at((p), (cap), (b), __FILE__, __LINE__)
 #define mp_calloc(n, s) mp_calloc_at((n), (s), __FILE__, __LINE__)
 
 double mp_now(void);    // monotonic seconds

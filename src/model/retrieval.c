@@ -10,13 +10,6 @@
 #include "core/log.h"
 #include "model/retrieval.h"
 
-static void *grow(void *p, size_t *cap, size_t bytes) {
-    if (bytes <= *cap) return p;
-    free(p);
-    *cap = bytes;
-    return mp_malloc(bytes);
-}
-
 // Counts in elements of `width` per token or record, with displacements.
 static void scaled(const int64_t *count, int P, int64_t width, int64_t *out_count, int64_t *out_displ) {
     int64_t o = 0;
@@ -70,8 +63,8 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
     }
 
     // payload: x rows of the sent tokens; records as (slot, row, gate bits)
-    e->x_send = grow(e->x_send, &e->cap_x_send, (size_t)p->n_tok * C * sizeof(float));
-    e->rec_send = grow(e->rec_send, &e->cap_rec_send, (size_t)p->n_rec * 3 * sizeof(int32_t));
+    e->x_send = mp_grow(e->x_send, &e->cap_x_send, (size_t)p->n_tok * C * sizeof(float));
+    e->rec_send = mp_grow(e->rec_send, &e->cap_rec_send, (size_t)p->n_rec * 3 * sizeof(int32_t));
     for (int64_t i = 0; i < p->n_tok; i++)
         memcpy(e->x_send + i * C, x + (size_t)p->tok_list[i] * C, C * sizeof(float));
     for (int64_t i = 0; i < p->n_rec; i++) {
@@ -80,9 +73,9 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
         memcpy(&e->rec_send[3 * i + 2], &l->gate[p->rec_sel[i]], sizeof(float));
     }
     int64_t sc[P], sd[P], rc[P], rd[P];
-    e->x_recv = grow(e->x_recv, &e->cap_x_recv, (size_t)e->M * C * sizeof(float));
-    e->y_recv = grow(e->y_recv, &e->cap_y_recv, (size_t)e->M * C * sizeof(float));
-    e->rec_recv = grow(e->rec_recv, &e->cap_rec_recv, (size_t)e->R * 3 * sizeof(int32_t));
+    e->x_recv = mp_grow(e->x_recv, &e->cap_x_recv, (size_t)e->M * C * sizeof(float));
+    e->y_recv = mp_grow(e->y_recv, &e->cap_y_recv, (size_t)e->M * C * sizeof(float));
+    e->rec_recv = mp_grow(e->rec_recv, &e->cap_rec_recv, (size_t)e->R * 3 * sizeof(int32_t));
     scaled(p->tok_count, P, C, sc, sd);
     scaled(e->recv_tok, P, C, rc, rd);
     exchange_f32(l->comm, e->x_send, sc, sd, e->x_recv, rc, rd);
@@ -92,12 +85,12 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
 
     // owner side: records arrive grouped by source rank, then by slot in increasing order
     size_t R = (size_t)e->R;
-    e->slot = grow(e->slot, &e->cap_slot, R * sizeof(int32_t));
-    e->row = grow(e->row, &e->cap_row, R * sizeof(int32_t));
-    e->gate = grow(e->gate, &e->cap_gate, R * sizeof(float));
-    e->pre = grow(e->pre, &e->cap_pre, R * sizeof(float));
-    e->dgate = grow(e->dgate, &e->cap_dgate, R * sizeof(float));
-    e->slot_start = grow(e->slot_start, &e->cap_slot_start, ((size_t)e->M + 1) * sizeof(int64_t));
+    e->slot = mp_grow(e->slot, &e->cap_slot, R * sizeof(int32_t));
+    e->row = mp_grow(e->row, &e->cap_row, R * sizeof(int32_t));
+    e->gate = mp_grow(e->gate, &e->cap_gate, R * sizeof(float));
+    e->pre = mp_grow(e->pre, &e->cap_pre, R * sizeof(float));
+    e->dgate = mp_grow(e->dgate, &e->cap_dgate, R * sizeof(float));
+    e->slot_start = mp_grow(e->slot_start, &e->cap_slot_start, ((size_t)e->M + 1) * sizeof(int64_t));
     int64_t i = 0, tok_base = 0;
     for (int r = 0; r < P; r++) {
         for (int64_t j = 0; j < e->recv_rec[r]; j++, i++) {
@@ -117,7 +110,7 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
                         e->pre, e->R);
 
     // partial outputs go back; each token sums them in rank order
-    e->y_back = grow(e->y_back, &e->cap_y_back, (size_t)p->n_tok * C * sizeof(float));
+    e->y_back = mp_grow(e->y_back, &e->cap_y_back, (size_t)p->n_tok * C * sizeof(float));
     scaled(e->recv_tok, P, C, sc, sd);
     scaled(p->tok_count, P, C, rc, rd);
     exchange_f32(l->comm, e->y_recv, sc, sd, e->y_back, rc, rd);
@@ -141,6 +134,7 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
                                   C * off_rank(e->recv_tok, P, me)) + 16.0 * (P - 1);
     e->stats.bytes_recv += 4.0 * (C * off_rank(e->recv_tok, P, me) + 3 * off_rank(e->recv_rec, P, me) +
                                   C * off_rank(p->tok_count, P, me)) + 16.0 * (P - 1);
+    e->stats.bytes_min += 4.0 * (4.0 * C * off_rank(p->tok_count, P, me) + 3.0 * off_rank(p->rec_count, P, me));
     e->stats.selections += (double)e->R;
     e->stats.seconds += mp_now() - t0;
     l->last_N = N;
@@ -161,7 +155,7 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
     scaled(p->tok_count, P, C, sc, sd);
     scaled(e->recv_tok, P, C, rc, rd);
     exchange_f32(l->comm, e->x_send, sc, sd, e->y_recv, rc, rd);   // y_recv now holds dy
-    e->dx_recv = grow(e->dx_recv, &e->cap_dx_recv, (size_t)e->M * C * sizeof(float));
+    e->dx_recv = mp_grow(e->dx_recv, &e->cap_dx_recv, (size_t)e->M * C * sizeof(float));
     be->experts_backward(l, e->dx_recv, e->dgate, e->y_recv, e->x_recv, e->M, e->slot_start,
                          e->slot, e->row, e->gate, e->pre, e->R);
 
@@ -169,7 +163,7 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
     scaled(e->recv_tok, P, C, sc, sd);
     scaled(p->tok_count, P, C, rc, rd);
     exchange_f32(l->comm, e->dx_recv, sc, sd, e->y_back, rc, rd);   // y_back now holds dx parts
-    e->dgate_back = grow(e->dgate_back, &e->cap_dgate_back, (size_t)p->n_rec * sizeof(float));
+    e->dgate_back = mp_grow(e->dgate_back, &e->cap_dgate_back, (size_t)p->n_rec * sizeof(float));
     scaled(e->recv_rec, P, 1, sc, sd);
     scaled(p->rec_count, P, 1, rc, rd);
     exchange_f32(l->comm, e->dgate, sc, sd, e->dgate_back, rc, rd);
@@ -203,6 +197,10 @@ void mp_retrieval_exchange_init(mp_retrieval_layer *l, mp_comm *comm) {
 }
 
 void mp_retrieval_exchange_free(mp_retrieval_layer *l) {
+    mp_retrieval_scratch *w = &l->scratch;
+    void *scratch[] = {w->s1, w->s2, w->start, w->fill, w->items, w->touched, w->dpre};
+    for (size_t i = 0; i < sizeof scratch / sizeof scratch[0]; i++) free(scratch[i]);
+    memset(w, 0, sizeof *w);
     mp_exchange *e = &l->ex;
     mp_route_plan_free(&e->plan);
     void *bufs[] = {e->i64, e->recv_tok, e->recv_rec, e->x_send, e->y_back, e->x_recv, e->y_recv,

@@ -9,6 +9,9 @@
 
 typedef struct {   // what the expert exchange measured since the last reset
     double bytes_sent, bytes_recv;   // to and from other ranks, all payloads
+    double bytes_min;                // the least any scheme moves for the same selections:
+                                     // x, y, dy, dx once per (token, remote owner) and a row
+                                     // index, gate and gate gradient per remote selection
     double selections;               // records this rank's experts served
     double seconds;                  // wall time in the exchange (routing included)
 } mp_exchange_stats;
@@ -27,6 +30,15 @@ typedef struct {
         cap_dgate, cap_dgate_back, cap_rec_send, cap_rec_recv, cap_slot, cap_row, cap_slot_start;
     mp_exchange_stats stats;
 } mp_exchange;
+
+// Scratch of the CPU retrieval ops, kept across steps (host memory, grown as needed).
+typedef struct {
+    float *s1, *s2;                  // (rows, n) sub-key scores of a chunk of queries
+    int64_t *start, *fill, *items;   // counting sort of records by expert row
+    int32_t *touched;
+    float *dpre;                     // (R) d(pre-activation) per record
+    size_t cap_s1, cap_s2, cap_start, cap_fill, cap_items, cap_touched, cap_dpre;
+} mp_retrieval_scratch;
 
 struct mp_retrieval_layer {
     mp_ffn_kind kind;                 // MP_FFN_PEER or MP_FFN_PKM
@@ -61,6 +73,7 @@ struct mp_retrieval_layer {
 
     mp_comm *comm;                    // NULL: a single process
     mp_exchange ex;
+    mp_retrieval_scratch scratch;
 };
 
 // The layer across ranks: route, exchange, experts, exchange back (src/model/retrieval.c).

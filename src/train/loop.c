@@ -80,6 +80,7 @@ static mp_exchange_stats take_exchange_stats(mp_model *m) {
         mp_exchange_stats *s = mp_model_exchange_stats(m, i);
         total.bytes_sent += s->bytes_sent;
         total.bytes_recv += s->bytes_recv;
+        total.bytes_min += s->bytes_min;
         total.selections += s->selections;
         total.seconds += s->seconds;
         memset(s, 0, sizeof *s);
@@ -166,12 +167,13 @@ int mp_train_run(const mp_config *cfg, const mp_backend *be) {
         float norm = mp_adamw_step(&opt, m, step);
         // the step's global numbers: loss, exchange traffic and balance over ranks
         mp_exchange_stats ex = take_exchange_stats(m);
-        double *g = mp_calloc(2 * (size_t)P + 4, sizeof(double));
+        double *g = mp_calloc(2 * (size_t)P + 4, sizeof(double));   // (P) selections, (P) seconds, 4 totals
         g[rank] = ex.selections;
         g[P + rank] = ex.seconds;
         g[2 * P] = loss;
         g[2 * P + 1] = ex.bytes_sent;
         g[2 * P + 2] = ex.bytes_recv;
+        g[2 * P + 3] = ex.bytes_min;
         comm->allreduce_f64(comm, g, 2 * (size_t)P + 4);
         double sel_max = 0, sel_sum = 0, ex_max = 0;
         for (int r = 0; r < P; r++) {
@@ -189,8 +191,9 @@ int mp_train_run(const mp_config *cfg, const mp_backend *be) {
                     ms, tok_s, P);
             if (mp_model_n_retrieval(m) > 0)
                 fprintf(metrics, ", \"exchange_bytes_sent\": %.0f, \"exchange_bytes_recv\": %.0f, "
-                        "\"exchange_ms\": %.2f, \"selections_per_rank\": [", g[2 * P + 1],
-                        g[2 * P + 2], ex_max * 1e3);
+                        "\"exchange_bytes_min\": %.0f, \"exchange_ms\": %.2f, "
+                        "\"selections_per_rank\": [", g[2 * P + 1], g[2 * P + 2], g[2 * P + 3],
+                        ex_max * 1e3);
             for (int r = 0; r < P && mp_model_n_retrieval(m) > 0; r++)
                 fprintf(metrics, "%s%.0f", r ? ", " : "", g[r]);
             if (mp_model_n_retrieval(m) > 0)

@@ -155,8 +155,9 @@ static void retrieve(mp_retrieval_layer *l, int N) {
     long chunk = SCORE_CHUNK_ELEMS / n;
     if (chunk < 1) chunk = 1;
     if (chunk > rows_total) chunk = rows_total;
-    float *s1 = mp_malloc((size_t)chunk * n * sizeof(float));   // (chunk, n)
-    float *s2 = mp_malloc((size_t)chunk * n * sizeof(float));   // (chunk, n)
+    mp_retrieval_scratch *w = &l->scratch;
+    float *s1 = w->s1 = mp_grow(w->s1, &w->cap_s1, (size_t)chunk * n * sizeof(float));   // (chunk, n)
+    float *s2 = w->s2 = mp_grow(w->s2, &w->cap_s2, (size_t)chunk * n * sizeof(float));   // (chunk, n)
     for (long r0 = 0; r0 < rows_total; r0 += chunk) {
         long rc_ = rows_total - r0 < chunk ? rows_total - r0 : chunk;
         // qn viewed as (N*H, dk): the first half of each row against K1, the second against K2
@@ -181,8 +182,6 @@ static void retrieve(mp_retrieval_layer *l, int N) {
             }
         }
     }
-    free(s1);
-    free(s2);
 }
 
 void mp_cpu_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train) {
@@ -219,44 +218,54 @@ void mp_cpu_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int
     }
 }
 
-// dU and dV, one expert row at a time: records are bucketed by row with a counting sort
-// (stable, so each row sums its records in arrival order).
+static int cmp_i32(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+// dU and dV, one expert row at a time: records are bucketed by row (a stable counting
+// sort over the touched rows), so each row sums its records in arrival order.
 static void expert_grads(mp_retrieval_layer *l, const float *dy, const float *x,
                          const int32_t *slot, const int32_t *row, const float *gate,
                          const float *pre, const float *dpre, int64_t R) {
     int C = l->C, peer = l->kind == MP_FFN_PEER;
     mp_activation act = l->rc->activation;
-    int64_t *start = mp_calloc((size_t)l->rows + 1, sizeof(int64_t));   // (rows+1)
-    int64_t *items = mp_malloc((size_t)(R ? R : 1) * sizeof(int64_t));   // (R)
-    int32_t *touched = mp_malloc((size_t)(R ? R : 1) * sizeof(int32_t));
-    for (int64_t i = 0; i < R; i++) start[row[i] + 1]++;
+    mp_retrieval_scratch *w = &l->scratch;
+    size_t nr = (size_t)(R ? R : 1);
+    int64_t *cnt = w->start = mp_grow(w->start, &w->cap_start, (size_t)l->rows * sizeof(int64_t));  // (rows)
+    int64_t *begin = w->fill = mp_grow(w->fill, &w->cap_fill, (nr + 1) * sizeof(int64_t));  // (touched+1)
+    int64_t *items = w->items = mp_grow(w->items, &w->cap_items, nr * sizeof(int64_t));     // (R)
+    int32_t *touched = w->touched = mp_grow(w->touched, &w->cap_touched, nr * sizeof(int32_t));
+    // only the rows this batch touches are visited, so the cost is O(R log R), not O(rows)
+    for (int64_t i = 0; i < R; i++) cnt[row[i]] = 0;
     long n_touched = 0;
-    for (long r = 0; r < l->rows; r++) {
-        if (start[r + 1] > 0) touched[n_touched++] = (int32_t)r;
-        start[r + 1] += start[r];
+    for (int64_t i = 0; i < R; i++)
+        if (cnt[row[i]]++ == 0) touched[n_touched++] = row[i];
+    qsort(touched, (size_t)n_touched, sizeof(int32_t), cmp_i32);
+    int64_t acc = 0;
+    for (long k = 0; k < n_touched; k++) {   // cnt[r] becomes the fill position of row r
+        int64_t c = cnt[touched[k]];
+        begin[k] = acc;
+        cnt[touched[k]] = acc;
+        acc += c;
     }
-    int64_t *fill = mp_malloc((size_t)l->rows * sizeof(int64_t));
-    memcpy(fill, start, (size_t)l->rows * sizeof(int64_t));
-    for (int64_t i = 0; i < R; i++) items[fill[row[i]]++] = i;
-    free(fill);
+    begin[n_touched] = acc;
+    for (int64_t i = 0; i < R; i++) items[cnt[row[i]]++] = i;
 #pragma omp parallel for schedule(dynamic, 16)
     for (long k = 0; k < n_touched; k++) {
         long r = touched[k];
         float *dv = l->dv + r * C;
         float *du = peer ? l->du + r * C : NULL;
-        for (int64_t p = start[r]; p < start[r + 1]; p++) {
+        for (int64_t p = begin[k]; p < begin[k + 1]; p++) {
             int64_t i = items[p], m = slot[i];
-            float w = gate[i];
+            float g = gate[i];
             if (peer) {
-                w *= act_fwd(act, pre[i]);
+                g *= act_fwd(act, pre[i]);
                 axpy(du, dpre[i], x + m * C, C);
             }
-            axpy(dv, w, dy + m * C, C);
+            axpy(dv, g, dy + m * C, C);
         }
     }
-    free(start);
-    free(items);
-    free(touched);
 }
 
 void mp_cpu_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
@@ -265,7 +274,8 @@ void mp_cpu_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, con
                              const float *pre, int64_t R) {
     int C = l->C, peer = l->kind == MP_FFN_PEER;
     mp_activation act = l->rc->activation;
-    float *dpre = peer ? mp_malloc((size_t)(R ? R : 1) * sizeof(float)) : NULL;   // (R)
+    mp_retrieval_scratch *w = &l->scratch;
+    float *dpre = w->dpre = mp_grow(w->dpre, &w->cap_dpre, (size_t)(R ? R : 1) * sizeof(float));   // (R)
 #pragma omp parallel for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *dym = dy + m * C;
@@ -285,7 +295,6 @@ void mp_cpu_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, con
         }
     }
     expert_grads(l, dy, x, slot, row, gate, pre, dpre, R);
-    free(dpre);
 }
 
 // Query BatchNorm backward: l->dq holds d(qn) on entry and d(q) on exit. In training the
