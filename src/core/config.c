@@ -5,6 +5,7 @@
 // a number, a boolean, one of a few words); every range and every rule that involves two keys
 // lives in mp_config_validate, which runs once after the file and the overrides are applied,
 // so the order of keys in the file never matters.
+#include "core/log.h"
 #include "millipede/config.h"
 
 #include <ctype.h>
@@ -103,16 +104,6 @@ static const char *ACT_NAMES[] = {"gelu", "relu"};
 // ----------------------------------------------------------------------------------------
 // small helpers
 
-static int fail(char *err, size_t err_len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t err_len, const char *fmt, ...) {
-    if (err && err_len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_len, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 // Copies src into a fixed char array, zero-filling the rest so that equal configurations are
 // equal byte for byte (the round-trip test compares them with memcmp).
@@ -165,7 +156,7 @@ static int known_section(const char *section) {
 // "unknown key 'train.stpes' (did you mean 'train.steps'?)"
 static int unknown_key(const char *section, const char *name, char *err, size_t err_len) {
     if (!*section)
-        return fail(err, err_len, "key '%s' is outside any [section]", name);
+        return mp_errf(err, err_len, "key '%s' is outside any [section]", name);
     char full[160], best[160] = "";
     snprintf(full, sizeof full, "%s.%s", section, name);
     int best_d = 3;   // suggest only close misspellings
@@ -177,14 +168,14 @@ static int unknown_key(const char *section, const char *name, char *err, size_t 
     }
     for (int i = 0; i < N_KEYS; i++)   // e.g. pkm.activation: only [peer] has that key
         if (!strcmp(KEYS[i].name, name) && known_section(section))
-            return fail(err, err_len, "unknown key '%s' (only [%s] has '%s')", full, KEYS[i].section,
+            return mp_errf(err, err_len, "unknown key '%s' (only [%s] has '%s')", full, KEYS[i].section,
                         name);
     if (known_section(section))
-        return *best ? fail(err, err_len, "unknown key '%s' (did you mean '%s'?)", full, best)
-                     : fail(err, err_len, "unknown key '%s'", full);
-    return *best ? fail(err, err_len, "unknown section '[%s]' in key '%s' (did you mean '%s'?)",
+        return *best ? mp_errf(err, err_len, "unknown key '%s' (did you mean '%s'?)", full, best)
+                     : mp_errf(err, err_len, "unknown key '%s'", full);
+    return *best ? mp_errf(err, err_len, "unknown section '[%s]' in key '%s' (did you mean '%s'?)",
                         section, full, best)
-                 : fail(err, err_len, "unknown section '[%s]' (key '%s')", section, full);
+                 : mp_errf(err, err_len, "unknown section '[%s]' (key '%s')", section, full);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -223,12 +214,12 @@ static int parse_ffn(const char *s, mp_ffn_kind *ffn, const char *full, char *er
         for (int k = 0; k < 3; k++)
             if (len == strlen(FFN_NAMES[k]) && !strncasecmp(p, FFN_NAMES[k], len)) kind = k;
         if (kind < 0)
-            return fail(err, err_len,
+            return mp_errf(err, err_len,
                         "key '%s': expected dense, peer or pkm (one kind for every layer, or a "
                         "comma-separated list of model.n_layers kinds), got '%.*s'",
                         full, (int)(len > 40 ? 40 : len), p);
         if (m == MP_MAX_LAYERS)
-            return fail(err, err_len, "key '%s': more than %d layers listed", full, MP_MAX_LAYERS);
+            return mp_errf(err, err_len, "key '%s': more than %d layers listed", full, MP_MAX_LAYERS);
         kinds[m++] = (mp_ffn_kind)kind;
         if (!comma) break;
         p = comma + 1;
@@ -251,9 +242,9 @@ static int set_value(mp_config *cfg, const key_spec *k, const char *value, char 
     case K_LONG: {
         long v;
         int r = parse_long(value, &v);
-        if (r == 0) return fail(err, err_len, "key '%s': expected an integer, got '%.*s'", full, vq, value);
+        if (r == 0) return mp_errf(err, err_len, "key '%s': expected an integer, got '%.*s'", full, vq, value);
         if (r < 0 || (k->type == K_INT && (v < INT_MIN || v > INT_MAX)))
-            return fail(err, err_len, "key '%s': %.*s is out of range", full, vq, value);
+            return mp_errf(err, err_len, "key '%s': %.*s is out of range", full, vq, value);
         if (k->type == K_INT) *(int *)field = (int)v;
         else *(long *)field = v;
         if (k->offset == OFF(peer.n_experts) || k->offset == OFF(pkm.n_experts)) {
@@ -270,9 +261,9 @@ static int set_value(mp_config *cfg, const key_spec *k, const char *value, char 
         unsigned long long v = 0;
         if (isdigit((unsigned char)value[0])) v = strtoull(value, &end, 10);
         if (!isdigit((unsigned char)value[0]) || *end)
-            return fail(err, err_len, "key '%s': expected a non-negative integer, got '%.*s'",
+            return mp_errf(err, err_len, "key '%s': expected a non-negative integer, got '%.*s'",
                         full, vq, value);
-        if (errno == ERANGE) return fail(err, err_len, "key '%s': %.*s is out of range", full, vq, value);
+        if (errno == ERANGE) return mp_errf(err, err_len, "key '%s': %.*s is out of range", full, vq, value);
         *(uint64_t *)field = (uint64_t)v;
         return 0;
     }
@@ -283,16 +274,16 @@ static int set_value(mp_config *cfg, const key_spec *k, const char *value, char 
         float v = 0.0f;
         if (*value && !isspace((unsigned char)*value)) v = strtof(value, &end);
         if (end == value || *end)
-            return fail(err, err_len, "key '%s': expected a number, got '%.*s'", full, vq, value);
+            return mp_errf(err, err_len, "key '%s': expected a number, got '%.*s'", full, vq, value);
         if (!isfinite(v))
-            return fail(err, err_len, "key '%s': expected a finite number, got '%.*s'", full, vq, value);
+            return mp_errf(err, err_len, "key '%s': expected a finite number, got '%.*s'", full, vq, value);
         *(float *)field = v;
         return 0;
     }
     case K_BOOL: {
         int v;
         if (!parse_bool(value, &v))
-            return fail(err, err_len,
+            return mp_errf(err, err_len,
                         "key '%s': expected true or false (or 1/0, yes/no, on/off), got '%.*s'",
                         full, vq, value);
         *(int *)field = v;
@@ -303,10 +294,10 @@ static int set_value(mp_config *cfg, const key_spec *k, const char *value, char 
         size_t len = strlen(value);
         if (len >= 2 && value[0] == '"' && value[len - 1] == '"') value++, len -= 2;
         if (len >= k->size)
-            return fail(err, err_len, "key '%s': longer than %zu characters", full, k->size - 1);
+            return mp_errf(err, err_len, "key '%s': longer than %zu characters", full, k->size - 1);
         for (size_t i = 0; i < len; i++)
             if (iscntrl((unsigned char)value[i]))
-                return fail(err, err_len, "key '%s': contains a control character", full);
+                return mp_errf(err, err_len, "key '%s': contains a control character", full);
         memset(field, 0, k->size);
         memcpy(field, value, len);
         return 0;
@@ -316,9 +307,9 @@ static int set_value(mp_config *cfg, const key_spec *k, const char *value, char 
     case K_ACT:
         for (int a = 0; a < 2; a++)
             if (!strcasecmp(value, ACT_NAMES[a])) return *(mp_activation *)field = (mp_activation)a, 0;
-        return fail(err, err_len, "key '%s': expected gelu or relu, got '%.*s'", full, vq, value);
+        return mp_errf(err, err_len, "key '%s': expected gelu or relu, got '%.*s'", full, vq, value);
     }
-    return fail(err, err_len, "key '%s': internal error (unknown type)", full);
+    return mp_errf(err, err_len, "key '%s': internal error (unknown type)", full);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -386,7 +377,7 @@ int mp_config_set(mp_config *cfg, const char *section, const char *key, const ch
 
 #define CHECK(cond, ...)                                     \
     do {                                                     \
-        if (!(cond)) return fail(err, err_len, __VA_ARGS__); \
+        if (!(cond)) return mp_errf(err, err_len, __VA_ARGS__); \
     } while (0)
 
 static int validate_retrieval(const mp_retrieval_config *r, const char *s, char *err, size_t err_len) {
@@ -539,7 +530,7 @@ static int on_pair(void *user, const char *section, const char *name, const char
     if (!k) {
         rc = unknown_key(section, name, ctx->msg, sizeof ctx->msg);
     } else if (ctx->seen[k - KEYS]) {
-        rc = fail(ctx->msg, sizeof ctx->msg, "key '%s.%s' is given twice", section, name);
+        rc = mp_errf(ctx->msg, sizeof ctx->msg, "key '%s.%s' is given twice", section, name);
     } else {
         ctx->seen[k - KEYS] = 1;
         rc = set_value(ctx->cfg, k, value, ctx->msg, sizeof ctx->msg);
@@ -570,27 +561,27 @@ static int prepare_text(const char *text, char *out, parse_ctx *ctx, int *bad_li
             // blank or comment: nothing for inih
         } else if (*s == '[') {
             const char *close = memchr(s, ']', len);
-            if (!close) return fail(err, err_len, "expected ']' to close the section name");
+            if (!close) return mp_errf(err, err_len, "expected ']' to close the section name");
             const char *rest = close + 1;
             while (rest < e && is_blank(*rest)) rest++;
             if (rest < e && *rest != ';' && *rest != '#')
-                return fail(err, err_len, "unexpected text after ']'");
-            if ((size_t)(close + 1 - s) > LINE_LIMIT) return fail(err, err_len, "section name too long");
+                return mp_errf(err, err_len, "unexpected text after ']'");
+            if ((size_t)(close + 1 - s) > LINE_LIMIT) return mp_errf(err, err_len, "section name too long");
             memcpy(o, s, (size_t)(close + 1 - s));
             o += close + 1 - s;
         } else {
             const char *eq = s;
             while (eq < e && *eq != '=' && *eq != ':') eq++;
-            if (eq == e) return fail(err, err_len, "expected 'key = value' or '[section]', got '%.*s'",
+            if (eq == e) return mp_errf(err, err_len, "expected 'key = value' or '[section]', got '%.*s'",
                                      (int)(len > 40 ? 40 : len), s);
             const char *kend = eq;
             while (kend > s && is_blank(kend[-1])) kend--;
-            if (kend == s) return fail(err, err_len, "missing key name before '%c'", *eq);
+            if (kend == s) return mp_errf(err, err_len, "missing key name before '%c'", *eq);
             if (len <= LINE_LIMIT) {
                 memcpy(o, s, len);
                 o += len;
             } else {
-                if ((size_t)(kend - s) > 64) return fail(err, err_len, "key name too long");
+                if ((size_t)(kend - s) > 64) return mp_errf(err, err_len, "key name too long");
                 const char *v = eq + 1, *vend = e;
                 while (v < vend && is_blank(*v)) v++;
                 for (const char *q = v + 1; q < vend; q++)   // inline comment: " ;"
@@ -601,7 +592,7 @@ static int prepare_text(const char *text, char *out, parse_ctx *ctx, int *bad_li
                 if (!grown || !copy) {
                     if (grown) ctx->long_values = grown;
                     free(copy);
-                    return fail(err, err_len, "out of memory");
+                    return mp_errf(err, err_len, "out of memory");
                 }
                 ctx->long_values = grown;
                 memcpy(copy, v, (size_t)(vend - v));
@@ -626,19 +617,19 @@ static int parse_text(mp_config *cfg, const char *text, const char *origin, char
     if (!ctx || !prepared) {
         free(ctx);
         free(prepared);
-        return fail(err, err_len, "%s: out of memory", origin);
+        return mp_errf(err, err_len, "%s: out of memory", origin);
     }
     ctx->cfg = cfg;
     int rc = 0, bad_line = 0;
     char why[600];
     if (prepare_text(text, prepared, ctx, &bad_line, why, sizeof why) < 0) {
-        rc = fail(err, err_len, "%s:%d: %s", origin, bad_line, why);
+        rc = mp_errf(err, err_len, "%s:%d: %s", origin, bad_line, why);
     } else {
         int line = ini_parse_string(prepared, on_pair, ctx);
         if (line != 0 && ctx->failed)
-            rc = fail(err, err_len, "%s:%d: %s", origin, line, ctx->msg);
+            rc = mp_errf(err, err_len, "%s:%d: %s", origin, line, ctx->msg);
         else if (line != 0)   // inih found something the preparation let through
-            rc = fail(err, err_len, "%s:%d: cannot parse this line", origin, line);
+            rc = mp_errf(err, err_len, "%s:%d: cannot parse this line", origin, line);
     }
     for (int i = 0; i < ctx->n_long; i++) free(ctx->long_values[i]);
     free(ctx->long_values);
@@ -651,7 +642,7 @@ static int parse_text(mp_config *cfg, const char *text, const char *origin, char
 static char *read_text_file(const char *path, char *err, size_t err_len) {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        fail(err, err_len, "%s: cannot open the config file: %s", path, strerror(errno));
+        mp_errf(err, err_len, "%s: cannot open the config file: %s", path, strerror(errno));
         return NULL;
     }
     char *buf = malloc(MAX_FILE_BYTES + 1);
@@ -659,13 +650,13 @@ static char *read_text_file(const char *path, char *err, size_t err_len) {
     int read_error = ferror(f), saved = errno;
     fclose(f);
     if (!buf) {
-        fail(err, err_len, "%s: out of memory", path);
+        mp_errf(err, err_len, "%s: out of memory", path);
     } else if (read_error) {
-        fail(err, err_len, "%s: cannot read the config file: %s", path, strerror(saved));
+        mp_errf(err, err_len, "%s: cannot read the config file: %s", path, strerror(saved));
     } else if (n > MAX_FILE_BYTES) {
-        fail(err, err_len, "%s: larger than %d bytes, not a config file", path, MAX_FILE_BYTES);
+        mp_errf(err, err_len, "%s: larger than %d bytes, not a config file", path, MAX_FILE_BYTES);
     } else if (memchr(buf, '\0', n)) {
-        fail(err, err_len, "%s: contains a NUL byte, not a text config file", path);
+        mp_errf(err, err_len, "%s: contains a NUL byte, not a text config file", path);
     } else {
         buf[n] = '\0';
         return buf;
@@ -687,7 +678,7 @@ static int apply_override(mp_config *cfg, const char *ov, char *err, size_t err_
         while (ke > k && isspace((unsigned char)ke[-1])) ke--;
     }
     if (!eq || !dot || se == s || ke == k || se - s >= (long)sizeof sec || ke - k >= (long)sizeof key)
-        return fail(err, err_len, "--set '%.200s': expected section.key=value", ov);
+        return mp_errf(err, err_len, "--set '%.200s': expected section.key=value", ov);
     memcpy(sec, s, (size_t)(se - s));
     sec[se - s] = '\0';
     memcpy(key, k, (size_t)(ke - k));
@@ -696,13 +687,13 @@ static int apply_override(mp_config *cfg, const char *ov, char *err, size_t err_
     while (v < ve && isspace((unsigned char)*v)) v++;
     while (ve > v && isspace((unsigned char)ve[-1])) ve--;
     char *value = malloc((size_t)(ve - v) + 1);
-    if (!value) return fail(err, err_len, "--set: out of memory");
+    if (!value) return mp_errf(err, err_len, "--set: out of memory");
     memcpy(value, v, (size_t)(ve - v));
     value[ve - v] = '\0';
     char msg[1200];
     int rc = mp_config_set(cfg, sec, key, value, msg, sizeof msg);
     free(value);
-    if (rc < 0) return fail(err, err_len, "--set: %s", msg);
+    if (rc < 0) return mp_errf(err, err_len, "--set: %s", msg);
     return 0;
 }
 
@@ -721,7 +712,7 @@ int mp_config_load(mp_config *cfg, const char *path, char **overrides, int n_ove
         if (apply_override(cfg, overrides[i], err, err_len) < 0) return -1;
     char msg[1200];
     if (mp_config_validate(cfg, msg, sizeof msg) < 0)
-        return fail(err, err_len, "%s%s: %s", origin, path && n_over ? " (with --set)" : "", msg);
+        return mp_errf(err, err_len, "%s%s: %s", origin, path && n_over ? " (with --set)" : "", msg);
     resolve(cfg);
     return 0;
 }

@@ -49,6 +49,16 @@ void mp_input_error(const char *fmt, ...) {
     exit(2);
 }
 
+int mp_errf(char *err, size_t err_len, const char *fmt, ...) {
+    if (err && err_len) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, err_len, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
 void mp_log(const char *fmt, ...) {
     if (mp_rank() != 0) return;
     va_list ap;

@@ -11,6 +11,9 @@ void mp_fatal_at(const char *file, int line, const char *fmt, ...)
 // A one-line user-facing error (bad input), no file:line; exits with status 2 on every
 // rank that calls it (all ranks see the same input, so all of them call it).
 void mp_input_error(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+// Writes a one-line message into err (when err is not NULL) and returns -1: the way
+// functions that report bad input to their caller fail.
+int mp_errf(char *err, size_t err_len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 // Rank-0 info line on stdout.
 void mp_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -1,6 +1,7 @@
 // Token shards: a 32-byte little-endian header followed by u16 tokens (docs/data.md).
 // A shard is read whole into memory and validated before anyone trusts it, so a bad
 // file is reported once, by name, instead of producing garbage batches later.
+#include "core/log.h"
 #include "millipede/data.h"
 #include <errno.h>
 #include <fcntl.h>
@@ -15,15 +16,6 @@
 
 #define MP_SHARD_MAX_VOCAB 65536u   // tokens are u16
 
-static int fail(char *err, size_t err_len, const char *fmt, ...) {
-    if (err && err_len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_len, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 // The format is little-endian on disk whatever the host is.
 static uint32_t get_u32(const unsigned char *p) {
@@ -57,28 +49,28 @@ int mp_shard_open(mp_shard *s, const char *path, uint32_t expect_vocab, char *er
     snprintf(s->path, sizeof s->path, "%s", path);
 
     FILE *f = fopen(path, "rb");
-    if (!f) return fail(err, err_len, "%s: cannot open token shard: %s", path, strerror(errno));
+    if (!f) return mp_errf(err, err_len, "%s: cannot open token shard: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fileno(f), &st) != 0) {
         int e = errno;
         fclose(f);
-        return fail(err, err_len, "%s: cannot stat token shard: %s", path, strerror(e));
+        return mp_errf(err, err_len, "%s: cannot stat token shard: %s", path, strerror(e));
     }
     if (!S_ISREG(st.st_mode)) {
         fclose(f);
-        return fail(err, err_len, "%s: not a regular file (expected a token shard)", path);
+        return mp_errf(err, err_len, "%s: not a regular file (expected a token shard)", path);
     }
     uint64_t file_bytes = (uint64_t)st.st_size;
     if (file_bytes < MP_SHARD_HEADER_BYTES) {
         fclose(f);
-        return fail(err, err_len, "%s: too short for a token shard: %" PRIu64
+        return mp_errf(err, err_len, "%s: too short for a token shard: %" PRIu64
                     " bytes, the header alone is %d bytes", path, file_bytes, MP_SHARD_HEADER_BYTES);
     }
 
     unsigned char h[MP_SHARD_HEADER_BYTES];
     if (fread(h, 1, sizeof h, f) != sizeof h) {
         fclose(f);
-        return fail(err, err_len, "%s: cannot read the shard header", path);
+        return mp_errf(err, err_len, "%s: cannot read the shard header", path);
     }
     uint32_t version = get_u32(h + 8), vocab = get_u32(h + 12), bpt = get_u32(h + 24);
     uint64_t n = get_u64(h + 16);
@@ -104,7 +96,7 @@ int mp_shard_open(mp_shard *s, const char *path, uint32_t expect_vocab, char *er
     }
     if (bad) {
         fclose(f);
-        return fail(err, err_len, "%s: %s", path, bad);
+        return mp_errf(err, err_len, "%s: %s", path, bad);
     }
 
     // Compare sizes without overflow: a corrupt n_tokens can be anything up to 2^64-1.
@@ -113,30 +105,30 @@ int mp_shard_open(mp_shard *s, const char *path, uint32_t expect_vocab, char *er
         int truncated = n > payload / 2;
         fclose(f);
         if (n > (UINT64_MAX - MP_SHARD_HEADER_BYTES) / 2)
-            return fail(err, err_len, "%s: truncated: header says %" PRIu64
+            return mp_errf(err, err_len, "%s: truncated: header says %" PRIu64
                         " tokens (more than any file can hold), file has %" PRIu64 " bytes",
                         path, n, file_bytes);
-        return fail(err, err_len, "%s: %s: header says %" PRIu64 " tokens (%" PRIu64
+        return mp_errf(err, err_len, "%s: %s: header says %" PRIu64 " tokens (%" PRIu64
                     " bytes), file has %" PRIu64 " bytes", path,
                     truncated ? "truncated" : "trailing bytes", n,
                     MP_SHARD_HEADER_BYTES + 2 * n, file_bytes);
     }
     if (n > SIZE_MAX / sizeof(uint16_t)) {
         fclose(f);
-        return fail(err, err_len, "%s: %" PRIu64 " tokens do not fit in memory", path, n);
+        return mp_errf(err, err_len, "%s: %" PRIu64 " tokens do not fit in memory", path, n);
     }
 
     uint16_t *tok = malloc(n ? (size_t)n * sizeof(uint16_t) : 1);
     if (!tok) {
         fclose(f);
-        return fail(err, err_len, "%s: out of memory reading %" PRIu64 " tokens", path, n);
+        return mp_errf(err, err_len, "%s: out of memory reading %" PRIu64 " tokens", path, n);
     }
     size_t got = fread(tok, sizeof(uint16_t), (size_t)n, f);
     int read_err = ferror(f);
     fclose(f);
     if (got != n) {
         free(tok);
-        return fail(err, err_len, "%s: read failed after %zu of %" PRIu64 " tokens%s", path, got,
+        return mp_errf(err, err_len, "%s: read failed after %zu of %" PRIu64 " tokens%s", path, got,
                     n, read_err ? " (I/O error)" : " (file changed while reading?)");
     }
     if (!host_is_little_endian())
@@ -145,7 +137,7 @@ int mp_shard_open(mp_shard *s, const char *path, uint32_t expect_vocab, char *er
         if (tok[i] >= vocab) {
             uint16_t t = tok[i];
             free(tok);
-            return fail(err, err_len, "%s: token %u at index %" PRIu64 " is >= vocab_size %" PRIu32,
+            return mp_errf(err, err_len, "%s: token %u at index %" PRIu64 " is >= vocab_size %" PRIu32,
                         path, (unsigned)t, i, vocab);
         }
     }
@@ -169,19 +161,19 @@ static void sync_parent_dir(const char *path) {
 int mp_shard_write(const char *path, uint32_t vocab_size, const uint16_t *tokens, uint64_t n,
                    char *err, size_t err_len) {
     if (vocab_size == 0 || vocab_size > MP_SHARD_MAX_VOCAB)
-        return fail(err, err_len, "%s: cannot write a shard with vocab_size %" PRIu32
+        return mp_errf(err, err_len, "%s: cannot write a shard with vocab_size %" PRIu32
                     " (expected 1..%u)", path, vocab_size, MP_SHARD_MAX_VOCAB);
     // Refuse to write what mp_shard_open would reject.
     for (uint64_t i = 0; i < n; i++)
         if (tokens[i] >= vocab_size)
-            return fail(err, err_len, "%s: token %u at index %" PRIu64 " is >= vocab_size %" PRIu32,
+            return mp_errf(err, err_len, "%s: token %u at index %" PRIu64 " is >= vocab_size %" PRIu32,
                         path, (unsigned)tokens[i], i, vocab_size);
 
     char tmp[1100];
     if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp)
-        return fail(err, err_len, "%s: path too long", path);
+        return mp_errf(err, err_len, "%s: path too long", path);
     FILE *f = fopen(tmp, "wb");
-    if (!f) return fail(err, err_len, "%s: cannot create: %s", tmp, strerror(errno));
+    if (!f) return mp_errf(err, err_len, "%s: cannot create: %s", tmp, strerror(errno));
 
     unsigned char h[MP_SHARD_HEADER_BYTES] = {0};
     memcpy(h, MP_SHARD_MAGIC, 8);
@@ -208,12 +200,12 @@ int mp_shard_write(const char *path, uint32_t vocab_size, const uint16_t *tokens
     if (fclose(f) != 0 && ok) ok = 0, e = errno;
     if (!ok) {
         remove(tmp);
-        return fail(err, err_len, "%s: write failed: %s", tmp, strerror(e));
+        return mp_errf(err, err_len, "%s: write failed: %s", tmp, strerror(e));
     }
     if (rename(tmp, path) != 0) {
         e = errno;
         remove(tmp);
-        return fail(err, err_len, "%s: cannot rename %s into place: %s", path, tmp, strerror(e));
+        return mp_errf(err, err_len, "%s: cannot rename %s into place: %s", path, tmp, strerror(e));
     }
     sync_parent_dir(path);
     return 0;
