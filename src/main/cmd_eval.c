@@ -1,4 +1,4 @@
-// `millipede eval CONFIG.ini --model FILE [--batches N] [--set section.key=value]...`
+// `millipede eval CONFIG.ini --model PATH [--batches N] [--set section.key=value]...`
 // Validation loss, bits per token/byte and expert usage of a model file, as one JSON line
 // on stdout (fields in docs/outputs.md). Everything else goes to stderr.
 #include <errno.h>
@@ -14,21 +14,23 @@
 #include "millipede/config.h"
 #include "millipede/data.h"
 #include "millipede/model.h"
+#include "millipede/checkpoint.h"
 #include "millipede/model_file.h"
 #include "millipede/train.h"
 
 static const char *eval_usage =
-    "usage: millipede eval CONFIG.ini --model FILE [--batches N] [--set section.key=value]...\n"
+    "usage: millipede eval CONFIG.ini --model PATH [--batches N] [--set section.key=value]...\n"
     "\n"
     "Evaluates a model file on data.val and prints one JSON line on stdout:\n"
     "  {\"val_loss\": nats per token, \"bits_per_token\": ..., \"bits_per_byte\": ... (byte\n"
     "   tokenizer only), \"tokens\": ..., \"layers\": [{\"block\", \"kind\", \"experts\",\n"
     "   \"usage\", \"unevenness\"}, ...]}\n"
-    "The model's shapes come from FILE and must match CONFIG; data paths, batch size and\n"
+    "The model's shapes come from PATH and must match CONFIG; data paths, batch size and\n"
     "seed come from CONFIG. Batches are validation batches 0..N-1 (sampler stream 1).\n"
     "\n"
     "options:\n"
-    "  --model FILE      model file written by `millipede train` (<run.dir>/model.h5)\n"
+    "  --model PATH      a checkpoint of `millipede train` (<run.dir>/checkpoints/latest,\n"
+    "                    a step_%08d directory, or the run directory) or a model file\n"
     "  --batches N       number of batches of train.batch_size sequences (default\n"
     "                    train.eval_batches)\n"
     "  --set s.k=v       override a configuration key (repeatable)\n";
@@ -120,11 +122,11 @@ int mp_cmd_eval(int argc, char **argv) {
         }
     }
     if (!cfg_path) {
-        eval_error("eval: missing CONFIG.ini (usage: millipede eval CONFIG.ini --model FILE)");
+        eval_error("eval: missing CONFIG.ini (usage: millipede eval CONFIG.ini --model PATH)");
         goto out;
     }
     if (!model_path) {
-        eval_error("eval: missing --model FILE (usage: millipede eval CONFIG.ini --model FILE)");
+        eval_error("eval: missing --model PATH (usage: millipede eval CONFIG.ini --model PATH)");
         goto out;
     }
     if (mp_world() > 1) {
@@ -141,7 +143,7 @@ int mp_cmd_eval(int argc, char **argv) {
     const mp_backend *be = mp_cli_setup(&cfg);   // threads; exits 2 when the backend is missing
     if (batches < 0) batches = cfg.eval_batches;
     int B = cfg.batch_size, T = cfg.context;
-    mp_model *m = mp_model_open_file(model_path, &cfg, cfg_path, be, B, &mcfg, err, sizeof err);
+    mp_model *m = mp_open_stored_model(model_path, &cfg, cfg_path, be, B, &mcfg, err, sizeof err);
     if (!m) {
         eval_error("%s", err);
         goto out;

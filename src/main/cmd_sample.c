@@ -1,4 +1,4 @@
-// `millipede sample CONFIG.ini --model FILE --prompt TEXT --tokens N [--temperature T]
+// `millipede sample CONFIG.ini --model PATH --prompt TEXT --tokens N [--temperature T]
 //  [--top-k K] [--seed S] [--set section.key=value]...`
 // Generates N byte tokens after the prompt and writes the prompt and the generated text to
 // stdout as they are produced. Sampling is reproducible: the uniform number behind token i
@@ -18,13 +18,14 @@
 #include "millipede/config.h"
 #include "millipede/data.h"
 #include "millipede/model.h"
+#include "millipede/checkpoint.h"
 #include "millipede/model_file.h"
 
 // Streams 0 and 1 are the train and validation samplers; sampling uses its own.
 #define SAMPLE_STREAM 2
 
 static const char *sample_usage =
-    "usage: millipede sample CONFIG.ini --model FILE --prompt TEXT --tokens N\n"
+    "usage: millipede sample CONFIG.ini --model PATH --prompt TEXT --tokens N\n"
     "                        [--temperature T] [--top-k K] [--seed S] [--set section.key=value]...\n"
     "\n"
     "Continues TEXT with N tokens of the byte tokenizer (model.vocab_size 256) and prints the\n"
@@ -33,7 +34,8 @@ static const char *sample_usage =
     "last model.context tokens.\n"
     "\n"
     "options:\n"
-    "  --model FILE       model file written by `millipede train` (<run.dir>/model.h5)\n"
+    "  --model PATH       a checkpoint of `millipede train` (<run.dir>/checkpoints/latest,\n"
+    "                     a step_%08d directory, or the run directory) or a model file\n"
     "  --prompt TEXT      the text to continue (not empty)\n"
     "  --tokens N         how many tokens to generate (N >= 0)\n"
     "  --temperature T    softmax temperature, T >= 0; 0 = greedy (argmax) (default 1.0)\n"
@@ -166,7 +168,7 @@ int mp_cmd_sample(int argc, char **argv) {
         goto out;
     }
     if (!model_path) {
-        sample_error("sample: missing --model FILE (see millipede sample --help)");
+        sample_error("sample: missing --model PATH (see millipede sample --help)");
         goto out;
     }
     if (!prompt) {
@@ -193,7 +195,7 @@ int mp_cmd_sample(int argc, char **argv) {
         goto out;
     }
     const mp_backend *be = mp_cli_setup(&cfg);   // threads; exits 2 when the backend is missing
-    mp_model *m = mp_model_open_file(model_path, &cfg, cfg_path, be, 1, &mcfg, err, sizeof err);
+    mp_model *m = mp_open_stored_model(model_path, &cfg, cfg_path, be, 1, &mcfg, err, sizeof err);
     if (!m) {
         sample_error("%s", err);
         goto out;

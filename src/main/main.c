@@ -4,15 +4,18 @@
 #include <string.h>
 #include "commands.h"
 #include "core/log.h"
+#include "millipede/checkpoint.h"
 #include "millipede/data.h"
 
 static const char *usage =
     "usage: millipede <command> [options]\n"
     "\n"
     "commands:\n"
-    "  train CONFIG.ini [--set section.key=value]...   train a model\n"
-    "  eval CONFIG.ini --model FILE                      validation loss, bits/byte, expert usage (JSON)\n"
-    "  sample CONFIG.ini --model FILE --prompt TEXT --tokens N [--temperature T] [--top-k K]\n"
+    "  train CONFIG.ini [--resume PATH | --no-resume] [--set section.key=value]...\n"
+    "                                                    train a model (resumes from checkpoints)\n"
+    "  eval CONFIG.ini --model PATH                      validation loss, bits/byte, expert usage (JSON)\n"
+    "  sample CONFIG.ini --model PATH --prompt TEXT --tokens N [--temperature T] [--top-k K]\n"
+    "  ckpt inspect|verify DIR, ckpt export DIR OUT.h5  look into, check or export a checkpoint\n"
     "  data prepare --out DIR [--val-fraction F] PATH... text files -> token shards\n"
     "\n"
     "`millipede <command> --help` describes each command.\n";
@@ -30,12 +33,14 @@ int main(int argc, char **argv) {
         status = mp_cmd_eval(argc - 1, argv + 1);
     } else if (!strcmp(argv[1], "sample")) {
         status = mp_cmd_sample(argc - 1, argv + 1);
+    } else if (!strcmp(argv[1], "ckpt")) {
+        status = mp_cmd_ckpt(argc - 1, argv + 1);
     } else if (!strcmp(argv[1], "data")) {
         status = mp_cmd_data(argc - 1, argv + 1);
     } else {
         if (mp_rank() == 0)
-            fprintf(stderr, "millipede: error: unknown command '%s' (expected train, eval, sample "
-                            "or data; see millipede --help)\n", argv[1]);
+            fprintf(stderr, "millipede: error: unknown command '%s' (expected train, eval, sample, "
+                            "ckpt or data; see millipede --help)\n", argv[1]);
         status = 2;
     }
     MPI_Finalize();

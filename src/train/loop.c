@@ -10,7 +10,7 @@
 #include <string.h>
 #include "core/fs.h"
 #include "core/log.h"
-#include "millipede/model_file.h"
+#include "millipede/checkpoint.h"
 #include "millipede/train.h"
 #include "model/model_private.h"
 
@@ -108,8 +108,49 @@ static double eval_global(mp_model *m, const mp_shard *val, mp_comm *comm, int j
     return sum[0] / sum[1];
 }
 
+// metrics.jsonl of a run that starts at step `start`: a fresh file, or on resume the old
+// one without the lines of steps after the checkpoint (a crashed run may have logged more
+// steps than its last checkpoint holds), continued.
+static FILE *open_metrics(const char *path, long start) {
+    if (start > 0) {
+        FILE *in = fopen(path, "r");
+        char tmp[MP_PATH_MAX + 80], line[4096];
+        snprintf(tmp, sizeof tmp, "%s.tmp", path);
+        FILE *out = in ? fopen(tmp, "w") : NULL;
+        long step;
+        while (out && fgets(line, sizeof line, in))
+            if (sscanf(line, "{\"step\": %ld", &step) == 1 && step <= start) fputs(line, out);
+        if (in) fclose(in);
+        if (out && (fclose(out) != 0 || rename(tmp, path) != 0))
+            mp_fatal("%s: cannot rewrite: %s", path, strerror(errno));
+    }
+    FILE *f = fopen(path, start > 0 ? "a" : "w");
+    if (!f) mp_fatal("%s: cannot write: %s", path, strerror(errno));
+    return f;
+}
+
+// Writes the checkpoint of `step` steps done (all ranks). Returns -1 after printing why.
+static int save_checkpoint(mp_model *m, const mp_adamw *opt, const char *root, long step) {
+    char err[1024], dir[MP_PATH_MAX + 64];
+    mp_ckpt_stats st;
+    if (mp_ckpt_save(root, m, opt, step, mp_model_config(m)->ckpt_keep, dir, sizeof dir, &st,
+                     err, sizeof err) != 0) {
+        if (mp_rank() == 0) fprintf(stderr, "millipede: error: checkpoint failed: %s\n", err);
+        return -1;
+    }
+    mp_log("checkpoint %s: %.1f MiB in %d files, %.2f s (%.0f MiB/s)", dir, st.bytes / 1048576.0,
+           st.n_files, st.seconds, st.bytes / 1048576.0 / (st.seconds > 0 ? st.seconds : 1e-9));
+    return 0;
+}
+
 int mp_train_run(const mp_config *cfg, const mp_backend *be) {
+    return mp_train_run_resume(cfg, be, MP_RESUME_AUTO, NULL);
+}
+
+int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mode mode,
+                        const char *resume_path) {
     char err[1024], path[MP_PATH_MAX + 64];
+    mp_preempt_install();   // early: a signal during start-up stops at the first step boundary
     mp_comm *comm = mp_comm_mpi();
     int rank = comm->rank, P = comm->size;
     check_ranks(cfg, comm);
@@ -139,11 +180,23 @@ int mp_train_run(const mp_config *cfg, const mp_backend *be) {
            mp_model_param_count(cfg), mp_model_flops_per_token(cfg), be->name, P, P > 1 ? "s" : "");
     report_memory(m, comm);
 
+    // resume: parameters, AdamW moments and step count, BN statistics; the data stream and
+    // every random number follow from (seed, step), so this is the whole training state
+    char ckpt_root[MP_PATH_MAX + 64], used[MP_PATH_MAX + 64];
+    snprintf(ckpt_root, sizeof ckpt_root, "%s/checkpoints", cfg->run_dir);
+    long start = 0;
+    mp_ckpt_info ck;
+    double t_resume = mp_now();
+    if (mp_ckpt_resume(cfg, mode, resume_path, m, &opt, &ck, used, sizeof used)) {
+        start = ck.step;
+        mp_log("resumed from %s: %ld steps done, written by %d rank%s, read in %.2f s", used,
+               start, ck.n_ranks, ck.n_ranks > 1 ? "s" : "", mp_now() - t_resume);
+    }
+
     FILE *metrics = NULL;
     if (rank == 0) {
         snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run_dir);
-        metrics = fopen(path, "w");
-        if (!metrics) mp_fatal("%s: cannot write: %s", path, strerror(errno));
+        metrics = open_metrics(path, start);
     }
 
     int32_t *inputs = mp_malloc((size_t)Bl * T * sizeof(int32_t));    // (Bl, T)
@@ -152,7 +205,9 @@ int mp_train_run(const mp_config *cfg, const mp_backend *be) {
     double tokens_step = (double)A * B * T;
     // each rank's mean loss, weighted by its share of the global batch
     float share = (float)Bl / (float)B;
-    for (long step = 0; step < cfg->steps; step++) {
+    int status = 0;
+    if (start >= cfg->steps) mp_log("nothing to do: %ld of train.steps = %ld done", start, cfg->steps);
+    for (long step = start; step < cfg->steps; step++) {
         maybe_die(rank, step);
         double t0 = mp_now();
         mp_model_zero_grad(m);
@@ -211,12 +266,25 @@ int mp_train_run(const mp_config *cfg, const mp_backend *be) {
             take_exchange_stats(m);   // validation traffic is not the training step's
         }
         if (rank == 0) fflush(metrics);
+
+        // checkpoint every checkpoint.every steps, at the end, and when a rank got
+        // SIGUSR1/SIGTERM (all ranks agree at this step boundary), then exit to be requeued
+        long done = step + 1;
+        mp_preempt_fault_hook(rank, done);
+        int stop = mp_preempt_agreed(comm) && done < cfg->steps;
+        if (stop || done == cfg->steps || (cfg->ckpt_every > 0 && done % cfg->ckpt_every == 0))
+            if (save_checkpoint(m, &opt, ckpt_root, done) != 0) {
+                status = 1;
+                break;
+            }
+        if (stop) {
+            mp_log("stopping after step %ld on a signal: checkpointed, exit status %d (requeue)",
+                   done, MP_EXIT_REQUEUE);
+            status = MP_EXIT_REQUEUE;
+            break;
+        }
     }
     if (rank == 0) fclose(metrics);
-
-    snprintf(path, sizeof path, "%s/model.h5", cfg->run_dir);
-    if (mp_model_save(m, path, cfg->steps, err, sizeof err) != 0) mp_fatal("%s", err);
-    mp_log("saved %s", path);
     free(inputs);
     free(targets);
     mp_adamw_free(&opt, m);
@@ -224,5 +292,5 @@ int mp_train_run(const mp_config *cfg, const mp_backend *be) {
     mp_comm_free(comm);
     mp_shard_close(&train);
     mp_shard_close(&val);
-    return 0;
+    return status;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# `millipede eval` and `millipede sample` on a model trained here for a few steps:
-# eval prints one JSON line whose val_loss equals the trainer's last validation loss (so the
-# model file round trip is exact), usage and unevenness are in range; sample continues the
+# `millipede eval` and `millipede sample` on a model trained here for a few steps, read from
+# its final checkpoint (<run.dir>/checkpoints/latest): eval prints one JSON line whose
+# val_loss equals the trainer's last validation loss (so the checkpoint round trip is exact), usage and unevenness are in range; sample continues the
 # prompt by exactly N bytes, reproducibly; bad input exits 2 with one "millipede: error:" line.
 set -uo pipefail
 : "${MILLIPEDE:?path of the millipede binary}" "${MP_SOURCE_DIR:?repository root}"
@@ -30,12 +30,12 @@ small=(--set "data.train=$tmp/data/train.bin" --set "data.val=$tmp/data/val.bin"
        --set model.ffn=dense,peer --set peer.experts=256 --set peer.heads=2 --set peer.topk=4
        --set peer.key_dim=16 --set train.batch_size=2 --set train.steps=5 --set train.warmup=1
        --set train.eval_every=0 --set train.eval_batches=2 --set train.log_every=1)
-model="$tmp/run/model.h5"
+model="$tmp/run/checkpoints/latest"
 if "$MILLIPEDE" train "$cfg" "${small[@]}" --set "run.dir=$tmp/run" > "$tmp/train.out" 2>&1 &&
-    [ -s "$model" ]; then
+    [ -s "$model/index.h5" ]; then
     ok "train writes $model"
 else
-    bad "train writes model.h5: $(tail -5 "$tmp/train.out")"
+    bad "train writes checkpoints/latest: $(tail -5 "$tmp/train.out")"
 fi
 
 # --- eval ---
@@ -130,10 +130,10 @@ printf 'not an HDF5 file\n' > "$tmp/junk.h5"
 expect_error "eval: missing --model" "--model" "$MILLIPEDE" eval "$cfg" "${small[@]}"
 expect_error "eval: nonexistent model file" "nope.h5" "$MILLIPEDE" eval "$cfg" --model "$tmp/nope.h5" "${small[@]}"
 expect_error "eval: not an HDF5 file" "junk.h5: not an HDF5 file" "$MILLIPEDE" eval "$cfg" --model "$tmp/junk.h5" "${small[@]}"
-expect_error "eval: d_model 32 model with a d_model 64 config" "key 'model.d_model' is 32 in the model file but 64" \
+expect_error "eval: d_model 32 model with a d_model 64 config" "key 'model.d_model' is 32 in the checkpoint but 64" \
     "$MILLIPEDE" eval "$cfg" --model "$model" "${small[@]}" --set model.d_model=64
-expect_error "eval: d_model 64 model with a d_model 32 config" "key 'model.d_model' is 64 in the model file but 32" \
-    "$MILLIPEDE" eval "$cfg" --model "$tmp/run64/model.h5" "${small[@]}"
+expect_error "eval: d_model 64 model with a d_model 32 config" "key 'model.d_model' is 64 in the checkpoint but 32" \
+    "$MILLIPEDE" eval "$cfg" --model "$tmp/run64" "${small[@]}"
 expect_error "eval: other expert count" "peer.experts" \
     "$MILLIPEDE" eval "$cfg" --model "$model" "${small[@]}" --set peer.experts=1024
 expect_error "eval: bad --batches" "--batches" "$MILLIPEDE" eval "$cfg" --model "$model" --batches 0

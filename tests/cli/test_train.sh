@@ -41,7 +41,7 @@ cmp -s <(losses "$tmp/a/metrics.jsonl") <(losses "$tmp/b/metrics.jsonl") &&
     ok "same seed: bitwise identical losses" || bad "same seed: bitwise identical losses"
 cmp -s <(losses "$tmp/a/metrics.jsonl") <(losses "$tmp/c/metrics.jsonl") &&
     bad "another seed gives other losses" || ok "another seed gives other losses"
-[ -s "$tmp/a/model.h5" ] && ok "model.h5 written" || bad "model.h5 written"
+[ -s "$tmp/a/checkpoints/latest/index.h5" ] && ok "final checkpoint written" || bad "final checkpoint written"
 grep -q "^context = 32" "$tmp/a/config.ini" && grep -q "^ffn = dense,peer" "$tmp/a/config.ini" &&
     ok "resolved config.ini saved" || bad "resolved config.ini saved"
 grep -q "resolved configuration" "$tmp/a.out" && ok "config printed at start" || bad "config printed at start"
