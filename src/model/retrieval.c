@@ -28,16 +28,23 @@ static double off_rank(const int64_t *count, int P, int me) {
     return s;
 }
 
-// One personalised exchange; a single process copies (its only peer is itself).
-static void exchange_f32(mp_comm *c, const float *send, const int64_t *sc, const int64_t *sd,
-                         float *recv, const int64_t *rc, const int64_t *rd) {
-    if (!c || c->size == 1) { memcpy(recv + rd[0], send + sd[0], (size_t)sc[0] * sizeof(float)); return; }
-    c->alltoallv_f32(c, send, sc, sd, recv, rc, rd);
+// One personalised exchange; a single process copies (its only peer is itself). The
+// time spent is added to the layer's exchange statistics.
+static void exchange_f32(mp_retrieval_layer *l, const float *send, const int64_t *sc,
+                         const int64_t *sd, float *recv, const int64_t *rc, const int64_t *rd) {
+    double t0 = mp_now();
+    mp_comm *c = l->comm;
+    if (!c || c->size == 1) memcpy(recv + rd[0], send + sd[0], (size_t)sc[0] * sizeof(float));
+    else c->alltoallv_f32(c, send, sc, sd, recv, rc, rd);
+    l->ex.stats.seconds += mp_now() - t0;
 }
-static void exchange_i32(mp_comm *c, const int32_t *send, const int64_t *sc, const int64_t *sd,
-                         int32_t *recv, const int64_t *rc, const int64_t *rd) {
-    if (!c || c->size == 1) { memcpy(recv + rd[0], send + sd[0], (size_t)sc[0] * sizeof(int32_t)); return; }
-    c->alltoallv_i32(c, send, sc, sd, recv, rc, rd);
+static void exchange_i32(mp_retrieval_layer *l, const int32_t *send, const int64_t *sc,
+                         const int64_t *sd, int32_t *recv, const int64_t *rc, const int64_t *rd) {
+    double t0 = mp_now();
+    mp_comm *c = l->comm;
+    if (!c || c->size == 1) memcpy(recv + rd[0], send + sd[0], (size_t)sc[0] * sizeof(int32_t));
+    else c->alltoallv_i32(c, send, sc, sd, recv, rc, rd);
+    l->ex.stats.seconds += mp_now() - t0;
 }
 
 void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y, const float *x,
@@ -45,15 +52,16 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
     mp_exchange *e = &l->ex;
     mp_route_plan *p = &e->plan;
     int C = l->C, S = l->rc->heads * l->rc->topk, P = p->P;
-    double t0 = mp_now();
     be->retrieval_route(l, x, N, train);
     mp_route_plan_build(p, l->sel, N, S, l->rc->n_sub);
 
     // counts first: (tokens, records) per peer
     int64_t *send2 = e->i64, *recv2 = e->i64 + 2 * P;
     for (int r = 0; r < P; r++) { send2[2 * r] = p->tok_count[r]; send2[2 * r + 1] = p->rec_count[r]; }
+    double t0 = mp_now();
     if (l->comm && P > 1) l->comm->alltoall_i64(l->comm, send2, recv2, 2);
     else memcpy(recv2, send2, 2 * sizeof(int64_t));
+    e->stats.seconds += mp_now() - t0;
     e->M = e->R = 0;
     for (int r = 0; r < P; r++) {
         e->recv_tok[r] = recv2[2 * r];
@@ -78,10 +86,10 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
     e->rec_recv = mp_grow(e->rec_recv, &e->cap_rec_recv, (size_t)e->R * 3 * sizeof(int32_t));
     scaled(p->tok_count, P, C, sc, sd);
     scaled(e->recv_tok, P, C, rc, rd);
-    exchange_f32(l->comm, e->x_send, sc, sd, e->x_recv, rc, rd);
+    exchange_f32(l, e->x_send, sc, sd, e->x_recv, rc, rd);
     scaled(p->rec_count, P, 3, sc, sd);
     scaled(e->recv_rec, P, 3, rc, rd);
-    exchange_i32(l->comm, e->rec_send, sc, sd, e->rec_recv, rc, rd);
+    exchange_i32(l, e->rec_send, sc, sd, e->rec_recv, rc, rd);
 
     // owner side: records arrive grouped by source rank, then by slot in increasing order
     size_t R = (size_t)e->R;
@@ -113,7 +121,7 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
     e->y_back = mp_grow(e->y_back, &e->cap_y_back, (size_t)p->n_tok * C * sizeof(float));
     scaled(e->recv_tok, P, C, sc, sd);
     scaled(p->tok_count, P, C, rc, rd);
-    exchange_f32(l->comm, e->y_recv, sc, sd, e->y_back, rc, rd);
+    exchange_f32(l, e->y_recv, sc, sd, e->y_back, rc, rd);
     memset(y, 0, (size_t)N * C * sizeof(float));
     for (int r = 0; r < P; r++) {
         const int64_t lo = p->tok_displ[r], hi = lo + p->tok_count[r];
@@ -136,7 +144,6 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
                                   C * off_rank(p->tok_count, P, me)) + 16.0 * (P - 1);
     e->stats.bytes_min += 4.0 * (4.0 * C * off_rank(p->tok_count, P, me) + 3.0 * off_rank(p->rec_count, P, me));
     e->stats.selections += (double)e->R;
-    e->stats.seconds += mp_now() - t0;
     l->last_N = N;
     l->last_train = train;
 }
@@ -147,14 +154,13 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
     mp_route_plan *p = &e->plan;
     int C = l->C, P = p->P;
     if (N != l->last_N) mp_fatal("retrieval backward on %d rows after a forward on %d", N, l->last_N);
-    double t0 = mp_now();
     int64_t sc[P], sd[P], rc[P], rd[P];
     // dy rows out on the forward plan (x_send's buffer is free again)
     for (int64_t i = 0; i < p->n_tok; i++)
         memcpy(e->x_send + i * C, dy + (size_t)p->tok_list[i] * C, C * sizeof(float));
     scaled(p->tok_count, P, C, sc, sd);
     scaled(e->recv_tok, P, C, rc, rd);
-    exchange_f32(l->comm, e->x_send, sc, sd, e->y_recv, rc, rd);   // y_recv now holds dy
+    exchange_f32(l, e->x_send, sc, sd, e->y_recv, rc, rd);   // y_recv now holds dy
     e->dx_recv = mp_grow(e->dx_recv, &e->cap_dx_recv, (size_t)e->M * C * sizeof(float));
     be->experts_backward(l, e->dx_recv, e->dgate, e->y_recv, e->x_recv, e->M, e->slot_start,
                          e->slot, e->row, e->gate, e->pre, e->R);
@@ -162,11 +168,11 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
     // dx partials and gate gradients come back
     scaled(e->recv_tok, P, C, sc, sd);
     scaled(p->tok_count, P, C, rc, rd);
-    exchange_f32(l->comm, e->dx_recv, sc, sd, e->y_back, rc, rd);   // y_back now holds dx parts
+    exchange_f32(l, e->dx_recv, sc, sd, e->y_back, rc, rd);   // y_back now holds dx parts
     e->dgate_back = mp_grow(e->dgate_back, &e->cap_dgate_back, (size_t)p->n_rec * sizeof(float));
     scaled(e->recv_rec, P, 1, sc, sd);
     scaled(p->rec_count, P, 1, rc, rd);
-    exchange_f32(l->comm, e->dgate, sc, sd, e->dgate_back, rc, rd);
+    exchange_f32(l, e->dgate, sc, sd, e->dgate_back, rc, rd);
     for (int64_t i = 0; i < p->n_rec; i++) l->dgate[p->rec_sel[i]] = e->dgate_back[i];
     for (int r = 0; r < P; r++) {
         const int64_t lo = p->tok_displ[r], hi = lo + p->tok_count[r];
@@ -184,7 +190,6 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
                                   off_rank(e->recv_rec, P, me));
     e->stats.bytes_recv += 4.0 * (C * off_rank(e->recv_tok, P, me) + C * off_rank(p->tok_count, P, me) +
                                   off_rank(p->rec_count, P, me));
-    e->stats.seconds += mp_now() - t0;
 }
 
 void mp_retrieval_exchange_init(mp_retrieval_layer *l, mp_comm *comm) {

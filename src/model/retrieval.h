@@ -13,7 +13,7 @@ typedef struct {   // what the expert exchange measured since the last reset
                                      // x, y, dy, dx once per (token, remote owner) and a row
                                      // index, gate and gate gradient per remote selection
     double selections;               // records this rank's experts served
-    double seconds;                  // wall time in the exchange (routing included)
+    double seconds;                  // wall time in the transport calls (waiting included)
 } mp_exchange_stats;
 
 // The expert exchange of one layer: the plan, and the owner side's received batch.
