@@ -11,6 +11,10 @@ typedef struct mp_retrieval_layer mp_retrieval_layer;   // PEER / PKM, src/model
 
 typedef struct mp_backend {
     const char *name;
+    // 1: the backend's memory is host memory that the host may read and write directly (CPU);
+    // 0: device memory, reached only through to_host / from_host (CUDA), so host code such as
+    // the expert exchange in src/model/retrieval.c works on host copies.
+    int host_memory;
     // memory
     void *(*alloc)(size_t bytes);                       // zero-filled
     void (*free)(void *p);

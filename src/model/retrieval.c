@@ -9,6 +9,7 @@
 #include <string.h>
 #include "core/log.h"
 #include "model/retrieval.h"
+#include "model/retrieval_stage.h"
 
 // Counts in elements of `width` per token or record, with displacements.
 static void scaled(const int64_t *count, int P, int64_t width, int64_t *out_count, int64_t *out_displ) {
@@ -53,7 +54,14 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
     mp_route_plan *p = &e->plan;
     int C = l->C, S = l->rc->heads * l->rc->topk, P = p->P;
     be->retrieval_route(l, x, N, train);
-    mp_route_plan_build(p, l->sel, N, S, l->rc->n_sub);
+    // host views of the route's outputs, x and y (the tensors themselves on the CPU backend,
+    // host copies on a device backend: retrieval_stage.c)
+    size_t NS = (size_t)N * S, NC = (size_t)N * C * sizeof(float);
+    const int32_t *sel = mp_stage_host(l, be, MP_STAGE_SEL, l->sel, NS * sizeof(int32_t), 1);
+    const float *gate = mp_stage_host(l, be, MP_STAGE_GATE, l->gate, NS * sizeof(float), 1);
+    const float *xh = mp_stage_host(l, be, MP_STAGE_X, x, NC, 1);
+    float *yh = mp_stage_host(l, be, MP_STAGE_Y, y, NC, 0);
+    mp_route_plan_build(p, sel, N, S, l->rc->n_sub);
 
     // counts first: (tokens, records) per peer
     int64_t *send2 = e->i64, *recv2 = e->i64 + 2 * P;
@@ -74,11 +82,11 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
     e->x_send = mp_grow(e->x_send, &e->cap_x_send, (size_t)p->n_tok * C * sizeof(float));
     e->rec_send = mp_grow(e->rec_send, &e->cap_rec_send, (size_t)p->n_rec * 3 * sizeof(int32_t));
     for (int64_t i = 0; i < p->n_tok; i++)
-        memcpy(e->x_send + i * C, x + (size_t)p->tok_list[i] * C, C * sizeof(float));
+        memcpy(e->x_send + i * C, xh + (size_t)p->tok_list[i] * C, C * sizeof(float));
     for (int64_t i = 0; i < p->n_rec; i++) {
         e->rec_send[3 * i] = p->rec_slot[i];
         e->rec_send[3 * i + 1] = p->rec_row[i];
-        memcpy(&e->rec_send[3 * i + 2], &l->gate[p->rec_sel[i]], sizeof(float));
+        memcpy(&e->rec_send[3 * i + 2], &gate[p->rec_sel[i]], sizeof(float));
     }
     int64_t sc[P], sd[P], rc[P], rd[P];
     e->x_recv = mp_grow(e->x_recv, &e->cap_x_recv, (size_t)e->M * C * sizeof(float));
@@ -114,28 +122,28 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
     for (size_t k = 0; k < R; k++)
         while (m <= e->slot[k]) e->slot_start[m++] = (int64_t)k;
     while (m <= e->M) e->slot_start[m++] = (int64_t)R;
-    be->experts_forward(l, e->y_recv, e->x_recv, e->M, e->slot_start, e->slot, e->row, e->gate,
-                        e->pre, e->R);
+    mp_stage_experts_forward(l, be);   // be->experts_forward on the received batch
 
     // partial outputs go back; each token sums them in rank order
     e->y_back = mp_grow(e->y_back, &e->cap_y_back, (size_t)p->n_tok * C * sizeof(float));
     scaled(e->recv_tok, P, C, sc, sd);
     scaled(p->tok_count, P, C, rc, rd);
     exchange_f32(l, e->y_recv, sc, sd, e->y_back, rc, rd);
-    memset(y, 0, (size_t)N * C * sizeof(float));
+    memset(yh, 0, NC);
     for (int r = 0; r < P; r++) {
         const int64_t lo = p->tok_displ[r], hi = lo + p->tok_count[r];
         // within one owner's block every token appears once: no two threads share a row
 #pragma omp parallel for schedule(static)
         for (int64_t k = lo; k < hi; k++) {
-            float *yt = y + (size_t)p->tok_list[k] * C;
+            float *yt = yh + (size_t)p->tok_list[k] * C;
             const float *part = e->y_back + k * C;
             for (int c = 0; c < C; c++) yt[c] += part[c];
         }
     }
     if (l->usage) {
-        for (size_t o = 0; o < (size_t)N * S; o++) l->usage[l->sel[o]] += l->gate[o];
+        for (size_t o = 0; o < NS; o++) l->usage[sel[o]] += gate[o];
     }
+    mp_stage_back(be, y, yh, NC);
     // off-rank bytes: x and the records out, partial outputs back (and the counts)
     int me = l->comm ? l->comm->rank : 0;
     e->stats.bytes_sent += 4.0 * (C * off_rank(p->tok_count, P, me) + 3 * off_rank(p->rec_count, P, me) +
@@ -155,15 +163,18 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
     int C = l->C, P = p->P;
     if (N != l->last_N) mp_fatal("retrieval backward on %d rows after a forward on %d", N, l->last_N);
     int64_t sc[P], sd[P], rc[P], rd[P];
+    size_t NS = (size_t)N * l->rc->heads * l->rc->topk, NC = (size_t)N * C * sizeof(float);
+    const float *dyh = mp_stage_host(l, be, MP_STAGE_DY, dy, NC, 1);
+    float *dgh = mp_stage_host(l, be, MP_STAGE_DGATE, l->dgate, NS * sizeof(float), 0);
+    float *dxh = mp_stage_host(l, be, MP_STAGE_DX, dx, NC, 1);   // accumulated into
     // dy rows out on the forward plan (x_send's buffer is free again)
     for (int64_t i = 0; i < p->n_tok; i++)
-        memcpy(e->x_send + i * C, dy + (size_t)p->tok_list[i] * C, C * sizeof(float));
+        memcpy(e->x_send + i * C, dyh + (size_t)p->tok_list[i] * C, C * sizeof(float));
     scaled(p->tok_count, P, C, sc, sd);
     scaled(e->recv_tok, P, C, rc, rd);
     exchange_f32(l, e->x_send, sc, sd, e->y_recv, rc, rd);   // y_recv now holds dy
     e->dx_recv = mp_grow(e->dx_recv, &e->cap_dx_recv, (size_t)e->M * C * sizeof(float));
-    be->experts_backward(l, e->dx_recv, e->dgate, e->y_recv, e->x_recv, e->M, e->slot_start,
-                         e->slot, e->row, e->gate, e->pre, e->R);
+    mp_stage_experts_backward(l, be);   // be->experts_backward on the received batch
 
     // dx partials and gate gradients come back
     scaled(e->recv_tok, P, C, sc, sd);
@@ -173,16 +184,18 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
     scaled(e->recv_rec, P, 1, sc, sd);
     scaled(p->rec_count, P, 1, rc, rd);
     exchange_f32(l, e->dgate, sc, sd, e->dgate_back, rc, rd);
-    for (int64_t i = 0; i < p->n_rec; i++) l->dgate[p->rec_sel[i]] = e->dgate_back[i];
+    for (int64_t i = 0; i < p->n_rec; i++) dgh[p->rec_sel[i]] = e->dgate_back[i];
     for (int r = 0; r < P; r++) {
         const int64_t lo = p->tok_displ[r], hi = lo + p->tok_count[r];
 #pragma omp parallel for schedule(static)
         for (int64_t k = lo; k < hi; k++) {
-            float *dxt = dx + (size_t)p->tok_list[k] * C;
+            float *dxt = dxh + (size_t)p->tok_list[k] * C;
             const float *part = e->y_back + k * C;
             for (int c = 0; c < C; c++) dxt[c] += part[c];
         }
     }
+    mp_stage_back(be, l->dgate, dgh, NS * sizeof(float));
+    mp_stage_back(be, dx, dxh, NC);
     be->retrieval_route_backward(l, dx, x, N);
     // dy out; dx partials and gate gradients back
     int me = l->comm ? l->comm->rank : 0;
@@ -202,6 +215,7 @@ void mp_retrieval_exchange_init(mp_retrieval_layer *l, mp_comm *comm) {
 }
 
 void mp_retrieval_exchange_free(mp_retrieval_layer *l) {
+    mp_stage_free(l);
     mp_retrieval_scratch *w = &l->scratch;
     void *scratch[] = {w->s1, w->s2, w->start, w->fill, w->items, w->touched, w->dpre};
     for (size_t i = 0; i < sizeof scratch / sizeof scratch[0]; i++) free(scratch[i]);

@@ -74,6 +74,8 @@ struct mp_retrieval_layer {
     mp_comm *comm;                    // NULL: a single process
     mp_exchange ex;
     mp_retrieval_scratch scratch;
+    struct mp_retrieval_stage *stage; // host copies and device mirrors for a backend whose
+                                      // memory is not host memory (retrieval_stage.c)
 };
 
 // The layer across ranks: route, exchange, experts, exchange back (src/model/retrieval.c).

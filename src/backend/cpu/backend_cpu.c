@@ -32,6 +32,7 @@ void mp_cpu_copy(void *dst, const void *src, size_t bytes) {
 
 static const mp_backend cpu_backend = {
     .name = "cpu",
+    .host_memory = 1,
     .alloc = mp_cpu_alloc,
     .free = mp_cpu_free,
     .zero = mp_cpu_zero,

@@ -1,0 +1,288 @@
+// The CUDA backend table: device discovery, device memory, checked calls, scratch, cuBLAS
+// GEMM wrappers. Linked against the runtime API only (cudart, cublas), so a binary built
+// with CUDA starts on a machine without a GPU or driver: mp_backend_cuda then returns NULL
+// with the reason and the caller stays on the CPU or reports it.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "backend/cuda/cuda.h"
+#include "backend/cuda/cuda_common.h"
+
+static cublasHandle_t g_blas;
+static char g_device_name[256];
+static mp_backend g_backend;
+static int g_ready;
+
+void mp_cuda_check_at(cudaError_t rc, const char *what, const char *file, int line) {
+    if (rc != cudaSuccess)
+        mp_fatal_at(file, line, "CUDA error %s (%s) in %s", cudaGetErrorName(rc),
+                    cudaGetErrorString(rc), what);
+}
+
+static const char *cublas_status_name(cublasStatus_t s) {
+    switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
+    default: return "unknown cuBLAS status";
+    }
+}
+
+void mp_cublas_check_at(cublasStatus_t rc, const char *what, const char *file, int line) {
+    if (rc != CUBLAS_STATUS_SUCCESS)
+        mp_fatal_at(file, line, "cuBLAS error %s (%d) in %s", cublas_status_name(rc), (int)rc, what);
+}
+
+cublasHandle_t mp_cuda_blas(void) { return g_blas; }
+
+// ---------------------------------------------------------------------------------------
+// memory: zero-filled device allocations; to_host / from_host are cudaMemcpy with the
+// direction taken from the pointers (unified addressing), so a host or device pointer on
+// either side works
+
+static void *cuda_alloc(size_t bytes) {
+    void *p = NULL;
+    size_t size = bytes ? bytes : 256;
+    cudaError_t rc = cudaMalloc(&p, size);
+    if (rc != cudaSuccess) {
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        mp_fatal("out of GPU memory allocating %zu bytes (%zu of %zu bytes free): %s", bytes,
+                 free_b, total_b, cudaGetErrorString(rc));
+    }
+    CUDA_CHECK(cudaMemset(p, 0, size));
+    return p;
+}
+
+static void cuda_free(void *p) {
+    if (p) CUDA_CHECK(cudaFree(p));
+}
+
+static void cuda_zero(void *p, size_t bytes) {
+    if (bytes) CUDA_CHECK(cudaMemset(p, 0, bytes));
+}
+
+static void cuda_copy(void *dst, const void *src, size_t bytes) {
+    if (bytes && dst != src) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+}
+
+// ---------------------------------------------------------------------------------------
+// scratch
+
+static void *g_scratch[SCR_COUNT];
+static size_t g_scratch_cap[SCR_COUNT];
+
+void *mp_cuda_scratch(int slot, size_t bytes) {
+    if (bytes > g_scratch_cap[slot]) {
+        // queued kernels may still read the old buffer: cudaFree waits for the device
+        if (g_scratch[slot]) CUDA_CHECK(cudaFree(g_scratch[slot]));
+        g_scratch[slot] = NULL;
+        size_t cap = bytes + bytes / 4;   // some headroom against regrowing every step
+        cudaError_t rc = cudaMalloc(&g_scratch[slot], cap);
+        if (rc != cudaSuccess)
+            mp_fatal("out of GPU memory allocating %zu bytes of scratch: %s", cap,
+                     cudaGetErrorString(rc));
+        g_scratch_cap[slot] = cap;
+    }
+    return g_scratch[slot];
+}
+
+// ---------------------------------------------------------------------------------------
+// GEMMs
+
+static __global__ void scale_rows_kernel(float *C, int M, int N, int ldc, float beta) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= (size_t)M * N) return;
+    float *c = C + (i / N) * ldc + i % N;
+    *c = beta == 0.0f ? 0.0f : beta * *c;   // beta = 0: C is not read (BLAS rule)
+}
+
+void mp_cuda_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                   int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {   // empty sum: C = beta C
+        if (beta != 1.0f) {
+            scale_rows_kernel<<<mp_blocks((size_t)M * N, 256), 256>>>(C, M, N, ldc, beta);
+            KERNEL_CHECK();
+        }
+        return;
+    }
+    cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasSgemm(g_blas, tb, ta, N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc));
+}
+
+void mp_cuda_sgemm_batched(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                           const float *A, int lda, long long sA, const float *B, int ldb,
+                           long long sB, float beta, float *C, int ldc, long long sC, int batch) {
+    if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;   // callers never have K = 0
+    cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasSgemmStridedBatched(g_blas, tb, ta, N, M, K, &alpha, B, ldb, sB, A, lda,
+                                           sA, &beta, C, ldc, sC, batch));
+}
+
+// ---------------------------------------------------------------------------------------
+// column sums in a fixed order: each block of COLSUM_ROWS rows writes a partial per column,
+// then one thread per column adds the partials in block order
+
+#define COLSUM_ROWS 64
+
+static __global__ void colsum_partial_kernel(float *part, const float *in, int N, int C,
+                                             int rows_per) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, blk = blockIdx.y;
+    if (c >= C) return;
+    int n0 = blk * rows_per, n1 = min(N, n0 + rows_per);
+    float s = 0.0f;
+    for (int n = n0; n < n1; n++) s += in[(size_t)n * C + c];
+    part[(size_t)blk * C + c] = s;
+}
+
+static __global__ void colsum_final_kernel(float *out, const float *part, int nblk, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float s = 0.0f;
+    for (int k = 0; k < nblk; k++) s += part[(size_t)k * C + c];
+    out[c] += s;
+}
+
+void mp_cuda_colsum_add(float *out, const float *in, int N, int C) {
+    if (N <= 0 || C <= 0) return;
+    int rows_per = mp_rows_per_block(N, COLSUM_ROWS), nblk = (N + rows_per - 1) / rows_per;
+    float *part = (float *)mp_cuda_scratch(SCR_COLSUM, (size_t)nblk * C * sizeof(float));
+    dim3 grid(mp_blocks(C, 128), nblk);
+    colsum_partial_kernel<<<grid, 128>>>(part, in, N, C, rows_per);
+    KERNEL_CHECK();
+    colsum_final_kernel<<<mp_blocks(C, 128), 128>>>(out, part, nblk, C);
+    KERNEL_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------
+// extras (backend/cuda/cuda.h)
+
+extern "C" void mp_cuda_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
+
+extern "C" const char *mp_cuda_device_name(void) { return g_device_name; }
+
+extern "C" size_t mp_cuda_memory_used(void) {
+    size_t free_b = 0, total_b = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    return total_b - free_b;
+}
+
+static __global__ void records_single_kernel(const int32_t *sel, const float *gate, long N, int S,
+                                             long row0, int64_t *slot_start, int32_t *slot,
+                                             int32_t *row, float *rec_gate) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i <= (size_t)N * S && i % S == 0) slot_start[i / S] = (int64_t)i;
+    if (i >= (size_t)N * S) return;
+    slot[i] = (int32_t)(i / S);
+    row[i] = (int32_t)(sel[i] - row0);
+    rec_gate[i] = gate[i];
+}
+
+extern "C" void mp_cuda_records_single(const int32_t *sel, const float *gate, long N, int S,
+                                       long row0, int64_t *slot_start, int32_t *slot,
+                                       int32_t *row, float *rec_gate) {
+    // slot_start[t] = t*S for t <= N: thread i = t*S writes it, so N*S + 1 threads
+    size_t n = (size_t)N * S + 1;
+    records_single_kernel<<<mp_blocks(n, 256), 256>>>(sel, gate, N, S, row0, slot_start, slot,
+                                                      row, rec_gate);
+    KERNEL_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------
+// discovery
+
+// With several ranks on one node each takes GPU (local rank mod count); launchers export
+// the local rank under one of these names.
+static int local_rank(void) {
+    const char *names[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID",
+                           "MV2_COMM_WORLD_LOCAL_RANK", "PMI_LOCAL_RANK"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const char *v = getenv(names[i]);
+        if (v && *v) return atoi(v);
+    }
+    return 0;
+}
+
+static void fill_table(mp_backend *b) {
+    memset(b, 0, sizeof *b);
+    b->name = "cuda";
+    b->host_memory = 0;
+    b->alloc = cuda_alloc;
+    b->free = cuda_free;
+    b->zero = cuda_zero;
+    b->to_host = cuda_copy;
+    b->from_host = cuda_copy;
+    b->encoder_forward = mp_cuda_encoder_forward;
+    b->encoder_backward = mp_cuda_encoder_backward;
+    b->layernorm_forward = mp_cuda_layernorm_forward;
+    b->layernorm_backward = mp_cuda_layernorm_backward;
+    b->matmul_forward = mp_cuda_matmul_forward;
+    b->matmul_backward = mp_cuda_matmul_backward;
+    b->attention_forward = mp_cuda_attention_forward;
+    b->attention_backward = mp_cuda_attention_backward;
+    b->gelu_forward = mp_cuda_gelu_forward;
+    b->gelu_backward = mp_cuda_gelu_backward;
+    b->residual_forward = mp_cuda_residual_forward;
+    b->crossentropy_forward = mp_cuda_crossentropy_forward;
+    b->crossentropy_backward = mp_cuda_crossentropy_backward;
+    b->retrieval_route = mp_cuda_retrieval_route;
+    b->retrieval_route_backward = mp_cuda_retrieval_route_backward;
+    b->experts_forward = mp_cuda_experts_forward;
+    b->experts_backward = mp_cuda_experts_backward;
+    b->adamw = mp_cuda_adamw;
+    b->sum_squares = mp_cuda_sum_squares;
+}
+
+extern "C" const mp_backend *mp_backend_cuda(char *err, size_t err_len) {
+    if (g_ready) return &g_backend;
+    int count = 0;
+    cudaError_t rc = cudaGetDeviceCount(&count);
+    if (rc != cudaSuccess || count == 0) {
+        if (err && err_len) {
+            if (rc == cudaErrorInsufficientDriver || rc == cudaErrorNoDevice)
+                snprintf(err, err_len, "no usable GPU: cudaGetDeviceCount failed with %s (no "
+                         "NVIDIA driver or GPU visible here, or a driver older than this CUDA "
+                         "%d.%d runtime; check nvidia-smi)", cudaGetErrorName(rc),
+                         CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+            else if (rc != cudaSuccess)
+                snprintf(err, err_len, "no usable GPU: cudaGetDeviceCount failed with %s (%s)",
+                         cudaGetErrorName(rc), cudaGetErrorString(rc));
+            else
+                snprintf(err, err_len, "no usable GPU: cudaGetDeviceCount found 0 devices");
+        }
+        return NULL;
+    }
+    int dev = local_rank() % count;
+    cudaDeviceProp prop;
+    if ((rc = cudaSetDevice(dev)) != cudaSuccess ||
+        (rc = cudaGetDeviceProperties(&prop, dev)) != cudaSuccess) {
+        if (err && err_len)
+            snprintf(err, err_len, "GPU %d of %d cannot be used: %s", dev, count,
+                     cudaGetErrorString(rc));
+        return NULL;
+    }
+    cublasStatus_t bs = cublasCreate(&g_blas);
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+        if (err && err_len)
+            snprintf(err, err_len, "cublasCreate failed on GPU %d: %s", dev, cublas_status_name(bs));
+        return NULL;
+    }
+    // plain fp32 GEMMs (no TF32 tensor-core rounding): fp32 mode must match the CPU
+    // backend to 1e-4
+    CUBLAS_CHECK(cublasSetMathMode(g_blas, CUBLAS_DEFAULT_MATH));
+    snprintf(g_device_name, sizeof g_device_name, "%.200s (GPU %d of %d, sm_%d%d)", prop.name, dev,
+             count, prop.major, prop.minor);
+    fill_table(&g_backend);
+    g_ready = 1;
+    return &g_backend;
+}

@@ -1,0 +1,34 @@
+// The CUDA backend's extras beyond the backend table, callable from C (tests, the benchmark
+// driver tools/bench/bench_peer_cuda.c). Only present when MP_HAVE_CUDA is defined; every
+// function needs mp_backend_cuda() to have succeeded first. Pointers are device memory
+// (the backend's alloc) unless a name says host.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Waits for all queued GPU work (benchmarks time with events, tests read results after it).
+void mp_cuda_synchronize(void);
+// The device's name and its memory in use now (cudaMemGetInfo: total - free), in bytes.
+const char *mp_cuda_device_name(void);
+size_t mp_cuda_memory_used(void);
+// Product-key top-k of `rows` queries from their sub-key scores s1, s2 (rows, n): the k best
+// of s1[a] + s2[b] (ties to the lower expert id a*n + b), written as the route writes them:
+// sel, sel_a, sel_b and the softmax gates (rows, k). k <= 32, k <= n. Exposed for the
+// brute-force test.
+void mp_cuda_product_topk(const float *s1, const float *s2, long rows, int n, int k,
+                          int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate);
+// Device records of a single process (P = 1), built on the GPU from the route's selections:
+// every token is one slot; slot_start (N + 1) = t*S, slot (N*S) = t, row (N*S) = sel - row0
+// (row0 = the first expert row held here, 0 with one process), gate (N*S) copied. This is
+// what src/model/retrieval.c builds on the host for P = 1; the benchmark uses it to time the
+// layer without the host exchange.
+void mp_cuda_records_single(const int32_t *sel, const float *gate, long N, int S, long row0,
+                            int64_t *slot_start, int32_t *slot, int32_t *row, float *rec_gate);
+
+#ifdef __cplusplus
+}
+#endif

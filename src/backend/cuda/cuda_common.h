@@ -1,0 +1,140 @@
+// What the CUDA backend's files share (CUDA C++, included by src/backend/cuda/*.cu only):
+// checked calls, the cuBLAS handle, grow-only device scratch, row-major GEMM wrappers, warp
+// reductions and the ops each file exports to the backend table.
+//
+// Everything runs on the legacy default stream, so kernels, cuBLAS calls and cudaMemcpy are
+// ordered without explicit synchronisation. No op uses atomics or a reduction whose order
+// depends on scheduling: every output element has one writer and sums run in a fixed order,
+// so results are bitwise repeatable on the same GPU, toolkit and shapes (cuBLAS guarantees
+// the same for its GEMMs on one architecture and SM count).
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+extern "C" {
+#include "core/log.h"
+#include "millipede/backend.h"
+#include "model/retrieval.h"
+}
+
+// Every CUDA runtime and cuBLAS call goes through these: a failure ends the process with
+// file:line, the call and the library's own message.
+void mp_cuda_check_at(cudaError_t rc, const char *what, const char *file, int line);
+void mp_cublas_check_at(cublasStatus_t rc, const char *what, const char *file, int line);
+#define CUDA_CHECK(call) mp_cuda_check_at((call), #call, __FILE__, __LINE__)
+#define CUBLAS_CHECK(call) mp_cublas_check_at((call), #call, __FILE__, __LINE__)
+// after every kernel launch: launch-configuration errors show up here, at their line
+#define KERNEL_CHECK() mp_cuda_check_at(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+cublasHandle_t mp_cuda_blas(void);
+
+// Grow-only device scratch, one buffer per slot: valid until the next request of the same
+// slot. An op and the helpers it calls use distinct slots.
+enum {
+    SCR_COLSUM,      // column-sum partials
+    SCR_ATT,         // attention backward dP / dS
+    SCR_SS,          // sum_squares partials
+    SCR_S1, SCR_S2,  // sub-key scores of a chunk of queries
+    SCR_BN,          // BatchNorm sums (doubles)
+    SCR_SORT_KEYS, SCR_SORT_VALS, SCR_SORT_TMP, SCR_SORT_IDX, SCR_SORT_OFF,   // mp_cuda_sort_by_key
+    SCR_DPRE,        // experts backward: d(pre-activation) per record
+    SCR_COUNT
+};
+void *mp_cuda_scratch(int slot, size_t bytes);
+
+static inline unsigned mp_blocks(size_t n, int threads) {
+    size_t b = (n + (size_t)threads - 1) / (size_t)threads;
+    return (unsigned)(b ? b : 1);
+}
+
+// Rows per block of a row-blocked reduction whose blocks run along grid.y (at most 65535
+// blocks): `want`, or more when N needs it. Depends only on N, so the order is fixed.
+static inline int mp_rows_per_block(int N, int want) {
+    int need = (N + 65534) / 65535;
+    return need > want ? need : want;
+}
+
+// Row-major C (M,N) = alpha op(A) op(B) + beta C, like mp_cpu_sgemm: op = transpose when
+// trans_x is non-zero (A is then stored (K,M), B (N,K)). cuBLAS is column-major, so this is
+// C^T = op(B)^T op(A)^T with the operands swapped and the same transpose flags.
+void mp_cuda_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                   int lda, const float *B, int ldb, float beta, float *C, int ldc);
+// The same for `batch` products, operand i at A + i*sA, B + i*sB, C + i*sC.
+void mp_cuda_sgemm_batched(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                           const float *A, int lda, long long sA, const float *B, int ldb,
+                           long long sB, float beta, float *C, int ldc, long long sC, int batch);
+
+// out (C) += column sums of in (N, C), in a fixed order (row blocks, then blocks in order).
+void mp_cuda_colsum_add(float *out, const float *in, int N, int C);
+
+// Stable sort of the records [0, R) by key (non-negative int32): *idx (R) the record
+// indices in key order, ties in index order, and *skey (R) the sorted keys. When key_bound
+// > 0 (all keys < key_bound) and off is not NULL, *off (key_bound + 1) is where each key's
+// run starts in idx. The results live in scratch (SCR_SORT_*) until the next sort.
+void mp_cuda_sort_by_key(const int32_t *key, int64_t R, int64_t key_bound, const int32_t **idx,
+                         const int32_t **skey, const int32_t **off);
+
+// warp sums (every lane gets the total); the butterfly order is fixed
+__device__ __forceinline__ float mp_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double mp_warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float mp_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// GELU (exact, erf) and ReLU with their derivatives; the CPU's formulas
+__device__ __forceinline__ float mp_act_fwd(int relu, float x) {
+    if (relu) return x > 0.0f ? x : 0.0f;
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
+}
+__device__ __forceinline__ float mp_act_grad(int relu, float x) {
+    if (relu) return x > 0.0f ? 1.0f : 0.0f;
+    float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752440f));
+    float pdf = expf(-0.5f * x * x) * 0.39894228040143267794f;
+    return cdf + x * pdf;
+}
+
+// the ops of the table, one group per file
+void mp_cuda_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
+                             int B, int T, int C);
+void mp_cuda_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
+                              int B, int T, int C);
+void mp_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                               const float *w, const float *b, int N, int C);
+void mp_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                                const float *inp, const float *w, const float *mean,
+                                const float *rstd, int N, int C);
+void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
+                            int N, int C, int OC);
+void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
+                             const float *inp, const float *w, int N, int C, int OC);
+void mp_cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
+                               int NH);
+void mp_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv,
+                                const float *att, int B, int T, int C, int NH);
+void mp_cuda_gelu_forward(float *out, const float *inp, long n);
+void mp_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
+void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n);
+void mp_cuda_crossentropy_forward(float *losses, float *probs, const float *logits,
+                                  const int32_t *targets, int N, int V);
+void mp_cuda_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
+                                   float dloss, int N, int V);
+void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+                   float beta2, float eps, float wd, long t, float grad_scale);
+double mp_cuda_sum_squares(const float *x, size_t n);
+void mp_cuda_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train);
+void mp_cuda_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N);
+void mp_cuda_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
+                             const int64_t *slot_start, const int32_t *slot, const int32_t *row,
+                             const float *gate, float *pre, int64_t R);
+void mp_cuda_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
+                              const float *x, int64_t M, const int64_t *slot_start,
+                              const int32_t *slot, const int32_t *row, const float *gate,
+                              const float *pre, int64_t R);

@@ -1,0 +1,298 @@
+// CUDA dense ops: embeddings, LayerNorm, matmul (cuBLAS), GELU, residual, cross-entropy.
+// The math and the order of the CPU reference (src/backend/cpu/ops_dense.c); backward ops
+// accumulate. Reductions over rows (dw, db, dbias, dwpe, dwte) run in a fixed order with one
+// writer per element, never atomics (cuda_common.h).
+#include "backend/cuda/cuda_common.h"
+
+#define LN_EPS 1e-5f
+#define INV_SQRT2 0.70710678118654752440f
+#define INV_SQRT_2PI 0.39894228040143267794f
+#define LN_ROW_BLOCK 32
+
+// ---------------------------------------------------------------------------------------
+// token + position embedding
+
+static __global__ void encoder_forward_kernel(float *out, const int32_t *inp, const float *wte,
+                                              const float *wpe, int N, int T, int C) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * C) return;
+    size_t n = i / C, c = i % C, t = n % T;
+    out[i] = wte[(size_t)inp[n] * C + c] + wpe[t * C + c];
+}
+
+void mp_cuda_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
+                             int B, int T, int C) {
+    size_t n = (size_t)B * T * C;
+    if (!n) return;
+    encoder_forward_kernel<<<mp_blocks(n, 256), 256>>>(out, inp, wte, wpe, B * T, T, C);
+    KERNEL_CHECK();
+}
+
+// dwpe (t, c): the sum over sequences b in order
+static __global__ void encoder_dwpe_kernel(float *dwpe, const float *dout, int B, int T, int C) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= (size_t)T * C) return;
+    float acc = dwpe[i];
+    for (int b = 0; b < B; b++) acc += dout[(size_t)b * T * C + i];
+    dwpe[i] = acc;
+}
+
+// dwte: positions sorted by token id (stable); the block at the first position of each
+// token's run sums that run in position order, as the CPU does
+static __global__ void encoder_dwte_kernel(float *dwte, const float *dout, const int32_t *skey,
+                                           const int32_t *idx, int N, int C) {
+    int p = blockIdx.x;
+    if (p > 0 && skey[p] == skey[p - 1]) return;
+    int tok = skey[p];
+    float *row = dwte + (size_t)tok * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float acc = row[c];
+        for (int q = p; q < N && skey[q] == tok; q++) acc += dout[(size_t)idx[q] * C + c];
+        row[c] = acc;
+    }
+}
+
+void mp_cuda_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
+                              int B, int T, int C) {
+    int N = B * T;
+    if (N <= 0 || C <= 0) return;
+    encoder_dwpe_kernel<<<mp_blocks((size_t)T * C, 256), 256>>>(dwpe, dout, B, T, C);
+    KERNEL_CHECK();
+    const int32_t *idx, *skey;
+    mp_cuda_sort_by_key(inp, N, 0, &idx, &skey, NULL);
+    encoder_dwte_kernel<<<N, C < 256 ? 32 * ((C + 31) / 32) : 256>>>(dwte, dout, skey, idx, N, C);
+    KERNEL_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------
+// LayerNorm: one warp per row
+
+static __global__ void layernorm_forward_kernel(float *out, float *mean, float *rstd,
+                                                const float *inp, const float *w, const float *b,
+                                                int N, int C) {
+    int n = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const float *x = inp + (size_t)n * C;
+    float *o = out + (size_t)n * C;
+    float s = 0.0f;
+    for (int c = lane; c < C; c += 32) s += x[c];
+    float m = mp_warp_sum(s) / C;
+    float v = 0.0f;   // two passes, as on the CPU
+    for (int c = lane; c < C; c += 32) {
+        float d = x[c] - m;
+        v += d * d;
+    }
+    float var = mp_warp_sum(v) / C;
+    float r = 1.0f / sqrtf(var + LN_EPS);
+    for (int c = lane; c < C; c += 32) o[c] = (x[c] - m) * r * w[c] + b[c];
+    if (lane == 0) {
+        if (mean) mean[n] = m;
+        if (rstd) rstd[n] = r;
+    }
+}
+
+void mp_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                               const float *w, const float *b, int N, int C) {
+    if (N <= 0) return;
+    layernorm_forward_kernel<<<mp_blocks((size_t)N * 32, 256), 256>>>(out, mean, rstd, inp, w, b,
+                                                                       N, C);
+    KERNEL_CHECK();
+}
+
+static __global__ void layernorm_dinp_kernel(float *dinp, const float *dout, const float *inp,
+                                             const float *w, const float *mean,
+                                             const float *rstd, int N, int C) {
+    int n = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const float *x = inp + (size_t)n * C, *d = dout + (size_t)n * C;
+    float *dx = dinp + (size_t)n * C;
+    float m = mean[n], s = rstd[n];
+    float a = 0.0f, bsum = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float dn = w[c] * d[c];
+        a += dn;
+        bsum += dn * ((x[c] - m) * s);
+    }
+    float dn_mean = mp_warp_sum(a) / C, dnn_mean = mp_warp_sum(bsum) / C;
+    for (int c = lane; c < C; c += 32) {
+        float norm = (x[c] - m) * s;
+        dx[c] += (w[c] * d[c] - dn_mean - norm * dnn_mean) * s;
+    }
+}
+
+// partial dw, db of one block of LN_ROW_BLOCK rows: part (nblk, 2, C)
+static __global__ void layernorm_dw_partial_kernel(float *part, const float *dout,
+                                                   const float *inp, const float *mean,
+                                                   const float *rstd, int N, int C,
+                                                   int rows_per) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, k = blockIdx.y;
+    if (c >= C) return;
+    int n1 = min(N, (k + 1) * rows_per);
+    float pw = 0.0f, pb = 0.0f;
+    for (int n = k * rows_per; n < n1; n++) {
+        float d = dout[(size_t)n * C + c];
+        pw += d * ((inp[(size_t)n * C + c] - mean[n]) * rstd[n]);
+        pb += d;
+    }
+    part[(size_t)k * 2 * C + c] = pw;
+    part[(size_t)k * 2 * C + C + c] = pb;
+}
+
+static __global__ void layernorm_dw_final_kernel(float *dw, float *db, const float *part,
+                                                 int nblk, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float sw = 0.0f, sb = 0.0f;
+    for (int k = 0; k < nblk; k++) {
+        sw += part[(size_t)k * 2 * C + c];
+        sb += part[(size_t)k * 2 * C + C + c];
+    }
+    dw[c] += sw;
+    db[c] += sb;
+}
+
+void mp_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                                const float *inp, const float *w, const float *mean,
+                                const float *rstd, int N, int C) {
+    if (N <= 0) return;
+    layernorm_dinp_kernel<<<mp_blocks((size_t)N * 32, 256), 256>>>(dinp, dout, inp, w, mean, rstd,
+                                                                    N, C);
+    KERNEL_CHECK();
+    int rows_per = mp_rows_per_block(N, LN_ROW_BLOCK), nblk = (N + rows_per - 1) / rows_per;
+    float *part = (float *)mp_cuda_scratch(SCR_COLSUM, (size_t)nblk * 2 * C * sizeof(float));
+    layernorm_dw_partial_kernel<<<dim3(mp_blocks(C, 128), nblk), 128>>>(part, dout, inp, mean,
+                                                                         rstd, N, C, rows_per);
+    KERNEL_CHECK();
+    layernorm_dw_final_kernel<<<mp_blocks(C, 128), 128>>>(dw, db, part, nblk, C);
+    KERNEL_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------
+// matmul: out = inp @ w^T + bias (cuBLAS)
+
+static __global__ void add_bias_kernel(float *out, const float *bias, int N, int OC) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < (size_t)N * OC) out[i] += bias[i % OC];
+}
+
+void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
+                            int N, int C, int OC) {
+    if (N <= 0 || OC <= 0) return;
+    mp_cuda_sgemm(0, 1, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
+    if (bias) {
+        add_bias_kernel<<<mp_blocks((size_t)N * OC, 256), 256>>>(out, bias, N, OC);
+        KERNEL_CHECK();
+    }
+}
+
+void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
+                             const float *inp, const float *w, int N, int C, int OC) {
+    if (N <= 0 || OC <= 0 || C <= 0) return;
+    if (dinp) mp_cuda_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, 1.0f, dinp, C);
+    if (dw) mp_cuda_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
+    if (dbias) mp_cuda_colsum_add(dbias, dout, N, OC);
+}
+
+// ---------------------------------------------------------------------------------------
+// GELU (exact), residual
+
+static __global__ void gelu_forward_kernel(float *out, const float *inp, long n) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= (size_t)n) return;
+    float x = inp[i];
+    out[i] = 0.5f * x * (1.0f + erff(x * INV_SQRT2));
+}
+
+static __global__ void gelu_backward_kernel(float *dinp, const float *inp, const float *dout,
+                                            long n) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= (size_t)n) return;
+    float x = inp[i];
+    float cdf = 0.5f * (1.0f + erff(x * INV_SQRT2));
+    float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
+    dinp[i] += (cdf + x * pdf) * dout[i];
+}
+
+static __global__ void residual_kernel(float *out, const float *a, const float *b, long n) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < (size_t)n) out[i] = a[i] + b[i];
+}
+
+void mp_cuda_gelu_forward(float *out, const float *inp, long n) {
+    if (n <= 0) return;
+    gelu_forward_kernel<<<mp_blocks(n, 256), 256>>>(out, inp, n);
+    KERNEL_CHECK();
+}
+
+void mp_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, long n) {
+    if (n <= 0) return;
+    gelu_backward_kernel<<<mp_blocks(n, 256), 256>>>(dinp, inp, dout, n);
+    KERNEL_CHECK();
+}
+
+void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n) {
+    if (n <= 0) return;
+    residual_kernel<<<mp_blocks(n, 256), 256>>>(out, a, b, n);
+    KERNEL_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------
+// softmax cross-entropy: one block of CE_THREADS per row
+
+#define CE_THREADS 256
+
+static __global__ void crossentropy_forward_kernel(float *losses, float *probs,
+                                                   const float *logits, const int32_t *targets,
+                                                   int V) {
+    __shared__ float smax[CE_THREADS / 32];
+    __shared__ double ssum[CE_THREADS / 32];
+    int n = blockIdx.x, tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
+    const float *x = logits + (size_t)n * V;
+    float *p = probs + (size_t)n * V;
+    float mx = -INFINITY;
+    for (int v = tid; v < V; v += CE_THREADS) mx = fmaxf(mx, x[v]);
+    mx = mp_warp_max(mx);
+    if (lane == 0) smax[wid] = mx;
+    __syncthreads();
+    mx = smax[0];
+    for (int w = 1; w < CE_THREADS / 32; w++) mx = fmaxf(mx, smax[w]);
+    // the normaliser over a large vocabulary is summed in double, as on the CPU
+    double s = 0.0;
+    for (int v = tid; v < V; v += CE_THREADS) {
+        float e = expf(x[v] - mx);
+        p[v] = e;
+        s += e;
+    }
+    s = mp_warp_sum_d(s);
+    if (lane == 0) ssum[wid] = s;
+    __syncthreads();
+    double sum = 0.0;
+    for (int w = 0; w < CE_THREADS / 32; w++) sum += ssum[w];
+    float inv = (float)(1.0 / sum);
+    for (int v = tid; v < V; v += CE_THREADS) p[v] *= inv;
+    if (tid == 0) losses[n] = (float)(log(sum) - (double)(x[targets[n]] - mx));
+}
+
+static __global__ void crossentropy_backward_kernel(float *dlogits, const float *probs,
+                                                    const int32_t *targets, float dloss, int N,
+                                                    int V) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * V) return;
+    int v = (int)(i % V);
+    dlogits[i] += dloss * (probs[i] - (v == targets[i / V] ? 1.0f : 0.0f));
+}
+
+void mp_cuda_crossentropy_forward(float *losses, float *probs, const float *logits,
+                                  const int32_t *targets, int N, int V) {
+    if (N <= 0) return;
+    crossentropy_forward_kernel<<<N, CE_THREADS>>>(losses, probs, logits, targets, V);
+    KERNEL_CHECK();
+}
+
+void mp_cuda_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
+                                   float dloss, int N, int V) {
+    if (N <= 0) return;
+    crossentropy_backward_kernel<<<mp_blocks((size_t)N * V, 256), 256>>>(dlogits, probs, targets,
+                                                                         dloss, N, V);
+    KERNEL_CHECK();
+}

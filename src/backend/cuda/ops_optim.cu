@@ -1,0 +1,64 @@
+// CUDA optimizer ops: AdamW on one contiguous range, the sum of squares for clipping
+// (src/backend/cpu/ops_optim.c has the same math and block order).
+#include <math.h>
+#include <stdlib.h>
+#include "backend/cuda/cuda_common.h"
+
+// elements per partial sum, as on the CPU: the order of the final sum depends only on n
+#define SS_BLOCK 16384
+#define SS_THREADS 256
+
+static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n,
+                                    float lr, float beta1, float beta2, float eps, float wd,
+                                    float bc1, float bc2, float grad_scale) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = g[i] * grad_scale;
+    float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+    float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    float mhat = mi / bc1, vhat = vi / bc2;
+    p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+}
+
+void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+                   float beta2, float eps, float wd, long t, float grad_scale) {
+    if (!n) return;
+    // bias corrections on the host, exactly as the CPU computes them
+    float bc1 = 1.0f - powf(beta1, (float)t);
+    float bc2 = 1.0f - powf(beta2, (float)t);
+    adamw_kernel<<<mp_blocks(n, 256), 256>>>(p, g, m, v, n, lr, beta1, beta2, eps, wd, bc1, bc2,
+                                             grad_scale);
+    KERNEL_CHECK();
+}
+
+// one block per SS_BLOCK elements: a double partial, summed in a fixed tree
+static __global__ void sum_squares_kernel(double *part, const float *x, size_t n) {
+    __shared__ double sh[SS_THREADS / 32];
+    size_t lo = (size_t)blockIdx.x * SS_BLOCK, hi = lo + SS_BLOCK < n ? lo + SS_BLOCK : n;
+    double s = 0.0;
+    for (size_t i = lo + threadIdx.x; i < hi; i += SS_THREADS) s += (double)x[i] * x[i];
+    s = mp_warp_sum_d(s);
+    if (threadIdx.x % 32 == 0) sh[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int w = 0; w < SS_THREADS / 32; w++) t += sh[w];
+        part[blockIdx.x] = t;
+    }
+}
+
+double mp_cuda_sum_squares(const float *x, size_t n) {
+    if (!n) return 0.0;
+    size_t nblk = (n + SS_BLOCK - 1) / SS_BLOCK;
+    double *part = (double *)mp_cuda_scratch(SCR_SS, nblk * sizeof(double));
+    sum_squares_kernel<<<(unsigned)nblk, SS_THREADS>>>(part, x, n);
+    KERNEL_CHECK();
+    double *host = (double *)mp_malloc(nblk * sizeof(double));
+    CUDA_CHECK(cudaMemcpy(host, part, nblk * sizeof(double), cudaMemcpyDeviceToHost));
+    double s = 0.0;
+    for (size_t k = 0; k < nblk; k++) s += host[k];   // in block order
+    free(host);
+    return s;
+}

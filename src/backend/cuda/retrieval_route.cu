@@ -1,0 +1,420 @@
+// The PEER / PKM route on the GPU, where the token lives (the math and order of
+// src/backend/cpu/retrieval_cpu.c): query GEMM (cuBLAS), query BatchNorm over the global
+// batch, sub-key score GEMMs over the (N*H, dk) view of the queries, exact product-key
+// top-k (one warp per token and head), gate softmax; and the backward: softmax, query
+// gradient through the selected sub-keys, dK1 / dK2 as sums over records sorted by sub-key
+// (no atomics: bitwise repeatable), BatchNorm backward, dW_q and dx (cuBLAS).
+//
+// The BatchNorm statistics are summed on the device in double, copied to the host (2 * HD
+// doubles) and reduced across ranks through l->comm, which works on host buffers.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "backend/cuda/cuda.h"
+#include "backend/cuda/cuda_common.h"
+
+// elements of one (rows, n) sub-key score chunk: bounds the scratch at 2 x 128 MiB
+#define SCORE_CHUNK_ELEMS (1L << 25)
+#define TOPK_MAX 32
+#define TOPK_WARPS 4
+#define BN_ROWS 256   // rows per double partial of a BatchNorm column sum
+
+static void allreduce(mp_retrieval_layer *l, double *buf, size_t n) {
+    if (l->comm && l->comm->size > 1) l->comm->allreduce_f64(l->comm, buf, n);
+}
+
+// ---------------------------------------------------------------------------------------
+// query BatchNorm forward
+
+// part (nblk, HD): per block of BN_ROWS rows, the sum of q, or of (q - mean)^2 when mean
+// is given, in double
+static __global__ void bn_partial_kernel(double *part, const float *q, const double *mean, int N,
+                                         int HD, int rows_per) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x, k = blockIdx.y;
+    if (j >= HD) return;
+    int n1 = min(N, (k + 1) * rows_per);
+    double s = 0.0;
+    for (int i = k * rows_per; i < n1; i++) {
+        double v = q[(size_t)i * HD + j];
+        if (mean) v = (v - mean[j]) * (v - mean[j]);
+        s += v;
+    }
+    part[(size_t)k * HD + j] = s;
+}
+
+static __global__ void sum_partials_kernel(double *out, const double *part, int nblk, int HD) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= HD) return;
+    double s = 0.0;
+    for (int k = 0; k < nblk; k++) s += part[(size_t)k * HD + j];
+    out[j] = s;
+}
+
+// host (HD) = the column sums of q (N, HD) [centred on the device doubles dmean]
+static void bn_column_sums(double *host, const float *q, const double *dmean, int N, int HD,
+                           double *dout) {
+    int rows_per = mp_rows_per_block(N, BN_ROWS), nblk = (N + rows_per - 1) / rows_per;
+    double *part = (double *)mp_cuda_scratch(SCR_COLSUM, (size_t)(nblk ? nblk : 1) * HD * sizeof(double));
+    if (nblk) {
+        bn_partial_kernel<<<dim3(mp_blocks(HD, 128), nblk), 128>>>(part, q, dmean, N, HD, rows_per);
+        KERNEL_CHECK();
+    }
+    sum_partials_kernel<<<mp_blocks(HD, 128), 128>>>(dout, part, nblk, HD);
+    KERNEL_CHECK();
+    CUDA_CHECK(cudaMemcpy(host, dout, (size_t)HD * sizeof(double), cudaMemcpyDeviceToHost));
+}
+
+static __global__ void bn_normalize_kernel(float *qn, const float *q, const float *w,
+                                           const float *b, const float *mean, const float *rstd,
+                                           int N, int HD) {
+    size_t o = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (o >= (size_t)N * HD) return;
+    int j = (int)(o % HD);
+    qn[o] = w[j] * (q[o] - mean[j]) * rstd[j] + b[j];
+}
+
+static void query_bn_forward(mp_retrieval_layer *l, int N, int train) {
+    const mp_retrieval_config *rc = l->rc;
+    int HD = rc->heads * rc->key_dim;
+    size_t fb = (size_t)HD * sizeof(float);
+    if (!rc->query_bn) {
+        CUDA_CHECK(cudaMemcpy(l->qn, l->q, (size_t)N * fb, cudaMemcpyDeviceToDevice));
+        return;
+    }
+    // host copies of the running statistics and the statistics this forward uses
+    float *rm = (float *)mp_malloc(4 * fb), *rv = rm + HD, *bm = rm + 2 * HD, *br = rm + 3 * HD;
+    CUDA_CHECK(cudaMemcpy(rm, l->running_mean, fb, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(rv, l->running_var, fb, cudaMemcpyDeviceToHost));
+    if (train) {
+        double *sum = (double *)mp_calloc((size_t)2 * HD + 1, sizeof(double));   // sums, count
+        double *sq = sum + HD + 1;
+        double *dbuf = (double *)mp_cuda_scratch(SCR_BN, (size_t)2 * HD * sizeof(double));
+        bn_column_sums(sum, l->q, NULL, N, HD, dbuf);
+        sum[HD] = N;
+        allreduce(l, sum, HD + 1);
+        double count = sum[HD];
+        for (int j = 0; j < HD; j++) sq[j] = sum[j] / count;   // the mean, for the device
+        CUDA_CHECK(cudaMemcpy(dbuf + HD, sq, (size_t)HD * sizeof(double), cudaMemcpyHostToDevice));
+        bn_column_sums(sq, l->q, dbuf + HD, N, HD, dbuf);
+        allreduce(l, sq, HD);
+        float mo = rc->bn_momentum;
+        for (int j = 0; j < HD; j++) {
+            float mean = (float)(sum[j] / count), var = (float)(sq[j] / count);
+            float unbiased = count > 1 ? (float)(sq[j] / (count - 1)) : var;
+            rm[j] = (1.0f - mo) * rm[j] + mo * mean;
+            rv[j] = (1.0f - mo) * rv[j] + mo * unbiased;
+            bm[j] = mean;
+            br[j] = 1.0f / sqrtf(var + rc->bn_eps);
+        }
+        l->bn_count = count;
+        free(sum);
+        CUDA_CHECK(cudaMemcpy(l->running_mean, rm, fb, cudaMemcpyHostToDevice));
+        CUDA_CHECK(cudaMemcpy(l->running_var, rv, fb, cudaMemcpyHostToDevice));
+    } else {
+        for (int j = 0; j < HD; j++) {
+            bm[j] = rm[j];
+            br[j] = 1.0f / sqrtf(rv[j] + rc->bn_eps);
+        }
+    }
+    CUDA_CHECK(cudaMemcpy(l->bn_mean, bm, fb, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(l->bn_rstd, br, fb, cudaMemcpyHostToDevice));
+    free(rm);
+    bn_normalize_kernel<<<mp_blocks((size_t)N * HD, 256), 256>>>(l->qn, l->q, l->bn_w, l->bn_b,
+                                                                 l->bn_mean, l->bn_rstd, N, HD);
+    KERNEL_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------
+// product-key top-k: one warp per (token, head) query
+
+// Is (va, ia) ranked before (vb, ib)? Higher score first, then lower index (the CPU's rule).
+static __device__ __forceinline__ bool ranks_before(float va, int ia, float vb, int ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+// The best of s[0..n) (index id[j], or j without id) ranked strictly after (pv, pi); every
+// lane gets it. k rounds of this give the exact top-k, ties included, with no sorting and no
+// state beyond the previous pick.
+static __device__ void warp_next(const float *s, const int *id, int n, float pv, int pi,
+                                 float *bv, int *bi) {
+    int lane = threadIdx.x % 32;
+    float v = -INFINITY;
+    int i = -1;
+    for (int j = lane; j < n; j += 32) {
+        float x = s[j];
+        int xi = id ? id[j] : j;
+        if (ranks_before(pv, pi, x, xi) && (i < 0 || ranks_before(x, xi, v, i))) {
+            v = x;
+            i = xi;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (oi >= 0 && (i < 0 || ranks_before(ov, oi, v, i))) {
+            v = ov;
+            i = oi;
+        }
+    }
+    if (i < 0) i = 0;   // only when scores are NaN: keep the index in range
+    *bv = v;
+    *bi = i;
+}
+
+static __global__ void product_topk_kernel(const float *s1, const float *s2, long rows, int n,
+                                           int k, int32_t *sel, int32_t *sel_a, int32_t *sel_b,
+                                           float *gate) {
+    __shared__ float cand[TOPK_WARPS][TOPK_MAX * TOPK_MAX];
+    __shared__ int cand_id[TOPK_WARPS][TOPK_MAX * TOPK_MAX];
+    __shared__ float half_v[TOPK_WARPS][2][TOPK_MAX];
+    __shared__ int half_i[TOPK_WARPS][2][TOPK_MAX];
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    long row = (long)blockIdx.x * TOPK_WARPS + w;   // = token * H + head
+    if (row >= rows) return;                         // the whole warp leaves together
+    // top-k of each half
+    for (int half = 0; half < 2; half++) {
+        const float *s = (half ? s2 : s1) + (size_t)row * n;
+        float pv = INFINITY, bv;
+        int pi = -1, bi;
+        for (int j = 0; j < k; j++) {
+            warp_next(s, NULL, n, pv, pi, &bv, &bi);
+            if (lane == 0) {
+                half_v[w][half][j] = bv;
+                half_i[w][half][j] = bi;
+            }
+            pv = bv;
+            pi = bi;
+        }
+    }
+    __syncwarp();
+    // the k*k candidate sums, expert id a*n + b
+    for (int c = lane; c < k * k; c += 32) {
+        int i = c / k, j = c % k;
+        cand[w][c] = half_v[w][0][i] + half_v[w][1][j];
+        cand_id[w][c] = half_i[w][0][i] * n + half_i[w][1][j];
+    }
+    __syncwarp();
+    float pv = INFINITY, v = 0.0f, bv;
+    int pi = -1, e = 0, bi;
+    for (int j = 0; j < k; j++) {
+        warp_next(cand[w], cand_id[w], k * k, pv, pi, &bv, &bi);
+        if (lane == j) {
+            v = bv;
+            e = bi;
+        }
+        pv = bv;
+        pi = bi;
+    }
+    // gates: softmax over the k selected scores, summed in order as on the CPU
+    float mx = __shfl_sync(0xffffffffu, v, 0);
+    float ex = lane < k ? expf(v - mx) : 0.0f;
+    float sum = 0.0f;
+    for (int j = 0; j < k; j++) sum += __shfl_sync(0xffffffffu, ex, j);
+    if (lane < k) {
+        size_t o = (size_t)row * k + lane;
+        gate[o] = ex / sum;
+        sel[o] = e;
+        sel_a[o] = e / n;
+        sel_b[o] = e % n;
+    }
+}
+
+static void product_topk(const float *s1, const float *s2, long rows, int n, int k, int32_t *sel,
+                         int32_t *sel_a, int32_t *sel_b, float *gate) {
+    if (k < 1 || k > TOPK_MAX || k > n)
+        mp_fatal("CUDA product-key top-k supports 1 <= k <= min(%d, n), got k = %d, n = %d",
+                 TOPK_MAX, k, n);
+    if (rows <= 0) return;
+    product_topk_kernel<<<mp_blocks((size_t)rows, TOPK_WARPS), 32 * TOPK_WARPS>>>(
+        s1, s2, rows, n, k, sel, sel_a, sel_b, gate);
+    KERNEL_CHECK();
+}
+
+extern "C" void mp_cuda_product_topk(const float *s1, const float *s2, long rows, int n, int k,
+                                     int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate) {
+    product_topk(s1, s2, rows, n, k, sel, sel_a, sel_b, gate);
+}
+
+static void retrieve(mp_retrieval_layer *l, int N) {
+    const mp_retrieval_config *rc = l->rc;
+    int H = rc->heads, k = rc->topk, dk = rc->key_dim, half = dk / 2, n = rc->n_sub;
+    long rows_total = (long)N * H;
+    long chunk = SCORE_CHUNK_ELEMS / n;
+    if (chunk < 1) chunk = 1;
+    if (chunk > rows_total) chunk = rows_total;
+    if (chunk < 1) return;
+    float *s1 = (float *)mp_cuda_scratch(SCR_S1, (size_t)chunk * n * sizeof(float));   // (chunk, n)
+    float *s2 = (float *)mp_cuda_scratch(SCR_S2, (size_t)chunk * n * sizeof(float));   // (chunk, n)
+    for (long r0 = 0; r0 < rows_total; r0 += chunk) {
+        long rc_ = rows_total - r0 < chunk ? rows_total - r0 : chunk;
+        // qn viewed as (N*H, dk): the first half of each row against K1, the second against K2
+        mp_cuda_sgemm(0, 1, (int)rc_, n, half, 1.0f, l->qn + r0 * dk, dk, l->k1, half, 0.0f, s1, n);
+        mp_cuda_sgemm(0, 1, (int)rc_, n, half, 1.0f, l->qn + r0 * dk + half, dk, l->k2, half, 0.0f,
+                      s2, n);
+        size_t o = (size_t)r0 * k;
+        product_topk(s1, s2, rc_, n, k, l->sel + o, l->sel_a + o, l->sel_b + o, l->gate + o);
+    }
+}
+
+void mp_cuda_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train) {
+    const mp_retrieval_config *rc = l->rc;
+    int C = l->C, HD = rc->heads * rc->key_dim;
+    if (N > l->maxN) mp_fatal("retrieval layer: %d rows exceed the %d it was built for", N, l->maxN);
+    if (N <= 0) return;
+    mp_cuda_sgemm(0, 1, N, HD, C, 1.0f, x, C, l->wq, C, 0.0f, l->q, HD);
+    query_bn_forward(l, N, train);
+    retrieve(l, N);
+}
+
+// ---------------------------------------------------------------------------------------
+// backward
+
+// One warp per (token, head): dscore_j = g_j (dg_j - sum_i g_i dg_i) into dgate, and the
+// query gradient dq (set, not accumulated) through the selected sub-keys, j in order.
+static __global__ void softmax_dq_kernel(float *dq, float *dgate, const float *gate,
+                                         const int32_t *sel_a, const int32_t *sel_b,
+                                         const float *k1, const float *k2, long rows, int k,
+                                         int dk) {
+    __shared__ float sds[TOPK_WARPS][TOPK_MAX];
+    __shared__ int sa[TOPK_WARPS][TOPK_MAX], sb[TOPK_WARPS][TOPK_MAX];
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32, half = dk / 2;
+    long row = (long)blockIdx.x * TOPK_WARPS + w;
+    if (row >= rows) return;
+    size_t o = (size_t)row * k + lane;
+    float g = lane < k ? gate[o] : 0.0f, dg = lane < k ? dgate[o] : 0.0f;
+    float prod = g * dg, gd = 0.0f;
+    for (int j = 0; j < k; j++) gd += __shfl_sync(0xffffffffu, prod, j);
+    if (lane < k) {
+        float ds = g * (dg - gd);
+        dgate[o] = ds;
+        sds[w][lane] = ds;
+        sa[w][lane] = sel_a[o];
+        sb[w][lane] = sel_b[o];
+    }
+    __syncwarp();
+    float *dqr = dq + (size_t)row * dk;   // (N, H, dk) = (N, HD)
+    for (int c = lane; c < dk; c += 32) {
+        float acc = 0.0f;
+        for (int j = 0; j < k; j++)
+            acc += c < half ? sds[w][j] * k1[(size_t)sa[w][j] * half + c]
+                            : sds[w][j] * k2[(size_t)sb[w][j] * half + (c - half)];
+        dqr[c] = acc;
+    }
+}
+
+// dkey[key] (half) += sum over the key's records (sorted, in record order) of
+// dscore * qn[token, head, col0 + c]; one block per key
+static __global__ void subkey_grad_kernel(float *dkey, const int32_t *idx, const int32_t *off,
+                                          const float *dscore, const float *qn, int S, int k,
+                                          int dk, int col0) {
+    int key = blockIdx.x, half = dk / 2;
+    int p0 = off[key], p1 = off[key + 1];
+    if (p0 == p1) return;
+    for (int c = threadIdx.x; c < half; c += blockDim.x) {
+        float acc = dkey[(size_t)key * half + c];
+        for (int p = p0; p < p1; p++) {
+            size_t o = (size_t)idx[p];
+            size_t t = o / S, h = (o % S) / k;
+            acc += dscore[o] * qn[(t * (S / k) + h) * dk + col0 + c];
+        }
+        dkey[(size_t)key * half + c] = acc;
+    }
+}
+
+// part (nblk, 2, HD): per block of rows, the sums of dqn and of dqn * xhat in double
+static __global__ void bn_backward_partial_kernel(double *part, const float *dq, const float *q,
+                                                  const float *mean, const float *rstd, int N,
+                                                  int HD, int rows_per) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x, kb = blockIdx.y;
+    if (j >= HD) return;
+    int n1 = min(N, (kb + 1) * rows_per);
+    double sdy = 0.0, sdyx = 0.0;
+    for (int i = kb * rows_per; i < n1; i++) {
+        size_t o = (size_t)i * HD + j;
+        float g = dq[o];
+        sdy += g;
+        sdyx += g * ((q[o] - mean[j]) * rstd[j]);
+    }
+    part[(size_t)kb * 2 * HD + j] = sdy;
+    part[(size_t)kb * 2 * HD + HD + j] = sdyx;
+}
+
+// sums (2, HD) from the partials; the BN parameter gradients get the local part
+static __global__ void bn_backward_sums_kernel(double *sums, float *dbn_w, float *dbn_b,
+                                               const double *part, int nblk, int HD) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= HD) return;
+    double sdy = 0.0, sdyx = 0.0;
+    for (int kb = 0; kb < nblk; kb++) {
+        sdy += part[(size_t)kb * 2 * HD + j];
+        sdyx += part[(size_t)kb * 2 * HD + HD + j];
+    }
+    dbn_w[j] += (float)sdyx;   // dense gradients are all-reduced later
+    dbn_b[j] += (float)sdy;
+    sums[j] = sdy;
+    sums[HD + j] = sdyx;
+}
+
+static __global__ void bn_backward_apply_kernel(float *dq, const float *q, const float *w,
+                                                const float *mean, const float *rstd,
+                                                const double *sums, double count, int train,
+                                                int N, int HD) {
+    size_t o = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (o >= (size_t)N * HD) return;
+    int j = (int)(o % HD);
+    float r = rstd[j];
+    if (train) {
+        float xhat = (q[o] - mean[j]) * r;
+        dq[o] = w[j] * r * (dq[o] - (float)(sums[j] / count) - xhat * (float)(sums[HD + j] / count));
+    } else {
+        dq[o] = dq[o] * w[j] * r;   // eval: the statistics are constants
+    }
+}
+
+static void query_bn_backward(mp_retrieval_layer *l, int N) {
+    const mp_retrieval_config *rc = l->rc;
+    if (!rc->query_bn) return;
+    int HD = rc->heads * rc->key_dim, rows_per = mp_rows_per_block(N, BN_ROWS);
+    int nblk = (N + rows_per - 1) / rows_per;
+    double *part = (double *)mp_cuda_scratch(SCR_COLSUM, (size_t)nblk * 2 * HD * sizeof(double));
+    double *sums = (double *)mp_cuda_scratch(SCR_BN, (size_t)2 * HD * sizeof(double));
+    bn_backward_partial_kernel<<<dim3(mp_blocks(HD, 128), nblk), 128>>>(part, l->dq, l->q,
+                                                                        l->bn_mean, l->bn_rstd, N, HD,
+                                                                        rows_per);
+    KERNEL_CHECK();
+    bn_backward_sums_kernel<<<mp_blocks(HD, 128), 128>>>(sums, l->dbn_w, l->dbn_b, part, nblk, HD);
+    KERNEL_CHECK();
+    if (l->last_train && l->comm && l->comm->size > 1) {
+        double *host = (double *)mp_malloc((size_t)2 * HD * sizeof(double));
+        CUDA_CHECK(cudaMemcpy(host, sums, (size_t)2 * HD * sizeof(double), cudaMemcpyDeviceToHost));
+        allreduce(l, host, (size_t)2 * HD);
+        CUDA_CHECK(cudaMemcpy(sums, host, (size_t)2 * HD * sizeof(double), cudaMemcpyHostToDevice));
+        free(host);
+    }
+    bn_backward_apply_kernel<<<mp_blocks((size_t)N * HD, 256), 256>>>(
+        l->dq, l->q, l->bn_w, l->bn_mean, l->bn_rstd, sums, l->bn_count, l->last_train, N, HD);
+    KERNEL_CHECK();
+}
+
+void mp_cuda_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N) {
+    const mp_retrieval_config *rc = l->rc;
+    int C = l->C, H = rc->heads, k = rc->topk, dk = rc->key_dim, half = dk / 2, n = rc->n_sub;
+    int HD = H * dk, S = H * k;
+    if (N <= 0) return;
+    long rows = (long)N * H;
+    softmax_dq_kernel<<<mp_blocks((size_t)rows, TOPK_WARPS), 32 * TOPK_WARPS>>>(
+        l->dq, l->dgate, l->gate, l->sel_a, l->sel_b, l->k1, l->k2, rows, k, dk);
+    KERNEL_CHECK();
+    // sub-key gradients: records grouped by sub-key, each key's sum in record order
+    int threads = half < 128 ? 32 * ((half + 31) / 32) : 128;
+    const int32_t *idx, *off;
+    mp_cuda_sort_by_key(l->sel_a, (int64_t)N * S, n, &idx, NULL, &off);
+    subkey_grad_kernel<<<n, threads>>>(l->dk1, idx, off, l->dgate, l->qn, S, k, dk, 0);
+    KERNEL_CHECK();
+    mp_cuda_sort_by_key(l->sel_b, (int64_t)N * S, n, &idx, NULL, &off);
+    subkey_grad_kernel<<<n, threads>>>(l->dk2, idx, off, l->dgate, l->qn, S, k, dk, half);
+    KERNEL_CHECK();
+    query_bn_backward(l, N);
+    mp_cuda_sgemm(1, 0, HD, C, N, 1.0f, l->dq, HD, x, C, 1.0f, l->dwq, C);
+    mp_cuda_sgemm(0, 0, N, C, HD, 1.0f, l->dq, HD, l->wq, C, 1.0f, dx, C);
+}

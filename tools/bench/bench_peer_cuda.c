@@ -1,0 +1,235 @@
+// One PEER (or PKM) layer on the GPU through the CUDA backend, timed with CUDA events:
+// forward (route: query GEMM, BatchNorm, sub-key scores, top-k, gates; the P = 1 records
+// built on the device; experts) and forward + backward (experts backward with the sorted
+// dU/dV sums, route backward), one process, no host exchange. Prints one JSON line:
+// median times per phase, memory (cudaMemGetInfo) split into tables, gradients, activations
+// and everything else (scratch, cuBLAS workspace), and an estimate of the bytes the kernels
+// move with the achieved bandwidth. tools/bench/run_gpu_bench.sh runs it beside the PyTorch
+// layer of tools/bench/bench_peer_torch.py.
+//
+//   bench_peer_cuda [--d 1024] [--n 1024] [--heads 8] [--topk 16] [--dk 128]
+//                   [--tokens 16384] [--iters 20] [--warmup 5] [--pkm] [--no-bn]
+//
+// Exits 77 (and says why) when no GPU is usable.
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "backend/cuda/cuda.h"
+#include "core/log.h"
+#include "core/rng.h"
+#include "millipede/backend.h"
+#include "model/retrieval.h"
+
+#define CHECK(call)                                                                        \
+    do {                                                                                   \
+        cudaError_t rc_ = (call);                                                          \
+        if (rc_ != cudaSuccess) mp_fatal("%s: %s", #call, cudaGetErrorString(rc_));        \
+    } while (0)
+
+static const mp_backend *be;
+static size_t g_bytes_params, g_bytes_grads, g_bytes_acts;
+
+static void *dalloc(size_t bytes, size_t *account) {
+    *account += bytes;
+    return be->alloc(bytes);
+}
+
+// Device tensor of n floats: kind 0 normal(0, s), 1 uniform(-s, s), 2 the constant s.
+// Large tables repeat one random block of 2^24 values (the values do not affect timing).
+static float *dtensor(size_t n, int kind, float s, uint64_t stream, size_t *account) {
+    float *d = dalloc(n * sizeof(float), account);
+    size_t blk = n < ((size_t)1 << 24) ? n : ((size_t)1 << 24);
+    float *h = mp_malloc((blk ? blk : 1) * sizeof(float));
+    for (size_t i = 0; i < blk; i++)
+        h[i] = kind == 0 ? s * mp_normal(1, stream, i)
+             : kind == 1 ? s * (2.0f * mp_uniform(1, stream, i) - 1.0f)
+                         : s;
+    for (size_t o = 0; o < n; o += blk) {
+        size_t len = n - o < blk ? n - o : blk;
+        be->from_host(d + o, h, len * sizeof(float));
+    }
+    free(h);
+    return d;
+}
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+static float median(float *v, int n) {
+    qsort(v, (size_t)n, sizeof(float), cmp_float);
+    return n % 2 ? v[n / 2] : 0.5f * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static int cmp_i32(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+int main(int argc, char **argv) {
+    int d = 1024, n = 1024, H = 8, k = 16, dk = 128, N = 16384, iters = 20, warmup = 5;
+    int pkm = 0, bn = 1;
+    for (int i = 1; i < argc; i++) {
+        int *dst = NULL;
+        if (!strcmp(argv[i], "--d")) dst = &d;
+        else if (!strcmp(argv[i], "--n")) dst = &n;
+        else if (!strcmp(argv[i], "--heads")) dst = &H;
+        else if (!strcmp(argv[i], "--topk")) dst = &k;
+        else if (!strcmp(argv[i], "--dk")) dst = &dk;
+        else if (!strcmp(argv[i], "--tokens")) dst = &N;
+        else if (!strcmp(argv[i], "--iters")) dst = &iters;
+        else if (!strcmp(argv[i], "--warmup")) dst = &warmup;
+        else if (!strcmp(argv[i], "--pkm")) pkm = 1;
+        else if (!strcmp(argv[i], "--no-bn")) bn = 0;
+        else mp_input_error("bench_peer_cuda: unknown option '%s'", argv[i]);
+        if (dst) {
+            if (i + 1 >= argc || (*dst = atoi(argv[++i])) <= 0)
+                mp_input_error("bench_peer_cuda: %s needs a positive integer", argv[i - 1]);
+        }
+    }
+    if (dk % 2 || k > n || k > 32) mp_input_error("bench_peer_cuda: need dk even and k <= min(n, 32)");
+    char err[512];
+    be = mp_backend_cuda(err, sizeof err);
+    if (!be) {
+        printf("{\"impl\": \"millipede-cuda\", \"skipped\": \"%s\"}\n", err);
+        return 77;
+    }
+    size_t mem0 = mp_cuda_memory_used();
+
+    mp_retrieval_config rc = {0};
+    rc.n_experts = (long)n * n;
+    rc.n_sub = n;
+    rc.heads = H;
+    rc.topk = k;
+    rc.key_dim = dk;
+    rc.query_bn = bn;
+    rc.bn_momentum = 0.1f;
+    rc.bn_eps = 1e-5f;
+    rc.activation = MP_ACT_GELU;
+    mp_retrieval_layer l;
+    memset(&l, 0, sizeof l);
+    l.kind = pkm ? MP_FFN_PKM : MP_FFN_PEER;
+    l.rc = &rc;
+    l.C = d;
+    l.maxN = N;
+    l.row_start = 0;
+    l.rows = (long)n * n;
+    int HD = H * dk, S = H * k, half = dk / 2;
+    size_t rows = (size_t)l.rows, NC = (size_t)N * d, NS = (size_t)N * S;
+    // parameters (the initialisation of docs/model.md) and their gradients
+    l.wq = dtensor((size_t)HD * d, 0, 0.02f, 1, &g_bytes_params);
+    l.bn_w = dtensor(HD, 2, 1.0f, 2, &g_bytes_params);
+    l.bn_b = dtensor(HD, 2, 0.0f, 3, &g_bytes_params);
+    l.k1 = dtensor((size_t)n * half, 1, 1.0f / sqrtf((float)half), 4, &g_bytes_params);
+    l.k2 = dtensor((size_t)n * half, 1, 1.0f / sqrtf((float)half), 5, &g_bytes_params);
+    if (!pkm) l.u = dtensor(rows * d, 0, 1.0f / sqrtf((float)d), 6, &g_bytes_params);
+    l.v = dtensor(rows * d, 0, 1.0f / sqrtf((float)d), 7, &g_bytes_params);
+    l.running_mean = dtensor(HD, 2, 0.0f, 8, &g_bytes_params);
+    l.running_var = dtensor(HD, 2, 1.0f, 9, &g_bytes_params);
+    l.dwq = dalloc((size_t)HD * d * 4, &g_bytes_grads);
+    l.dbn_w = dalloc((size_t)HD * 4, &g_bytes_grads);
+    l.dbn_b = dalloc((size_t)HD * 4, &g_bytes_grads);
+    l.dk1 = dalloc((size_t)n * half * 4, &g_bytes_grads);
+    l.dk2 = dalloc((size_t)n * half * 4, &g_bytes_grads);
+    if (!pkm) l.du = dalloc(rows * d * 4, &g_bytes_grads);
+    l.dv = dalloc(rows * d * 4, &g_bytes_grads);
+    // activations kept for backward, inputs, outputs and the device records
+    l.q = dalloc((size_t)N * HD * 4, &g_bytes_acts);
+    l.qn = dalloc((size_t)N * HD * 4, &g_bytes_acts);
+    l.dq = dalloc((size_t)N * HD * 4, &g_bytes_acts);
+    l.bn_mean = dalloc((size_t)HD * 4, &g_bytes_acts);
+    l.bn_rstd = dalloc((size_t)HD * 4, &g_bytes_acts);
+    l.sel = dalloc(NS * 4, &g_bytes_acts);
+    l.sel_a = dalloc(NS * 4, &g_bytes_acts);
+    l.sel_b = dalloc(NS * 4, &g_bytes_acts);
+    l.gate = dalloc(NS * 4, &g_bytes_acts);
+    l.dgate = dalloc(NS * 4, &g_bytes_acts);
+    float *x = dtensor(NC, 0, 1.0f, 10, &g_bytes_acts), *dy = dtensor(NC, 0, 1.0f, 11, &g_bytes_acts);
+    float *y = dalloc(NC * 4, &g_bytes_acts), *dx = dalloc(NC * 4, &g_bytes_acts);
+    int64_t *slot_start = dalloc(((size_t)N + 1) * 8, &g_bytes_acts);
+    int32_t *slot = dalloc(NS * 4, &g_bytes_acts), *row = dalloc(NS * 4, &g_bytes_acts);
+    float *rgate = dalloc(NS * 4, &g_bytes_acts), *pre = dalloc(NS * 4, &g_bytes_acts);
+    mp_cuda_synchronize();
+    size_t mem1 = mp_cuda_memory_used();
+
+    enum { P_ROUTE, P_EXPERTS, P_EXPERTS_BWD, P_ROUTE_BWD, P_N };
+    cudaEvent_t ev[P_N + 1];
+    for (int i = 0; i <= P_N; i++) CHECK(cudaEventCreate(&ev[i]));
+    float *t_phase[P_N], *t_fwd = mp_malloc(iters * 4), *t_all = mp_malloc(iters * 4);
+    for (int p = 0; p < P_N; p++) t_phase[p] = mp_malloc(iters * 4);
+    int64_t R = (int64_t)NS;
+    for (int it = -warmup; it < iters; it++) {
+        CHECK(cudaEventRecord(ev[0], 0));
+        be->retrieval_route(&l, x, N, 1);
+        mp_cuda_records_single(l.sel, l.gate, N, S, 0, slot_start, slot, row, rgate);
+        CHECK(cudaEventRecord(ev[1], 0));
+        be->experts_forward(&l, y, x, N, slot_start, slot, row, rgate, pre, R);
+        CHECK(cudaEventRecord(ev[2], 0));
+        l.last_N = N;
+        l.last_train = 1;
+        // P = 1: records are the selections in order, so the gate gradients land in l.dgate
+        be->experts_backward(&l, dx, l.dgate, dy, x, N, slot_start, slot, row, rgate, pre, R);
+        CHECK(cudaEventRecord(ev[3], 0));
+        be->retrieval_route_backward(&l, dx, x, N);
+        CHECK(cudaEventRecord(ev[4], 0));
+        CHECK(cudaEventSynchronize(ev[4]));
+        if (it < 0) continue;
+        for (int p = 0; p < P_N; p++) CHECK(cudaEventElapsedTime(&t_phase[p][it], ev[p], ev[p + 1]));
+        CHECK(cudaEventElapsedTime(&t_fwd[it], ev[0], ev[2]));
+        CHECK(cudaEventElapsedTime(&t_all[it], ev[0], ev[4]));
+    }
+    // zeroing the expert gradients, once per training step (not part of the layer)
+    float t_zero = 0.0f;
+    CHECK(cudaEventRecord(ev[0], 0));
+    if (!pkm) be->zero(l.du, rows * d * 4);
+    be->zero(l.dv, rows * d * 4);
+    CHECK(cudaEventRecord(ev[1], 0));
+    CHECK(cudaEventSynchronize(ev[1]));
+    CHECK(cudaEventElapsedTime(&t_zero, ev[0], ev[1]));
+    size_t mem2 = mp_cuda_memory_used();
+
+    // expert rows the batch touched (outside the timing)
+    int32_t *hsel = mp_malloc(NS * 4);
+    be->to_host(hsel, l.sel, NS * 4);
+    qsort(hsel, NS, sizeof(int32_t), cmp_i32);
+    double touched = NS ? 1 : 0;
+    for (size_t i = 1; i < NS; i++) touched += hsel[i] != hsel[i - 1];
+    free(hsel);
+
+    // Bytes the kernels move, each tensor once per pass that reads or writes it, expert rows
+    // once per record (the kernels re-read a row for each record that selects it), fp32.
+    double f = 4.0, tabs = pkm ? 1.0 : 2.0;
+    double route_f = f * ((double)NC + (double)HD * d + 4.0 * N * HD        // GEMM, BN passes
+                          + 2.0 * (double)N * H * n                           // scores written
+                          + 2.0 * k * (double)N * H * n                       // top-k re-reads
+                          + 4.0 * NS);                                        // sel, gate out
+    double experts_f = f * (tabs * R * d + 2.0 * NC + 4.0 * R);
+    double experts_b = f * (tabs * R * d + 2.0 * NC + 5.0 * R)                // dx, dgate
+                     + f * (2.0 * tabs * touched * d + tabs * R * d + 3.0 * R); // dU, dV sums
+    double route_b = f * (6.0 * NS + 2.0 * NS * half + 4.0 * (double)N * HD   // softmax, dq, dK
+                          + 2.0 * ((double)N * HD + NC + 2.0 * HD * d)        // dWq GEMM
+                          + ((double)N * HD + HD * d + 2.0 * NC));            // dx GEMM
+    float m_phase[P_N];
+    for (int p = 0; p < P_N; p++) m_phase[p] = median(t_phase[p], iters);
+    float m_fwd = median(t_fwd, iters), m_all = median(t_all, iters);
+    double fwd_bytes = route_f + experts_f, all_bytes = fwd_bytes + experts_b + route_b;
+    const double GiB = 1024.0 * 1024.0 * 1024.0;
+    printf("{\"impl\": \"millipede-cuda\", \"layer\": \"%s\", \"precision\": \"fp32\", "
+           "\"device\": \"%s\", \"d\": %d, \"n_experts\": %ld, \"heads\": %d, \"topk\": %d, "
+           "\"dk\": %d, \"tokens\": %d, \"query_bn\": %d, \"iters\": %d, "
+           "\"fwd_ms\": %.4f, \"fwdbwd_ms\": %.4f, \"route_ms\": %.4f, \"experts_ms\": %.4f, "
+           "\"experts_bwd_ms\": %.4f, \"route_bwd_ms\": %.4f, \"zero_expert_grads_ms\": %.4f, "
+           "\"params_gib\": %.3f, \"grads_gib\": %.3f, \"acts_gib\": %.3f, "
+           "\"extra_gib\": %.3f, \"context_gib\": %.3f, \"touched_rows\": %.0f, \"fwd_bytes\": %.4g, "
+           "\"fwdbwd_bytes\": %.4g, \"fwd_tbps\": %.3f, \"fwdbwd_tbps\": %.3f}\n",
+           pkm ? "pkm" : "peer", mp_cuda_device_name(), d, rc.n_experts, H, k, dk, N, bn, iters,
+           m_fwd, m_all, m_phase[P_ROUTE], m_phase[P_EXPERTS], m_phase[P_EXPERTS_BWD],
+           m_phase[P_ROUTE_BWD], t_zero, g_bytes_params / GiB, g_bytes_grads / GiB,
+           g_bytes_acts / GiB, (double)(mem2 > mem1 ? mem2 - mem1 : 0) / GiB, mem0 / GiB, touched,
+           fwd_bytes, all_bytes, fwd_bytes / (m_fwd * 1e-3) / 1e12,
+           all_bytes / (m_all * 1e-3) / 1e12);
+    return 0;
+}

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""One PEER (or PKM) layer in PyTorch, timed: the baseline for tools/bench/bench_peer_cuda.c.
+
+The layer is millipede's (docs/model.md): query W_q x, BatchNorm over the batch, product
+keys K1, K2 shared by the heads, top-k of each half then of the k*k sums, softmax gates,
+experts sigma(u_e . x) v_e; written the way the public PyTorch PEER code writes it: the
+selected expert rows are gathered with nn.Embedding into (tokens, H, k, d) tensors and
+combined with einsums. Timed eager and under torch.compile, in bf16 and/or fp32, with CUDA
+events (median of --iters after --warmup); prints one JSON line per (mode, dtype) with the
+same keys as bench_peer_cuda (fwd_ms, fwdbwd_ms, memory in GiB).
+
+  bench_peer_torch.py [--d 1024] [--n 1024] [--heads 8] [--topk 16] [--dk 128]
+                      [--tokens 16384] [--dtype bf16,fp32] [--mode eager,compile]
+                      [--iters 20] [--warmup 5] [--pkm] [--no-bn]
+"""
+import argparse
+import json
+import math
+import sys
+
+
+def build_layer(torch, args, dtype):
+    nn = torch.nn
+    F = torch.nn.functional
+    d, n, H, k, dk = args.d, args.n, args.heads, args.topk, args.dk
+    half = dk // 2
+
+    class PEER(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wq = nn.Linear(d, H * dk, bias=False)
+            nn.init.normal_(self.wq.weight, std=0.02)
+            self.bn = nn.BatchNorm1d(H * dk) if not args.no_bn else None
+            bound = 1.0 / math.sqrt(half)
+            self.k1 = nn.Parameter(torch.empty(n, half).uniform_(-bound, bound))
+            self.k2 = nn.Parameter(torch.empty(n, half).uniform_(-bound, bound))
+            self.u = None if args.pkm else nn.Embedding(n * n, d)
+            self.v = nn.Embedding(n * n, d)
+            for emb in (self.u, self.v):
+                if emb is not None:
+                    nn.init.normal_(emb.weight, std=1.0 / math.sqrt(d))
+
+        def forward(self, x):                                   # x (T, d)
+            T = x.shape[0]
+            q = self.wq(x)                                      # (T, H*dk)
+            if self.bn is not None:
+                q = self.bn(q)
+            q = q.view(T, H, 2, half)
+            s1 = torch.einsum("thc,nc->thn", q[:, :, 0], self.k1)   # (T, H, n)
+            s2 = torch.einsum("thc,nc->thn", q[:, :, 1], self.k2)
+            v1, i1 = s1.topk(k, dim=-1)
+            v2, i2 = s2.topk(k, dim=-1)
+            cand = (v1[..., :, None] + v2[..., None, :]).flatten(-2)        # (T, H, k*k)
+            cand_id = (i1[..., :, None] * n + i2[..., None, :]).flatten(-2)
+            score, pos = cand.topk(k, dim=-1)                               # (T, H, k)
+            idx = cand_id.gather(-1, pos)
+            gate = score.softmax(dim=-1)
+            v = self.v(idx)                                                 # (T, H, k, d)
+            if self.u is None:
+                return torch.einsum("thk,thkd->td", gate, v)
+            u = self.u(idx)                                                 # (T, H, k, d)
+            h = torch.einsum("td,thkd->thk", x, u)
+            return torch.einsum("thk,thkd->td", F.gelu(h) * gate, v)
+
+    return PEER().to(device="cuda", dtype=dtype)
+
+
+def median(xs):
+    xs = sorted(xs)
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
+def run_one(torch, args, mode, dtype_name):
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    GiB = float(1 << 30)
+    rec = {"impl": "torch-" + mode, "layer": "pkm" if args.pkm else "peer",
+           "precision": dtype_name, "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "d": args.d, "n_experts": args.n * args.n,
+           "heads": args.heads, "topk": args.topk, "dk": args.dk, "tokens": args.tokens,
+           "query_bn": 0 if args.no_bn else 1, "iters": args.iters}
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    layer = build_layer(torch, args, dtype)
+    fn = torch.compile(layer) if mode == "compile" else layer
+    x = torch.randn(args.tokens, args.d, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(args.tokens, args.d, device="cuda", dtype=dtype)
+    torch.cuda.synchronize()
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    base = torch.cuda.memory_allocated()
+    try:
+        def step(backward):
+            for p in layer.parameters():
+                p.grad = None                     # optimizer.zero_grad(set_to_none=True)
+            x.grad = None
+            start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            start.record()
+            y = fn(x)
+            mid.record()
+            if backward:
+                y.backward(dy)
+            end.record()
+            return start, mid, end
+
+        for _ in range(args.warmup):              # compiles here under torch.compile
+            step(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fwd, full = [], []
+        for _ in range(args.iters):
+            s, m, e = step(True)
+            torch.cuda.synchronize()
+            fwd.append(s.elapsed_time(m))
+            full.append(s.elapsed_time(e))
+        peak = torch.cuda.max_memory_allocated()
+        # forward alone, under autograd as in training (its saved tensors are freed after)
+        fwd_only = []
+        for _ in range(args.iters):
+            s, m, _e = step(False)
+            torch.cuda.synchronize()
+            fwd_only.append(s.elapsed_time(m))
+        rec.update({
+            "fwd_ms": round(median(fwd_only), 4),
+            "fwd_in_step_ms": round(median(fwd), 4),
+            "fwdbwd_ms": round(median(full), 4),
+            "params_gib": round(params / GiB, 3),
+            "peak_gib": round(peak / GiB, 3),
+            # beyond the parameters, the inputs and one gradient per parameter: activations,
+            # the gathered (tokens, H, k, d) rows, autograd's saved tensors and temporaries
+            "extra_gib": round((peak - base - params) / GiB, 3),
+        })
+    except torch.cuda.OutOfMemoryError as e:
+        rec["error"] = "out of memory: " + str(e).splitlines()[0]
+    del layer, fn, x, dy
+    torch.cuda.empty_cache()
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--n", type=int, default=1024, help="sub-keys per half (N = n*n)")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--dk", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--dtype", default="bf16,fp32")
+    ap.add_argument("--mode", default="eager,compile")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--pkm", action="store_true")
+    ap.add_argument("--no-bn", action="store_true")
+    args = ap.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print(json.dumps({"impl": "torch", "skipped": "PyTorch is not installed"}))
+        return 77
+    if not torch.cuda.is_available():
+        print(json.dumps({"impl": "torch", "skipped": "no CUDA device visible to PyTorch"}))
+        return 77
+    for mode in args.mode.split(","):
+        for dt in args.dtype.split(","):
+            print(json.dumps(run_one(torch, args, mode, dt)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

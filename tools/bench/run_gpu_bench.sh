@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One PEER layer on the GPU: millipede's CUDA backend (bench_peer_cuda) beside the PyTorch
+# layer (bench_peer_torch.py, eager and torch.compile), in one run on one GPU, at the shapes
+# of issue #5: d=1024, N=1024^2 and d=512, N=512^2, H=8, k=16, dk=128, 16384 tokens.
+# Builds bench_peer_cuda in a fresh folder, writes every JSON line to bench_peer.jsonl (in
+# $OUT when set, else the build folder) and prints a table of times, memory and ratios.
+#
+# On the GPU machine (docs/cuda.md), from the repository root, carrying .device-deps:
+#   bash .device-deps/setup.sh && bash tools/bench/run_gpu_bench.sh
+# Environment: MP_BENCH_BUILD (build folder), MP_BENCH_SHAPES ("d:n ..."),
+# MP_BENCH_TOKENS, MP_BENCH_TORCH_DTYPES (default bf16,fp32), MP_BENCH_ITERS.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+build=${MP_BENCH_BUILD:-$root/build-bench}
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$build" --target bench_peer_cuda >/dev/null
+out=${OUT:-$build}/bench_peer.jsonl
+: >"$out"
+iters=${MP_BENCH_ITERS:-20}
+for shape in ${MP_BENCH_SHAPES:-1024:1024 512:512}; do
+    d=${shape%%:*} n=${shape##*:}
+    args=(--d "$d" --n "$n" --heads 8 --topk 16 --dk 128 --tokens "${MP_BENCH_TOKENS:-16384}"
+          --iters "$iters")
+    "$build/bench_peer_cuda" "${args[@]}" | tee -a "$out" || true
+    python3 "$root/tools/bench/bench_peer_torch.py" "${args[@]}" \
+        --dtype "${MP_BENCH_TORCH_DTYPES:-bf16,fp32}" --mode eager,compile | tee -a "$out" || true
+done
+
+python3 - "$out" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print()
+print(f"{'impl':<16}{'prec':<6}{'d':>6}{'N':>9}{'fwd ms':>9}{'f+b ms':>9}"
+      f"{'extra GiB':>11}{'TB/s f+b':>10}{'f+b vs ours':>13}")
+for d in sorted({r.get('d') for r in rows if 'd' in r}, reverse=True):
+    group = [r for r in rows if r.get('d') == d]
+    ours = next((r for r in group if r['impl'] == 'millipede-cuda' and 'fwdbwd_ms' in r), None)
+    for r in group:
+        if 'fwdbwd_ms' not in r:
+            print(f"{r['impl']:<16}{r.get('precision', ''):<6}{d:>6}  {r.get('error', r.get('skipped', ''))}")
+            continue
+        ratio = f"{r['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}x" if ours else "-"
+        tb = f"{r['fwdbwd_tbps']:.2f}" if 'fwdbwd_tbps' in r else "-"
+        print(f"{r['impl']:<16}{r['precision']:<6}{d:>6}{r['n_experts']:>9}{r['fwd_ms']:>9.3f}"
+              f"{r['fwdbwd_ms']:>9.3f}{r['extra_gib']:>11.3f}{tb:>10}{ratio:>13}")
+print("\n'f+b vs ours': that row's forward+backward time over millipede-cuda's (>1: ours is faster).")
+print("millipede-cuda is fp32 for now (bf16 is not implemented yet); compare with the fp32 torch rows")
+print("first. extra GiB: memory beyond parameters, their gradients and inputs (see docs/cuda.md).")
+EOF
