@@ -12,7 +12,7 @@ cmake --build build
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 build/millipede train configs/tiny.ini "$@"    # extra arguments: --set section.key=value
 echo "== evaluation (validation split)"
-build/millipede eval configs/tiny.ini --model runs/tiny/checkpoints/latest
+build/millipede eval runs/tiny/config.ini --model runs/tiny/checkpoints/latest
 echo "== sample"
-build/millipede sample configs/tiny.ini --model runs/tiny/checkpoints/latest --prompt "The Python " --tokens 300 --temperature 0.8 --top-k 40
+build/millipede sample runs/tiny/config.ini --model runs/tiny/checkpoints/latest --prompt "The Python " --tokens 300 --temperature 0.8 --top-k 40
 echo
