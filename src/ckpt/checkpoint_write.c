@@ -41,6 +41,7 @@ static int write_rows(hid_t dset, const ck_ds *d, const mp_backend *be, float *h
     mp_h5_chunk_dims(d->ndim, dims, chunk);
     hsize_t block = host_floats / cols;
     block = block < chunk[0] ? chunk[0] : block / chunk[0] * chunk[0];
+    if (block * cols > host_floats) mp_fatal("%s: a chunk does not fit the staging buffer", d->path);
     hid_t fspace = MP_CHECK_H5(H5Dget_space(dset));
     int rc = 0;
     for (hsize_t r0 = 0; r0 < rows && rc == 0; r0 += block) {
