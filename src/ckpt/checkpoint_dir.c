@@ -154,8 +154,10 @@ int mp_ckpt_resolve(const char *path, char *out, size_t out_len, char *err, size
         return -1;
     }
     ck_join(probe, sizeof probe, path, MP_CKPT_INDEX);
-    if (!S_ISDIR(st.st_mode) || access(probe, F_OK) == 0 || parse_step_name(strrchr(path, '/') ? strrchr(path, '/') + 1 : path) >= 0) {
-        snprintf(out, out_len, "%s", path);   // a checkpoint (or a file: the caller decides)
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    // a checkpoint (an incomplete one too: loading it names what is missing), or a file
+    if (!S_ISDIR(st.st_mode) || access(probe, F_OK) == 0 || parse_step_name(base) >= 0) {
+        snprintf(out, out_len, "%s", path);
         return 0;
     }
     // a checkpoints/ directory, or a run directory holding one

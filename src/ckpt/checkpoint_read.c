@@ -38,7 +38,8 @@ int mp_ckpt_read_config(const char *dir, mp_config *cfg, mp_ckpt_info *info, cha
 static int read_rows(hid_t dset, int ndim, hsize_t r0, hsize_t n, hsize_t cols, float *dst,
                      const mp_backend *be, float *host, size_t host_floats) {
     hsize_t block = host_floats / cols;
-    if (block < 1) mp_fatal("rows of %llu floats do not fit the staging buffer", (unsigned long long)cols);
+    if (block < 1)
+        mp_fatal("rows of %llu floats do not fit the staging buffer", (unsigned long long)cols);
     hid_t fspace = H5Dget_space(dset);
     if (fspace < 0) return -1;
     int rc = 0;

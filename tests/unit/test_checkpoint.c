@@ -86,7 +86,8 @@ static void test_round_trip(void **state) {
     (void)state;
     mp_config c;
     small_config(&c);
-    mp_model *a = mp_model_create(&c, mp_backend_cpu(), 1), *b = mp_model_create(&c, mp_backend_cpu(), 1);
+    mp_model *a = mp_model_create(&c, mp_backend_cpu(), 1);
+    mp_model *b = mp_model_create(&c, mp_backend_cpu(), 1);
     mp_adamw oa, ob;
     mp_adamw_init(&oa, a);
     mp_adamw_init(&ob, b);
@@ -136,7 +137,8 @@ static void test_round_trip(void **state) {
     c2.dense_hidden = 48;
     mp_model *w = mp_model_create(&c2, mp_backend_cpu(), 1);
     assert_int_equal(mp_ckpt_load(ck, w, NULL, "run.ini", NULL, err, sizeof err), MP_CKPT_EMISMATCH);
-    assert_non_null(strstr(err, "step_00000007/index.h5: key 'model.d_model' is 16 in the checkpoint but 32 in run.ini"));
+    assert_non_null(strstr(err, "step_00000007/index.h5: key 'model.d_model' is 16 in the "
+                                "checkpoint but 32 in run.ini"));
     mp_model_free(w);
 
     // a missing shard: MP_CKPT_EBAD naming it
