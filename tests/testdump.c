@@ -256,10 +256,12 @@ int main(int argc, char **argv) {
         Bl = (int)((long)cfg.batch_size * (comm->rank + 1) / comm->size) - j0;
         snprintf(out, sizeof out, "%s.rank%d", argv[3], comm->rank);
         m = mp_model_create_sharded(&cfg, mp_backend_cpu(), Bl, comm);
+        mp_model_init(m);
     } else {
         // layer mode: N token rows = (B = tokens, T = 1) in the model's buffers
         int B = layer_mode ? (tokens + cfg.context - 1) / cfg.context : cfg.batch_size;
         m = mp_model_create(&cfg, mp_backend_cpu(), B);
+        mp_model_init(m);
     }
     hid_t f = MP_CHECK_H5(H5Fcreate(out, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT));
     size_t len = mp_config_to_ini(&cfg, NULL, 0) + 1;

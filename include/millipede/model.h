@@ -31,9 +31,10 @@ typedef struct {
 
 typedef struct mp_model mp_model;
 
-// Builds the model for at most B sequences of at most T = cfg->context tokens.
-// Expert rows [row_start, row_start+rows) of each retrieval layer are held here; the
-// single-rank model holds all of them (mp_model_create does that).
+// Builds the model for at most B sequences of at most T = cfg->context tokens. Its
+// parameters are zero: mp_model_init draws the initial values, or a checkpoint is loaded
+// (so a resume or an eval does not pay for drawing values it overwrites).
+// The single-rank model holds every expert row (mp_model_create does that).
 mp_model *mp_model_create(const mp_config *cfg, const mp_backend *be, int B);
 // The model of rank `part` of `n_parts`: it holds the expert rows of the first-half
 // sub-keys a in [floor(part*n/n_parts), floor((part+1)*n/n_parts)) (DESIGN.md, sharding).

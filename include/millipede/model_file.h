@@ -1,6 +1,6 @@
 // The single-file model format: one HDF5 file holding a trained model's parameters, its
 // BatchNorm running statistics and the configuration that fixes their shapes.
-// Written by `millipede train` (<run.dir>/model.h5), read by `eval` and `sample`.
+// Written by `millipede ckpt export` (one file from a checkpoint), read by `eval` and `sample`.
 // Layout (docs/outputs.md):
 //   /                 attributes: format = "millipede-model", version = 1,
 //                     config = resolved INI text, step = int64

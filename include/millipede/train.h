@@ -26,6 +26,8 @@ double mp_eval_loss(mp_model *m, const mp_shard *val, int n_batches);
 // The same over sequences [j0, j0 + B) of each validation batch (one rank's slice).
 double mp_eval_loss_slice(mp_model *m, const mp_shard *val, int n_batches, int j0, int B);
 
-// The whole training run: prints and saves the resolved config, trains, validates, logs
-// metrics.jsonl and saves <run.dir>/model.h5. Returns the process exit status.
+// The whole training run: prints and saves the resolved config, resumes from
+// <run.dir>/checkpoints/latest when there is one, trains, validates, logs metrics.jsonl and
+// writes checkpoints (docs/checkpoints.md). Returns the process exit status (75: stopped
+// on a signal after a checkpoint, please requeue).
 int mp_train_run(const mp_config *cfg, const mp_backend *be);

@@ -280,7 +280,6 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
     m->dqkv = act_alloc(m, N * 3 * C, sizeof(float));
     m->dfch = act_alloc(m, N * (F ? F : 1), sizeof(float));
     m->dfch_gelu = act_alloc(m, N * (F ? F : 1), sizeof(float));
-    mp_model_init(m);
     return m;
 }
 

@@ -191,6 +191,8 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
         start = ck.step;
         mp_log("resumed from %s: %ld steps done, written by %d rank%s, read in %.2f s", used,
                start, ck.n_ranks, ck.n_ranks > 1 ? "s" : "", mp_now() - t_resume);
+    } else {
+        mp_model_init(m);
     }
 
     FILE *metrics = NULL;

@@ -172,6 +172,7 @@ static void test_latest_keep_resolve(void **state) {
     c.n_layers = 1;   // a dense model: quick, and no expert tables at all
     c.ffn[0] = MP_FFN_DENSE;
     mp_model *m = mp_model_create(&c, mp_backend_cpu(), 1);
+    mp_model_init(m);
     mp_adamw opt;
     mp_adamw_init(&opt, m);
     char run[300], root[320], out[600], err[1024];

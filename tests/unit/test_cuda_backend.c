@@ -475,6 +475,8 @@ static void check_layer(mp_ffn_kind kind, int query_bn, mp_activation act, int t
     size_t NC = (size_t)N * C;
     mp_model *mc = mp_model_create(&c, cpu, c.batch_size);
     mp_model *mg = mp_model_create(&c, gpu, c.batch_size);
+    mp_model_init(mc);
+    mp_model_init(mg);
     mp_retrieval_layer *lc = mp_model_retrieval_layer(mc, 1);
     float *x = NULL, *yc = malloc(NC * 4);
     int rejected = 0;
@@ -535,6 +537,8 @@ static void test_model(void **state) {
     small_config(&c, MP_FFN_PEER, 1, MP_ACT_GELU, 32, 16, 2, 4, 8);
     int B = c.batch_size, T = c.context, N = B * T;
     mp_model *mc = mp_model_create(&c, cpu, B), *mg = mp_model_create(&c, gpu, B);
+    mp_model_init(mc);
+    mp_model_init(mg);
     int32_t in[64], tg[64];
     int rejected = 0;
     float lc;
@@ -606,6 +610,7 @@ static void test_determinism(void **state) {
     float loss0 = 0.0f;
     for (int run = 0; run < 2; run++) {
         mp_model *m = mp_model_create(&c, gpu, B);
+        mp_model_init(m);
         mp_model_zero_grad(m);
         float loss = mp_model_forward(m, in, tg, B, T, 1);
         mp_model_backward(m, 1.0f);

@@ -79,6 +79,7 @@ static void check_model(const char *ffn, int query_bn, mp_activation act) {
     small_config(&c, ffn, query_bn, act);
     int B = c.batch_size, T = c.context, N = B * T;
     mp_model *m = mp_model_create(&c, mp_backend_cpu(), B);
+    mp_model_init(m);
     int32_t in[64], tg[64];
     for (int i = 0; i < N; i++) {
         in[i] = (int32_t)(mp_hash3(5, 1, i) % c.vocab_size);
