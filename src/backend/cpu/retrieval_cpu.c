@@ -159,13 +159,13 @@ static void retrieve(mp_retrieval_layer *l, int N) {
     float *s1 = w->s1 = mp_grow(w->s1, &w->cap_s1, (size_t)chunk * n * sizeof(float));   // (chunk, n)
     float *s2 = w->s2 = mp_grow(w->s2, &w->cap_s2, (size_t)chunk * n * sizeof(float));   // (chunk, n)
     for (long r0 = 0; r0 < rows_total; r0 += chunk) {
-        long rc_ = rows_total - r0 < chunk ? rows_total - r0 : chunk;
+        long n_rows = rows_total - r0 < chunk ? rows_total - r0 : chunk;
         // qn viewed as (N*H, dk): the first half of each row against K1, the second against K2
-        mp_cpu_sgemm(0, 1, (int)rc_, n, half, 1.0f, l->qn + r0 * dk, dk, l->k1, half, 0.0f, s1, n);
-        mp_cpu_sgemm(0, 1, (int)rc_, n, half, 1.0f, l->qn + r0 * dk + half, dk, l->k2, half, 0.0f,
+        mp_cpu_sgemm(0, 1, (int)n_rows, n, half, 1.0f, l->qn + r0 * dk, dk, l->k1, half, 0.0f, s1, n);
+        mp_cpu_sgemm(0, 1, (int)n_rows, n, half, 1.0f, l->qn + r0 * dk + half, dk, l->k2, half, 0.0f,
                      s2, n);
 #pragma omp parallel for schedule(static)
-        for (long r = 0; r < rc_; r++) {
+        for (long r = 0; r < n_rows; r++) {
             long row = r0 + r;                                   // = t*H + h
             float vals[k];
             long experts[k];
