@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "cli.h"
 #include "core/log.h"
 #include "millipede/checkpoint.h"
 #include "millipede/model_file.h"
@@ -71,7 +72,7 @@ int mp_cmd_ckpt(int argc, char **argv) {
         return ckpt_error("ckpt: unknown subcommand '%s' (expected inspect, verify or export)", sub);
     if (argc != want)
         return ckpt_error("ckpt %s: expected %s", sub, want == 4 ? "DIR OUT.h5" : "one DIR");
-    if (mp_world() > 1) return ckpt_error("ckpt runs on one rank, not %d", mp_world());
+    mp_cli_single_rank("ckpt");
     char dir[2048], err[2048];
     if (mp_ckpt_resolve(argv[2], dir, sizeof dir, err, sizeof err) != 0)
         return ckpt_error("%s", err);

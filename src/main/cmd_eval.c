@@ -3,7 +3,6 @@
 // on stdout (fields in docs/outputs.md). Everything else goes to stderr.
 #include <errno.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,18 +33,6 @@ static const char *eval_usage =
     "  --batches N       number of batches of train.batch_size sequences (default\n"
     "                    train.eval_batches)\n"
     "  --set s.k=v       override a configuration key (repeatable)\n";
-
-// A one-line bad-input message on stderr (the caller returns status 2).
-static void eval_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void eval_error(const char *fmt, ...) {
-    if (mp_rank() != 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("millipede: error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
 
 // Prints a JSON number; NaN and infinities are not JSON, so they become null.
 static void json_num(const char *key, double v) {
@@ -79,88 +66,58 @@ static void usage_stats(const double *z, long n, double *usage, double *uneven) 
     *uneven = kl < 0 ? 0 : kl;   // >= 0 exactly; rounding can give -1e-16
 }
 
+static const mp_cli_option eval_opts[] = {
+    {"--model", 1, NULL},
+    {"--batches", 1, NULL},
+    {"--set", 1, NULL},
+};
+
+typedef struct {
+    const char *model_path;
+    long batches;   // -1: train.eval_batches
+} eval_args;
+
+static void eval_option(void *ctx, const char *name, const char *v) {
+    eval_args *e = ctx;
+    if (!strcmp(name, "--model")) {
+        e->model_path = v;
+        return;
+    }
+    char *end;   // --batches
+    errno = 0;
+    e->batches = strtol(v, &end, 10);
+    if (errno || end == v || *end || e->batches < 1 || e->batches > 1000000000)
+        mp_input_error("eval: --batches '%s': expected a positive integer", v);
+}
+
 int mp_cmd_eval(int argc, char **argv) {
-    const char *cfg_path = NULL, *model_path = NULL;
-    long batches = -1;
-    char **overrides = mp_calloc((size_t)argc, sizeof *overrides);
-    int n_over = 0, status = 2;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            if (mp_rank() == 0) fputs(eval_usage, stdout);
-            free(overrides);
-            return 0;
-        }
-        int has_value = i + 1 < argc;
-        if (!strcmp(a, "--model") || !strcmp(a, "--batches") || !strcmp(a, "--set")) {
-            if (!has_value) {
-                eval_error("eval: option %s needs a value", a);
-                goto out;
-            }
-            const char *v = argv[++i];
-            if (!strcmp(a, "--model")) {
-                model_path = v;
-            } else if (!strcmp(a, "--set")) {
-                overrides[n_over++] = argv[i];
-            } else {
-                char *end;
-                errno = 0;
-                batches = strtol(v, &end, 10);
-                if (errno || end == v || *end || batches < 1 || batches > 1000000000) {
-                    eval_error("eval: --batches '%s': expected a positive integer", v);
-                    goto out;
-                }
-            }
-        } else if (a[0] == '-') {
-            eval_error("eval: unknown option '%s' (see millipede eval --help)", a);
-            goto out;
-        } else if (!cfg_path) {
-            cfg_path = a;
-        } else {
-            eval_error("eval: unexpected argument '%s' (one CONFIG.ini expected)", a);
-            goto out;
-        }
-    }
-    if (!cfg_path) {
-        eval_error("eval: missing CONFIG.ini (usage: millipede eval CONFIG.ini --model PATH)");
-        goto out;
-    }
-    if (!model_path) {
-        eval_error("eval: missing --model PATH (usage: millipede eval CONFIG.ini --model PATH)");
-        goto out;
-    }
-    if (mp_world() > 1) {
-        eval_error("eval runs on one rank, not %d", mp_world());
-        goto out;
-    }
+    eval_args e = {NULL, -1};
+    mp_cli_spec spec = {"eval", eval_usage, eval_opts, MP_CLI_N_OPTS(eval_opts), eval_option, &e};
+    mp_cli_args args;
+    if (mp_cli_parse(&spec, argc, argv, &args)) return 0;   // --help
+    if (!args.config_path)
+        mp_input_error("eval: missing CONFIG.ini (usage: millipede eval CONFIG.ini --model PATH)");
+    if (!e.model_path)
+        mp_input_error("eval: missing --model PATH (usage: millipede eval CONFIG.ini --model PATH)");
+    mp_cli_single_rank("eval");
 
     char err[2048];
     mp_config cfg, mcfg;
-    if (mp_config_load(&cfg, cfg_path, overrides, n_over, err, sizeof err) < 0) {
-        eval_error("%s", err);
-        goto out;
-    }
+    mp_cli_load_config(&cfg, args.config_path, args.sets, args.n_sets);
+    free(args.sets);
     const mp_backend *be = mp_cli_setup(&cfg);   // threads; exits 2 when the backend is missing
-    if (batches < 0) batches = cfg.eval_batches;
+    long batches = e.batches < 0 ? cfg.eval_batches : e.batches;
+    const char *model_path = e.model_path;
     int B = cfg.batch_size, T = cfg.context;
-    mp_model *m = mp_open_stored_model(model_path, &cfg, cfg_path, be, B, &mcfg, err, sizeof err);
-    if (!m) {
-        eval_error("%s", err);
-        goto out;
-    }
+    mp_model *m =
+        mp_open_stored_model(model_path, &cfg, args.config_path, be, B, &mcfg, err, sizeof err);
+    if (!m) mp_input_error("%s", err);
     mp_shard val;
-    if (mp_shard_open(&val, cfg.val_path, (uint32_t)mcfg.vocab_size, err, sizeof err) < 0) {
-        eval_error("%s", err);
-        mp_model_free(m);
-        goto out;
-    }
-    if (val.n_tokens < (uint64_t)T + 1) {
-        eval_error("%s: data.val holds %llu tokens, need at least %d for model.context %d",
-                   cfg.val_path, (unsigned long long)val.n_tokens, T + 1, T);
-        mp_shard_close(&val);
-        mp_model_free(m);
-        goto out;
-    }
+    if (mp_shard_open(&val, cfg.val_path, (uint32_t)mcfg.vocab_size, err, sizeof err) < 0)
+        mp_input_error("%s", err);
+    if (val.n_tokens < (uint64_t)T + 1)
+        mp_input_error("%s: data.val holds %llu tokens, need at least %d for model.context %d",
+                       cfg.val_path, (unsigned long long)val.n_tokens, T + 1, T);
 
     fprintf(stderr, "millipede eval: %s on %s: %ld batches of %d x %d tokens\n", model_path,
             cfg.val_path, batches, B, T);
@@ -194,11 +151,8 @@ int mp_cmd_eval(int argc, char **argv) {
     }
     printf("]}\n");
     fflush(stdout);
-    status = 0;
 
     mp_shard_close(&val);
     mp_model_free(m);
-out:
-    free(overrides);
-    return status;
+    return 0;
 }

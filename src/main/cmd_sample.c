@@ -5,7 +5,6 @@
 // is mp_uniform(seed, SAMPLE_STREAM, i).
 #include <errno.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,17 +41,6 @@ static const char *sample_usage =
     "  --top-k K          sample among the K most likely tokens only; 0 = all (default 0)\n"
     "  --seed S           random seed (default train.seed)\n"
     "  --set s.k=v        override a configuration key (repeatable)\n";
-
-static void sample_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void sample_error(const char *fmt, ...) {
-    if (mp_rank() != 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("millipede: error: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
 
 static int parse_long(const char *s, long *out) {
     char *end;
@@ -99,115 +87,72 @@ static int pick_token(const float *logits, int V, double temperature, int top_k,
     return order[K - 1];   // u * total rounded up to total
 }
 
+static const mp_cli_option sample_opts[] = {
+    {"--model", 1, NULL}, {"--prompt", 1, NULL}, {"--tokens", 1, NULL},
+    {"--temperature", 1, NULL}, {"--top-k", 1, NULL}, {"--seed", 1, NULL}, {"--set", 1, NULL},
+};
+
+typedef struct {
+    const char *model_path, *prompt;
+    long n_tokens, top_k, seed;
+    int have_tokens, have_seed;
+    double temperature;
+} sample_args;
+
+static void sample_option(void *ctx, const char *name, const char *v) {
+    sample_args *s = ctx;
+    if (!strcmp(name, "--model")) {
+        s->model_path = v;
+    } else if (!strcmp(name, "--prompt")) {
+        s->prompt = v;
+    } else if (!strcmp(name, "--tokens")) {
+        if (parse_long(v, &s->n_tokens) < 0 || s->n_tokens < 0)
+            mp_input_error("sample: --tokens '%s': expected an integer >= 0", v);
+        s->have_tokens = 1;
+    } else if (!strcmp(name, "--temperature")) {
+        if (parse_double(v, &s->temperature) < 0 || s->temperature < 0)
+            mp_input_error("sample: --temperature '%s': expected a number >= 0", v);
+    } else if (!strcmp(name, "--top-k")) {
+        if (parse_long(v, &s->top_k) < 0 || s->top_k < 0)
+            mp_input_error("sample: --top-k '%s': expected an integer >= 0", v);
+    } else {   // --seed
+        if (parse_long(v, &s->seed) < 0 || s->seed < 0)
+            mp_input_error("sample: --seed '%s': expected an integer >= 0", v);
+        s->have_seed = 1;
+    }
+}
+
 int mp_cmd_sample(int argc, char **argv) {
-    const char *cfg_path = NULL, *model_path = NULL, *prompt = NULL;
-    long n_tokens = -1, top_k = 0, seed_arg = -1;
-    int have_tokens = 0, have_seed = 0;
-    double temperature = 1.0;
-    char **overrides = mp_calloc((size_t)argc, sizeof *overrides);
-    int n_over = 0, status = 2;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            if (mp_rank() == 0) fputs(sample_usage, stdout);
-            free(overrides);
-            return 0;
-        }
-        static const char *with_value[] = {"--model", "--prompt", "--tokens", "--temperature",
-                                           "--top-k", "--seed", "--set"};
-        int known = 0;
-        for (size_t k = 0; k < sizeof with_value / sizeof *with_value; k++)
-            known |= !strcmp(a, with_value[k]);
-        if (known) {
-            if (i + 1 >= argc) {
-                sample_error("sample: option %s needs a value", a);
-                goto out;
-            }
-            const char *v = argv[++i];
-            if (!strcmp(a, "--model")) {
-                model_path = v;
-            } else if (!strcmp(a, "--prompt")) {
-                prompt = v;
-            } else if (!strcmp(a, "--set")) {
-                overrides[n_over++] = argv[i];
-            } else if (!strcmp(a, "--tokens")) {
-                if (parse_long(v, &n_tokens) < 0 || n_tokens < 0) {
-                    sample_error("sample: --tokens '%s': expected an integer >= 0", v);
-                    goto out;
-                }
-                have_tokens = 1;
-            } else if (!strcmp(a, "--temperature")) {
-                if (parse_double(v, &temperature) < 0 || temperature < 0) {
-                    sample_error("sample: --temperature '%s': expected a number >= 0", v);
-                    goto out;
-                }
-            } else if (!strcmp(a, "--top-k")) {
-                if (parse_long(v, &top_k) < 0 || top_k < 0) {
-                    sample_error("sample: --top-k '%s': expected an integer >= 0", v);
-                    goto out;
-                }
-            } else {   // --seed
-                if (parse_long(v, &seed_arg) < 0 || seed_arg < 0) {
-                    sample_error("sample: --seed '%s': expected an integer >= 0", v);
-                    goto out;
-                }
-                have_seed = 1;
-            }
-        } else if (a[0] == '-') {
-            sample_error("sample: unknown option '%s' (see millipede sample --help)", a);
-            goto out;
-        } else if (!cfg_path) {
-            cfg_path = a;
-        } else {
-            sample_error("sample: unexpected argument '%s' (one CONFIG.ini expected)", a);
-            goto out;
-        }
-    }
-    if (!cfg_path) {
-        sample_error("sample: missing CONFIG.ini (see millipede sample --help)");
-        goto out;
-    }
-    if (!model_path) {
-        sample_error("sample: missing --model PATH (see millipede sample --help)");
-        goto out;
-    }
-    if (!prompt) {
-        sample_error("sample: missing --prompt TEXT");
-        goto out;
-    }
-    if (!prompt[0]) {
-        sample_error("sample: --prompt is empty (the model needs at least one token)");
-        goto out;
-    }
-    if (!have_tokens) {
-        sample_error("sample: missing --tokens N");
-        goto out;
-    }
-    if (mp_world() > 1) {
-        sample_error("sample runs on one rank, not %d", mp_world());
-        goto out;
-    }
+    sample_args sa = {.n_tokens = -1, .temperature = 1.0};
+    mp_cli_spec spec = {"sample", sample_usage, sample_opts, MP_CLI_N_OPTS(sample_opts),
+                        sample_option, &sa};
+    mp_cli_args args;
+    if (mp_cli_parse(&spec, argc, argv, &args)) return 0;   // --help
+    if (!args.config_path)
+        mp_input_error("sample: missing CONFIG.ini (see millipede sample --help)");
+    if (!sa.model_path)
+        mp_input_error("sample: missing --model PATH (see millipede sample --help)");
+    if (!sa.prompt) mp_input_error("sample: missing --prompt TEXT");
+    if (!sa.prompt[0])
+        mp_input_error("sample: --prompt is empty (the model needs at least one token)");
+    if (!sa.have_tokens) mp_input_error("sample: missing --tokens N");
+    mp_cli_single_rank("sample");
 
     char err[2048];
     mp_config cfg, mcfg;
-    if (mp_config_load(&cfg, cfg_path, overrides, n_over, err, sizeof err) < 0) {
-        sample_error("%s", err);
-        goto out;
-    }
+    mp_cli_load_config(&cfg, args.config_path, args.sets, args.n_sets);
+    free(args.sets);
     const mp_backend *be = mp_cli_setup(&cfg);   // threads; exits 2 when the backend is missing
-    mp_model *m = mp_open_stored_model(model_path, &cfg, cfg_path, be, 1, &mcfg, err, sizeof err);
-    if (!m) {
-        sample_error("%s", err);
-        goto out;
-    }
-    if (mcfg.vocab_size != MP_BYTE_VOCAB) {
-        sample_error("%s: sample uses the byte tokenizer (model.vocab_size %d), the model has "
-                     "model.vocab_size %d",
-                     model_path, MP_BYTE_VOCAB, mcfg.vocab_size);
-        mp_model_free(m);
-        goto out;
-    }
-    uint64_t seed = have_seed ? (uint64_t)seed_arg : cfg.seed;
+    const char *model_path = sa.model_path, *prompt = sa.prompt;
+    mp_model *m =
+        mp_open_stored_model(model_path, &cfg, args.config_path, be, 1, &mcfg, err, sizeof err);
+    if (!m) mp_input_error("%s", err);
+    if (mcfg.vocab_size != MP_BYTE_VOCAB)
+        mp_input_error("%s: sample uses the byte tokenizer (model.vocab_size %d), the model has "
+                       "model.vocab_size %d",
+                       model_path, MP_BYTE_VOCAB, mcfg.vocab_size);
+    uint64_t seed = sa.have_seed ? (uint64_t)sa.seed : cfg.seed;
+    long n_tokens = sa.n_tokens;
     int V = mcfg.vocab_size, T = mcfg.context;
 
     size_t plen = strlen(prompt);
@@ -230,7 +175,7 @@ int mp_cmd_sample(int argc, char **argv) {
         be->to_host(logits, mp_model_logits(m) + (n - 1) * (size_t)V, (size_t)V * sizeof *logits);
         for (int v = 0; v < V; v++)
             if (!isfinite(logits[v])) mp_fatal("sample: non-finite logit for token %d", v);
-        int next = pick_token(logits, V, temperature, (int)top_k,
+        int next = pick_token(logits, V, sa.temperature, (int)sa.top_k,
                               mp_uniform(seed, SAMPLE_STREAM, (uint64_t)i), order, prob);
         seq[len++] = next;
         char text[16];
@@ -240,14 +185,11 @@ int mp_cmd_sample(int argc, char **argv) {
     }
     if (isatty(STDOUT_FILENO)) fputc('\n', stdout);   // piped output stays exactly the text
     fflush(stdout);
-    status = 0;
 
     free(logits);
     free(order);
     free(prob);
     free(seq);
     mp_model_free(m);
-out:
-    free(overrides);
-    return status;
+    return 0;
 }

@@ -27,34 +27,33 @@ static const char *help =
     "On SIGUSR1 or SIGTERM all ranks stop at the next step boundary, write a checkpoint and\n"
     "exit with status 75 (checkpointed, please requeue; launch/*.sbatch requeue the job).\n";
 
+static const mp_cli_option train_opts[] = {
+    {"--set", 1, "train: --set needs section.key=value"},
+    {"--resume", 1, "train: --resume needs a checkpoint PATH"},
+    {"--no-resume", 0, NULL},
+};
+
+typedef struct {
+    const char *resume;
+    int no_resume;
+} train_args;
+
+static void train_option(void *ctx, const char *name, const char *value) {
+    train_args *t = ctx;
+    if (!strcmp(name, "--resume"))
+        t->resume = value;
+    else   // --no-resume
+        t->no_resume = 1;
+}
+
 int mp_cmd_train(int argc, char **argv) {
-    const char *config_path = NULL, *resume = NULL;
-    int no_resume = 0;
-    char *sets[256];
-    int n_sets = 0;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            if (mp_rank() == 0) fputs(help, stdout);
-            return 0;
-        } else if (!strcmp(argv[i], "--set")) {
-            if (i + 1 >= argc) mp_input_error("train: --set needs section.key=value");
-            if (n_sets == 256) mp_input_error("train: more than 256 --set options");
-            sets[n_sets++] = argv[++i];
-        } else if (!strcmp(argv[i], "--resume")) {
-            if (i + 1 >= argc) mp_input_error("train: --resume needs a checkpoint PATH");
-            resume = argv[++i];
-        } else if (!strcmp(argv[i], "--no-resume")) {
-            no_resume = 1;
-        } else if (argv[i][0] == '-') {
-            mp_input_error("train: unknown option '%s' (see millipede train --help)", argv[i]);
-        } else if (!config_path) {
-            config_path = argv[i];
-        } else {
-            mp_input_error("train: unexpected argument '%s' (one CONFIG.ini expected)", argv[i]);
-        }
-    }
-    if (!config_path) mp_input_error("train: missing CONFIG.ini (see millipede train --help)");
-    if (resume && no_resume) mp_input_error("train: --resume and --no-resume exclude each other");
+    train_args t = {NULL, 0};
+    mp_cli_spec spec = {"train", help, train_opts, MP_CLI_N_OPTS(train_opts), train_option, &t};
+    mp_cli_args args;
+    if (mp_cli_parse(&spec, argc, argv, &args)) return 0;   // --help
+    if (!args.config_path) mp_input_error("train: missing CONFIG.ini (see millipede train --help)");
+    if (t.resume && t.no_resume)
+        mp_input_error("train: --resume and --no-resume exclude each other");
     // Under Slurm every task must be one rank of this job: a mismatch means a launcher that
     // started separate single-rank jobs (e.g. srun without --mpi=pmix) or a wrong -n.
     const char *ntasks = getenv("SLURM_NTASKS");
@@ -63,8 +62,9 @@ int mp_cmd_train(int argc, char **argv) {
                        "`srun --mpi=pmix` or a plain `mpirun` inside the allocation (unset "
                        "SLURM_NTASKS to run another rank count on purpose)", mp_world(), ntasks);
     mp_config cfg;
-    mp_cli_load_config(&cfg, config_path, sets, n_sets);
+    mp_cli_load_config(&cfg, args.config_path, args.sets, args.n_sets);
+    free(args.sets);
     const mp_backend *be = mp_cli_setup(&cfg);
-    mp_resume_mode mode = no_resume ? MP_RESUME_NONE : resume ? MP_RESUME_PATH : MP_RESUME_AUTO;
-    return mp_train_run_resume(&cfg, be, mode, resume);
+    mp_resume_mode mode = t.no_resume ? MP_RESUME_NONE : t.resume ? MP_RESUME_PATH : MP_RESUME_AUTO;
+    return mp_train_run_resume(&cfg, be, mode, t.resume);
 }
