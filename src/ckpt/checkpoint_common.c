@@ -101,17 +101,9 @@ hid_t ck_open_index(const char *dir, mp_ckpt_info *info, char **config_text, cha
                  path, strerror(errno));
         return -1;
     }
-    if (H5Fis_hdf5(path) <= 0) {
-        snprintf(err, err_len, "%s: not an HDF5 file (truncated or corrupt)", path);
-        return -1;
-    }
-    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (file < 0) {
-        char h5[256];
-        snprintf(err, err_len, "%s: cannot open as HDF5 (truncated or corrupt file): %s", path,
-                 mp_h5_last_error(h5));
-        return -1;
-    }
+    hid_t file =
+        mp_h5_open_read(path, "truncated or corrupt", "truncated or corrupt file", err, err_len);
+    if (file < 0) return -1;
     char *format = mp_h5_read_str_attr(file, "format");
     long long version = 0, step = 0, t = 0, P = 0, seed = 0;
     const char *bad = NULL;
@@ -286,13 +278,8 @@ int ck_check_shard(const char *dir, const ck_layout *lay, int p, long step, char
                  (long long)st.st_size, lay->bytes[p]);
         return -1;
     }
-    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (f < 0) {
-        char h5[256];
-        snprintf(err, err_len, "%s: cannot open as HDF5 (corrupt file): %s", path,
-                 mp_h5_last_error(h5));
-        return -1;
-    }
+    hid_t f = mp_h5_open_read(path, NULL, "corrupt file", err, err_len);
+    if (f < 0) return -1;
     char *format = mp_h5_read_str_attr(f, "format");
     long long rank = -1, P = -1, s = -1;
     int rc = 0;

@@ -32,6 +32,22 @@ const char *mp_h5_last_error(char buf[256]) {
     return buf[0] ? buf : "unknown HDF5 error";
 }
 
+hid_t mp_h5_open_read(const char *path, const char *not_hdf5, const char *corrupt, char *err,
+                      size_t err_len) {
+    if (not_hdf5 && H5Fis_hdf5(path) <= 0) {
+        snprintf(err, err_len, "%s: not an HDF5 file (%s)", path, not_hdf5);
+        return -1;
+    }
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) {
+        char h5[256];
+        snprintf(err, err_len, "%s: cannot open as HDF5 (%s): %s", path, corrupt,
+                 mp_h5_last_error(h5));
+        return -1;
+    }
+    return file;
+}
+
 void mp_h5_write_str_attr(hid_t obj, const char *name, const char *s) {
     hid_t t = MP_CHECK_H5(H5Tcopy(H5T_C_S1));
     MP_CHECK_H5(H5Tset_size(t, strlen(s) + 1));

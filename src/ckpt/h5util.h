@@ -21,6 +21,12 @@ void mp_h5_quiet_end(mp_h5_quiet q);
 // "truncated file: eof = 4096, sblock->base_addr = 0, stored_eof = 9072".
 const char *mp_h5_last_error(char buf[256]);
 
+// Opens an existing file read-only for reading, call inside quiet. On failure returns -1 and
+// writes "PATH: not an HDF5 file (NOT_HDF5)" when H5Fis_hdf5 says it is not one (that
+// check is skipped when not_hdf5 is NULL), else "PATH: cannot open as HDF5 (CORRUPT): why".
+hid_t mp_h5_open_read(const char *path, const char *not_hdf5, const char *corrupt, char *err,
+                      size_t err_len);
+
 // Attributes. Writers go through MP_CHECK_H5 (they fail only on a bug or a full disk).
 void mp_h5_write_str_attr(hid_t obj, const char *name, const char *s);
 void mp_h5_write_scalar_attr(hid_t obj, const char *name, hid_t file_type, hid_t mem_type,

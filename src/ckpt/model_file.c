@@ -84,17 +84,9 @@ static hid_t open_model_file(const char *path, char *err, size_t err_len) {
         return -1;
     }
     fclose(f);
-    if (H5Fis_hdf5(path) <= 0) {
-        snprintf(err, err_len, "%s: not an HDF5 file (expected a millipede model file)", path);
-        return -1;
-    }
-    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (file < 0) {
-        char h5[256];
-        snprintf(err, err_len, "%s: cannot open as HDF5 (truncated or corrupt file): %s", path,
-                 mp_h5_last_error(h5));
-        return -1;
-    }
+    hid_t file = mp_h5_open_read(path, "expected a millipede model file",
+                                 "truncated or corrupt file", err, err_len);
+    if (file < 0) return -1;
     char *format = mp_h5_read_str_attr(file, "format");
     if (!format || strcmp(format, MP_MODEL_FORMAT)) {
         if (format)
