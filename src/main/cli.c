@@ -1,5 +1,4 @@
 #include "cli.h"
-#include <cblas.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,10 +57,9 @@ void mp_cli_load_config(mp_config *cfg, const char *path, char **sets, int n_set
 }
 
 const mp_backend *mp_cli_setup(const mp_config *cfg) {
-    if (cfg->threads > 0) {
-        omp_set_num_threads(cfg->threads);
-        openblas_set_num_threads(cfg->threads);
-    }
+    // OpenMP threads only: the CPU backend runs OpenBLAS single-threaded inside its own
+    // OpenMP regions (src/backend/cpu/ops_dense.c, mp_cpu_sgemm)
+    if (cfg->threads > 0) omp_set_num_threads(cfg->threads);
     if (!strcmp(cfg->backend, "cuda")) {
         char err[512];
         const mp_backend *be = mp_backend_cuda(err, sizeof err);
