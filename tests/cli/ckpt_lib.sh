@@ -1,5 +1,6 @@
-# Shared by tests/cli/test_ckpt_*.sh (sourced; not a test itself): a scratch directory, a
-# tiny corpus, a tiny PEER model and helpers to train it on P ranks and compare runs.
+# Shared by tests/cli/test_ckpt_*.sh and test_eval_sample.sh (sourced; not a test itself):
+# a scratch directory, a tiny corpus, a tiny PEER model and helpers to train it on P ranks
+# and compare runs.
 set -uo pipefail
 : "${MILLIPEDE:?path of the millipede binary}" "${MP_SOURCE_DIR:?repository root}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1

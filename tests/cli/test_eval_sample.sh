@@ -3,28 +3,9 @@
 # its final checkpoint (<run.dir>/checkpoints/latest): eval prints one JSON line whose
 # val_loss equals the trainer's last validation loss (so the checkpoint round trip is exact), usage and unevenness are in range; sample continues the
 # prompt by exactly N bytes, reproducibly; bad input exits 2 with one "millipede: error:" line.
-set -uo pipefail
-: "${MILLIPEDE:?path of the millipede binary}" "${MP_SOURCE_DIR:?repository root}"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/mp_test_eval.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-passed=0 failed=0
-ok() { passed=$((passed + 1)); echo "ok   $1"; }
-bad() { failed=$((failed + 1)); echo "FAIL $1"; }
+source "$(dirname "$0")/ckpt_lib.sh"   # scratch $tmp, ok/bad, the corpus in $tmp/data, $cfg
 
-# A tiny corpus (~24 KB of varied text), prepared into train.bin / val.bin.
-mkdir -p "$tmp/docs"
-for i in $(seq 1 40); do
-    {
-        echo "Document $i."
-        for k in $(seq 1 12); do
-            echo "Line $k of document $i: the $((i * k)) quick brown foxes jump over $k lazy dogs."
-        done
-    } > "$tmp/docs/doc_$i.txt"
-done
-"$MILLIPEDE" data prepare --out "$tmp/data" "$tmp/docs" > "$tmp/prepare.out" 2>&1 ||
-    { bad "data prepare: $(cat "$tmp/prepare.out")"; }
-
-cfg="$MP_SOURCE_DIR/configs/tiny.ini"
+# A smaller run than the checkpoint tests': 5 steps of batch 2.
 small=(--set "data.train=$tmp/data/train.bin" --set "data.val=$tmp/data/val.bin"
        --set model.context=32 --set model.d_model=32 --set model.n_heads=2 --set model.n_layers=2
        --set model.ffn=dense,peer --set peer.experts=256 --set peer.heads=2 --set peer.topk=4
@@ -152,5 +133,4 @@ expect_error "sample: missing --model" "--model" "$MILLIPEDE" sample "$cfg" --pr
 expect_error "sample: nonexistent model file" "nope.h5" "$MILLIPEDE" sample "$cfg" --model "$tmp/nope.h5" --prompt hi --tokens 3
 expect_error "sample: shape mismatch" "model.d_model" "${s[@]}" --set model.d_model=64 --prompt hi --tokens 3
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

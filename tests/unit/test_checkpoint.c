@@ -15,34 +15,9 @@
 #include <cmocka.h>
 #include <mpi.h>
 #include "millipede/checkpoint.h"
+#include "small_config.h"
 
 static char dir[256];
-
-// vocab 32, context 8, C 16, blocks dense, PEER, PKM; N = 64 (n = 8), H 2, k 3, dk 4.
-static void small_config(mp_config *c) {
-    mp_config_defaults(c);
-    c->vocab_size = 32;
-    c->context = 8;
-    c->d_model = 16;
-    c->n_layers = 3;
-    c->n_heads = 2;
-    c->dense_hidden = 24;
-    c->batch_size = 2;
-    c->ffn[0] = MP_FFN_DENSE;
-    c->ffn[1] = MP_FFN_PEER;
-    c->ffn[2] = MP_FFN_PKM;
-    mp_retrieval_config *rcs[2] = {&c->peer, &c->pkm};
-    for (int i = 0; i < 2; i++) {
-        rcs[i]->n_experts = 64;
-        rcs[i]->n_sub = 8;
-        rcs[i]->heads = 2;
-        rcs[i]->topk = 3;
-        rcs[i]->key_dim = 4;
-        rcs[i]->query_bn = 1;
-    }
-    char err[256];
-    if (mp_config_validate(c, err, sizeof err) != 0) fail_msg("config: %s", err);
-}
 
 // Fills every buffer with distinct values derived from `salt`.
 static void fill(mp_model *m, mp_adamw *opt, float salt) {
@@ -86,6 +61,7 @@ static void test_round_trip(void **state) {
     (void)state;
     mp_config c;
     small_config(&c);
+    validate(&c);
     mp_model *a = mp_model_create(&c, mp_backend_cpu(), 1);
     mp_model *b = mp_model_create(&c, mp_backend_cpu(), 1);
     mp_adamw oa, ob;
@@ -169,6 +145,7 @@ static void test_latest_keep_resolve(void **state) {
     (void)state;
     mp_config c;
     small_config(&c);
+    validate(&c);
     c.n_layers = 1;   // a dense model: quick, and no expert tables at all
     c.ffn[0] = MP_FFN_DENSE;
     mp_model *m = mp_model_create(&c, mp_backend_cpu(), 1);
