@@ -37,7 +37,6 @@ static void add_tensor(ck_ds *d, int group, const mp_tensor *t, float *buf) {
 }
 
 int ck_datasets(mp_model *m, const mp_adamw *opt, ck_ds **out) {
-    const mp_config *cfg = mp_model_config(m);
     int nt = mp_model_n_tensors(m);
     ck_ds *ds = mp_calloc((size_t)3 * nt + 2 * MP_MAX_LAYERS, sizeof *ds);
     int n = 0;
@@ -51,31 +50,18 @@ int ck_datasets(mp_model *m, const mp_adamw *opt, ck_ds **out) {
             add_tensor(&ds[n++], group, t, base + t->offset);
         }
     }
-    // BN state layout (model.h): per retrieval layer with query BN in block order,
-    // running_mean (H*dk) then running_var (H*dk).
-    float *bn = mp_model_bn_state(m);
-    size_t off = 0;
-    for (int l = 0; l < cfg->n_layers; l++) {
-        const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
-        if (!rc || !rc->query_bn) continue;
-        const char *kind = cfg->ffn[l] == MP_FFN_PEER ? "peer" : "pkm";
-        hsize_t hd = (hsize_t)rc->heads * (hsize_t)rc->key_dim;
-        for (int s = 0; s < 2; s++) {
-            ck_ds *d = &ds[n++];
-            d->group = CK_STATE;
-            snprintf(d->name, sizeof d->name, "h%d.%s.bn.%s", l, kind,
-                     s == 0 ? "running_mean" : "running_var");
-            snprintf(d->path, sizeof d->path, "/state/%s", d->name);
-            d->buf = bn + off;
-            d->ndim = 1;
-            d->dims[0] = d->rows = hd;
-            d->dims[1] = 1;
-            off += hd;
-        }
+    mp_bn_dataset bn[2 * MP_MAX_LAYERS];
+    int n_bn = mp_bn_datasets(m, bn);
+    for (int i = 0; i < n_bn; i++) {
+        ck_ds *d = &ds[n++];
+        d->group = CK_STATE;
+        snprintf(d->name, sizeof d->name, "%.*s", (int)sizeof bn[i].name, bn[i].name);
+        snprintf(d->path, sizeof d->path, "/state/%s", d->name);
+        d->buf = mp_model_bn_state(m) + bn[i].offset;
+        d->ndim = 1;
+        d->dims[0] = d->rows = bn[i].n;
+        d->dims[1] = 1;
     }
-    if (off != mp_model_bn_state_size(m))
-        mp_fatal("BN state holds %zu floats, the config implies %zu", mp_model_bn_state_size(m),
-                 off);
     *out = ds;
     return n;
 }

@@ -268,3 +268,27 @@ void mp_merge_model_config(mp_config *out, const mp_config *cfg, const mp_config
     out->pkm = f->pkm;
     out->init_std = f->init_std;
 }
+
+int mp_bn_datasets(mp_model *m, mp_bn_dataset *out) {
+    const mp_config *cfg = mp_model_config(m);
+    size_t off = 0;
+    int n = 0;
+    for (int l = 0; l < cfg->n_layers; l++) {
+        const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
+        if (!rc || !rc->query_bn) continue;
+        const char *kind = cfg->ffn[l] == MP_FFN_PEER ? "peer" : "pkm";
+        hsize_t hd = (hsize_t)rc->heads * (hsize_t)rc->key_dim;
+        for (int s = 0; s < 2; s++) {
+            mp_bn_dataset *b = &out[n++];
+            snprintf(b->name, sizeof b->name, "h%d.%s.bn.%s", l, kind,
+                     s == 0 ? "running_mean" : "running_var");
+            b->offset = off;
+            b->n = hd;
+            off += hd;
+        }
+    }
+    if (off != mp_model_bn_state_size(m))
+        mp_fatal("BN state holds %zu floats, the config implies %zu", mp_model_bn_state_size(m),
+                 off);
+    return n;
+}

@@ -5,6 +5,7 @@
 #include <hdf5.h>
 #include <stddef.h>
 #include "millipede/config.h"
+#include "millipede/model.h"
 
 // ~1 MiB per chunk: one Fletcher32 checksum per MiB of data.
 #define MP_H5_CHUNK_BYTES (1 << 20)
@@ -59,6 +60,16 @@ int mp_fsync_path(const char *path, int flags);
 // "FILE: key 'model.d_model' is 32 in WHAT but 64 in CFG_PATH" and returns -1.
 int mp_check_shape_config(const mp_config *file_cfg, const mp_config *cfg, const char *file,
                           const char *what, const char *cfg_path, char *err, size_t err_len);
+// One BatchNorm running statistic as the model file and the checkpoints store it.
+typedef struct {
+    char name[48];   // "h1.peer.bn.running_var"
+    size_t offset;   // into mp_model_bn_state(m)
+    hsize_t n;       // floats (H*dk)
+} mp_bn_dataset;
+// The BN state of m (layout in model.h): per retrieval layer with query BN in block order,
+// running_mean then running_var. Fills out (room for 2 * MP_MAX_LAYERS), returns the count.
+int mp_bn_datasets(mp_model *m, mp_bn_dataset *out);
+
 // The configuration of a stored model for eval and sample: cfg with the [model], [peer]
 // and [pkm] sections (and init_std) taken from file_cfg.
 void mp_merge_model_config(mp_config *out, const mp_config *cfg, const mp_config *file_cfg);

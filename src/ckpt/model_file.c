@@ -32,7 +32,6 @@ static hsize_t ds_cols(const ds_spec *d) { return d->ndim == 2 ? d->dims[1] : 1;
 // Every dataset of m in file order: parameters (table order), then BN running statistics.
 // Returns the count; *out is malloc'd.
 static int model_datasets(mp_model *m, ds_spec **out) {
-    const mp_config *cfg = mp_model_config(m);
     int nt = mp_model_n_tensors(m);
     ds_spec *ds = mp_calloc((size_t)nt + 2 * MP_MAX_LAYERS, sizeof *ds);
     int n = 0;
@@ -47,30 +46,17 @@ static int model_datasets(mp_model *m, ds_spec **out) {
         d->row_start = (hsize_t)t->row_start;
         d->rows = (hsize_t)t->shape[0];
     }
-    // BN state layout (model.h): per retrieval layer with query BN in block order,
-    // running_mean (H*dk) then running_var (H*dk).
-    float *bn = mp_model_bn_state(m);
-    size_t off = 0;
-    for (int l = 0; l < cfg->n_layers; l++) {
-        const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
-        if (!rc || !rc->query_bn) continue;
-        const char *kind = cfg->ffn[l] == MP_FFN_PEER ? "peer" : "pkm";
-        hsize_t hd = (hsize_t)rc->heads * (hsize_t)rc->key_dim;
-        for (int s = 0; s < 2; s++) {
-            ds_spec *d = &ds[n++];
-            snprintf(d->path, sizeof d->path, "/state/h%d.%s.bn.%s", l, kind,
-                     s == 0 ? "running_mean" : "running_var");
-            d->buf = bn + off;
-            d->ndim = 1;
-            d->dims[0] = d->rows = hd;
-            d->dims[1] = 1;
-            d->row_start = 0;
-            off += hd;
-        }
+    mp_bn_dataset bn[2 * MP_MAX_LAYERS];
+    int n_bn = mp_bn_datasets(m, bn);
+    for (int i = 0; i < n_bn; i++) {
+        ds_spec *d = &ds[n++];
+        snprintf(d->path, sizeof d->path, "/state/%.*s", (int)sizeof bn[i].name, bn[i].name);
+        d->buf = mp_model_bn_state(m) + bn[i].offset;
+        d->ndim = 1;
+        d->dims[0] = d->rows = bn[i].n;
+        d->dims[1] = 1;
+        d->row_start = 0;
     }
-    if (off != mp_model_bn_state_size(m))
-        mp_fatal("BN state holds %zu floats, the config implies %zu", mp_model_bn_state_size(m),
-                 off);
     *out = ds;
     return n;
 }
