@@ -41,5 +41,5 @@ int mp_cli_parse(const mp_cli_spec *spec, int argc, char **argv, mp_cli_args *ar
 void mp_cli_single_rank(const char *cmd);
 
 void mp_cli_load_config(mp_config *cfg, const char *path, char **sets, int n_sets);
-// Applies system.threads to OpenMP and OpenBLAS and returns the configured backend.
+// Applies system.threads to OpenMP and returns the configured backend.
 const mp_backend *mp_cli_setup(const mp_config *cfg);
