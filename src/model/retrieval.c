@@ -217,7 +217,7 @@ void mp_retrieval_exchange_init(mp_retrieval_layer *l, mp_comm *comm) {
 void mp_retrieval_exchange_free(mp_retrieval_layer *l) {
     mp_stage_free(l);
     mp_retrieval_scratch *w = &l->scratch;
-    void *scratch[] = {w->s1, w->s2, w->start, w->fill, w->items, w->touched, w->dpre};
+    void *scratch[] = {w->s1, w->s2, w->count, w->begin, w->items, w->touched, w->dpre};
     for (size_t i = 0; i < sizeof scratch / sizeof scratch[0]; i++) free(scratch[i]);
     memset(w, 0, sizeof *w);
     mp_exchange *e = &l->ex;

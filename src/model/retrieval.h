@@ -34,10 +34,10 @@ typedef struct {
 // Scratch of the CPU retrieval ops, kept across steps (host memory, grown as needed).
 typedef struct {
     float *s1, *s2;                  // (rows, n) sub-key scores of a chunk of queries
-    int64_t *start, *fill, *items;   // counting sort of records by expert row
+    int64_t *count, *begin, *items;  // bucketing of records by expert row
     int32_t *touched;
     float *dpre;                     // (R) d(pre-activation) per record
-    size_t cap_s1, cap_s2, cap_start, cap_fill, cap_items, cap_touched, cap_dpre;
+    size_t cap_s1, cap_s2, cap_count, cap_begin, cap_items, cap_touched, cap_dpre;
 } mp_retrieval_scratch;
 
 struct mp_retrieval_layer {

@@ -26,34 +26,6 @@
 #include "core/rng.h"
 #include "millipede/backend.h"
 
-// The retrieval ops are another file's work and are not tested here; these weak stubs only
-// keep this test linkable without them (a strong definition, when linked, takes precedence).
-__attribute__((weak)) void mp_cpu_retrieval_route(mp_retrieval_layer *l, const float *x, int N,
-                                                  int train) {
-    (void)l; (void)x; (void)N; (void)train;
-}
-__attribute__((weak)) void mp_cpu_retrieval_route_backward(mp_retrieval_layer *l, float *dx,
-                                                           const float *x, int N) {
-    (void)l; (void)dx; (void)x; (void)N;
-}
-__attribute__((weak)) void mp_cpu_experts_forward(mp_retrieval_layer *l, float *y, const float *x,
-                                                  int64_t M, const int64_t *slot_start,
-                                                  const int32_t *slot, const int32_t *row,
-                                                  const float *gate, float *pre, int64_t R) {
-    (void)l; (void)y; (void)x; (void)M; (void)slot_start; (void)slot; (void)row; (void)gate;
-    (void)pre; (void)R;
-}
-__attribute__((weak)) void mp_cpu_experts_backward(mp_retrieval_layer *l, float *dx,
-                                                   float *dgate, const float *dy,
-                                                   const float *x, int64_t M,
-                                                   const int64_t *slot_start,
-                                                   const int32_t *slot, const int32_t *row,
-                                                   const float *gate, const float *pre,
-                                                   int64_t R) {
-    (void)l; (void)dx; (void)dgate; (void)dy; (void)x; (void)M; (void)slot_start; (void)slot;
-    (void)row; (void)gate; (void)pre; (void)R;
-}
-
 #define FD_TOL 1e-3
 #define FWD_TOL 1e-5   // float vs double forward, relative on the norm
 

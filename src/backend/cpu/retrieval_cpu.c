@@ -232,8 +232,8 @@ static void expert_grads(mp_retrieval_layer *l, const float *dy, const float *x,
     mp_activation act = l->rc->activation;
     mp_retrieval_scratch *w = &l->scratch;
     size_t nr = (size_t)(R ? R : 1);
-    int64_t *cnt = w->start = mp_grow(w->start, &w->cap_start, (size_t)l->rows * sizeof(int64_t));  // (rows)
-    int64_t *begin = w->fill = mp_grow(w->fill, &w->cap_fill, (nr + 1) * sizeof(int64_t));  // (touched+1)
+    int64_t *cnt = w->count = mp_grow(w->count, &w->cap_count, (size_t)l->rows * sizeof(int64_t));  // (rows)
+    int64_t *begin = w->begin = mp_grow(w->begin, &w->cap_begin, (nr + 1) * sizeof(int64_t));  // (touched+1)
     int64_t *items = w->items = mp_grow(w->items, &w->cap_items, nr * sizeof(int64_t));     // (R)
     int32_t *touched = w->touched = mp_grow(w->touched, &w->cap_touched, nr * sizeof(int32_t));
     // only the rows this batch touches are visited, so the cost is O(R log R), not O(rows)
