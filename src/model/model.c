@@ -66,6 +66,8 @@ struct mp_model {
     float *dfch, *dfch_gelu;      // (N, F)
     int usage_on;
     mp_comm *comm;                // NULL: a single process
+    float *grad_stage;            // host copy of the replicated gradients, when the backend's
+    size_t grad_stage_cap;        // memory is not host memory (the MPI transport needs host)
 };
 
 static uint64_t name_stream(const char *s) {   // FNV-1a of the tensor name
@@ -302,6 +304,7 @@ void mp_model_free(mp_model *m) {
     if (!m) return;
     const mp_backend *be = m->be;
     for (int g = 0; g < MP_N_GROUPS; g++) { be->free(m->params[g]); be->free(m->grads[g]); }
+    free(m->grad_stage);
     be->free(m->bn_state);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         block_acts *a = &m->a[l];
@@ -511,6 +514,18 @@ mp_exchange_stats *mp_model_exchange_stats(mp_model *m, int i) {
 void mp_model_allreduce_grads(mp_model *m) {
     if (!m->comm || m->comm->size == 1) return;
     // replicated groups only: expert gradients already sit with the rank owning the rows
-    m->comm->allreduce_f32(m->comm, m->grads[MP_GROUP_DENSE], m->group_size[MP_GROUP_DENSE]);
-    m->comm->allreduce_f32(m->comm, m->grads[MP_GROUP_KEYS], m->group_size[MP_GROUP_KEYS]);
+    const int groups[2] = {MP_GROUP_DENSE, MP_GROUP_KEYS};
+    if (m->be->host_memory) {
+        for (int i = 0; i < 2; i++)
+            m->comm->allreduce_f32(m->comm, m->grads[groups[i]], m->group_size[groups[i]]);
+        return;
+    }
+    // device gradients: one host buffer holds both groups, so it is one all-reduce
+    size_t nd = m->group_size[MP_GROUP_DENSE], nk = m->group_size[MP_GROUP_KEYS];
+    m->grad_stage = mp_grow(m->grad_stage, &m->grad_stage_cap, (nd + nk) * sizeof(float));
+    m->be->to_host(m->grad_stage, m->grads[MP_GROUP_DENSE], nd * sizeof(float));
+    m->be->to_host(m->grad_stage + nd, m->grads[MP_GROUP_KEYS], nk * sizeof(float));
+    m->comm->allreduce_f32(m->comm, m->grad_stage, nd + nk);
+    m->be->from_host(m->grads[MP_GROUP_DENSE], m->grad_stage, nd * sizeof(float));
+    m->be->from_host(m->grads[MP_GROUP_KEYS], m->grad_stage + nd, nk * sizeof(float));
 }

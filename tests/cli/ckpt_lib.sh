@@ -53,11 +53,13 @@ latest_step() { local t; t=$(readlink "$1/checkpoints/latest" 2>/dev/null) && ec
 #   mode exact: every dataset of the index (global views of the expert tables included)
 #               bitwise equal
 #   mode tol:   max relative difference per dataset <= 1e-4 (another rank count)
+#   mode tol=X: the same with X
 compare_ckpt() {
     python3 - "$@" <<'EOF'
 import sys, h5py, numpy as np
 a, b = sys.argv[1], sys.argv[2]
 mode = sys.argv[3] if len(sys.argv) > 3 else "exact"
+rtol = float(mode[4:]) if mode.startswith("tol=") else 1e-4
 def load(d):
     out = {}
     with h5py.File(d + "/index.h5", "r") as f:
@@ -78,7 +80,7 @@ for k in A:
             bad.append(k)
     else:
         den = max(float(np.linalg.norm(x)), 1e-30)
-        if float(np.linalg.norm(x - y)) / den > 1e-4 and float(np.max(np.abs(x - y))) > 1e-7:
+        if float(np.linalg.norm(x - y)) / den > rtol and float(np.max(np.abs(x - y))) > 1e-7:
             bad.append(k)
 if bad:
     print(f"{len(bad)} datasets differ, e.g. {bad[:3]}")

@@ -63,13 +63,3 @@ const mp_backend *mp_backend_cpu(void) {
     mp_cpu_blas_init();
     return &cpu_backend;
 }
-
-#ifndef MP_HAVE_CUDA
-// The CUDA backend's own file defines this when CUDA is compiled in.
-const mp_backend *mp_backend_cuda(char *err, size_t err_len) {
-    if (err && err_len)
-        snprintf(err, err_len,
-                 "this build has no CUDA backend (CUDA was not found at configure time)");
-    return NULL;
-}
-#endif
