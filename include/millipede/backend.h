@@ -83,6 +83,9 @@ typedef struct mp_backend {
                   float beta2, float eps, float wd, long t, float grad_scale);
     // sum of squares of x (n), accumulated in double
     double (*sum_squares)(const float *x, size_t n);
+    // dst (n) = src rounded to bfloat16 (to nearest, ties to even), as raw bits; NULL when
+    // the backend has no bf16 mode (the CPU)
+    void (*to_bf16)(uint16_t *dst, const float *src, size_t n);
 } mp_backend;
 
 const mp_backend *mp_backend_cpu(void);

@@ -65,6 +65,7 @@ typedef struct {
     // [system]
     int threads;                   // system.threads: OpenMP threads, 0 = OpenMP default
     char backend[16];              // system.backend: cpu | cuda
+    char precision[8];             // system.precision: fp32 | bf16 (expert tables, cuda only)
 } mp_config;
 
 // Fills cfg with the defaults.

@@ -95,6 +95,7 @@ static const key_spec KEYS[] = {
     KEY("checkpoint", "keep", K_INT, ckpt_keep),
     KEY("system", "threads", K_INT, threads),
     STR("system", "backend", backend),
+    STR("system", "precision", precision),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 
@@ -363,6 +364,7 @@ void mp_config_defaults(mp_config *cfg) {
     cfg->ckpt_keep = 3;
     cfg->threads = 0;
     set_string(cfg->backend, sizeof cfg->backend, "cpu");
+    set_string(cfg->precision, sizeof cfg->precision, "fp32");
 }
 
 int mp_config_set(mp_config *cfg, const char *section, const char *key, const char *value,
@@ -475,6 +477,11 @@ int mp_config_validate(const mp_config *c, char *err, size_t err_len) {
           c->threads);
     CHECK(!strcmp(c->backend, "cpu") || !strcmp(c->backend, "cuda"),
           "key 'system.backend': expected cpu or cuda, got '%s'", c->backend);
+    CHECK(!strcmp(c->precision, "fp32") || !strcmp(c->precision, "bf16"),
+          "key 'system.precision': expected fp32 or bf16, got '%s'", c->precision);
+    CHECK(strcmp(c->precision, "bf16") || !strcmp(c->backend, "cuda"),
+          "key 'system.precision': bf16 needs system.backend = cuda (the CPU backend computes "
+          "in fp32), got backend '%s'", c->backend);
     return 0;
 }
 

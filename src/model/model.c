@@ -68,6 +68,10 @@ struct mp_model {
     mp_comm *comm;                // NULL: a single process
     float *grad_stage;            // host copy of the replicated gradients, when the backend's
     size_t grad_stage_cap;        // memory is not host memory (the MPI transport needs host)
+    // system.precision = bf16: the experts group rounded to bf16, refreshed by the next
+    // forward whenever the fp32 masters may have changed (anyone who took the params pointer)
+    uint16_t *experts_bf16;       // (group_size[MP_GROUP_EXPERTS])
+    int experts_bf16_stale;
 };
 
 static uint64_t name_stream(const char *s) {   // FNV-1a of the tensor name
@@ -254,6 +258,20 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         m->ret[l] = r;
         m->ret_block[m->n_ret++] = l;
     }
+    // Config validation refuses bf16 on a backend without it; a model built here from a
+    // stored config on the CPU (ckpt verify) reads the fp32 masters.
+    if (!strcmp(cfg->precision, "bf16") && be->to_bf16) {
+        size_t n = m->group_size[MP_GROUP_EXPERTS];
+        m->experts_bf16 = be->alloc((n ? n : 1) * sizeof(uint16_t));
+        m->experts_bf16_stale = 1;
+        float *base = m->params[MP_GROUP_EXPERTS];
+        for (int l = 0; l < cfg->n_layers; l++) {
+            mp_retrieval_layer *r = m->ret[l];
+            if (!r) continue;
+            if (r->u) r->u_bf16 = m->experts_bf16 + (r->u - base);
+            r->v_bf16 = m->experts_bf16 + (r->v - base);
+        }
+    }
     // BN running statistics: one buffer, (mean, var) per layer with query BN
     m->bn_state = be->alloc((m->bn_size ? m->bn_size : 1) * sizeof(float));
     size_t off = 0;
@@ -305,6 +323,7 @@ void mp_model_free(mp_model *m) {
     const mp_backend *be = m->be;
     for (int g = 0; g < MP_N_GROUPS; g++) { be->free(m->params[g]); be->free(m->grads[g]); }
     free(m->grad_stage);
+    be->free(m->experts_bf16);
     be->free(m->bn_state);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         block_acts *a = &m->a[l];
@@ -348,6 +367,7 @@ void mp_model_init(mp_model *m) {
         m->be->from_host(m->params[t->group] + t->offset, host, n * sizeof(float));
         free(host);
     }
+    m->experts_bf16_stale = 1;
     // running statistics: mean 0, var 1
     float *host = mp_calloc(m->bn_size ? m->bn_size : 1, sizeof(float));
     for (int l = 0; l < m->cfg.n_layers; l++) {
@@ -367,7 +387,10 @@ const mp_tensor *mp_model_find(const mp_model *m, const char *name) {
         if (!strcmp(m->tensors[i].name, name)) return &m->tensors[i];
     return NULL;
 }
-float *mp_model_params(mp_model *m, mp_group g) { return m->params[g]; }
+float *mp_model_params(mp_model *m, mp_group g) {
+    if (g == MP_GROUP_EXPERTS) m->experts_bf16_stale = 1;   // the caller may write the masters
+    return m->params[g];
+}
 float *mp_model_grads(mp_model *m, mp_group g) { return m->grads[g]; }
 size_t mp_model_group_size(const mp_model *m, mp_group g) { return m->group_size[g]; }
 float *mp_model_bn_state(mp_model *m) { return m->bn_state; }
@@ -386,6 +409,11 @@ void mp_model_zero_grad(mp_model *m) {
 void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train) {
     const mp_backend *be = m->be;
     if (m->ret[l]) {
+        if (m->experts_bf16 && m->experts_bf16_stale) {   // one pass over the whole group
+            be->to_bf16(m->experts_bf16, m->params[MP_GROUP_EXPERTS],
+                        m->group_size[MP_GROUP_EXPERTS]);
+            m->experts_bf16_stale = 0;
+        }
         mp_retrieval_forward(m->ret[l], be, y, x, N, train);
         return;
     }

@@ -53,6 +53,9 @@ struct mp_retrieval_layer {
     float *k1, *k2, *dk1, *dk2;       // (n, dk/2)
     float *u, *du;                    // (rows, C), PEER only
     float *v, *dv;                    // (rows, C)
+    // system.precision = bf16: bfloat16 copies of u and v, what the expert kernels read
+    // (fp32 accumulation; u, v stay the fp32 master weights). NULL in fp32 mode.
+    const uint16_t *u_bf16, *v_bf16;  // (rows, C)
     float *running_mean, *running_var;   // (H*dk), NULL without query BN
 
     // kept by forward for backward

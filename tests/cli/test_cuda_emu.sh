@@ -43,6 +43,35 @@ for P in 1 2; do
     fi
 done
 
+# bf16 expert tables on 2 ranks: the fp32 masters train and are what the checkpoint holds;
+# the losses follow the fp32 run to the bf16 rounding of the tables (test_cuda_backend
+# bounds one layer's error by 1e-2; measured here: see the line printed)
+b="$tmp/cuda2bf16"
+if emu_train 2 "$b" --set system.precision=bf16; then
+    check "P=2 bf16: losses of steps 1-10 follow the CPU's fp32 (1e-2 relative)" \
+        compare_losses "$tmp/cpu" "$b" 1 10 1e-2
+    python3 - "$tmp/cpu" "$b" <<'PY'
+import json, sys
+def losses(d):
+    return {x["step"]: x["loss"] for x in map(json.loads, open(d + "/metrics.jsonl")) if "loss" in x}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+print("   bf16 vs fp32: largest relative loss difference over steps 1-10: %.2g" %
+      max(abs(a[s] - b[s]) / abs(a[s]) for s in range(1, 11)))
+PY
+    # the masters keep fp32 precision: the optimizer's small steps are not rounded away
+    python3 - "$b/checkpoints/step_00000020" <<'PY' && ok "P=2 bf16: the checkpoint holds fp32 master tables" || bad "P=2 bf16: the checkpoint holds fp32 master tables"
+import sys, h5py, numpy as np
+with h5py.File(sys.argv[1] + "/index.h5", "r") as f:
+    for name in ("h1.peer.u", "h1.peer.v"):
+        x = f["params"][name][()]
+        low = (x.view(np.uint32) & 0xFFFF) != 0
+        assert x.dtype == np.float32 and np.all(np.isfinite(x)), name
+        assert low.mean() > 0.9, f"{name}: only {low.mean():.2f} of the values use fp32 bits"
+PY
+else
+    bad "P=2 bf16 run failed: $(grep -m3 -E 'cuda-emu|error' "$b.out")"
+fi
+
 # determinism through a checkpoint: resume the 2-rank CUDA run at step 10
 r="$tmp/cuda2r"
 if emu_train 2 "$r" --resume "$tmp/cuda2/checkpoints/step_00000010"; then

@@ -68,6 +68,7 @@ static void test_defaults_validate(void **state) {
     assert_int_equal(c.vocab_size, 256);
     assert_int_equal(c.peer.n_sub * c.peer.n_sub, c.peer.n_experts);
     assert_string_equal(c.backend, "cpu");
+    assert_string_equal(c.precision, "fp32");
     // Loading no file gives the defaults, resolved: dense_hidden shows 4*d_model.
     mp_config r;
     assert_int_equal(mp_config_load(&r, NULL, NULL, 0, g_err, sizeof g_err), 0);
@@ -254,6 +255,9 @@ static const bad_case BAD[] = {
     {"[checkpoint]\nevery = -2\n", NULL, {"key 'checkpoint.every'"}},
     {"[system]\nthreads = -1\n", NULL, {"key 'system.threads'"}},
     {"[system]\nbackend = tpu\n", NULL, {"key 'system.backend'", "'tpu'"}},
+    {"[system]\nprecision = fp16\n", NULL, {"key 'system.precision'", "'fp16'"}},
+    {"[system]\nbackend = cpu\nprecision = bf16\n", NULL,
+     {"key 'system.precision'", "bf16 needs system.backend = cuda"}},
     // --set
     {"", "trainsteps=5", {"--set 'trainsteps=5'", "expected section.key=value"}},
     {"", "train.steps", {"--set 'train.steps'", "expected section.key=value"}},

@@ -71,7 +71,10 @@ static void *host_copy(const void *dev, size_t bytes) {
     return h;
 }
 
-static double g_worst;   // the largest relative error seen, printed at the end
+static double g_worst;        // the largest relative error seen, printed at the end
+static double g_worst_bf16;   // the same for bf16 tables against the CPU's fp32
+static double g_tol = TOL;    // expect_dev's tolerance
+static double *g_track = &g_worst;
 
 static void expect_close(const char *what, const float *got, const float *want, size_t n,
                          double tol) {
@@ -86,7 +89,7 @@ static void expect_close(const char *what, const float *got, const float *want, 
     }
     double rel = w2 > 0 ? sqrt(d2 / w2) : sqrt(d2);
     double relmax = wmax > 0 ? dmax / wmax : dmax;
-    if (rel > g_worst) g_worst = rel;
+    if (rel > *g_track) *g_track = rel;
     if (!(rel <= tol) || !(relmax <= tol))
         fail_msg("%s: relative error %.3g (norm), %.3g (max, at %zu: got %.9g want %.9g), "
                  "tolerance %.1g", what, rel, relmax, at, got[at], want[at], tol);
@@ -95,7 +98,7 @@ static void expect_close(const char *what, const float *got, const float *want, 
 // device tensor vs host reference
 static void expect_dev(const char *what, const float *dev, const float *want, size_t n) {
     float *h = host_copy(dev, n * sizeof(float));
-    expect_close(what, h, want, n, TOL);
+    expect_close(what, h, want, n, g_tol);
     free(h);
 }
 
@@ -375,6 +378,43 @@ static void test_topk(void **state) {
     check_topk(3, 4, 4, 1);       // k = n
     check_topk(300, 64, 16, 0);
     check_topk(100, 1000, 8, 0);  // many columns per lane
+    // each register width NPL (scores per lane, n <= 32 NPL) and the n > 1024 fallback
+    check_topk(8, 1, 1, 1);       // NPL 1
+    check_topk(8, 5, 5, 1);
+    check_topk(8, 32, 32, 1);
+    check_topk(8, 100, 32, 1);    // NPL 4
+    check_topk(4, 256, 24, 1);    // NPL 8
+    check_topk(4, 257, 16, 1);    // NPL 16
+    check_topk(2, 1024, 16, 1);   // NPL 32: the top classes of ties span every lane
+    check_topk(2, 1100, 16, 1);   // fallback: the row read from memory each round
+    check_topk(64, 512, 32, 0);
+    check_topk(64, 1024, 32, 0);
+    check_topk(400, 1100, 32, 0); // enough rows that the last column is among the picks
+    // NaN scores (a third of them) are never picked: with >= k finite scores in each half the
+    // result is the brute force with NaN as -inf (registers: n = 100; fallback: n = 1100)
+    for (int n = 100; n <= 1100; n += 1000) {
+        int k = 8, rows = 2;
+        size_t ns = (size_t)rows * n, nk = (size_t)rows * k;
+        float *s = malloc(2 * ns * 4), *inf = malloc(2 * ns * 4);   // (2, rows, n)
+        for (size_t i = 0; i < 2 * ns; i++) {
+            s[i] = mp_hash3(11, n, i) % 3 ? 1.0f + (float)(mp_hash3(10, n, i) % 8) * 0x1p-20f : NAN;
+            inf[i] = isnan(s[i]) ? -INFINITY : s[i];
+        }
+        float *d_s = dev_copy(s, 2 * ns * 4), *d_gate = gpu->alloc(nk * 4);
+        int32_t *d_sel = gpu->alloc(3 * nk * 4);   // sel, sel_a, sel_b
+        mp_cuda_product_topk(d_s, d_s + ns, rows, n, k, d_sel, d_sel + nk, d_sel + 2 * nk, d_gate);
+        int32_t *sel = host_copy(d_sel, nk * 4);
+        long best[8];
+        for (int r = 0; r < rows; r++) {
+            brute_topk(inf + r * n, inf + ns + r * n, n, k, best);
+            for (int j = 0; j < k; j++)
+                if (sel[r * k + j] != best[j])
+                    fail_msg("top-k with NaN (n %d) row %d position %d: GPU expert %d, want %ld", n,
+                             r, j, sel[r * k + j], best[j]);
+        }
+        gpu->free(d_s); gpu->free(d_gate); gpu->free(d_sel);
+        free(s); free(inf); free(sel);
+    }
 #endif
 }
 
@@ -467,35 +507,95 @@ static double decision_margin(mp_retrieval_layer *l, int N) {
     return margin;
 }
 
+// system.precision = bf16 in check_layer: FP32 (off); BF16_EXACT: the expert tables, x and
+// dy hold bf16-representable values (low 16 bits cleared), so what the GPU rounds (the
+// tables; x and dy for the gradient sums) equals the CPU's fp32 and only summation order
+// differs (TOL); BF16: ordinary values, which the GPU rounds, against the CPU's unrounded
+// fp32 (BF16_TOL).
+enum { FP32, BF16_EXACT, BF16 };
+// Each table element is rounded to nearest with 8 significant bits: relative error at most
+// 2^-9 ~ 2e-3, and sums of such errors with random signs stay near 2^-9/sqrt(3) ~ 1e-3 of
+// the result's norm per rounded table. Measured (emulator, two input draws): y 2.2e-3 and
+// 2.6e-3 (PEER: U and V both rounded), the worst gradient 3.1e-3 (dBN_w) and 5.6e-3 (dK1:
+// the gate softmax backward subtracts nearly equal terms). 1e-2 bounds that; a wrong row, a
+// stale copy or a missing term is O(1e-1) and more.
+#define BF16_TOL 1e-2
+
+// Clears the low 16 bits of x (n): bf16-representable values.
+static void truncate_bf16(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        u &= 0xffff0000u;
+        memcpy(&x[i], &u, 4);
+    }
+}
+
+// The same for m's experts group (U and V).
+static void truncate_tables_bf16(mp_model *m) {
+    const mp_backend *be = mp_model_backend(m);
+    size_t n = mp_model_group_size(m, MP_GROUP_EXPERTS);
+    float *h = malloc(n * sizeof(float));
+    be->to_host(h, mp_model_params(m, MP_GROUP_EXPERTS), n * sizeof(float));
+    truncate_bf16(h, n);
+    be->from_host(mp_model_params(m, MP_GROUP_EXPERTS), h, n * sizeof(float));
+    free(h);
+}
+
+// The same new random bf16-representable expert tables in both models.
+static void new_tables_bf16(mp_model *a, mp_model *b) {
+    size_t n = mp_model_group_size(a, MP_GROUP_EXPERTS);
+    float *h = frand(n, -0.5f, 0.5f);
+    truncate_bf16(h, n);
+    mp_model_backend(a)->from_host(mp_model_params(a, MP_GROUP_EXPERTS), h, n * sizeof(float));
+    mp_model_backend(b)->from_host(mp_model_params(b, MP_GROUP_EXPERTS), h, n * sizeof(float));
+    free(h);
+}
+
 // The FFN branch of block 1 (the retrieval layer) on both backends: y, dx and every gradient.
-static void check_layer(mp_ffn_kind kind, int query_bn, mp_activation act, int train) {
+static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, int train,
+                           int precision) {
     mp_config c;
     small_config(&c, kind, query_bn, act, 48, 16, 2, 4, 8);
     int N = c.batch_size * c.context, C = c.d_model;
     size_t NC = (size_t)N * C;
+    mp_config cg = c;   // the GPU's: the same model, maybe bf16 tables
+    if (precision != FP32) {
+        snprintf(cg.backend, sizeof cg.backend, "cuda");
+        snprintf(cg.precision, sizeof cg.precision, "bf16");
+    }
+    g_tol = precision == BF16 ? BF16_TOL : TOL;
+    g_track = precision == BF16 ? &g_worst_bf16 : &g_worst;
     mp_model *mc = mp_model_create(&c, cpu, c.batch_size);
-    mp_model *mg = mp_model_create(&c, gpu, c.batch_size);
+    mp_model *mg = mp_model_create(&cg, gpu, c.batch_size);
     mp_model_init(mc);
     mp_model_init(mg);
+    if (precision == BF16_EXACT) {
+        truncate_tables_bf16(mc);
+        truncate_tables_bf16(mg);
+    }
     mp_retrieval_layer *lc = mp_model_retrieval_layer(mc, 1);
     float *x = NULL, *yc = malloc(NC * 4);
     int rejected = 0;
     for (;; rejected++) {   // inputs without near-ties at the top-k boundary (see the top)
         free(x);
         x = frand(NC, -1.5, 1.5);
+        if (precision == BF16_EXACT) truncate_bf16(x, NC);
         mp_model_ffn_forward(mc, 1, yc, x, N, train);
         if (decision_margin(lc, N) > 1e-4) break;
         if (rejected == 50) fail_msg("no input without near-ties in 50 tries");
     }
     // running statistics back to their start (the rejected tries moved them)
     mp_model_init(mc);
+    if (precision == BF16_EXACT) truncate_tables_bf16(mc);
     same_random_grads(mc, mg);
     mp_model_ffn_forward(mc, 1, yc, x, N, train);
     float *d_x = dev_copy(x, NC * 4), *d_y = gpu->alloc(NC * 4);
     mp_model_ffn_forward(mg, 1, d_y, d_x, N, train);
     char ctx[96];
-    snprintf(ctx, sizeof ctx, "%s bn %d %s %s", kind == MP_FFN_PEER ? "peer" : "pkm", query_bn,
-             act == MP_ACT_RELU ? "relu" : "gelu", train ? "train" : "eval");
+    snprintf(ctx, sizeof ctx, "%s bn %d %s %s%s", kind == MP_FFN_PEER ? "peer" : "pkm", query_bn,
+             act == MP_ACT_RELU ? "relu" : "gelu", train ? "train" : "eval",
+             precision == BF16 ? " bf16" : precision == BF16_EXACT ? " bf16 (exact tables)" : "");
     char what[160];
     snprintf(what, sizeof what, "%s: y", ctx);
     expect_dev(what, d_y, yc, NC);
@@ -512,23 +612,88 @@ static void check_layer(mp_ffn_kind kind, int query_bn, mp_activation act, int t
     }
     // backward: dx starts random (accumulation)
     float *dy = frand(NC, -1, 1), *dx = frand(NC, -1, 1);
+    if (precision == BF16_EXACT) truncate_bf16(dy, NC);
     float *d_dy = dev_copy(dy, NC * 4), *d_dx = dev_copy(dx, NC * 4);
     mp_model_ffn_backward(mc, 1, dx, dy, x, N);
     mp_model_ffn_backward(mg, 1, d_dx, d_dy, d_x, N);
     snprintf(what, sizeof what, "%s: dx", ctx);
     expect_dev(what, d_dx, dx, NC);
     expect_grads(mg, mc, ctx);
+    if (precision == BF16_EXACT) {
+        // new masters (what an optimizer step does): the next forward must read their copies
+        new_tables_bf16(mc, mg);
+        mp_model_ffn_forward(mc, 1, yc, x, N, 0);
+        mp_model_ffn_forward(mg, 1, d_y, d_x, N, 0);
+        snprintf(what, sizeof what, "%s: y after new tables", ctx);
+        expect_dev(what, d_y, yc, NC);
+    }
     printf("layer %s: ok (%d inputs rejected for near-ties)\n", ctx, rejected);
     gpu->free(d_x); gpu->free(d_y); gpu->free(d_dy); gpu->free(d_dx);
     free(x); free(yc); free(dy); free(dx); free(sel);
     mp_model_free(mc);
     mp_model_free(mg);
+    g_tol = TOL;
+    g_track = &g_worst;
+}
+
+static void check_layer(mp_ffn_kind kind, int query_bn, mp_activation act, int train) {
+    check_layer_at(kind, query_bn, act, train, FP32);
 }
 
 static void test_layer_peer(void **s) { (void)s; check_layer(MP_FFN_PEER, 1, MP_ACT_GELU, 1); }
 static void test_layer_peer_eval(void **s) { (void)s; check_layer(MP_FFN_PEER, 1, MP_ACT_GELU, 0); }
 static void test_layer_peer_relu_nobn(void **s) { (void)s; check_layer(MP_FFN_PEER, 0, MP_ACT_RELU, 1); }
 static void test_layer_pkm(void **s) { (void)s; check_layer(MP_FFN_PKM, 1, MP_ACT_GELU, 1); }
+static void test_layer_peer_bf16_exact(void **s) {
+    (void)s;
+    check_layer_at(MP_FFN_PEER, 1, MP_ACT_GELU, 1, BF16_EXACT);
+    check_layer_at(MP_FFN_PEER, 0, MP_ACT_RELU, 1, BF16_EXACT);
+}
+static void test_layer_pkm_bf16_exact(void **s) {
+    (void)s;
+    check_layer_at(MP_FFN_PKM, 1, MP_ACT_GELU, 1, BF16_EXACT);
+}
+static void test_layer_peer_bf16(void **s) {
+    (void)s;
+    check_layer_at(MP_FFN_PEER, 1, MP_ACT_GELU, 1, BF16);
+    check_layer_at(MP_FFN_PKM, 1, MP_ACT_GELU, 1, BF16);
+}
+
+// to_bf16: round to nearest, ties to even, on values whose answers follow from the definition
+// (bf16 = the top 16 bits of a float; the low 16 bits decide the rounding)
+static void test_to_bf16(void **state) {
+    (void)state;
+    static const uint32_t cases[][2] = {
+        {0x3f800000u, 0x3f80},   // 1.0 exact
+        {0x3f808000u, 0x3f80},   // 1 + 2^-8: a tie, 0x3f80 is even
+        {0x3f818000u, 0x3f82},   // 1 + 3*2^-8: a tie, 0x3f81 is odd: up
+        {0x3f808001u, 0x3f81},   // just above the tie: up
+        {0x3f807fffu, 0x3f80},   // just below: down
+        {0xc0200000u, 0xc020},   // -2.5 exact
+        {0xbf80c000u, 0xbf81},   // negative, above the tie: away from zero
+        {0x7f800000u, 0x7f80},   // +inf
+        {0xff800000u, 0xff80},   // -inf
+        {0x7f7fffffu, 0x7f80},   // the largest float rounds up to inf
+        {0x7fc00000u, 0x7fc0},   // quiet NaN
+        {0x7f800001u, 0x7fc0},   // signalling NaN: stays NaN, quiet
+        {0x00000001u, 0x0000},   // the smallest subnormal rounds to +0
+        {0x00018000u, 0x0002},   // subnormal tie, odd: up
+        {0x80000000u, 0x8000},   // -0
+    };
+    size_t n = sizeof cases / sizeof cases[0];
+    float *src = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) memcpy(&src[i], &cases[i][0], 4);
+    float *d_src = dev_copy(src, n * sizeof(float));
+    uint16_t *d_dst = gpu->alloc(n * sizeof(uint16_t));
+    gpu->to_bf16(d_dst, d_src, n);
+    uint16_t *dst = host_copy(d_dst, n * sizeof(uint16_t));
+    for (size_t i = 0; i < n; i++)
+        if (dst[i] != cases[i][1])
+            fail_msg("to_bf16(0x%08x) = 0x%04x, want 0x%04x", (unsigned)cases[i][0],
+                     (unsigned)dst[i], (unsigned)cases[i][1]);
+    gpu->free(d_src); gpu->free(d_dst);
+    free(src); free(dst);
+}
 
 // A whole model (dense block, PEER block): loss, every gradient, the gradient norm.
 static void test_model(void **state) {
@@ -592,13 +757,16 @@ static void *snapshot_grads(mp_model *m, size_t *bytes) {
     return h;
 }
 
-static void test_determinism(void **state) {
-    (void)state;
+static void check_determinism(int bf16) {
     // larger: many records per expert row and per sub-key, several sort passes
     mp_config c;
     small_config(&c, MP_FFN_PEER, 1, MP_ACT_GELU, 64, 32, 4, 8, 16);
     c.batch_size = 8;
     c.context = 32;
+    if (bf16) {
+        snprintf(c.backend, sizeof c.backend, "cuda");
+        snprintf(c.precision, sizeof c.precision, "bf16");
+    }
     int B = c.batch_size, T = c.context, N = B * T;
     int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
     for (int i = 0; i < N; i++) {
@@ -633,6 +801,20 @@ static void test_determinism(void **state) {
     free(tg);
 }
 
+static void test_determinism(void **state) {
+    (void)state;
+    check_determinism(0);
+    check_determinism(1);
+}
+
+// every test starts at the fp32 tolerance, also after one that failed inside check_layer_at
+static int reset_tolerance(void **state) {
+    (void)state;
+    g_tol = TOL;
+    g_track = &g_worst;
+    return 0;
+}
+
 int main(void) {
     char err[512];
     gpu = mp_backend_cuda(err, sizeof err);
@@ -645,23 +827,29 @@ int main(void) {
     printf("GPU: %s\n", mp_cuda_device_name());
 #endif
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_memory),
-        cmocka_unit_test(test_encoder),
-        cmocka_unit_test(test_layernorm),
-        cmocka_unit_test(test_matmul),
-        cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_elementwise),
-        cmocka_unit_test(test_crossentropy),
-        cmocka_unit_test(test_optim),
-        cmocka_unit_test(test_topk),
-        cmocka_unit_test(test_layer_peer),
-        cmocka_unit_test(test_layer_peer_eval),
-        cmocka_unit_test(test_layer_peer_relu_nobn),
-        cmocka_unit_test(test_layer_pkm),
-        cmocka_unit_test(test_model),
-        cmocka_unit_test(test_determinism),
+        cmocka_unit_test_setup(test_memory, reset_tolerance),
+        cmocka_unit_test_setup(test_encoder, reset_tolerance),
+        cmocka_unit_test_setup(test_layernorm, reset_tolerance),
+        cmocka_unit_test_setup(test_matmul, reset_tolerance),
+        cmocka_unit_test_setup(test_attention, reset_tolerance),
+        cmocka_unit_test_setup(test_elementwise, reset_tolerance),
+        cmocka_unit_test_setup(test_crossentropy, reset_tolerance),
+        cmocka_unit_test_setup(test_optim, reset_tolerance),
+        cmocka_unit_test_setup(test_topk, reset_tolerance),
+        cmocka_unit_test_setup(test_layer_peer, reset_tolerance),
+        cmocka_unit_test_setup(test_layer_peer_eval, reset_tolerance),
+        cmocka_unit_test_setup(test_layer_peer_relu_nobn, reset_tolerance),
+        cmocka_unit_test_setup(test_layer_pkm, reset_tolerance),
+        cmocka_unit_test_setup(test_to_bf16, reset_tolerance),
+        cmocka_unit_test_setup(test_layer_peer_bf16_exact, reset_tolerance),
+        cmocka_unit_test_setup(test_layer_pkm_bf16_exact, reset_tolerance),
+        cmocka_unit_test_setup(test_layer_peer_bf16, reset_tolerance),
+        cmocka_unit_test_setup(test_model, reset_tolerance),
+        cmocka_unit_test_setup(test_determinism, reset_tolerance),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
-    printf("largest relative error against the CPU: %.3g\n", g_worst);
+    printf("largest relative error against the CPU: %.3g (fp32, and bf16 copies of "
+           "bf16-representable tables)\n", g_worst);
+    printf("largest relative error of bf16 tables against the CPU's fp32: %.3g\n", g_worst_bf16);
     return rc;
 }

@@ -9,9 +9,13 @@
 //
 //   bench_peer_cuda [--d 1024] [--n 1024] [--heads 8] [--topk 16] [--dk 128]
 //                   [--tokens 16384] [--iters 20] [--warmup 5] [--pkm] [--no-bn]
+//                   [--precision fp32|bf16]
+//
+// --precision bf16: the expert tables U, V exist only as bf16 (what system.precision = bf16
+// reads; the fp32 masters belong to the optimizer, which is not part of the layer), their
+// gradients are fp32.
 //
 // Exits 77 (and says why) when no GPU is usable.
-#include <cuda_runtime_api.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,11 +26,6 @@
 #include "millipede/backend.h"
 #include "model/retrieval.h"
 
-#define CHECK(call)                                                                        \
-    do {                                                                                   \
-        cudaError_t rc_ = (call);                                                          \
-        if (rc_ != cudaSuccess) mp_fatal("%s: %s", #call, cudaGetErrorString(rc_));        \
-    } while (0)
 
 static const mp_backend *be;
 static size_t g_bytes_params, g_bytes_grads, g_bytes_acts;
@@ -54,6 +53,17 @@ static float *dtensor(size_t n, int kind, float s, uint64_t stream, size_t *acco
     return d;
 }
 
+// A bf16 table of n values normal(0, s): one random fp32 slice of up to 2^24 values (as
+// dtensor repeats it), rounded on the device into each part of the table.
+static uint16_t *bf16_table(size_t n, float s, uint64_t stream) {
+    uint16_t *t = dalloc(n * sizeof(uint16_t), &g_bytes_params);
+    size_t blk = n < ((size_t)1 << 24) ? n : ((size_t)1 << 24), unused = 0;
+    float *tmp = dtensor(blk, 0, s, stream, &unused);
+    for (size_t o = 0; o < n; o += blk) be->to_bf16(t + o, tmp, n - o < blk ? n - o : blk);
+    be->free(tmp);
+    return t;
+}
+
 static int cmp_float(const void *a, const void *b) {
     float x = *(const float *)a, y = *(const float *)b;
     return (x > y) - (x < y);
@@ -71,7 +81,7 @@ static int cmp_i32(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     int d = 1024, n = 1024, H = 8, k = 16, dk = 128, N = 16384, iters = 20, warmup = 5;
-    int pkm = 0, bn = 1;
+    int pkm = 0, bn = 1, bf16 = 0;
     for (int i = 1; i < argc; i++) {
         int *dst = NULL;
         if (!strcmp(argv[i], "--d")) dst = &d;
@@ -84,6 +94,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--warmup")) dst = &warmup;
         else if (!strcmp(argv[i], "--pkm")) pkm = 1;
         else if (!strcmp(argv[i], "--no-bn")) bn = 0;
+        else if (!strcmp(argv[i], "--precision") && i + 1 < argc) {
+            const char *p = argv[++i];
+            if (strcmp(p, "fp32") && strcmp(p, "bf16"))
+                mp_input_error("bench_peer_cuda: --precision: expected fp32 or bf16, got '%s'", p);
+            bf16 = !strcmp(p, "bf16");
+        }
         else mp_input_error("bench_peer_cuda: unknown option '%s'", argv[i]);
         if (dst) {
             if (i + 1 >= argc || (*dst = atoi(argv[++i])) <= 0)
@@ -125,8 +141,13 @@ int main(int argc, char **argv) {
     l.bn_b = dtensor(HD, 2, 0.0f, 3, &g_bytes_params);
     l.k1 = dtensor((size_t)n * half, 1, 1.0f / sqrtf((float)half), 4, &g_bytes_params);
     l.k2 = dtensor((size_t)n * half, 1, 1.0f / sqrtf((float)half), 5, &g_bytes_params);
-    if (!pkm) l.u = dtensor(rows * d, 0, 1.0f / sqrtf((float)d), 6, &g_bytes_params);
-    l.v = dtensor(rows * d, 0, 1.0f / sqrtf((float)d), 7, &g_bytes_params);
+    if (bf16) {
+        if (!pkm) l.u_bf16 = bf16_table(rows * d, 1.0f / sqrtf((float)d), 6);
+        l.v_bf16 = bf16_table(rows * d, 1.0f / sqrtf((float)d), 7);
+    } else {
+        if (!pkm) l.u = dtensor(rows * d, 0, 1.0f / sqrtf((float)d), 6, &g_bytes_params);
+        l.v = dtensor(rows * d, 0, 1.0f / sqrtf((float)d), 7, &g_bytes_params);
+    }
     l.running_mean = dtensor(HD, 2, 0.0f, 8, &g_bytes_params);
     l.running_var = dtensor(HD, 2, 1.0f, 9, &g_bytes_params);
     l.dwq = dalloc((size_t)HD * d * 4, &g_bytes_grads);
@@ -156,39 +177,38 @@ int main(int argc, char **argv) {
     size_t mem1 = mp_cuda_memory_used();
 
     enum { P_ROUTE, P_EXPERTS, P_EXPERTS_BWD, P_ROUTE_BWD, P_N };
-    cudaEvent_t ev[P_N + 1];
-    for (int i = 0; i <= P_N; i++) CHECK(cudaEventCreate(&ev[i]));
+    mp_cuda_event *ev[P_N + 1];
+    for (int i = 0; i <= P_N; i++) ev[i] = mp_cuda_event_new();
     float *t_phase[P_N], *t_fwd = mp_malloc(iters * 4), *t_all = mp_malloc(iters * 4);
     for (int p = 0; p < P_N; p++) t_phase[p] = mp_malloc(iters * 4);
     int64_t R = (int64_t)NS;
     for (int it = -warmup; it < iters; it++) {
-        CHECK(cudaEventRecord(ev[0], 0));
+        mp_cuda_event_record(ev[0]);
         be->retrieval_route(&l, x, N, 1);
         mp_cuda_records_single(l.sel, l.gate, N, S, 0, slot_start, slot, row, rgate);
-        CHECK(cudaEventRecord(ev[1], 0));
+        mp_cuda_event_record(ev[1]);
         be->experts_forward(&l, y, x, N, slot_start, slot, row, rgate, pre, R);
-        CHECK(cudaEventRecord(ev[2], 0));
+        mp_cuda_event_record(ev[2]);
         l.last_N = N;
         l.last_train = 1;
         // P = 1: records are the selections in order, so the gate gradients land in l.dgate
         be->experts_backward(&l, dx, l.dgate, dy, x, N, slot_start, slot, row, rgate, pre, R);
-        CHECK(cudaEventRecord(ev[3], 0));
+        mp_cuda_event_record(ev[3]);
         be->retrieval_route_backward(&l, dx, x, N);
-        CHECK(cudaEventRecord(ev[4], 0));
-        CHECK(cudaEventSynchronize(ev[4]));
+        mp_cuda_event_record(ev[4]);
         if (it < 0) continue;
-        for (int p = 0; p < P_N; p++) CHECK(cudaEventElapsedTime(&t_phase[p][it], ev[p], ev[p + 1]));
-        CHECK(cudaEventElapsedTime(&t_fwd[it], ev[0], ev[2]));
-        CHECK(cudaEventElapsedTime(&t_all[it], ev[0], ev[4]));
+        for (int p = 0; p < P_N; p++) t_phase[p][it] = mp_cuda_event_ms(ev[p], ev[p + 1]);
+        t_fwd[it] = mp_cuda_event_ms(ev[0], ev[2]);
+        t_all[it] = mp_cuda_event_ms(ev[0], ev[4]);
     }
     // zeroing the expert gradients, once per training step (not part of the layer)
     float t_zero = 0.0f;
-    CHECK(cudaEventRecord(ev[0], 0));
+    mp_cuda_event_record(ev[0]);
     if (!pkm) be->zero(l.du, rows * d * 4);
     be->zero(l.dv, rows * d * 4);
-    CHECK(cudaEventRecord(ev[1], 0));
-    CHECK(cudaEventSynchronize(ev[1]));
-    CHECK(cudaEventElapsedTime(&t_zero, ev[0], ev[1]));
+    mp_cuda_event_record(ev[1]);
+    t_zero = mp_cuda_event_ms(ev[0], ev[1]);
+    for (int i = 0; i <= P_N; i++) mp_cuda_event_free(ev[i]);
     size_t mem2 = mp_cuda_memory_used();
 
     // expert rows the batch touched (outside the timing)
@@ -200,14 +220,15 @@ int main(int argc, char **argv) {
     free(hsel);
 
     // Bytes the kernels move, each tensor once per pass that reads or writes it, expert rows
-    // once per record (the kernels re-read a row for each record that selects it), fp32.
-    double f = 4.0, tabs = pkm ? 1.0 : 2.0;
+    // once per record (the kernels re-read a row for each record that selects it); the
+    // tables' reads at their precision (tb bytes), everything else fp32.
+    double f = 4.0, tabs = pkm ? 1.0 : 2.0, tb = bf16 ? 2.0 : 4.0;
     double route_f = f * ((double)NC + (double)HD * d + 4.0 * N * HD        // GEMM, BN passes
                           + 2.0 * (double)N * H * n                           // scores written
                           + 2.0 * k * (double)N * H * n                       // top-k re-reads
                           + 4.0 * NS);                                        // sel, gate out
-    double experts_f = f * (tabs * R * d + 2.0 * NC + 4.0 * R);
-    double experts_b = f * (tabs * R * d + 2.0 * NC + 5.0 * R)                // dx, dgate
+    double experts_f = tb * tabs * R * d + f * (2.0 * NC + 4.0 * R);
+    double experts_b = tb * tabs * R * d + f * (2.0 * NC + 5.0 * R)           // dx, dgate
                      + f * (2.0 * tabs * touched * d + tabs * R * d + 3.0 * R); // dU, dV sums
     double route_b = f * (6.0 * NS + 2.0 * NS * half + 4.0 * (double)N * HD   // softmax, dq, dK
                           + 2.0 * ((double)N * HD + NC + 2.0 * HD * d)        // dWq GEMM
@@ -217,7 +238,7 @@ int main(int argc, char **argv) {
     float m_fwd = median(t_fwd, iters), m_all = median(t_all, iters);
     double fwd_bytes = route_f + experts_f, all_bytes = fwd_bytes + experts_b + route_b;
     const double GiB = 1024.0 * 1024.0 * 1024.0;
-    printf("{\"impl\": \"millipede-cuda\", \"layer\": \"%s\", \"precision\": \"fp32\", "
+    printf("{\"impl\": \"millipede-cuda\", \"layer\": \"%s\", \"precision\": \"%s\", "
            "\"device\": \"%s\", \"d\": %d, \"n_experts\": %ld, \"heads\": %d, \"topk\": %d, "
            "\"dk\": %d, \"tokens\": %d, \"query_bn\": %d, \"iters\": %d, "
            "\"fwd_ms\": %.4f, \"fwdbwd_ms\": %.4f, \"route_ms\": %.4f, \"experts_ms\": %.4f, "
@@ -225,7 +246,7 @@ int main(int argc, char **argv) {
            "\"params_gib\": %.3f, \"grads_gib\": %.3f, \"acts_gib\": %.3f, "
            "\"extra_gib\": %.3f, \"context_gib\": %.3f, \"touched_rows\": %.0f, \"fwd_bytes\": %.4g, "
            "\"fwdbwd_bytes\": %.4g, \"fwd_tbps\": %.3f, \"fwdbwd_tbps\": %.3f}\n",
-           pkm ? "pkm" : "peer", mp_cuda_device_name(), d, rc.n_experts, H, k, dk, N, bn, iters,
+           pkm ? "pkm" : "peer", bf16 ? "bf16" : "fp32", mp_cuda_device_name(), d, rc.n_experts, H, k, dk, N, bn, iters,
            m_fwd, m_all, m_phase[P_ROUTE], m_phase[P_EXPERTS], m_phase[P_EXPERTS_BWD],
            m_phase[P_ROUTE_BWD], t_zero, g_bytes_params / GiB, g_bytes_grads / GiB,
            g_bytes_acts / GiB, (double)(mem2 > mem1 ? mem2 - mem1 : 0) / GiB, mem0 / GiB, touched,

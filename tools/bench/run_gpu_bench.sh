@@ -15,13 +15,16 @@ build=${MP_BENCH_BUILD:-$root/build-bench}
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" --target bench_peer_cuda >/dev/null
 out=${OUT:-$build}/bench_peer.jsonl
+mkdir -p "$(dirname "$out")"
 : >"$out"
 iters=${MP_BENCH_ITERS:-20}
 for shape in ${MP_BENCH_SHAPES:-1024:1024 512:512}; do
     d=${shape%%:*} n=${shape##*:}
     args=(--d "$d" --n "$n" --heads 8 --topk 16 --dk 128 --tokens "${MP_BENCH_TOKENS:-16384}"
           --iters "$iters")
-    "$build/bench_peer_cuda" "${args[@]}" | tee -a "$out" || true
+    for prec in bf16 fp32; do
+        "$build/bench_peer_cuda" "${args[@]}" --precision "$prec" | tee -a "$out" || true
+    done
     python3 "$root/tools/bench/bench_peer_torch.py" "${args[@]}" \
         --dtype "${MP_BENCH_TORCH_DTYPES:-bf16,fp32}" --mode eager,compile | tee -a "$out" || true
 done
@@ -34,8 +37,9 @@ print(f"{'impl':<16}{'prec':<6}{'d':>6}{'N':>9}{'fwd ms':>9}{'f+b ms':>9}"
       f"{'extra GiB':>11}{'TB/s f+b':>10}{'f+b vs ours':>13}")
 for d in sorted({r.get('d') for r in rows if 'd' in r}, reverse=True):
     group = [r for r in rows if r.get('d') == d]
-    ours = next((r for r in group if r['impl'] == 'millipede-cuda' and 'fwdbwd_ms' in r), None)
     for r in group:
+        ours = next((o for o in group if o['impl'] == 'millipede-cuda' and 'fwdbwd_ms' in o
+                     and o['precision'] == r.get('precision')), None)
         if 'fwdbwd_ms' not in r:
             print(f"{r['impl']:<16}{r.get('precision', ''):<6}{d:>6}  {r.get('error', r.get('skipped', ''))}")
             continue
@@ -43,7 +47,7 @@ for d in sorted({r.get('d') for r in rows if 'd' in r}, reverse=True):
         tb = f"{r['fwdbwd_tbps']:.2f}" if 'fwdbwd_tbps' in r else "-"
         print(f"{r['impl']:<16}{r['precision']:<6}{d:>6}{r['n_experts']:>9}{r['fwd_ms']:>9.3f}"
               f"{r['fwdbwd_ms']:>9.3f}{r['extra_gib']:>11.3f}{tb:>10}{ratio:>13}")
-print("\n'f+b vs ours': that row's forward+backward time over millipede-cuda's (>1: ours is faster).")
-print("millipede-cuda is fp32 for now (bf16 is not implemented yet); compare with the fp32 torch rows")
-print("first. extra GiB: memory beyond parameters, their gradients and inputs (see docs/cuda.md).")
+print("\n'f+b vs ours': that row's forward+backward time over millipede-cuda's at the same precision")
+print("(>1: ours is faster). millipede bf16 = bf16 expert tables, fp32 sums and gradients.")
+print("extra GiB: memory beyond parameters, their gradients and inputs (see docs/cuda.md).")
 EOF

@@ -169,6 +169,31 @@ void mp_cuda_colsum_add(float *out, const float *in, int N, int C) {
 
 extern "C" void mp_cuda_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
 
+struct mp_cuda_event {
+    cudaEvent_t ev;
+};
+
+extern "C" mp_cuda_event *mp_cuda_event_new(void) {
+    mp_cuda_event *e = (mp_cuda_event *)mp_malloc(sizeof *e);
+    CUDA_CHECK(cudaEventCreate(&e->ev));
+    return e;
+}
+
+extern "C" void mp_cuda_event_record(mp_cuda_event *e) { CUDA_CHECK(cudaEventRecord(e->ev, 0)); }
+
+extern "C" float mp_cuda_event_ms(mp_cuda_event *from, mp_cuda_event *to) {
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventSynchronize(to->ev));
+    CUDA_CHECK(cudaEventElapsedTime(&ms, from->ev, to->ev));
+    return ms;
+}
+
+extern "C" void mp_cuda_event_free(mp_cuda_event *e) {
+    if (!e) return;
+    CUDA_CHECK(cudaEventDestroy(e->ev));
+    free(e);
+}
+
 extern "C" const char *mp_cuda_device_name(void) { return g_device_name; }
 
 extern "C" size_t mp_cuda_memory_used(void) {
@@ -241,6 +266,7 @@ static void fill_table(mp_backend *b) {
     b->experts_backward = mp_cuda_experts_backward;
     b->adamw = mp_cuda_adamw;
     b->sum_squares = mp_cuda_sum_squares;
+    b->to_bf16 = mp_cuda_to_bf16;
 }
 
 extern "C" const mp_backend *mp_backend_cuda(char *err, size_t err_len) {

@@ -12,6 +12,13 @@ extern "C" {
 
 // Waits for all queued GPU work (benchmarks time with events, tests read results after it).
 void mp_cuda_synchronize(void);
+// GPU timing: an event marks a point in the queued work; mp_cuda_event_ms waits for `to`
+// and returns the milliseconds between the two.
+typedef struct mp_cuda_event mp_cuda_event;
+mp_cuda_event *mp_cuda_event_new(void);
+void mp_cuda_event_record(mp_cuda_event *e);
+float mp_cuda_event_ms(mp_cuda_event *from, mp_cuda_event *to);
+void mp_cuda_event_free(mp_cuda_event *e);
 // The device's name and its memory in use now (cudaMemGetInfo: total - free), in bytes.
 const char *mp_cuda_device_name(void);
 size_t mp_cuda_memory_used(void);

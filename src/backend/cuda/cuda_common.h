@@ -39,6 +39,7 @@ enum {
     SCR_BN,          // BatchNorm sums (doubles)
     SCR_SORT_KEYS, SCR_SORT_VALS, SCR_SORT_TMP, SCR_SORT_IDX, SCR_SORT_OFF,   // mp_cuda_sort_by_key
     SCR_DPRE,        // experts backward: d(pre-activation) per record
+    SCR_XB, SCR_DYB, // experts backward, bf16 mode: x and dy rounded to bf16
     SCR_COUNT
 };
 void *mp_cuda_scratch(int slot, size_t bytes);
@@ -89,6 +90,21 @@ __device__ __forceinline__ float mp_warp_max(float v) {
     return v;
 }
 
+// bfloat16 as raw bits (uint16_t), the top half of a float: converted by hand rather than
+// through cuda_bf16.h, so the same code runs in the CPU emulator (tests/cuda_emu).
+__device__ __forceinline__ float mp_bf16_to_float(uint16_t b) {
+    return __uint_as_float((uint32_t)b << 16);
+}
+__device__ __forceinline__ uint16_t mp_float_to_bf16(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);   // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);   // to nearest, ties to even; overflow carries to inf
+    return (uint16_t)(u >> 16);
+}
+// an expert-table (or activation) element as float: fp32, or bf16 bits widened
+__device__ __forceinline__ float mp_table_load(const float *p) { return *p; }
+__device__ __forceinline__ float mp_table_load(const uint16_t *p) { return mp_bf16_to_float(*p); }
+
 // GELU (exact, erf) and ReLU with their derivatives; the CPU's formulas
 __device__ __forceinline__ float mp_act_fwd(int relu, float x) {
     if (relu) return x > 0.0f ? x : 0.0f;
@@ -129,6 +145,7 @@ void mp_cuda_crossentropy_backward(float *dlogits, const float *probs, const int
 void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                    float beta2, float eps, float wd, long t, float grad_scale);
 double mp_cuda_sum_squares(const float *x, size_t n);
+void mp_cuda_to_bf16(uint16_t *dst, const float *src, size_t n);
 void mp_cuda_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train);
 void mp_cuda_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N);
 void mp_cuda_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,

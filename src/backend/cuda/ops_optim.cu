@@ -1,5 +1,6 @@
-// CUDA optimizer ops: AdamW on one contiguous range, the sum of squares for clipping
-// (src/backend/cpu/ops_optim.c has the same math and block order).
+// CUDA optimizer ops: AdamW on one contiguous range and the sum of squares for clipping
+// (src/backend/cpu/ops_optim.c has the same math and block order), and the bf16 copies of
+// the expert tables that system.precision = bf16 reads.
 #include <math.h>
 #include <stdlib.h>
 #include "backend/cuda/cuda_common.h"
@@ -61,4 +62,15 @@ double mp_cuda_sum_squares(const float *x, size_t n) {
     for (size_t k = 0; k < nblk; k++) s += host[k];   // in block order
     free(host);
     return s;
+}
+
+static __global__ void to_bf16_kernel(uint16_t *dst, const float *src, size_t n) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = mp_float_to_bf16(src[i]);
+}
+
+void mp_cuda_to_bf16(uint16_t *dst, const float *src, size_t n) {
+    if (!n) return;
+    to_bf16_kernel<<<mp_blocks(n, 256), 256>>>(dst, src, n);
+    KERNEL_CHECK();
 }

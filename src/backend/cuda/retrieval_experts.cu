@@ -1,5 +1,7 @@
 // PEER / PKM experts on the GPU, where the expert rows live (the math and order of
-// src/backend/cpu/retrieval_cpu.c), fp32.
+// src/backend/cpu/retrieval_cpu.c). The tables are read as fp32, or as their bf16 copies
+// (system.precision = bf16, which also rounds x and dy for the gradient sums); every sum is
+// fp32.
 //
 // Forward and the input side of backward run one block per slot (received token): its x
 // (or dy) row is staged in shared memory, one warp per record computes u_row . x (or
@@ -26,11 +28,12 @@ static void check_width(int C) {
 }
 
 // y[m] = sum over the slot's records of w_i v_row, w_i = gate_i act(u_row . x[m]) (PEER) or
-// gate_i (PKM); pre_i = u_row . x[m]
-template <bool PEER>
+// gate_i (PKM); pre_i = u_row . x[m]. T: the tables' element type, float (fp32) or uint16_t
+// (bf16 bits); sums in fp32 either way.
+template <bool PEER, class T>
 static __global__ void experts_forward_kernel(float *y, const float *x, const int64_t *slot_start,
                                               const int32_t *row, const float *gate, float *pre,
-                                              const float *U, const float *V, int C, int relu) {
+                                              const T *U, const T *V, int C, int relu) {
     extern __shared__ float sh[];
     float *xs = sh, *ys = sh + C, *ws = sh + 2 * C;   // (C), (C), (EXP_CHUNK)
     int32_t *rs = (int32_t *)(ws + EXP_CHUNK);         // (EXP_CHUNK)
@@ -47,9 +50,9 @@ static __global__ void experts_forward_kernel(float *y, const float *x, const in
         if (PEER) {
             for (int j = wid; j < cnt; j += nw) {
                 int64_t i = base + j;
-                const float *u = U + (size_t)row[i] * C;
+                const T *u = U + (size_t)row[i] * C;
                 float s = 0.0f;
-                for (int c = lane; c < C; c += 32) s += u[c] * xs[c];
+                for (int c = lane; c < C; c += 32) s += mp_table_load(u + c) * xs[c];
                 s = mp_warp_sum(s);
                 if (lane == 0) {
                     pre[i] = s;
@@ -66,12 +69,25 @@ static __global__ void experts_forward_kernel(float *y, const float *x, const in
         __syncthreads();
         for (int c = tid; c < C; c += nthr) {
             float acc = ys[c];
-            for (int j = 0; j < cnt; j++) acc += ws[j] * V[(size_t)rs[j] * C + c];
+            for (int j = 0; j < cnt; j++) acc += ws[j] * mp_table_load(V + (size_t)rs[j] * C + c);
             ys[c] = acc;
         }
         __syncthreads();
     }
     for (int c = tid; c < C; c += nthr) y[m * C + c] = ys[c];
+}
+
+// one launch per (kind, table type); above 48 KiB of shared memory a kernel has to opt in
+template <bool PEER, class T>
+static void forward_launch(float *y, const float *x, int64_t M, const int64_t *slot_start,
+                           const int32_t *row, const float *gate, float *pre, const T *U,
+                           const T *V, int C, int relu) {
+    size_t shb = shared_bytes(C);
+    CUDA_CHECK(cudaFuncSetAttribute(experts_forward_kernel<PEER, T>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
+    experts_forward_kernel<PEER, T><<<(unsigned)M, threads_for(C), shb>>>(
+        y, x, slot_start, row, gate, pre, U, V, C, relu);
+    KERNEL_CHECK();
 }
 
 void mp_cuda_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
@@ -82,28 +98,26 @@ void mp_cuda_experts_forward(mp_retrieval_layer *l, float *y, const float *x, in
     int C = l->C, relu = l->rc->activation == MP_ACT_RELU;
     if (M <= 0) return;
     check_width(C);
-    size_t shb = shared_bytes(C);   // above 48 KiB a kernel has to opt in, hence the attribute
-    if (l->kind == MP_FFN_PEER) {
-        CUDA_CHECK(cudaFuncSetAttribute(experts_forward_kernel<true>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
-        experts_forward_kernel<true><<<(unsigned)M, threads_for(C), shb>>>(
-            y, x, slot_start, row, gate, pre, l->u, l->v, C, relu);
-    } else {
-        CUDA_CHECK(cudaFuncSetAttribute(experts_forward_kernel<false>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
-        experts_forward_kernel<false><<<(unsigned)M, threads_for(C), shb>>>(
-            y, x, slot_start, row, gate, pre, NULL, l->v, C, relu);
-    }
-    KERNEL_CHECK();
+    if (l->kind == MP_FFN_PEER && l->v_bf16)
+        forward_launch<true>(y, x, M, slot_start, row, gate, pre, l->u_bf16, l->v_bf16, C, relu);
+    else if (l->kind == MP_FFN_PEER)
+        forward_launch<true>(y, x, M, slot_start, row, gate, pre, (const float *)l->u,
+                             (const float *)l->v, C, relu);
+    else if (l->v_bf16)
+        forward_launch<false>(y, x, M, slot_start, row, gate, pre, (const uint16_t *)NULL,
+                              l->v_bf16, C, relu);
+    else
+        forward_launch<false>(y, x, M, slot_start, row, gate, pre, (const float *)NULL,
+                              (const float *)l->v, C, relu);
 }
 
 // Per slot: dv_dot_i = dy[m] . v_row; dgate_i = act(pre_i) dv_dot (PEER) or dv_dot (PKM);
 // dpre_i = gate_i dv_dot act'(pre_i); dx[m] = sum of dpre_i u_row (written; 0 for PKM)
-template <bool PEER>
+template <bool PEER, class T>
 static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, const float *dy,
                                          const int64_t *slot_start, const int32_t *row,
-                                         const float *gate, const float *pre, const float *U,
-                                         const float *V, int C, int relu) {
+                                         const float *gate, const float *pre, const T *U,
+                                         const T *V, int C, int relu) {
     extern __shared__ float sh[];
     float *dys = sh, *dxs = sh + C, *ws = sh + 2 * C;
     int32_t *rs = (int32_t *)(ws + EXP_CHUNK);
@@ -119,9 +133,9 @@ static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, c
         int cnt = (int)min((int64_t)EXP_CHUNK, r1 - base);
         for (int j = wid; j < cnt; j += nw) {
             int64_t i = base + j;
-            const float *v = V + (size_t)row[i] * C;
+            const T *v = V + (size_t)row[i] * C;
             float s = 0.0f;
-            for (int c = lane; c < C; c += 32) s += dys[c] * v[c];
+            for (int c = lane; c < C; c += 32) s += dys[c] * mp_table_load(v + c);
             s = mp_warp_sum(s);
             if (lane == 0) {
                 if (PEER) {
@@ -140,7 +154,7 @@ static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, c
         if (PEER) {
             for (int c = tid; c < C; c += nthr) {
                 float acc = dxs[c];
-                for (int j = 0; j < cnt; j++) acc += ws[j] * U[(size_t)rs[j] * C + c];
+                for (int j = 0; j < cnt; j++) acc += ws[j] * mp_table_load(U + (size_t)rs[j] * C + c);
                 dxs[c] = acc;
             }
         }
@@ -150,12 +164,14 @@ static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, c
 }
 
 // One block per expert row: dv_row += sum of gate_i act(pre_i) dy[slot_i] and du_row +=
-// sum of dpre_i x[slot_i] over the row's records in record order (idx, off from the sort)
-template <bool PEER>
+// sum of dpre_i x[slot_i] over the row's records in record order (idx, off from the sort).
+// A: the activations' element type. Here x and dy rows are read once per record (not once
+// per token), so in bf16 mode they are read as bf16 copies.
+template <bool PEER, class A>
 static __global__ void experts_grad_kernel(float *du, float *dv, const int32_t *idx,
                                            const int32_t *off, const int32_t *slot,
                                            const float *gate, const float *pre,
-                                           const float *dpre, const float *x, const float *dy,
+                                           const float *dpre, const A *x, const A *dy,
                                            int C, int relu) {
     __shared__ float gs[EXP_CHUNK], ds[EXP_CHUNK];
     __shared__ int32_t ms[EXP_CHUNK];
@@ -175,16 +191,41 @@ static __global__ void experts_grad_kernel(float *du, float *dv, const int32_t *
         __syncthreads();
         for (int c = tid; c < C; c += nthr) {
             float av = dvr[c];
-            for (int j = 0; j < cnt; j++) av += gs[j] * dy[(size_t)ms[j] * C + c];
+            for (int j = 0; j < cnt; j++) av += gs[j] * mp_table_load(dy + (size_t)ms[j] * C + c);
             dvr[c] = av;
             if (PEER) {
                 float au = dur[c];
-                for (int j = 0; j < cnt; j++) au += ds[j] * x[(size_t)ms[j] * C + c];
+                for (int j = 0; j < cnt; j++) au += ds[j] * mp_table_load(x + (size_t)ms[j] * C + c);
                 dur[c] = au;
             }
         }
         __syncthreads();
     }
+}
+
+template <bool PEER, class T>
+static void dx_launch(float *dx, float *dgate, float *dpre, const float *dy, int64_t M,
+                      const int64_t *slot_start, const int32_t *row, const float *gate,
+                      const float *pre, const T *U, const T *V, int C, int relu) {
+    size_t shb = shared_bytes(C);
+    CUDA_CHECK(cudaFuncSetAttribute(experts_dx_kernel<PEER, T>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
+    experts_dx_kernel<PEER, T><<<(unsigned)M, threads_for(C), shb>>>(
+        dx, dgate, dpre, dy, slot_start, row, gate, pre, U, V, C, relu);
+    KERNEL_CHECK();
+}
+
+template <class A>
+static void grad_launch(mp_retrieval_layer *l, int peer, const int32_t *idx, const int32_t *off,
+                        const int32_t *slot, const float *gate, const float *pre,
+                        const float *dpre, const A *x, const A *dy, int C, int relu) {
+    if (peer)
+        experts_grad_kernel<true, A><<<(unsigned)l->rows, threads_for(C)>>>(
+            l->du, l->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+    else
+        experts_grad_kernel<false, A><<<(unsigned)l->rows, threads_for(C)>>>(
+            NULL, l->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+    KERNEL_CHECK();
 }
 
 void mp_cuda_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
@@ -194,28 +235,30 @@ void mp_cuda_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, co
     int C = l->C, relu = l->rc->activation == MP_ACT_RELU, peer = l->kind == MP_FFN_PEER;
     if (M <= 0) return;
     check_width(C);
-    size_t shb = shared_bytes(C);
     float *dpre = (float *)mp_cuda_scratch(SCR_DPRE, (size_t)(R ? R : 1) * sizeof(float));   // (R)
-    if (peer) {
-        CUDA_CHECK(cudaFuncSetAttribute(experts_dx_kernel<true>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
-        experts_dx_kernel<true><<<(unsigned)M, threads_for(C), shb>>>(
-            dx, dgate, dpre, dy, slot_start, row, gate, pre, l->u, l->v, C, relu);
-    } else {
-        CUDA_CHECK(cudaFuncSetAttribute(experts_dx_kernel<false>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
-        experts_dx_kernel<false><<<(unsigned)M, threads_for(C), shb>>>(
-            dx, dgate, dpre, dy, slot_start, row, gate, pre, NULL, l->v, C, relu);
-    }
-    KERNEL_CHECK();
+    if (peer && l->v_bf16)
+        dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, l->u_bf16, l->v_bf16,
+                        C, relu);
+    else if (peer)
+        dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, (const float *)l->u,
+                        (const float *)l->v, C, relu);
+    else if (l->v_bf16)
+        dx_launch<false>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre,
+                         (const uint16_t *)NULL, l->v_bf16, C, relu);
+    else
+        dx_launch<false>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, (const float *)NULL,
+                         (const float *)l->v, C, relu);
     if (R <= 0 || l->rows <= 0) return;
     const int32_t *idx, *off;
     mp_cuda_sort_by_key(row, R, l->rows, &idx, NULL, &off);
-    if (peer)
-        experts_grad_kernel<true><<<(unsigned)l->rows, threads_for(C)>>>(
-            l->du, l->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
-    else
-        experts_grad_kernel<false><<<(unsigned)l->rows, threads_for(C)>>>(
-            NULL, l->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
-    KERNEL_CHECK();
+    if (l->v_bf16) {   // bf16 mode: x and dy rounded once, then read once per record
+        size_t MC = (size_t)M * C;
+        uint16_t *xb = (uint16_t *)mp_cuda_scratch(SCR_XB, MC * sizeof(uint16_t));   // (M, C)
+        uint16_t *dyb = (uint16_t *)mp_cuda_scratch(SCR_DYB, MC * sizeof(uint16_t)); // (M, C)
+        if (peer) mp_cuda_to_bf16(xb, x, MC);
+        mp_cuda_to_bf16(dyb, dy, MC);
+        grad_launch<uint16_t>(l, peer, idx, off, slot, gate, pre, dpre, xb, dyb, C, relu);
+    } else {
+        grad_launch<float>(l, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+    }
 }

@@ -127,9 +127,40 @@ static void query_bn_forward(mp_retrieval_layer *l, int N, int train) {
 // ---------------------------------------------------------------------------------------
 // product-key top-k: one warp per (token, head) query
 
+// nvcc unrolls the register loops below; the CPU emulator's C++ compiler has no such pragma
+#ifdef __CUDACC__
+#define UNROLL _Pragma("unroll")
+#else
+#define UNROLL
+#endif
+
 // Is (va, ia) ranked before (vb, ib)? Higher score first, then lower index (the CPU's rule).
 static __device__ __forceinline__ bool ranks_before(float va, int ia, float vb, int ib) {
     return va > vb || (va == vb && ia < ib);
+}
+
+// Keeps (x, xi) as the lane's (v, i) when it ranks strictly after the previous pick (pv, pi)
+// and before the lane's best so far (i < 0: none yet). A NaN score never ranks after
+// anything, so it is never picked.
+static __device__ __forceinline__ void lane_consider(float x, int xi, float pv, int pi, float *v,
+                                                     int *i) {
+    if (ranks_before(pv, pi, x, xi) && (*i < 0 || ranks_before(x, xi, *v, *i))) {
+        *v = x;
+        *i = xi;
+    }
+}
+
+// The best of the lanes' (v, i); every lane gets it.
+static __device__ __forceinline__ void warp_best(float *v, int *i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, *v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, *i, o);
+        if (oi >= 0 && (*i < 0 || ranks_before(ov, oi, *v, *i))) {
+            *v = ov;
+            *i = oi;
+        }
+    }
+    if (*i < 0) *i = 0;   // only when scores are NaN: keep the index in range
 }
 
 // The best of s[0..n) (index id[j], or j without id) ranked strictly after (pv, pi); every
@@ -137,30 +168,58 @@ static __device__ __forceinline__ bool ranks_before(float va, int ia, float vb, 
 // state beyond the previous pick.
 static __device__ void warp_next(const float *s, const int *id, int n, float pv, int pi,
                                  float *bv, int *bi) {
-    int lane = threadIdx.x % 32;
     float v = -INFINITY;
     int i = -1;
-    for (int j = lane; j < n; j += 32) {
-        float x = s[j];
-        int xi = id ? id[j] : j;
-        if (ranks_before(pv, pi, x, xi) && (i < 0 || ranks_before(x, xi, v, i))) {
-            v = x;
-            i = xi;
-        }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (oi >= 0 && (i < 0 || ranks_before(ov, oi, v, i))) {
-            v = ov;
-            i = oi;
-        }
-    }
-    if (i < 0) i = 0;   // only when scores are NaN: keep the index in range
+    for (int j = threadIdx.x % 32; j < n; j += 32)
+        lane_consider(s[j], id ? id[j] : j, pv, pi, &v, &i);
+    warp_best(&v, &i);
     *bv = v;
     *bi = i;
 }
 
+// The top k of the score row s[0..n), n <= 32 * NPL, best first into out_v / out_i (lane 0
+// writes): warp_next's rounds on registers. Each lane loads its strided slice s[lane + 32 t]
+// once, so the row is read from memory once instead of k times. The slots past n hold NaN,
+// which is never picked. Only compile-time indices into x (unrolled loops): it stays in
+// registers.
+template <int NPL>
+static __device__ void row_topk(const float *s, int n, int k, float *out_v, int *out_i) {
+    int lane = threadIdx.x % 32;
+    float x[NPL];   // x[t] = s[lane + 32 t]
+    UNROLL
+    for (int t = 0; t < NPL; t++) x[t] = lane + 32 * t < n ? s[lane + 32 * t] : NAN;
+    float pv = INFINITY;
+    int pi = -1;
+    for (int r = 0; r < k; r++) {
+        float v = -INFINITY;
+        int i = -1;
+        UNROLL
+        for (int t = 0; t < NPL; t++) lane_consider(x[t], lane + 32 * t, pv, pi, &v, &i);
+        warp_best(&v, &i);
+        if (lane == 0) {
+            out_v[r] = v;
+            out_i[r] = i;
+        }
+        pv = v;
+        pi = i;
+    }
+}
+
+// NPL = 0, n > 1024: the row does not fit in registers; every round reads it
+template <>
+__device__ void row_topk<0>(const float *s, int n, int k, float *out_v, int *out_i) {
+    float pv = INFINITY;
+    int pi = -1;
+    for (int r = 0; r < k; r++) {
+        warp_next(s, NULL, n, pv, pi, &pv, &pi);
+        if (threadIdx.x % 32 == 0) {
+            out_v[r] = pv;
+            out_i[r] = pi;
+        }
+    }
+}
+
+template <int NPL>
 static __global__ void product_topk_kernel(const float *s1, const float *s2, long rows, int n,
                                            int k, int32_t *sel, int32_t *sel_a, int32_t *sel_b,
                                            float *gate) {
@@ -172,20 +231,8 @@ static __global__ void product_topk_kernel(const float *s1, const float *s2, lon
     long row = (long)blockIdx.x * TOPK_WARPS + w;   // = token * H + head
     if (row >= rows) return;                         // the whole warp leaves together
     // top-k of each half
-    for (int half = 0; half < 2; half++) {
-        const float *s = (half ? s2 : s1) + (size_t)row * n;
-        float pv = INFINITY, bv;
-        int pi = -1, bi;
-        for (int j = 0; j < k; j++) {
-            warp_next(s, NULL, n, pv, pi, &bv, &bi);
-            if (lane == 0) {
-                half_v[w][half][j] = bv;
-                half_i[w][half][j] = bi;
-            }
-            pv = bv;
-            pi = bi;
-        }
-    }
+    for (int half = 0; half < 2; half++)
+        row_topk<NPL>((half ? s2 : s1) + (size_t)row * n, n, k, half_v[w][half], half_i[w][half]);
     __syncwarp();
     // the k*k candidate sums, expert id a*n + b
     for (int c = lane; c < k * k; c += 32) {
@@ -219,14 +266,30 @@ static __global__ void product_topk_kernel(const float *s1, const float *s2, lon
     }
 }
 
+typedef void (*topk_kernel_fn)(const float *, const float *, long, int, int, int32_t *,
+                               int32_t *, int32_t *, float *);
+
+// The instantiation for n: the smallest NPL (a power of two) with 32 * NPL >= n, else the
+// memory fallback
+static topk_kernel_fn topk_kernel_for(int n) {
+    return n <= 32     ? product_topk_kernel<1>
+           : n <= 64   ? product_topk_kernel<2>
+           : n <= 128  ? product_topk_kernel<4>
+           : n <= 256  ? product_topk_kernel<8>
+           : n <= 512  ? product_topk_kernel<16>
+           : n <= 1024 ? product_topk_kernel<32>
+                       : product_topk_kernel<0>;
+}
+
 static void product_topk(const float *s1, const float *s2, long rows, int n, int k, int32_t *sel,
                          int32_t *sel_a, int32_t *sel_b, float *gate) {
     if (k < 1 || k > TOPK_MAX || k > n)
         mp_fatal("CUDA product-key top-k supports 1 <= k <= min(%d, n), got k = %d, n = %d",
                  TOPK_MAX, k, n);
     if (rows <= 0) return;
-    product_topk_kernel<<<mp_blocks((size_t)rows, TOPK_WARPS), 32 * TOPK_WARPS>>>(
-        s1, s2, rows, n, k, sel, sel_a, sel_b, gate);
+    topk_kernel_fn kernel = topk_kernel_for(n);
+    kernel<<<mp_blocks((size_t)rows, TOPK_WARPS), 32 * TOPK_WARPS>>>(s1, s2, rows, n, k, sel,
+                                                                      sel_a, sel_b, gate);
     KERNEL_CHECK();
 }
 
