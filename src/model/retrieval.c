@@ -54,6 +54,10 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
     mp_route_plan *p = &e->plan;
     int C = l->C, S = l->rc->heads * l->rc->topk, P = p->P;
     be->retrieval_route(l, x, N, train);
+    if (mp_stage_single(l, be)) {   // one process, device memory: no exchange, no host copies
+        mp_stage_forward_single(l, be, y, x, N, train);
+        return;
+    }
     // host views of the route's outputs, x and y (the tensors themselves on the CPU backend,
     // host copies on a device backend: retrieval_stage.c)
     size_t NS = (size_t)N * S, NC = (size_t)N * C * sizeof(float);
@@ -162,6 +166,10 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
     mp_route_plan *p = &e->plan;
     int C = l->C, P = p->P;
     if (N != l->last_N) mp_fatal("retrieval backward on %d rows after a forward on %d", N, l->last_N);
+    if (mp_stage_single(l, be)) {
+        mp_stage_backward_single(l, be, dx, dy, x, N);
+        return;
+    }
     int64_t sc[P], sd[P], rc[P], rd[P];
     size_t NS = (size_t)N * l->rc->heads * l->rc->topk, NC = (size_t)N * C * sizeof(float);
     const float *dyh = mp_stage_host(l, be, MP_STAGE_DY, dy, NC, 1);

@@ -17,6 +17,7 @@ struct mp_retrieval_stage {
     // device mirrors of the received batch: x (M,C), y / dy (M,C), dx (M,C), slot_start
     // (M+1), slot, row, gate, pre, dgate (R); x, slot_start..pre live from forward to backward
     dev_buf x, y, dx, slot_start, slot, row, gate, pre, dgate;
+    int64_t single_N;   // the token count slot_start / slot were built for (single process)
 };
 
 static struct mp_retrieval_stage *stage_of(mp_retrieval_layer *l, const mp_backend *be) {
@@ -94,6 +95,61 @@ void mp_stage_experts_backward(mp_retrieval_layer *l, const mp_backend *be) {
                          s->gate.p, s->pre.p, e->R);
     be->to_host(e->dx_recv, dx, MC);
     be->to_host(e->dgate, dgate, R * sizeof(float));
+}
+
+int mp_stage_single(const mp_retrieval_layer *l, const mp_backend *be) {
+    return !be->host_memory && (!l->comm || l->comm->size == 1);
+}
+
+void mp_stage_forward_single(mp_retrieval_layer *l, const mp_backend *be, float *y,
+                             const float *x, int N, int train) {
+    struct mp_retrieval_stage *s = stage_of(l, be);
+    int S = l->rc->heads * l->rc->topk;
+    size_t R = (size_t)N * S;
+    if (l->row_start != 0 || l->rows != l->rc->n_experts)
+        mp_fatal("single-process experts on a shard of rows [%ld, %ld)", l->row_start,
+                 l->row_start + l->rows);
+    // slot_start (N+1) = t*S and slot (R) = i/S depend on N only: built once per N
+    int64_t *start = dev_grow(be, &s->slot_start, ((size_t)N + 1) * sizeof(int64_t));
+    int32_t *slot = dev_grow(be, &s->slot, (R ? R : 1) * sizeof(int32_t));
+    if (s->single_N != N) {
+        int64_t *hs = mp_malloc(((size_t)N + 1) * sizeof(int64_t));
+        int32_t *hl = mp_malloc((R ? R : 1) * sizeof(int32_t));
+        for (int64_t t = 0; t <= N; t++) hs[t] = t * S;
+        for (size_t i = 0; i < R; i++) hl[i] = (int32_t)(i / (size_t)S);
+        be->from_host(start, hs, ((size_t)N + 1) * sizeof(int64_t));
+        be->from_host(slot, hl, R * sizeof(int32_t));
+        free(hs);
+        free(hl);
+        s->single_N = N;
+    }
+    float *pre = dev_grow(be, &s->pre, (R ? R : 1) * sizeof(float));
+    // with one process an expert's row is its id: sel and the gates are the records
+    be->experts_forward(l, y, x, N, start, slot, l->sel, l->gate, pre, (int64_t)R);
+    if (l->usage) {
+        const int32_t *sel = mp_stage_host(l, be, MP_STAGE_SEL, l->sel, R * sizeof(int32_t), 1);
+        const float *gate = mp_stage_host(l, be, MP_STAGE_GATE, l->gate, R * sizeof(float), 1);
+        for (size_t o = 0; o < R; o++) l->usage[sel[o]] += gate[o];
+    }
+    l->ex.M = N;
+    l->ex.R = (int64_t)R;
+    l->ex.stats.selections += (double)R;
+    l->last_N = N;
+    l->last_train = train;
+}
+
+void mp_stage_backward_single(mp_retrieval_layer *l, const mp_backend *be, float *dx,
+                              const float *dy, const float *x, int N) {
+    struct mp_retrieval_stage *s = stage_of(l, be);
+    size_t NC = (size_t)N * l->C, R = (size_t)l->ex.R;
+    if (s->single_N != N || s->pre.cap < R * sizeof(float))
+        mp_fatal("expert backward without the forward's device batch");
+    // experts_backward writes its dx (the experts' part); the layer's dx accumulates it
+    float *part = dev_grow(be, &s->dx, (NC ? NC : 1) * sizeof(float));
+    be->experts_backward(l, part, l->dgate, dy, x, N, s->slot_start.p, s->slot.p, l->sel,
+                         l->gate, s->pre.p, (int64_t)R);
+    be->residual_forward(dx, dx, part, (long)NC);
+    be->retrieval_route_backward(l, dx, x, N);
 }
 
 void mp_stage_free(mp_retrieval_layer *l) {

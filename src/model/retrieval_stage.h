@@ -20,4 +20,13 @@ void mp_stage_back(const mp_backend *be, void *dst, const void *host, size_t byt
 // to backward), the op runs there, and its outputs are copied back into l->ex.
 void mp_stage_experts_forward(mp_retrieval_layer *l, const mp_backend *be);
 void mp_stage_experts_backward(mp_retrieval_layer *l, const mp_backend *be);
+// One process on a device backend: nothing to exchange, so the experts run on the route's
+// device tensors (records in selection order, token t's S selections forming slot t) and
+// nothing goes through the host. The whole layer after the route: y written; dx accumulated
+// into, l->dgate written, then the route backward. l->ex keeps only M, R and the statistics.
+int mp_stage_single(const mp_retrieval_layer *l, const mp_backend *be);
+void mp_stage_forward_single(mp_retrieval_layer *l, const mp_backend *be, float *y,
+                             const float *x, int N, int train);
+void mp_stage_backward_single(mp_retrieval_layer *l, const mp_backend *be, float *dx,
+                              const float *dy, const float *x, int N);
 void mp_stage_free(mp_retrieval_layer *l);
