@@ -81,6 +81,16 @@ else
     bad "P=2: resumed CUDA run failed: $(grep -m3 -E 'cuda-emu|error' "$r.out")"
 fi
 
+# another rank count: the 2-rank CUDA checkpoint of step 10 resumed on 3 ranks (the loader
+# writes each rank's new shard of rows into device memory)
+r3="$tmp/cuda3r"
+if emu_train 3 "$r3" --resume "$tmp/cuda2/checkpoints/step_00000010"; then
+    check "P=2 -> 3: resumed CUDA run follows the uninterrupted one (losses 1e-5)" \
+        compare_losses "$tmp/cuda2" "$r3" 11 20 1e-5
+else
+    bad "P=2 -> 3: resumed CUDA run failed: $(grep -m3 -E 'cuda-emu|error' "$r3.out")"
+fi
+
 # eval of the CPU-trained model on the CUDA backend gives the CPU's number
 ck="$tmp/cpu/checkpoints/step_00000020"
 "$MILLIPEDE" eval "$cfg" "${small[@]}" --model "$ck" > "$tmp/eval_cpu.out" 2>&1
