@@ -9,14 +9,19 @@ combined with einsums. Timed eager and under torch.compile, in bf16 and/or fp32,
 events (median of --iters after --warmup); prints one JSON line per (mode, dtype) with the
 same keys as bench_peer_cuda (fwd_ms, fwdbwd_ms, memory in GiB).
 
+--device cpu runs it on the host (for tools/bench/check_peer_torch.py and for trying the
+script without a GPU): host clock instead of CUDA events, and no memory figures beyond
+the parameters (PyTorch keeps no allocator statistics for the CPU).
+
   bench_peer_torch.py [--d 1024] [--n 1024] [--heads 8] [--topk 16] [--dk 128]
                       [--tokens 16384] [--dtype bf16,fp32] [--mode eager,compile]
-                      [--iters 20] [--warmup 5] [--pkm] [--no-bn]
+                      [--iters 20] [--warmup 5] [--pkm] [--no-bn] [--device cuda|cpu]
 """
 import argparse
 import json
 import math
 import sys
+import time
 
 
 def build_layer(torch, args, dtype):
@@ -62,7 +67,18 @@ def build_layer(torch, args, dtype):
             h = torch.einsum("td,thkd->thk", x, u)
             return torch.einsum("thk,thkd->td", F.gelu(h) * gate, v)
 
-    return PEER().to(device="cuda", dtype=dtype)
+    return PEER().to(device=args.device, dtype=dtype)
+
+
+class HostEvent:
+    """torch.cuda.Event's record / elapsed_time (ms) on the host clock, for --device cpu,
+    where each op has finished when it returns."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return 1e3 * (end.t - self.t)
 
 
 def median(xs):
@@ -74,26 +90,32 @@ def median(xs):
 def run_one(torch, args, mode, dtype_name):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     GiB = float(1 << 30)
+    cuda = args.device == "cuda"
+    device_name = (torch.cuda.get_device_name() if cuda
+                   else f"cpu ({torch.get_num_threads()} threads)")
     rec = {"impl": "torch-" + mode, "layer": "pkm" if args.pkm else "peer",
-           "precision": dtype_name, "device": torch.cuda.get_device_name(),
+           "precision": dtype_name, "device": device_name,
            "torch": torch.__version__, "d": args.d, "n_experts": args.n * args.n,
            "heads": args.heads, "topk": args.topk, "dk": args.dk, "tokens": args.tokens,
            "query_bn": 0 if args.no_bn else 1, "iters": args.iters}
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     layer = build_layer(torch, args, dtype)
     fn = torch.compile(layer) if mode == "compile" else layer
-    x = torch.randn(args.tokens, args.d, device="cuda", dtype=dtype, requires_grad=True)
-    dy = torch.randn(args.tokens, args.d, device="cuda", dtype=dtype)
-    torch.cuda.synchronize()
+    x = torch.randn(args.tokens, args.d, device=args.device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(args.tokens, args.d, device=args.device, dtype=dtype)
+    event = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else HostEvent
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     params = sum(p.numel() * p.element_size() for p in layer.parameters())
-    base = torch.cuda.memory_allocated()
+    base = torch.cuda.memory_allocated() if cuda else 0
     try:
         def step(backward):
             for p in layer.parameters():
                 p.grad = None                     # optimizer.zero_grad(set_to_none=True)
             x.grad = None
-            start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            start, mid, end = (event() for _ in range(3))
             start.record()
             y = fn(x)
             mid.record()
@@ -104,35 +126,40 @@ def run_one(torch, args, mode, dtype_name):
 
         for _ in range(args.warmup):              # compiles here under torch.compile
             step(True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         fwd, full = [], []
         for _ in range(args.iters):
             s, m, e = step(True)
-            torch.cuda.synchronize()
+            sync()
             fwd.append(s.elapsed_time(m))
             full.append(s.elapsed_time(e))
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() if cuda else None
         # forward alone, under autograd as in training (its saved tensors are freed after)
         fwd_only = []
         for _ in range(args.iters):
             s, m, _e = step(False)
-            torch.cuda.synchronize()
+            sync()
             fwd_only.append(s.elapsed_time(m))
         rec.update({
             "fwd_ms": round(median(fwd_only), 4),
             "fwd_in_step_ms": round(median(fwd), 4),
             "fwdbwd_ms": round(median(full), 4),
             "params_gib": round(params / GiB, 3),
-            "peak_gib": round(peak / GiB, 3),
-            # beyond the parameters, the inputs and one gradient per parameter: activations,
-            # the gathered (tokens, H, k, d) rows, autograd's saved tensors and temporaries
-            "extra_gib": round((peak - base - params) / GiB, 3),
         })
+        if peak is not None:
+            rec.update({
+                "peak_gib": round(peak / GiB, 3),
+                # beyond the parameters, the inputs and one gradient per parameter: activations,
+                # the gathered (tokens, H, k, d) rows, autograd's saved tensors and temporaries
+                "extra_gib": round((peak - base - params) / GiB, 3),
+            })
     except torch.cuda.OutOfMemoryError as e:
         rec["error"] = "out of memory: " + str(e).splitlines()[0]
     del layer, fn, x, dy
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return rec
 
 
@@ -150,13 +177,15 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--pkm", action="store_true")
     ap.add_argument("--no-bn", action="store_true")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: host timing, no memory statistics (checks, not the benchmark)")
     args = ap.parse_args()
     try:
         import torch
     except ImportError:
         print(json.dumps({"impl": "torch", "skipped": "PyTorch is not installed"}))
         return 77
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"impl": "torch", "skipped": "no CUDA device visible to PyTorch"}))
         return 77
     for mode in args.mode.split(","):
