@@ -3,9 +3,12 @@
 // built on the device; experts) and forward + backward (experts backward with the sorted
 // dU/dV sums, route backward), one process, no host exchange. Prints one JSON line:
 // median times per phase, memory (cudaMemGetInfo) split into tables, gradients, activations
-// and everything else (scratch, cuBLAS workspace), and an estimate of the bytes the kernels
-// move with the achieved bandwidth. tools/bench/run_gpu_bench.sh runs it beside the PyTorch
-// layer of tools/bench/bench_peer_torch.py.
+// and everything else (scratch, cuBLAS workspace). For bandwidth it gives two byte counts
+// over the forward+backward time: what the kernels move (an estimate), and what the layer
+// must move counted from the expert rows the batch actually touched. The second is also
+// given as a fraction of the device's copy bandwidth, measured in the same run.
+// tools/bench/run_gpu_bench.sh runs it beside the PyTorch layer of
+// tools/bench/bench_peer_torch.py.
 //
 //   bench_peer_cuda [--d 1024] [--n 1024] [--heads 8] [--topk 16] [--dk 128]
 //                   [--tokens 16384] [--iters 20] [--warmup 5] [--pkm] [--no-bn]
@@ -64,6 +67,13 @@ static uint16_t *bf16_table(size_t n, float s, uint64_t stream) {
     return t;
 }
 
+// Bytes of the route's backward: gate softmax, dq, dK sums, the dWq and dx GEMMs (fp32).
+static double route_b_bytes(double N, double NS, double HD, double half, double d, double NC) {
+    return 4.0 * (6.0 * NS + 2.0 * NS * half + 4.0 * N * HD          // softmax, dq, dK
+                  + 2.0 * (N * HD + NC + 2.0 * HD * d)               // dWq GEMM
+                  + (N * HD + HD * d + 2.0 * NC));                   // dx GEMM
+}
+
 static int cmp_float(const void *a, const void *b) {
     float x = *(const float *)a, y = *(const float *)b;
     return (x > y) - (x < y);
@@ -72,6 +82,27 @@ static int cmp_float(const void *a, const void *b) {
 static float median(float *v, int n) {
     qsort(v, (size_t)n, sizeof(float), cmp_float);
     return n % 2 ? v[n / 2] : 0.5f * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// The device's copy bandwidth in TB/s (bytes read + written): a device-to-device copy of
+// `bytes`, the median of 5.
+static double copy_tbps(size_t bytes) {
+    size_t unused = 0;
+    void *a = dalloc(bytes, &unused), *b = dalloc(bytes, &unused);
+    mp_cuda_event *e0 = mp_cuda_event_new(), *e1 = mp_cuda_event_new();
+    float t[5];
+    be->to_host(b, a, bytes);   // warm-up
+    for (int i = 0; i < 5; i++) {
+        mp_cuda_event_record(e0);
+        be->to_host(b, a, bytes);   // both device pointers: a device-to-device copy
+        mp_cuda_event_record(e1);
+        t[i] = mp_cuda_event_ms(e0, e1);
+    }
+    mp_cuda_event_free(e0);
+    mp_cuda_event_free(e1);
+    be->free(a);
+    be->free(b);
+    return 2.0 * bytes / (median(t, 5) * 1e-3) / 1e12;
 }
 
 static int cmp_i32(const void *a, const void *b) {
@@ -221,22 +252,34 @@ int main(int argc, char **argv) {
 
     // Bytes the kernels move, each tensor once per pass that reads or writes it, expert rows
     // once per record (the kernels re-read a row for each record that selects it); the
-    // tables' reads at their precision (tb bytes), everything else fp32.
+    // tables' reads at their precision (tb bytes), everything else fp32 except, in bf16, the
+    // x and dy copies that the dU/dV sums read per record.
     double f = 4.0, tabs = pkm ? 1.0 : 2.0, tb = bf16 ? 2.0 : 4.0;
+    double topk_reads = n <= 1024 ? 1.0 : (double)k;   // register path: each score row once
     double route_f = f * ((double)NC + (double)HD * d + 4.0 * N * HD        // GEMM, BN passes
                           + 2.0 * (double)N * H * n                           // scores written
-                          + 2.0 * k * (double)N * H * n                       // top-k re-reads
+                          + 2.0 * topk_reads * (double)N * H * n              // top-k reads
                           + 4.0 * NS);                                        // sel, gate out
     double experts_f = tb * tabs * R * d + f * (2.0 * NC + 4.0 * R);
     double experts_b = tb * tabs * R * d + f * (2.0 * NC + 5.0 * R)           // dx, dgate
-                     + f * (2.0 * tabs * touched * d + tabs * R * d + 3.0 * R); // dU, dV sums
-    double route_b = f * (6.0 * NS + 2.0 * NS * half + 4.0 * (double)N * HD   // softmax, dq, dK
-                          + 2.0 * ((double)N * HD + NC + 2.0 * HD * d)        // dWq GEMM
-                          + ((double)N * HD + HD * d + 2.0 * NC));            // dx GEMM
+                     + f * 2.0 * tabs * touched * d                           // dU, dV rows
+                     + (bf16 ? 2.0 : 4.0) * tabs * R * d + f * 3.0 * R        // x, dy rows
+                     + (bf16 ? 6.0 * tabs * NC : 0.0);                        // bf16 x, dy
+    // The same counted from the rows actually touched (the measure): each touched
+    // expert row read once per pass and its gradient rows read and written once, activations
+    // once; what a perfect kernel of this layer could not avoid.
+    double ideal_f = route_f + tb * tabs * touched * d + f * 2.0 * NC;
+    double ideal_b = tb * tabs * touched * d + f * 2.0 * tabs * touched * d + f * 3.0 * NC +
+                     route_b_bytes(N, NS, HD, half, d, NC);
+    double route_b = route_b_bytes(N, NS, HD, half, d, NC);
     float m_phase[P_N];
     for (int p = 0; p < P_N; p++) m_phase[p] = median(t_phase[p], iters);
     float m_fwd = median(t_fwd, iters), m_all = median(t_all, iters);
     double fwd_bytes = route_f + experts_f, all_bytes = fwd_bytes + experts_b + route_b;
+    double ideal_all = ideal_f + ideal_b;
+    // after the layer's buffers: 1 GiB each way, or what the shape used if less
+    size_t cbytes = NC * sizeof(float) * 4 < ((size_t)1 << 30) ? NC * sizeof(float) * 4 : ((size_t)1 << 30);
+    double copy = copy_tbps(cbytes);
     const double GiB = 1024.0 * 1024.0 * 1024.0;
     printf("{\"impl\": \"millipede-cuda\", \"layer\": \"%s\", \"precision\": \"%s\", "
            "\"device\": \"%s\", \"d\": %d, \"n_experts\": %ld, \"heads\": %d, \"topk\": %d, "
@@ -245,12 +288,15 @@ int main(int argc, char **argv) {
            "\"experts_bwd_ms\": %.4f, \"route_bwd_ms\": %.4f, \"zero_expert_grads_ms\": %.4f, "
            "\"params_gib\": %.3f, \"grads_gib\": %.3f, \"acts_gib\": %.3f, "
            "\"extra_gib\": %.3f, \"context_gib\": %.3f, \"touched_rows\": %.0f, \"fwd_bytes\": %.4g, "
-           "\"fwdbwd_bytes\": %.4g, \"fwd_tbps\": %.3f, \"fwdbwd_tbps\": %.3f}\n",
+           "\"fwdbwd_bytes\": %.4g, \"fwd_tbps\": %.3f, \"fwdbwd_tbps\": %.3f, "
+           "\"fwdbwd_touched_bytes\": %.4g, \"fwdbwd_touched_tbps\": %.3f, \"copy_tbps\": %.3f, "
+           "\"fwdbwd_touched_of_copy\": %.3f}\n",
            pkm ? "pkm" : "peer", bf16 ? "bf16" : "fp32", mp_cuda_device_name(), d, rc.n_experts, H, k, dk, N, bn, iters,
            m_fwd, m_all, m_phase[P_ROUTE], m_phase[P_EXPERTS], m_phase[P_EXPERTS_BWD],
            m_phase[P_ROUTE_BWD], t_zero, g_bytes_params / GiB, g_bytes_grads / GiB,
            g_bytes_acts / GiB, (double)(mem2 > mem1 ? mem2 - mem1 : 0) / GiB, mem0 / GiB, touched,
            fwd_bytes, all_bytes, fwd_bytes / (m_fwd * 1e-3) / 1e12,
-           all_bytes / (m_all * 1e-3) / 1e12);
+           all_bytes / (m_all * 1e-3) / 1e12, ideal_all, ideal_all / (m_all * 1e-3) / 1e12, copy,
+           ideal_all / (m_all * 1e-3) / 1e12 / copy);
     return 0;
 }

@@ -34,7 +34,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print()
 print(f"{'impl':<16}{'prec':<6}{'d':>6}{'N':>9}{'fwd ms':>9}{'f+b ms':>9}"
-      f"{'extra GiB':>11}{'TB/s f+b':>10}{'f+b vs ours':>13}")
+      f"{'extra GiB':>11}{'TB/s f+b':>10}{'of copy':>9}{'f+b vs ours':>13}")
 for d in sorted({r.get('d') for r in rows if 'd' in r}, reverse=True):
     group = [r for r in rows if r.get('d') == d]
     for r in group:
@@ -44,10 +44,17 @@ for d in sorted({r.get('d') for r in rows if 'd' in r}, reverse=True):
             print(f"{r['impl']:<16}{r.get('precision', ''):<6}{d:>6}  {r.get('error', r.get('skipped', ''))}")
             continue
         ratio = f"{r['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}x" if ours else "-"
-        tb = f"{r['fwdbwd_tbps']:.2f}" if 'fwdbwd_tbps' in r else "-"
+        tb = frac = "-"
+        if ours:   # the same layer and batch: the same bytes to move, over this row's time
+            tbps = ours['fwdbwd_touched_bytes'] / (r['fwdbwd_ms'] * 1e-3) / 1e12
+            tb, frac = f"{tbps:.2f}", f"{tbps / ours['copy_tbps']:.2f}"
+        extra = f"{r['extra_gib']:.3f}" if 'extra_gib' in r else "-"
         print(f"{r['impl']:<16}{r['precision']:<6}{d:>6}{r['n_experts']:>9}{r['fwd_ms']:>9.3f}"
-              f"{r['fwdbwd_ms']:>9.3f}{r['extra_gib']:>11.3f}{tb:>10}{ratio:>13}")
+              f"{r['fwdbwd_ms']:>9.3f}{extra:>11}{tb:>10}{frac:>9}{ratio:>13}")
 print("\n'f+b vs ours': that row's forward+backward time over millipede-cuda's at the same precision")
 print("(>1: ours is faster). millipede bf16 = bf16 expert tables, fp32 sums and gradients.")
 print("extra GiB: memory beyond parameters, their gradients and inputs (see docs/cuda.md).")
+print("TB/s f+b: bytes counted from the expert rows the batch touched (millipede's count for the")
+print("same layer and batch, on every row), over that row's f+b time;")
+print("of copy: that over the device's copy bandwidth measured in the same run.")
 EOF
