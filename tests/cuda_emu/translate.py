@@ -63,6 +63,11 @@ def translate(src):
         if j < 0:
             out.append(src[i:])
             return "".join(out)
+        line_start = src.rfind("\n", 0, j) + 1
+        if "//" in src[line_start:j] or src.rfind("/*", 0, j) > src.rfind("*/", 0, j):
+            out.append(src[i:j + 3])   # in a comment: not a launch
+            i = j + 3
+            continue
         k = kernel_start(src, j)
         kernel = src[k:j].strip()
         e = balanced_end(src, j + 3, ">>>")
