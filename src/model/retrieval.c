@@ -168,6 +168,7 @@ void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *d
     if (N != l->last_N) mp_fatal("retrieval backward on %d rows after a forward on %d", N, l->last_N);
     if (mp_stage_single(l, be)) {
         mp_stage_backward_single(l, be, dx, dy, x, N);
+        be->retrieval_route_backward(l, dx, x, N);
         return;
     }
     int64_t sc[P], sd[P], rc[P], rd[P];

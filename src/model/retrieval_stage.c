@@ -149,7 +149,6 @@ void mp_stage_backward_single(mp_retrieval_layer *l, const mp_backend *be, float
     be->experts_backward(l, part, l->dgate, dy, x, N, s->slot_start.p, s->slot.p, l->sel,
                          l->gate, s->pre.p, (int64_t)R);
     be->residual_forward(dx, dx, part, (long)NC);
-    be->retrieval_route_backward(l, dx, x, N);
 }
 
 void mp_stage_free(mp_retrieval_layer *l) {

@@ -22,8 +22,9 @@ void mp_stage_experts_forward(mp_retrieval_layer *l, const mp_backend *be);
 void mp_stage_experts_backward(mp_retrieval_layer *l, const mp_backend *be);
 // One process on a device backend: nothing to exchange, so the experts run on the route's
 // device tensors (records in selection order, token t's S selections forming slot t) and
-// nothing goes through the host. The whole layer after the route: y written; dx accumulated
-// into, l->dgate written, then the route backward. l->ex keeps only M, R and the statistics.
+// nothing goes through the host. Forward: y written. Backward: the experts' dx added into
+// dx and l->dgate written (the route backward comes after). l->ex keeps only M, R and the
+// statistics. tools/bench/bench_peer_cuda.c times the layer through these.
 int mp_stage_single(const mp_retrieval_layer *l, const mp_backend *be);
 void mp_stage_forward_single(mp_retrieval_layer *l, const mp_backend *be, float *y,
                              const float *x, int N, int train);

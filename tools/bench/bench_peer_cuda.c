@@ -1,7 +1,7 @@
 // One PEER (or PKM) layer on the GPU through the CUDA backend, timed with CUDA events:
-// forward (route: query GEMM, BatchNorm, sub-key scores, top-k, gates; the P = 1 records
-// built on the device; experts) and forward + backward (experts backward with the sorted
-// dU/dV sums, route backward), one process, no host exchange. Prints one JSON line:
+// forward (route: query GEMM, BatchNorm, sub-key scores, top-k, gates; then the experts)
+// and forward + backward (experts backward with the sorted dU/dV sums, route backward),
+// one process, as training runs it (src/model/retrieval_stage.c). Prints one JSON line:
 // median times per phase, memory (cudaMemGetInfo) split into tables, gradients, activations
 // and everything else (scratch, cuBLAS workspace). For bandwidth it gives two byte counts
 // over the forward+backward time: what the kernels move (an estimate), and what the layer
@@ -28,6 +28,7 @@
 #include "core/rng.h"
 #include "millipede/backend.h"
 #include "model/retrieval.h"
+#include "model/retrieval_stage.h"
 
 
 static const mp_backend *be;
@@ -188,7 +189,8 @@ int main(int argc, char **argv) {
     l.dk2 = dalloc((size_t)n * half * 4, &g_bytes_grads);
     if (!pkm) l.du = dalloc(rows * d * 4, &g_bytes_grads);
     l.dv = dalloc(rows * d * 4, &g_bytes_grads);
-    // activations kept for backward, inputs, outputs and the device records
+    // activations kept for backward, inputs and outputs (the records, pre-activations and
+    // the experts' dx are the single-process path's own buffers: counted in extra_gib)
     l.q = dalloc((size_t)N * HD * 4, &g_bytes_acts);
     l.qn = dalloc((size_t)N * HD * 4, &g_bytes_acts);
     l.dq = dalloc((size_t)N * HD * 4, &g_bytes_acts);
@@ -201,9 +203,6 @@ int main(int argc, char **argv) {
     l.dgate = dalloc(NS * 4, &g_bytes_acts);
     float *x = dtensor(NC, 0, 1.0f, 10, &g_bytes_acts), *dy = dtensor(NC, 0, 1.0f, 11, &g_bytes_acts);
     float *y = dalloc(NC * 4, &g_bytes_acts), *dx = dalloc(NC * 4, &g_bytes_acts);
-    int64_t *slot_start = dalloc(((size_t)N + 1) * 8, &g_bytes_acts);
-    int32_t *slot = dalloc(NS * 4, &g_bytes_acts), *row = dalloc(NS * 4, &g_bytes_acts);
-    float *rgate = dalloc(NS * 4, &g_bytes_acts), *pre = dalloc(NS * 4, &g_bytes_acts);
     mp_cuda_synchronize();
     size_t mem1 = mp_cuda_memory_used();
 
@@ -216,14 +215,11 @@ int main(int argc, char **argv) {
     for (int it = -warmup; it < iters; it++) {
         mp_cuda_event_record(ev[0]);
         be->retrieval_route(&l, x, N, 1);
-        mp_cuda_records_single(l.sel, l.gate, N, S, 0, slot_start, slot, row, rgate);
         mp_cuda_event_record(ev[1]);
-        be->experts_forward(&l, y, x, N, slot_start, slot, row, rgate, pre, R);
+        // what training runs with one process (src/model/retrieval_stage.c)
+        mp_stage_forward_single(&l, be, y, x, N, 1);
         mp_cuda_event_record(ev[2]);
-        l.last_N = N;
-        l.last_train = 1;
-        // P = 1: records are the selections in order, so the gate gradients land in l.dgate
-        be->experts_backward(&l, dx, l.dgate, dy, x, N, slot_start, slot, row, rgate, pre, R);
+        mp_stage_backward_single(&l, be, dx, dy, x, N);
         mp_cuda_event_record(ev[3]);
         be->retrieval_route_backward(&l, dx, x, N);
         mp_cuda_event_record(ev[4]);

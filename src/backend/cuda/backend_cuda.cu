@@ -202,27 +202,6 @@ extern "C" size_t mp_cuda_memory_used(void) {
     return total_b - free_b;
 }
 
-static __global__ void records_single_kernel(const int32_t *sel, const float *gate, long N, int S,
-                                             long row0, int64_t *slot_start, int32_t *slot,
-                                             int32_t *row, float *rec_gate) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i <= (size_t)N * S && i % S == 0) slot_start[i / S] = (int64_t)i;
-    if (i >= (size_t)N * S) return;
-    slot[i] = (int32_t)(i / S);
-    row[i] = (int32_t)(sel[i] - row0);
-    rec_gate[i] = gate[i];
-}
-
-extern "C" void mp_cuda_records_single(const int32_t *sel, const float *gate, long N, int S,
-                                       long row0, int64_t *slot_start, int32_t *slot,
-                                       int32_t *row, float *rec_gate) {
-    // slot_start[t] = t*S for t <= N: thread i = t*S writes it, so N*S + 1 threads
-    size_t n = (size_t)N * S + 1;
-    records_single_kernel<<<mp_blocks(n, 256), 256>>>(sel, gate, N, S, row0, slot_start, slot,
-                                                      row, rec_gate);
-    KERNEL_CHECK();
-}
-
 // ---------------------------------------------------------------------------------------
 // discovery
 

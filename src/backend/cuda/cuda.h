@@ -28,13 +28,6 @@ size_t mp_cuda_memory_used(void);
 // brute-force test.
 void mp_cuda_product_topk(const float *s1, const float *s2, long rows, int n, int k,
                           int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate);
-// Device records of a single process (P = 1), built on the GPU from the route's selections:
-// every token is one slot; slot_start (N + 1) = t*S, slot (N*S) = t, row (N*S) = sel - row0
-// (row0 = the first expert row held here, 0 with one process), gate (N*S) copied. This is
-// what src/model/retrieval.c builds on the host for P = 1; the benchmark uses it to time the
-// layer without the host exchange.
-void mp_cuda_records_single(const int32_t *sel, const float *gate, long N, int S, long row0,
-                            int64_t *slot_start, int32_t *slot, int32_t *row, float *rec_gate);
 
 #ifdef __cplusplus
 }
