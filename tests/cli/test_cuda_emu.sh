@@ -12,14 +12,8 @@ if [ -z "${MILLIPEDE_EMU:-}" ]; then
 fi
 . "$(dirname "$0")/ckpt_lib.sh"
 
-# emu_train P RUN_DIR [args...]: like train, with the emulated CUDA backend
-emu_train() {
-    local P=$1 dir=$2; shift 2
-    local launch=()
-    [ "$P" -gt 1 ] && launch=(mpirun -n "$P")
-    "${launch[@]}" "$MILLIPEDE_EMU" train "$cfg" "${small[@]}" --set "run.dir=$dir" \
-        --set system.backend=cuda "$@" > "$dir.out" 2>&1
-}
+# emu_train P RUN_DIR [args...]: ckpt_lib's train, with the emulated CUDA backend
+emu_train() { MILLIPEDE=$MILLIPEDE_EMU train "$@" --set system.backend=cuda; }
 
 train 1 "$tmp/cpu" || bad "CPU reference run: $(tail -3 "$tmp/cpu.out")"
 for P in 1 2; do
