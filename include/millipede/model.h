@@ -37,7 +37,7 @@ typedef struct mp_model mp_model;
 // The single-rank model holds every expert row (mp_model_create does that).
 mp_model *mp_model_create(const mp_config *cfg, const mp_backend *be, int B);
 // The model of rank `part` of `n_parts`: it holds the expert rows of the first-half
-// sub-keys a in [floor(part*n/n_parts), floor((part+1)*n/n_parts)) (DESIGN.md, sharding).
+// sub-keys a in [floor(part*n/n_parts), floor((part+1)*n/n_parts)) (docs/design.md, Sharding).
 mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B, int part,
                                int n_parts);
 // The model of rank comm->rank of comm->size for data-parallel training: its retrieval

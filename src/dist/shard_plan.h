@@ -1,4 +1,4 @@
-// Sub-key ownership and the routing plan of one retrieval layer (DESIGN.md, "Sharding").
+// Sub-key ownership and the routing plan of one retrieval layer (docs/design.md, "Sharding").
 // Rank r of P owns the first-half sub-keys a in [A_r, A_{r+1}), A_r = floor(r*n/P), i.e.
 // the expert rows [A_r*n, A_{r+1}*n). The plan groups a rank's selections by owner: each
 // owner receives every token with at least one selection there once, plus one record

@@ -1,4 +1,4 @@
-// One PEER / PKM layer across ranks (DESIGN.md, "Sharding: sub-key ownership").
+// One PEER / PKM layer across ranks (docs/design.md, "Sharding" and "The exchange").
 // Forward: route where the token lives (queries, BN over the global batch, product-key
 // top-k, gates); group the selections by owner (the plan); counts, then an all-to-all-v
 // of x once per (token, owner) and of the (slot, row, gate) records; owners compute

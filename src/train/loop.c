@@ -23,6 +23,13 @@ static void open_shard(mp_shard *s, const char *path, const mp_config *cfg, cons
                        path, (unsigned long long)s->n_tokens, cfg->context + 1, key);
 }
 
+// Seconds as h:mm:ss, for the step line's elapsed and remaining time.
+static const char *hms(double seconds, char *buf, size_t len) {
+    long s = seconds > 0 ? (long)(seconds + 0.5) : 0;
+    snprintf(buf, len, "%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
+    return buf;
+}
+
 // Checks that need the rank count, the same on every rank (so all of them exit together).
 static void check_ranks(const mp_config *cfg, mp_comm *comm) {
     int P = comm->size;
@@ -209,6 +216,9 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     float share = (float)Bl / (float)B;
     int status = 0;
     if (start >= cfg->steps) mp_log("nothing to do: %ld of train.steps = %ld done", start, cfg->steps);
+    // time left = this start's mean time per step (validation and checkpoints included)
+    // times the steps to go
+    double t_loop = mp_now();
     for (long step = start; step < cfg->steps; step++) {
         maybe_die(rank, step);
         double t0 = mp_now();
@@ -241,11 +251,15 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
         loss = g[2 * P];
         double ms = (mp_now() - t0) * 1e3;
         double tok_s = tokens_step / (ms / 1e3);
+        double elapsed = mp_now() - t_loop;
+        double left = elapsed / (double)(step + 1 - start) * (double)(cfg->steps - step - 1);
+        double tokens = tokens_step * (double)(step + 1);
         float lr = mp_lr_at(cfg, MP_GROUP_DENSE, step);
         if (rank == 0) {
             fprintf(metrics, "{\"step\": %ld, \"loss\": %.9g, \"lr\": %.6g, \"grad_norm\": %.6g, "
-                    "\"ms\": %.2f, \"tokens_per_s\": %.1f, \"ranks\": %d", step + 1, loss, lr, norm,
-                    ms, tok_s, P);
+                    "\"ms\": %.2f, \"tokens_per_s\": %.1f, \"tokens\": %.0f, \"elapsed_s\": %.3f, "
+                    "\"eta_s\": %.1f, \"ranks\": %d", step + 1, loss, lr, norm, ms, tok_s, tokens,
+                    elapsed, left, P);
             if (mp_model_n_retrieval(m) > 0)
                 fprintf(metrics, ", \"exchange_bytes_sent\": %.0f, \"exchange_bytes_recv\": %.0f, "
                         "\"exchange_bytes_min\": %.0f, \"exchange_ms\": %.2f, "
@@ -258,9 +272,12 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
             fprintf(metrics, "}\n");
         }
         free(g);
-        if ((step + 1) % cfg->log_every == 0 || step == 0 || step + 1 == cfg->steps)
-            mp_log("step %6ld/%ld | loss %.4f | lr %.3e | grad norm %.4f | %.1f ms | %.0f tok/s",
-                   step + 1, cfg->steps, loss, lr, norm, ms, tok_s);
+        if ((step + 1) % cfg->log_every == 0 || step == 0 || step + 1 == cfg->steps) {
+            char el[32], lf[32];
+            mp_log("step %6ld/%ld | loss %.4f | lr %.3e | grad norm %.4f | %.1f ms | %.0f tok/s | "
+                   "%.3g M tokens | %s elapsed, %s left", step + 1, cfg->steps, loss, lr, norm, ms,
+                   tok_s, tokens / 1e6, hms(elapsed, el, sizeof el), hms(left, lf, sizeof lf));
+        }
         if ((step + 1) % eval_every == 0 || step + 1 == cfg->steps) {
             double vl = eval_global(m, &val, comm, j0, Bl);
             if (rank == 0) fprintf(metrics, "{\"step\": %ld, \"val_loss\": %.9g}\n", step + 1, vl);

@@ -50,6 +50,21 @@ import json, sys
 l = [json.loads(x)["loss"] for x in open(sys.argv[1]) if '"loss"' in x]
 sys.exit(0 if l[-1] < l[0] - 0.3 else 1)
 EOF
+python3 - "$tmp/a/metrics.jsonl" <<'EOF' && ok "progress: tokens seen, elapsed time, time left" || bad "progress fields"
+import json, sys
+L = [json.loads(x) for x in open(sys.argv[1]) if '"loss"' in x]
+steps = 12
+for d in L:
+    # tokens after step s: s * grad_accum (1) * batch_size (4) * context (32)
+    assert d["tokens"] == d["step"] * 1 * 4 * 32, d
+    # time left = elapsed / steps done * steps to go; elapsed is printed to 1e-3 s (so the
+    # recomputed estimate is off by at most 11 * 5e-4 s) and eta_s to 0.1 s (0.05 s)
+    assert abs(d["eta_s"] - d["elapsed_s"] / d["step"] * (steps - d["step"])) <= 0.06, d
+assert all(b["elapsed_s"] >= a["elapsed_s"] for a, b in zip(L, L[1:]))
+assert L[-1]["eta_s"] == 0
+EOF
+grep -qE '^step +12/12 \| .* \| 0.00154 M tokens \| [0-9]+:[0-9]{2}:[0-9]{2} elapsed, 0:00:00 left$' "$tmp/a.out" &&
+    ok "step line shows tokens, elapsed and time left" || bad "step line progress: $(grep '^step  *12/12' "$tmp/a.out")"
 
 # bad input: status 2 and one error line that names the problem
 expect_error() {   # name, pattern, command...

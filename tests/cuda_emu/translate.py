@@ -11,6 +11,7 @@ file), so compiler messages and __FILE__:__LINE__ in error reports point at the 
 
 usage: translate.py IN.cu OUT.cpp [NAME]   (NAME: the path to report, default IN.cu)
 """
+import os
 import re
 import sys
 
@@ -91,6 +92,8 @@ def main():
     name = sys.argv[3] if len(sys.argv) > 3 else inp
     with open(inp) as f:
         src = f.read()
+    # Ninja creates an output's folder and Unix Makefiles do not: make it here for both
+    os.makedirs(os.path.dirname(os.path.abspath(outp)), exist_ok=True)
     with open(outp, "w") as f:
         f.write(f'#include "cuda_emu.h"\n#line 1 "{name}"\n' + translate(src))
 

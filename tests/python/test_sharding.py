@@ -1,4 +1,4 @@
-"""Expert tables sharded across MPI ranks by sub-key ownership (DESIGN.md, "Sharding").
+"""Expert tables sharded across MPI ranks by sub-key ownership (docs/design.md, "Sharding").
 
 1. Gradients of a model with two PEER layers on P = 3 ranks (each rank its slice of the
    batch and its rows of U and V) agree with the JAX reference on the whole batch.
