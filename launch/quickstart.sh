@@ -2,7 +2,7 @@
 # Fresh Debian 12 machine -> a trained demo model: installs what is missing, builds,
 # prepares the demo corpus (the Python 3.11 documentation sources from python3.11-doc),
 # trains configs/tiny.ini (a 4-block transformer with a PEER layer in block 2), then
-# prints the validation loss, expert usage and a text sample.
+# prints the validation loss, expert usage and a text sample, and plots the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
@@ -16,3 +16,4 @@ build/millipede eval runs/tiny/config.ini --model runs/tiny/checkpoints/latest
 echo "== sample"
 build/millipede sample runs/tiny/config.ini --model runs/tiny/checkpoints/latest --prompt "The Python " --tokens 300 --temperature 0.8 --top-k 40
 echo
+python3 tools/plot.py runs/tiny    # prints "plot: runs/tiny/plot.png"

@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # Installs what millipede needs on Debian 12 (as root, or with sudo).
-#   tools/install-deps.sh          build + run: compilers, Open MPI, HDF5, OpenBLAS, inih, demo corpus
+#   tools/install-deps.sh          build + run: compilers, Open MPI, HDF5, OpenBLAS, inih, demo
+#                                  corpus, matplotlib (tools/plot.py)
 #   tools/install-deps.sh --test   also cmocka and the Python test oracle (JAX, optax, h5py, pytest)
 # Packages already present are not reinstalled, so a second run takes seconds.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO="sudo -E"
 pkgs="build-essential cmake ninja-build pkg-config libopenmpi-dev openmpi-bin libhdf5-openmpi-dev
-      hdf5-tools libopenblas-dev libinih-dev python3.11-doc"
-[ "${1:-}" = "--test" ] && pkgs="$pkgs libcmocka-dev python3 python3-pip"
+      hdf5-tools libopenblas-dev libinih-dev python3.11-doc python3 python3-matplotlib"
+[ "${1:-}" = "--test" ] && pkgs="$pkgs libcmocka-dev python3-pip"
 missing=$(for p in $pkgs; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
     $SUDO apt-get update -q
     $SUDO apt-get install -y -q --no-install-recommends $missing </dev/null
 fi
+py=$(command -v python3)
+# a python3 other than Debian's (pyenv, a venv) does not see python3-matplotlib
+if ! "$py" -c "import matplotlib" 2>/dev/null; then
+    "$py" -m pip install -q matplotlib 2>/dev/null || "$py" -m pip install -q --break-system-packages matplotlib
+fi
 if [ "${1:-}" = "--test" ]; then
-    py=$(command -v python3)
     if ! "$py" -c "import jax, optax, h5py, numpy, pytest" 2>/dev/null; then
         # Debian's python marks itself externally managed; a pyenv/venv python does not
         "$py" -m pip install -q jax optax h5py numpy pytest 2>/dev/null ||

@@ -26,6 +26,14 @@ double mp_eval_loss(mp_model *m, const mp_shard *val, int n_batches);
 // The same over sequences [j0, j0 + B) of each validation batch (one rank's slice).
 double mp_eval_loss_slice(mp_model *m, const mp_shard *val, int n_batches, int j0, int B);
 
+// Expert usage and unevenness of one layer (paper Table 2) from z (n): usage = fraction of
+// experts with z_e > 0; unevenness = KL(z/|z| || uniform) = log n + sum p log p, p = z/|z|,
+// in nats (NaN when nothing was routed).
+void mp_expert_usage(const double *z, long n, double *usage, double *unevenness);
+// The usage a uniform random router would show after `selections` draws over n experts:
+// 1 - (1 - 1/n)^selections (the yardstick for a measured usage on the same selections).
+double mp_uniform_usage(long n, double selections);
+
 // The whole training run: prints and saves the resolved config, resumes from
 // <run.dir>/checkpoints/latest when there is one, trains, validates, logs metrics.jsonl and
 // writes checkpoints (docs/checkpoints.md). Returns the process exit status (75: stopped

@@ -42,30 +42,6 @@ static void json_num(const char *key, double v) {
         printf("\"%s\": null", key);
 }
 
-// usage = fraction of experts with z_e > 0; unevenness = KL(p || uniform) = log N + sum p log p
-// with p = z / sum(z), in nats (p log p = 0 at p = 0).
-static void usage_stats(const double *z, long n, double *usage, double *uneven) {
-    double total = 0;
-    long used = 0;
-    for (long e = 0; e < n; e++) {
-        total += z[e];
-        used += z[e] > 0;
-    }
-    *usage = n > 0 ? (double)used / (double)n : NAN;
-    if (!(total > 0)) {
-        *uneven = NAN;   // nothing was routed: undefined, reported as null
-        return;
-    }
-    double plogp = 0;
-    for (long e = 0; e < n; e++)
-        if (z[e] > 0) {
-            double p = z[e] / total;
-            plogp += p * log(p);
-        }
-    double kl = log((double)n) + plogp;
-    *uneven = kl < 0 ? 0 : kl;   // >= 0 exactly; rounding can give -1e-16
-}
-
 static const mp_cli_option eval_opts[] = {
     {"--model", 1, NULL},
     {"--batches", 1, NULL},
@@ -141,12 +117,16 @@ int mp_cmd_eval(int argc, char **argv) {
         long n = 0;
         const double *z = mp_model_usage(m, i, &n);
         double usage, uneven;
-        usage_stats(z, n, &usage, &uneven);
+        mp_expert_usage(z, n, &usage, &uneven);
+        const mp_retrieval_config *rc = mp_config_retrieval(&mcfg, block);
+        double selections = (double)batches * B * T * rc->heads * rc->topk;
         printf("%s{\"block\": %d, \"kind\": \"%s\", \"experts\": %ld, ", i ? ", " : "", block,
                mcfg.ffn[block] == MP_FFN_PEER ? "peer" : "pkm", n);
         json_num("usage", usage);
         printf(", ");
         json_num("unevenness", uneven);
+        printf(", ");
+        json_num("usage_uniform", mp_uniform_usage(n, selections));
         printf("}");
     }
     printf("]}\n");

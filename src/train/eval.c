@@ -1,3 +1,4 @@
+#include <math.h>
 #include <stdlib.h>
 #include "core/log.h"
 #include "millipede/train.h"
@@ -19,4 +20,30 @@ double mp_eval_loss_slice(mp_model *m, const mp_shard *val, int n_batches, int j
     free(inputs);
     free(targets);
     return n_batches > 0 ? sum / n_batches : 0.0;
+}
+
+void mp_expert_usage(const double *z, long n, double *usage, double *unevenness) {
+    double total = 0;
+    long used = 0;
+    for (long e = 0; e < n; e++) {
+        total += z[e];
+        used += z[e] > 0;
+    }
+    *usage = n > 0 ? (double)used / (double)n : NAN;
+    if (!(total > 0)) {
+        *unevenness = NAN;   // nothing was routed: undefined
+        return;
+    }
+    double plogp = 0;   // p log p = 0 at p = 0
+    for (long e = 0; e < n; e++)
+        if (z[e] > 0) {
+            double p = z[e] / total;
+            plogp += p * log(p);
+        }
+    double kl = log((double)n) + plogp;
+    *unevenness = kl < 0 ? 0 : kl;   // >= 0 exactly; rounding can give -1e-16
+}
+
+double mp_uniform_usage(long n, double selections) {
+    return n > 0 ? -expm1(selections * log1p(-1.0 / (double)n)) : NAN;
 }

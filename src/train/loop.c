@@ -107,12 +107,46 @@ static void maybe_die(int rank, long step) {
     }
 }
 
-// Mean validation loss over the global validation batches, each rank its slice.
-static double eval_global(mp_model *m, const mp_shard *val, mp_comm *comm, int j0, int Bl) {
+// Validation on the global validation batches, each rank its slice: the mean loss and each
+// retrieval layer's expert usage and unevenness (z summed over the ranks), so that a
+// collapse of the router shows while it happens. Logged to the step line and metrics.
+static void validate(mp_model *m, const mp_shard *val, mp_comm *comm, int j0, int Bl, long done,
+                     FILE *metrics) {
     const mp_config *c = mp_model_config(m);
+    mp_model_usage_enable(m, 1);
     double sum[2] = {mp_eval_loss_slice(m, val, c->eval_batches, j0, Bl) * Bl, (double)Bl};
     comm->allreduce_f64(comm, sum, 2);
-    return sum[0] / sum[1];
+    double vl = sum[0] / sum[1];
+    char line[1024];
+    int len = snprintf(line, sizeof line, "step %6ld/%ld | val loss %.4f", done, c->steps, vl);
+    if (metrics) fprintf(metrics, "{\"step\": %ld, \"val_loss\": %.9g", done, vl);
+    for (int i = 0; i < mp_model_n_retrieval(m); i++) {
+        int block = mp_model_retrieval_block(m, i);
+        const mp_retrieval_config *rc = mp_config_retrieval(c, block);
+        long n = 0;
+        const double *z = mp_model_usage(m, i, &n);
+        double *zg = mp_malloc((size_t)n * sizeof(double));   // (N)
+        memcpy(zg, z, (size_t)n * sizeof(double));
+        comm->allreduce_f64(comm, zg, (size_t)n);
+        double usage, uneven;
+        mp_expert_usage(zg, n, &usage, &uneven);
+        free(zg);
+        double uniform = mp_uniform_usage(n, (double)c->eval_batches * c->batch_size * c->context *
+                                                 rc->heads * rc->topk);
+        if (len < (int)sizeof line)
+            len += snprintf(line + len, sizeof line - len, " | block %d usage %.1f%% (uniform %.1f%%) "
+                            "unevenness %.3f", block, 100 * usage, 100 * uniform, uneven);
+        if (metrics) {
+            char ku[32] = "null";   // NaN (nothing routed) is not JSON
+            if (isfinite(uneven)) snprintf(ku, sizeof ku, "%.6g", uneven);
+            fprintf(metrics, "%s{\"block\": %d, \"usage\": %.6g, \"unevenness\": %s, "
+                    "\"usage_uniform\": %.6g}", i ? ", " : ", \"layers\": [", block, usage, ku,
+                    uniform);
+        }
+    }
+    if (metrics) fprintf(metrics, "%s}\n", mp_model_n_retrieval(m) > 0 ? "]" : "");
+    mp_log("%s", line);
+    mp_model_usage_enable(m, 0);
 }
 
 // metrics.jsonl of a run that starts at step `start`: a fresh file, or on resume the old
@@ -279,9 +313,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
                    tok_s, tokens / 1e6, hms(elapsed, el, sizeof el), hms(left, lf, sizeof lf));
         }
         if ((step + 1) % eval_every == 0 || step + 1 == cfg->steps) {
-            double vl = eval_global(m, &val, comm, j0, Bl);
-            if (rank == 0) fprintf(metrics, "{\"step\": %ld, \"val_loss\": %.9g}\n", step + 1, vl);
-            mp_log("step %6ld/%ld | val loss %.4f", step + 1, cfg->steps, vl);
+            validate(m, &val, comm, j0, Bl, step + 1, metrics);
             take_exchange_stats(m);   // validation traffic is not the training step's
         }
         if (rank == 0) fflush(metrics);

@@ -43,6 +43,17 @@ assert 0 < L["usage"] <= 1, L
 # usage is a fraction of 256 experts; at most B*T*H*k = 512 selections were made
 assert abs(L["usage"] * 256 - round(L["usage"] * 256)) < 1e-9, L
 assert 0 <= L["unevenness"] <= math.log(256) + 1e-9, L
+# a uniform router's usage after 2 batches x 2 x 32 tokens x 2 heads x top-4 = 1024 draws
+# (eval prints 9 significant digits: relative rounding <= 5e-9)
+assert abs(L["usage_uniform"] - (1 - (1 - 1 / 256) ** 1024)) <= 5e-9 * L["usage_uniform"], L
+# The trainer's last validation logged the same layer statistics: the same model, batches
+# and single rank, so the same selections and the same sums in the same order; metrics.jsonl
+# prints 6 significant digits (relative rounding <= 5e-6), eval 9.
+tl = [json.loads(x) for x in open(sys.argv[2]) if '"val_loss"' in x][-1]["layers"][0]
+assert tl["block"] == 1, tl
+assert abs(tl["usage"] - L["usage"]) <= 5e-6 * L["usage"], (tl, L)
+assert abs(tl["unevenness"] - L["unevenness"]) <= 5e-6 * L["unevenness"], (tl, L)
+assert abs(tl["usage_uniform"] - L["usage_uniform"]) <= 5e-6 * L["usage_uniform"], (tl, L)
 # The trainer validated the final parameters on the same batches before saving.
 last = [json.loads(x)["val_loss"] for x in open(sys.argv[2]) if '"val_loss"' in x][-1]
 assert abs(last - vl) < 2e-5, (last, vl)
@@ -56,6 +67,19 @@ import json, sys
 a = json.loads(open(sys.argv[1]).read()); b = json.loads(open(sys.argv[2]).read())
 assert a["tokens"] == 3 * 2 * 32 and a == b, (a, b)' "$tmp/e3a.json" "$tmp/e3b.json" &&
     ok "eval --batches 3: 192 tokens, deterministic" || bad "eval --batches 3"
+
+# The trainer's usage on 2 ranks counts the selections of both ranks' tokens (z summed over
+# ranks): it equals the 1-rank run's. The two runs differ only in summation order (~1e-7
+# relative in the scores), so a selection differs only where two candidate scores tie to
+# within that, which continuous random values make unlikely: allow 2 of the 256 experts.
+# Counting one rank's selections alone would give the usage of 512 instead of 1024 draws.
+train 2 "$tmp/run2"
+python3 - "$tmp/run/metrics.jsonl" "$tmp/run2/metrics.jsonl" <<'EOF' &&
+import json, sys
+u = [[json.loads(x) for x in open(p) if '"val_loss"' in x][-1]["layers"][0]["usage"] for p in sys.argv[1:]]
+assert abs(u[0] - u[1]) <= 2 / 256, u
+EOF
+    ok "trainer's usage on 2 ranks equals 1 rank's" || bad "trainer's usage on 2 ranks: $(tail -3 "$tmp/run2.out")"
 
 "$MILLIPEDE" eval --help > "$tmp/help.out" 2>&1 && grep -q "usage: millipede eval" "$tmp/help.out" &&
     ok "eval --help" || bad "eval --help"
