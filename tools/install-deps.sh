@@ -3,6 +3,7 @@
 #   tools/install-deps.sh          build + run: compilers, Open MPI, HDF5, OpenBLAS, inih, demo
 #                                  corpus, matplotlib (tools/plot.py)
 #   tools/install-deps.sh --test   also cmocka and the Python test oracle (JAX, optax, h5py, pytest)
+#   tools/install-deps.sh --paper  also perl-doc, the second corpus of tools/paper/grid.py
 # Packages already present are not reinstalled, so a second run takes seconds.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -10,6 +11,7 @@ SUDO=; [ "$(id -u)" -eq 0 ] || SUDO="sudo -E"
 pkgs="build-essential cmake ninja-build pkg-config libopenmpi-dev openmpi-bin libhdf5-openmpi-dev
       hdf5-tools libopenblas-dev libinih-dev python3.11-doc python3 python3-matplotlib"
 [ "${1:-}" = "--test" ] && pkgs="$pkgs libcmocka-dev python3-pip"
+[ "${1:-}" = "--paper" ] && pkgs="$pkgs perl-doc"
 missing=$(for p in $pkgs; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
     $SUDO apt-get update -q
