@@ -2,7 +2,8 @@
 # Sharded checkpoints, resume: 20 steps with checkpoints at 10 and 20; resuming from step 10
 # on the same rank count (P = 1 and 2) gives bitwise the same losses for steps 11-20 and
 # the same final parameters, AdamW moments and BN statistics; resuming the P = 2
-# checkpoint on P = 3 and P = 1 stays within 1e-5 relative of the uninterrupted losses.
+# checkpoint on P = 3 and P = 1 follows the uninterrupted run to rounding (ckpt_lib.sh argues
+# the tolerances: XRUN_LOSS_TOL, XRUN_STATE_TOL).
 # Also: automatic resume from `latest` (metrics.jsonl continues), a finished run has nothing
 # to do, --no-resume, keep-K pruning, the layout seen through h5py, and bad input.
 source "$(dirname "$0")/ckpt_lib.sh"
@@ -18,7 +19,8 @@ for P in 1 2; do
         grep -q "^ok: .*all checksums good" "$tmp/verify.out" && ok "P=$P: ckpt verify" ||
         bad "P=$P: ckpt verify: $(cat "$tmp/verify.out")"
 
-    # resume from step 10 into another run directory, same rank count: bitwise
+    # resume from step 10 into another run directory, same rank count: bitwise (the same
+    # binary and rank count run the same operations in the same order from the same bits)
     b="$tmp/b$P"
     train "$P" "$b" --resume "$a/checkpoints/step_00000010" ||
         bad "P=$P: resume (status $?): $(tail -3 "$b.out")"
@@ -54,10 +56,13 @@ for P in 3 1; do
     train "$P" "$r" --resume "$tmp/a2/checkpoints/step_00000010" ||
         bad "reshard 2 -> $P (status $?): $(tail -3 "$r.out")"
     check "reshard 2 -> $P: resumed" grep -q "written by 2 ranks" "$r.out"
-    compare_losses "$tmp/a2" "$r" 11 20 1e-5 && ok "reshard 2 -> $P: losses of steps 11-20 within 1e-5" ||
-        bad "reshard 2 -> $P: losses within 1e-5"
-    compare_ckpt "$tmp/a2/checkpoints/step_00000020" "$r/checkpoints/step_00000020" tol &&
-        ok "reshard 2 -> $P: final state within tolerance" || bad "reshard 2 -> $P: final state"
+    # another rank count sums in another order: rounding, and top-k flips on near-ties
+    # (ckpt_lib.sh: what that can do, and what a wrong reshard does instead)
+    compare_losses "$tmp/a2" "$r" 11 20 $XRUN_LOSS_TOL &&
+        ok "reshard 2 -> $P: losses of steps 11-20 within $XRUN_LOSS_TOL" ||
+        bad "reshard 2 -> $P: losses within $XRUN_LOSS_TOL"
+    compare_ckpt "$tmp/a2/checkpoints/step_00000020" "$r/checkpoints/step_00000020" tol=$XRUN_STATE_TOL &&
+        ok "reshard 2 -> $P: final state within $XRUN_STATE_TOL" || bad "reshard 2 -> $P: final state"
     check "reshard 2 -> $P: writes $P shards" test "$(ls "$r/checkpoints/step_00000020" | grep -c '^shard_')" = "$P"
 done
 

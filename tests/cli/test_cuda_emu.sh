@@ -21,25 +21,28 @@ for P in 1 2; do
     if emu_train "$P" "$d"; then
         grep -q "backend cuda" "$d.out" && ok "P=$P: trained with backend cuda" ||
             bad "P=$P: the run does not say backend cuda"
-        # Both sides are fp32 and differ in summation order only (~1e-7 per op), but training
-        # amplifies that: Adam turns gradients that are zero up to rounding (the attention's
-        # key bias) into full-size steps of either sign, and one top-k selection that flips
-        # on a near-tie changes everything after it (seen between steps 10 and 20). So: the
-        # first 10 steps, losses to 1e-5 and parameters and Adam moments to 1e-3 (measured:
-        # 2e-7 and 9e-5). A missing all-reduce, a stale device copy or a wrong staging is
-        # O(1e-2) or more by step 10.
-        check "P=$P: losses of steps 1-10 match the CPU backend (1e-5 relative)" \
-            compare_losses "$tmp/cpu" "$d" 1 10 1e-5
-        check "P=$P: parameters and Adam state at step 10 match the CPU backend (1e-3)" \
-            compare_ckpt "$tmp/cpu/checkpoints/step_00000010" "$d/checkpoints/step_00000010" tol=1e-3
+        # Both sides are fp32 and differ in summation order only (~1e-7 per op), but a top-k
+        # selection can flip on a near-tie and Adam amplifies gradients that are zero up to
+        # rounding: the tolerances of another rank count or backend (ckpt_lib.sh, which also
+        # shows what a wrong run does: a missing all-reduce is 1e-2 in the losses and O(1)
+        # in the state, as is a stale device copy or a wrong staging of expert rows).
+        check "P=$P: losses of steps 1-10 match the CPU backend ($XRUN_LOSS_TOL relative)" \
+            compare_losses "$tmp/cpu" "$d" 1 10 $XRUN_LOSS_TOL
+        check "P=$P: parameters and Adam state at step 10 match the CPU backend ($XRUN_STATE_TOL)" \
+            compare_ckpt "$tmp/cpu/checkpoints/step_00000010" "$d/checkpoints/step_00000010" tol=$XRUN_STATE_TOL
     else
         bad "P=$P: backend cuda run failed: $(grep -m3 -E 'cuda-emu|error' "$d.out")"
     fi
 done
 
 # bf16 expert tables on 2 ranks: the fp32 masters train and are what the checkpoint holds;
-# the losses follow the fp32 run to the bf16 rounding of the tables (test_cuda_backend
-# bounds one layer's error by 1e-2; measured here: see the line printed)
+# the losses follow the fp32 run to the bf16 rounding of the tables. Rounding to 8
+# significant bits moves each element of U and V by <= 2^-9 ~ 2e-3 relative, so the PEER
+# output by <= 2 * 2^-9 ~ 4e-3 (U and V, first order, every error of one sign); the loss
+# moves by at most that fraction of the PEER branch's share of it, and the masters keep the
+# updates in fp32, so the step's rounding does not pile up over the 10 steps. 1e-2 bounds that
+# with the flip allowance (XRUN_LOSS_TOL) on top; wrong or stale rows are the errors of the
+# fp32 runs above, caught there (and by test_cuda_backend's per-layer bf16 checks).
 b="$tmp/cuda2bf16"
 if emu_train 2 "$b" --set system.precision=bf16; then
     check "P=2 bf16: losses of steps 1-10 follow the CPU's fp32 (1e-2 relative)" \
@@ -60,13 +63,16 @@ with h5py.File(sys.argv[1] + "/index.h5", "r") as f:
         x = f["params"][name][()]
         low = (x.view(np.uint32) & 0xFFFF) != 0
         assert x.dtype == np.float32 and np.all(np.isfinite(x)), name
+        # an fp32 value has 16 zero low bits with probability 2^-16, a bf16 one always:
+        # ~1.0 for fp32 masters, 0 for tables kept in bf16
         assert low.mean() > 0.9, f"{name}: only {low.mean():.2f} of the values use fp32 bits"
 PY
 else
     bad "P=2 bf16 run failed: $(grep -m3 -E 'cuda-emu|error' "$b.out")"
 fi
 
-# determinism through a checkpoint: resume the 2-rank CUDA run at step 10
+# determinism through a checkpoint: resume the 2-rank CUDA run at step 10 (bitwise: the same
+# binary and rank count run the same kernels in the same order from the same bits)
 r="$tmp/cuda2r"
 if emu_train 2 "$r" --resume "$tmp/cuda2/checkpoints/step_00000010"; then
     check "P=2: resumed CUDA run is bitwise the uninterrupted one" \
@@ -79,8 +85,14 @@ fi
 # writes each rank's new shard of rows into device memory)
 r3="$tmp/cuda3r"
 if emu_train 3 "$r3" --resume "$tmp/cuda2/checkpoints/step_00000010"; then
-    check "P=2 -> 3: resumed CUDA run follows the uninterrupted one (losses 1e-5)" \
-        compare_losses "$tmp/cuda2" "$r3" 11 20 1e-5
+    # 3 ranks sum in another order (and give OpenBLAS other shapes): rounding and top-k flips,
+    # ckpt_lib.sh's tolerances. Seen with the Haswell kernels (an AVX2 machine) and
+    # model.init_std = 0.02: steps 11-20 flip ~5 times, losses differ by up to 2e-5; a wrong
+    # row loaded into device memory is O(1) in the state (ckpt_lib.sh's table).
+    check "P=2 -> 3: resumed CUDA run follows the uninterrupted one (losses $XRUN_LOSS_TOL)" \
+        compare_losses "$tmp/cuda2" "$r3" 11 20 $XRUN_LOSS_TOL
+    check "P=2 -> 3: final parameters and Adam state follow the uninterrupted run ($XRUN_STATE_TOL)" \
+        compare_ckpt "$tmp/cuda2/checkpoints/step_00000020" "$r3/checkpoints/step_00000020" tol=$XRUN_STATE_TOL
 else
     bad "P=2 -> 3: resumed CUDA run failed: $(grep -m3 -E 'cuda-emu|error' "$r3.out")"
 fi
@@ -90,16 +102,20 @@ ck="$tmp/cpu/checkpoints/step_00000020"
 "$MILLIPEDE" eval "$cfg" "${small[@]}" --model "$ck" > "$tmp/eval_cpu.out" 2>&1
 "$MILLIPEDE_EMU" eval "$cfg" "${small[@]}" --set system.backend=cuda --model "$ck" \
     > "$tmp/eval_cuda.out" 2>&1
-python3 - "$tmp/eval_cpu.out" "$tmp/eval_cuda.out" <<'PY' && ok "eval on cuda matches the CPU" || bad "eval on cuda matches the CPU"
+python3 - "$tmp/eval_cpu.out" "$tmp/eval_cuda.out" $XRUN_LOSS_TOL <<'PY' && ok "eval on cuda matches the CPU" || bad "eval on cuda matches the CPU"
 import json, sys
 def loss(p):
     return json.loads(open(p).read().strip().splitlines()[-1])["val_loss"]
 a, b = loss(sys.argv[1]), loss(sys.argv[2])
 print(f"   eval loss: cpu {a}, cuda {b}")
-assert abs(a - b) <= 1e-5 * abs(a)
+# one forward of 384 tokens on each backend: summation order (~1e-7) and possible top-k
+# flips (<= ~4e-5 each at 384 tokens): XRUN_LOSS_TOL; wrong weights are O(1e-3..1)
+assert abs(a - b) <= float(sys.argv[3]) * abs(a), (a, b)
 PY
 # sampling: the same seed draws the same text on both backends (same logits to ~1e-7, so
-# a draw would have to land within that of a boundary to differ; deterministic inputs)
+# a draw would have to land within that of a boundary to differ; deterministic inputs. A
+# top-k flip in one of the 40 forwards moves that token's logits by ~1e-2, and changes the
+# draw only if it lands within that of a boundary: a small chance, not zero)
 for b in cpu cuda; do
     bin=$MILLIPEDE; [ "$b" = cuda ] && bin=$MILLIPEDE_EMU
     "$bin" sample "$cfg" "${small[@]}" --set "system.backend=$b" --model "$ck" \

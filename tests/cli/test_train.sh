@@ -37,6 +37,8 @@ for line in open(sys.argv[1]):
 [ -s "$tmp/a/metrics.jsonl" ] && [ "$(losses "$tmp/a/metrics.jsonl" | grep -vc val)" = 12 ] &&
     ok "metrics.jsonl has 12 training lines" || bad "metrics.jsonl has 12 training lines"
 [ "$(losses "$tmp/a/metrics.jsonl" | grep -c val)" = 2 ] && ok "two validation lines" || bad "two validation lines"
+# bitwise: the same binary, machine and thread count do the same operations in the same
+# order (the CPU backend's sums do not depend on the thread split, tests/unit/test_cpu_ops)
 cmp -s <(losses "$tmp/a/metrics.jsonl") <(losses "$tmp/b/metrics.jsonl") &&
     ok "same seed: bitwise identical losses" || bad "same seed: bitwise identical losses"
 cmp -s <(losses "$tmp/a/metrics.jsonl") <(losses "$tmp/c/metrics.jsonl") &&

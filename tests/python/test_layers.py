@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import millipede_ref as R
-from conftest import as_f64, assert_close, make_ini, rel_err, GRAD_FLOOR, TOL
+from conftest import (as_f64, assert_close, assert_margin, layer_margin, make_ini, rel_err,
+                      GRAD_FLOOR, TOL)
 
 TOKENS = 32
 BLOCK = 1
@@ -57,6 +58,9 @@ def build_case(name, run_dump, tmp_path_factory):
         state = {}
     x = np.asarray(dump["/layer/x"], np.float64)
     dy = np.asarray(dump["/layer/dy"], np.float64)
+    # C picks the reference's experts only where no near-tie lies within its rounding
+    # (conftest.MARGIN_MIN); every comparison below is at TOL (conftest.TOL's argument)
+    assert_margin(layer_margin(cfg, BLOCK, x, params, state, train), name)
     ref = reference_layer(params, state, x, dy, cfg, BLOCK, train)
     _CACHE[name] = (name, cfg, dump, ref, state)
     return _CACHE[name]

@@ -24,6 +24,8 @@ def test_topk_equals_brute_force(n, k, half, rows):
     full = full.reshape(rows, 2, n * n)
     order = np.argsort(-full, axis=-1, kind="stable")[..., :k]
     np.testing.assert_array_equal(np.asarray(experts), order)
+    # the same two float64 dot products of <= 16 terms, summed in other orders: <= ~16 x
+    # 1.1e-16 of |scores| ~ 1..10; a wrong candidate is O(0.1)
     np.testing.assert_allclose(np.asarray(scores), np.take_along_axis(full, order, -1),
                                rtol=1e-12, atol=1e-12)
 
@@ -58,6 +60,10 @@ def test_layer_grad_finite_differences(kind, query_bn, act, train):
     objective, params, x = _layer_case(kind, query_bn, act, train)
     grads, dx = jax.grad(objective, argnums=(0, 1))(params, x)
     rng = np.random.default_rng(11)
+    # float64 (u = 1.1e-16): central differences err by h^2 |f'''| / 6 ~ 1e-13
+    # (truncation) plus u |f| / h ~ 1e-10 |f| (rounding), both far below 1e-6 of
+    # max(1, |f'|); a wrong gradient is O(1e-2) and more. No selection of these fixed float64
+    # cases lies within h of a tie (a flip would be an O(1) jump), on any machine.
     h = 1e-6
     # Directional derivative along a random direction, per tensor and for x.
     for name in list(params) + ["x"]:
@@ -85,6 +91,7 @@ def test_model_grad_finite_differences():
     loss_fn = jax.jit(lambda p: R.forward(p, state, inputs, targets, cfg)[0])
     grads = jax.grad(loss_fn)(params)
     # Relative perturbations: a flip of a selection (a near tie) makes the loss jump.
+    # float64: truncation ~h^2 = 1e-14, rounding u |L| / h ~ 1e-9 |L|: far below 1e-6.
     h = 1e-7
     for name in params:
         scale = max(float(np.sqrt(np.mean(np.square(params[name])))), 1e-2)
@@ -151,6 +158,8 @@ def test_optimizer_matches_docs():
     for g in grad_seq:
         updates, state = update({k: jnp.asarray(x) for k, x in g.items()}, state, p)
         p = {k: p[k] + updates[k] for k in p}
+    # both float64, ~10 operations a step for 8 steps: <= ~100 u = 1e-14; a wrong schedule,
+    # bias correction or clipping is >= 1e-3
     for name in params:
         assert rel_err(p[name], expected[name]) < 1e-12, name
 
@@ -171,6 +180,7 @@ def test_bn_running_stats():
     rng = np.random.default_rng(0)
     q = rng.normal(size=(7, 2))
     rm, rv = rng.normal(size=2), 1 + rng.random(2)
+    # float64 against the same formula in numpy: a few u (1e-16) apart; rtol 1e-12
     _, new_m, new_v = R.query_bn(q, np.ones(2), np.zeros(2), rm, rv, r, True)
     np.testing.assert_allclose(new_m, 0.75 * rm + 0.25 * q.mean(0), rtol=1e-12)
     np.testing.assert_allclose(new_v, 0.75 * rv + 0.25 * q.var(0, ddof=1), rtol=1e-12)
@@ -197,6 +207,7 @@ def test_grad_accum_is_the_mean_of_micro_batch_gradients():
     l1, _, g1, s2 = loss_and_grads(params, s1, inputs[1], targets[1], cfg)
     grads = {k: (g0[k] + g1[k]) / 2 for k in g0}
     updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+    # float64, the same operations in other orders: a few u (1e-16) apart; rel 1e-12
     assert float(loss) == pytest.approx((float(l0) + float(l1)) / 2, rel=1e-12)
     norm = math.sqrt(sum(float(jnp.sum(g * g)) for g in grads.values()))
     assert float(gnorm) == pytest.approx(norm, rel=1e-12)

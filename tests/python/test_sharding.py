@@ -3,7 +3,8 @@
 1. Gradients of a model with two PEER layers on P = 3 ranks (each rank its slice of the
    batch and its rows of U and V) agree with the JAX reference on the whole batch.
 2. Training 20 steps on P = 1, 2, 3 and 4 ranks gives the same losses and the same final
-   parameters, expert rows compared through their global index.
+   parameters up to rounding (LOSS_TOL, PARAM_TOL), expert rows compared through their
+   global index.
 3. Bad rank counts and configs that differ between ranks are refused; a rank that dies
    ends the whole job instead of leaving the others waiting.
 """
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 import millipede_ref as R
-from conftest import Dump, GRAD_FLOOR, SOURCE_DIR, as_f64, assert_close, make_ini
+from conftest import (Dump, GRAD_FLOOR, SOURCE_DIR, as_f64, assert_close, assert_margin,
+                      make_ini, topk_margin)
 
 TWO_PEER = {"model": {"ffn": "peer,peer"}, "train": {"batch_size": 6}}
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
@@ -78,6 +80,8 @@ def test_gradients_on_three_ranks_match_jax(testdump, tmp_path):
         assert u.shape[0] == ((r + 1) * n // 3 - r * n // 3) * n
     params = as_f64(d.group("params"))
     state = R.init_state(cfg, np.float64)
+    # conftest.TOL against the reference, valid while C picks the same experts (MARGIN_MIN)
+    assert_margin(topk_margin(cfg, params, state, np.asarray(d.inputs, np.int64)), "P=3")
     loss, logits, grads, _ = R.loss_and_grads(params, state, np.asarray(d.inputs, np.int64),
                                               np.asarray(d.targets, np.int64), cfg)
     assert_close({"logits": d.logits, "loss": d.loss}, {"logits": logits, "loss": loss}, "P=3")
@@ -120,6 +124,24 @@ def train_args(corpus, run_dir, steps=20):
     return args
 
 
+# Tolerances of P = 2, 3, 4 against P = 1 over 20 steps (the argument in full, with the
+# bugs measured by injecting them: tests/cli/ckpt_lib.sh above XRUN_LOSS_TOL). Both sides are
+# fp32 and sum in another order (the all-reduce, each rank's GEMM shapes): ~sqrt(K) u ~ 1e-6
+# per step (u = 2^-24, K ~ 256 tokens), which grows little (measured: losses ~1e-7,
+# parameters ~1e-6). But a PEER top-k that flips on a near-tie (1 and 2 ranks of ckpt_lib's
+# model flip ~5 times in 10 steps with init_std 0.02) moves that step's loss by up to
+# ~6e-5 over these 256 tokens (7.5e-5 over 192 there) and the parameters by up to ~5e-4
+# (routing parameters; 2.5e-3 after ~5 flips). Allowing 3 such flips in a step and ~10 in
+# the run: losses 2e-4, parameters 5e-3; the tolerances are 2.5x and 4x that. What the
+# comparison is for fails far above: a missing gradient all-reduce is ~1e-2 in the losses
+# and O(1) in the parameters, as is an expert row owned or exchanged wrongly (measured,
+# ckpt_lib.sh); a slice of the global batch read twice is another batch, ~2e-2 (the
+# data-position row there); weighting P = 3's slices of 3, 3, 2 sequences equally moves the
+# loss by 1/24 of the spread of the slice means, ~1e-3 (estimate).
+LOSS_TOL = 5e-4
+PARAM_TOL = 2e-2
+
+
 def metrics(run_dir):
     lines = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
     return [x for x in lines if "loss" in x], [x for x in lines if "val_loss" in x]
@@ -150,10 +172,11 @@ def test_losses_equal_on_any_rank_count(runs, P):
     assert a.shape == b.shape == (20,)
     err = np.abs(a - b) / np.abs(b)
     print(f"P={P}: largest relative loss difference to P=1 over 20 steps: {err.max():.2e}")
-    assert err.max() <= 1e-5, f"P={P}: step {err.argmax() + 1} loss {a[err.argmax()]} vs {b[err.argmax()]}"
+    assert err.max() <= LOSS_TOL, f"P={P}: step {err.argmax() + 1} loss {a[err.argmax()]} vs {b[err.argmax()]}"
     va = np.array([x["val_loss"] for x in got_val])
     vb = np.array([x["val_loss"] for x in ref_val])
-    assert np.all(np.abs(va - vb) / vb <= 1e-5)
+    print(f"P={P}: largest relative val_loss difference: {(np.abs(va - vb) / vb).max():.2e}")
+    assert np.all(np.abs(va - vb) / vb <= LOSS_TOL), (va, vb)
     assert b[-1] < b[0] - 0.3, "the run must actually train for the comparison to mean much"
 
 
@@ -163,10 +186,11 @@ def test_final_parameters_equal_on_any_rank_count(runs, P):
     Adam divides each gradient by its running RMS, so float32 rounding differences of
     summation order (the partial outputs of the owners, the all-reduce) can move a
     parameter whose gradient is tiny by a relative amount far above the rounding itself:
-    tensors are compared relative to max(their norm, 1e-3 of the norm of all parameters)."""
+    tensors are compared relative to max(their norm, 1e-3 of the norm of all parameters).
+    PARAM_TOL (above) allows for top-k flips; a wrong expert row is O(1)."""
     ref = final_params(runs[1])
     got = final_params(runs[P])
-    errs = assert_close(got, ref, f"P={P} final parameters vs P=1", tol=1e-4, floor=1e-3)
+    errs = assert_close(got, ref, f"P={P} final parameters vs P=1", tol=PARAM_TOL, floor=1e-3)
     worst = max(errs, key=errs.get)
     print(f"P={P}: final parameters, worst tensor {worst} relative difference {errs[worst]:.2e}")
 
@@ -179,6 +203,7 @@ def test_exchange_metrics(runs, P):
         assert len(sel) == P and x["ranks"] == P
         # every selection is served by exactly one owner: tokens x layers x H x k
         assert sum(sel) == 8 * 32 * 2 * 2 * 4
+        # metrics.jsonl prints load_imbalance with 4 decimals: |rounding| <= 5e-5
         assert x["load_imbalance"] == pytest.approx(max(sel) / (sum(sel) / P), abs=1e-4)
         assert x["exchange_bytes_sent"] == x["exchange_bytes_recv"] > 0
     one, _ = metrics(runs[1])

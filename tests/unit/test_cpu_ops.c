@@ -2,16 +2,24 @@
 //
 // Gradients: every backward op is compared with central finite differences of a scalar
 // objective L = sum(out * R) (R random), evaluated with the float forward op and summed in
-// double. Tolerance: 1e-3 on ||grad - fd|| / ||fd||. With h = 1e-2 and O(1) inputs the
-// truncation error is O(h^2 f''') ~ 1e-5 relative, and the float rounding of L (~1e-7
-// relative per term, ~1e-6 absolute in all) divided by the 2h step adds ~5e-5 absolute per
-// component against O(0.1..1) gradients. The errors seen (printed) are 4e-7..4e-5; a wrong
-// formula (a missing term, a sign, a factor, overwriting instead of accumulating) gives
-// O(0.01..1).
+// double. Tolerance FD_TOL = 1e-3 on ||grad - fd|| / ||fd||. With h = 1e-2 and O(1) inputs
+// the truncation error is h^2 |f'''| / 6 ~ 2e-5 relative; the float rounding of the outputs
+// (u = 2^-24 ~ 6e-8 relative each, ~sqrt(n) u |out| ~ 1e-6 absolute in L over n <= 1000
+// outputs, whatever order OpenBLAS's kernel sums in) divided by the 2h step adds ~5e-5
+// absolute per component against O(0.1..1) gradients. The errors seen (printed) are
+// 2e-7..4e-5 on every OpenBLAS kernel family; a wrong formula (a missing term, a sign, a
+// factor, overwriting instead of accumulating) gives O(0.01..1).
 // Gradient buffers are pre-filled with random values before backward and those values are
 // subtracted afterwards, which also checks that backward ACCUMULATES (+=).
 //
-// Forward values: compared with naive double-precision implementations written here.
+// Forward values: compared with naive double-precision implementations written here, on the
+// same float inputs, FWD_TOL = 1e-5 on ||got - ref|| / ||ref||. The float side rounds each
+// product and each partial sum: a K-term dot product of random-sign terms errs by
+// ~u sqrt(K / 6) of its value when summed in sequence (~3e-7 at K = 129, the largest here),
+// less in blocks or with FMA, and the norm over thousands of outputs concentrates on that;
+// exp, erf, sqrt and AdamW's few operations per step add a few u. Measured 3e-8..3e-7 on
+// every OpenBLAS kernel family. One term missing from one of 8000 outputs (a dropped tail,
+// an off-by-one) is ~1e-3.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -26,8 +34,8 @@
 #include "core/rng.h"
 #include "millipede/backend.h"
 
-#define FD_TOL 1e-3
-#define FWD_TOL 1e-5   // float vs double forward, relative on the norm
+#define FD_TOL 1e-3    // see the top
+#define FWD_TOL 1e-5   // float vs double forward, relative on the norm (see the top)
 
 static const mp_backend *be;
 static uint64_t g_stream = 1;
@@ -684,7 +692,12 @@ static void test_sum_squares(void **state) {
         double ref = 0;
         for (size_t i = 0; i < n; i++) ref += (double)x[i] * x[i];
         double got = be->sum_squares(x, n);
-        assert_true(fabs(got - ref) <= 1e-12 * (ref > 1 ? ref : 1));
+        // Both sides add exact double squares of floats (24 x 24 bits < 53) of one sign: a sum
+        // of n positive terms errs by <= (n - 1) 2^-53 of the sum in any order (1.1e-11 at
+        // n = 100003, worst case), so 2 n 2^-53 bounds the difference of the two orders.
+        // Rounding the result to float (2^-24 ~ 6e-8) or a lost block or tail is far above.
+        double tol = (double)n * 0x1p-52 * (ref > 1 ? ref : 1);
+        if (!(fabs(got - ref) <= tol)) fail_msg("sum_squares n %zu: %.17g, want %.17g", n, got, ref);
         omp_set_num_threads(1);
         double one = be->sum_squares(x, n);
         omp_set_num_threads(2);

@@ -15,12 +15,17 @@
 //
 // Tolerance: 1e-4 relative, as ||got - want|| / ||want|| and max |got - want| <= 1e-4 max
 // |want| per tensor. Both sides are fp32; they differ only in summation order (cuBLAS vs
-// OpenBLAS, warp trees vs 8-lane sums) and FMA contraction, ~sqrt(K) * 6e-8 ~ 1e-6 for
-// the sums here; a wrong formula, index or a missed accumulation gives O(1e-2..1).
+// OpenBLAS, whose kernel family depends on the CPU; warp trees vs 8-lane sums) and FMA
+// contraction, ~sqrt(K) u ~ 1e-6 for the sums here (u = 2^-24), at worst K u ~ 2e-5 for
+// the longest, K = 300 (the vocabulary of test_crossentropy), outside the backward of BN
+// and softmax, which subtract nearly equal terms (measured there: 7e-7); a wrong formula,
+// index or a missed accumulation gives O(1e-2..1).
 // The top-k is a discontinuous function: inputs whose k-th and (k+1)-th scores lie closer
 // than 1e-4 (or, with ReLU experts, a pre-activation within 1e-4 of the kink) would make the
 // two backends legitimately pick differently, so such inputs are rejected and the next
-// seed is taken (the number of rejected seeds is printed).
+// seed is taken (the number of rejected seeds is printed). The scores are O(0.1..1) (queries,
+// BN'd or not, times keys of norm ~1, dk / 2 = 4 terms) and the two backends' differ by ~1e-6
+// of that (the error of the forward before them, above): 1e-4 is >= 100x that.
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -296,6 +301,10 @@ static void test_optim(void **state) {
     size_t big = 70001;   // several partial-sum blocks and a tail
     float *x = frand(big, -3, 3), *d_x = dev_copy(x, big * 4);
     double want = cpu->sum_squares(x, big), got = gpu->sum_squares(d_x, big);
+    // exact double squares, all positive: each side errs by at most (terms one value passes
+    // through) 2^-53 of the sum: CPU <= 4096 + 8 (4 lanes of a 16384 block, the blocks),
+    // GPU <= 64 + 5 + 8 + 5 (a thread's stride, the warp tree, the warps, the blocks), so
+    // the two differ by <= 4.6e-13 of the sum; a float accumulation or a lost block is >= 6e-8.
     if (fabs(got - want) > 1e-12 * want) fail_msg("sum_squares %.17g, CPU %.17g", got, want);
     assert_true(gpu->sum_squares(d_x, 0) == 0.0);
     gpu->free(d_p); gpu->free(d_m); gpu->free(d_v); gpu->free(d_x);
@@ -360,6 +369,11 @@ static void check_topk(long rows, int n, int k, int grid) {
             assert_int_equal(sa[r * k + j], best[j] / n);
             assert_int_equal(sb[r * k + j], best[j] % n);
             double g = exp((double)(r1[best[j] / n] + r2[best[j] % n]) - mx) / z;
+            // The GPU: expf (<= 2 ulp, 4u relative), a sum of k positive terms in order
+            // ((k - 1) u), a division (u), from scores whose float difference v - mx errs by
+            // u |v - mx| (u / e after exp): |gate - g| <= g (k + 5) u + u / e. The gates here
+            // are ~1/k (on the grid all scores lie within 2^-17, the random ones' top k within
+            // ~k / n^2), so that is <= ~2e-7; a wrong max, sum or index is >= 1e-3.
             if (fabs(gate[r * k + j] - g) > 1e-6) fail_msg("gate %.9g, want %.9g", gate[r * k + j], g);
         }
     }
@@ -515,10 +529,11 @@ static double decision_margin(mp_retrieval_layer *l, int N) {
 enum { FP32, BF16_EXACT, BF16 };
 // Each table element is rounded to nearest with 8 significant bits: relative error at most
 // 2^-9 ~ 2e-3, and sums of such errors with random signs stay near 2^-9/sqrt(3) ~ 1e-3 of
-// the result's norm per rounded table. Measured (emulator, two input draws): y 2.2e-3 and
-// 2.6e-3 (PEER: U and V both rounded), the worst gradient 3.1e-3 (dBN_w) and 5.6e-3 (dK1:
-// the gate softmax backward subtracts nearly equal terms). 1e-2 bounds that; a wrong row, a
-// stale copy or a missing term is O(1e-1) and more.
+// the result's norm per rounded table, ~2e-3 with U and V both rounded (PEER), 4e-3 if every
+// error had one sign. Measured (emulator, two input draws): y 2.2e-3 and 2.6e-3, the worst
+// gradient 3.1e-3 (dBN_w) and 5.6e-3 (dK1: the gate softmax backward subtracts nearly equal
+// terms, which raises the relative error). 1e-2 bounds that; a wrong row, a stale copy or a
+// missing term is O(1e-1) and more.
 #define BF16_TOL 1e-2
 
 // Clears the low 16 bits of x (n): bf16-representable values.

@@ -114,8 +114,17 @@ static void check_model(const char *ffn, int query_bn, mp_activation act) {
         }
         memcpy(p, p0, t->numel * sizeof(float));
         double fd = (lp - lm) / (2 * h);
-        // The forward is float32: each loss carries ~FLT_EPSILON*|loss| rounding, so the
-        // difference quotient has an absolute noise floor of about that over h.
+        // Two errors, each argued from the arithmetic:
+        // - truncation: the central difference errs by h^2 |f'''| / 6 relative to f'. The
+        //   direction has unit normal entries, so each parameter moves by h = 1e-3, ~5% of
+        //   an init-scale (0.02) weight: |f'''| / |f'| ~ 1 / 0.02^2 and the error ~ (h /
+        //   0.02)^2 / 6 ~ 4e-4 (measured worst 2.1e-3, wte and biases). 2e-2 leaves 10x; a
+        //   wrong backward (a missing term or accumulation, a factor) is O(1) relative.
+        // - rounding: the forward is float32, each loss carries a few FLT_EPSILON |loss|
+        //   (the mean of the token losses, the log-sum-exp, the forward before them, in
+        //   whichever order the BLAS kernel sums), and the two differ in their roundings; 8
+        //   FLT_EPSILON |loss| per loss over the 2h of the quotient, with 2x to spare, is the
+        //   floor.
         double floor = 8 * 1.19e-7 * fabs(l0) / h;
         double err = fabs(fd - analytic) / (fabs(analytic) + floor / 2e-2);
         if (err > worst) { worst = err; worst_name = t->name; }

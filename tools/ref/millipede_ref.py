@@ -473,8 +473,9 @@ def make_train_step(cfg, optimizer):
     return step
 
 
-def train(params, state, inputs, targets, cfg, steps):
+def train(params, state, inputs, targets, cfg, steps, before_step=None):
     """`steps` AdamW steps on one fixed batch (inputs, targets (B, T), grad_accum 1).
+    before_step(params, state), if given, sees the values each step starts from.
     Returns (losses (steps,), grad_norms (steps,), final params, final state)."""
     optimizer = make_optimizer(cfg, params)
     step = jax.jit(make_train_step(cfg, optimizer))
@@ -482,6 +483,8 @@ def train(params, state, inputs, targets, cfg, steps):
     inputs, targets = jnp.asarray(inputs)[None], jnp.asarray(targets)[None]
     losses, norms = [], []
     for _ in range(steps):
+        if before_step is not None:
+            before_step(params, state)
         params, opt_state, state, loss, gnorm = step(params, opt_state, state, inputs, targets)
         losses.append(float(loss))
         norms.append(float(gnorm))
