@@ -150,6 +150,16 @@ def fmt_pm(xs, digits=4):
     return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if len(xs) > 1 else "")
 
 
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(a, runs, seconds):
     import matplotlib
     matplotlib.use("Agg")
@@ -162,7 +172,9 @@ def report(a, runs, seconds):
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
     L += ["# Model quality: a small-scale reproduction of the PEER paper", "",
-          "Written by `python3 tools/paper/grid.py " + " ".join(a.argv) + "` on "
+          f"Written by `python3 tools/paper/grid.py --steps1 {a.steps1} --steps2 {a.steps2} "
+          f"--seeds {','.join(map(str, a.seeds))} --experts {','.join(map(str, a.experts))} "
+          f"--corpora {','.join(a.corpora)}` on "
           f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}); the grid's runs took "
           f"{seconds / 60:.0f} minutes of wall time here. Every number below comes from `millipede eval` "
           "of a run's final checkpoint (validation split; BatchNorm in eval mode with its running "
@@ -211,11 +223,7 @@ def report(a, runs, seconds):
             lo, hi = ax.get_ylim()
             if later and lo < 1.1 * max(later) < hi:
                 ax.set_ylim(lo, 1.1 * max(later))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(figdir / "table1_curves.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, figdir / "table1_curves.png")
         L += ["Training (smoothed) and validation loss of every Table 1 run:", "",
               "![Table 1 loss curves](quality/table1_curves.png)", ""]
 
@@ -251,11 +259,7 @@ def report(a, runs, seconds):
         ax.set_xlabel("experts N (H x k = 32 active)")
         ax.set_ylabel("validation loss (nats/byte)")
         ax.set_title(f"Figure 3a analog: loss vs N, {a.steps2} steps", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(figdir / "fig3a_loss_vs_experts.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, figdir / "fig3a_loss_vs_experts.png")
         L += ["## Figure 3a analog: validation loss against the number of experts", "",
               f"The same runs: a fixed number of active experts (4 heads x top-8) and N from "
               f"{a.experts[0]:,} to {a.experts[-1]:,}.", "",
@@ -277,7 +281,6 @@ def main():
     ap.add_argument("--corpora", default="demo,perl")
     ap.add_argument("--report-only", action="store_true", help="write OUT from the runs that exist")
     a = ap.parse_args()
-    a.argv = sys.argv[1:]
     a.runs, a.out = pathlib.Path(a.runs).resolve(), pathlib.Path(a.out).resolve()
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.experts = [int(s) for s in a.experts.split(",")]
