@@ -160,7 +160,7 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
-def report(a, runs, seconds):
+def report(a, runs):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -168,6 +168,7 @@ def report(a, runs, seconds):
     figdir = a.out.parent / "quality"
     figdir.mkdir(parents=True, exist_ok=True)
     res = {r.name: load(r, a.runs) for r in runs}
+    train_s = sum(d["ms"] for train, _, _ in res.values() for d in train) / 1e3
     L = []
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
@@ -175,8 +176,10 @@ def report(a, runs, seconds):
           f"Written by `python3 tools/paper/grid.py --steps1 {a.steps1} --steps2 {a.steps2} "
           f"--seeds {','.join(map(str, a.seeds))} --experts {','.join(map(str, a.experts))} "
           f"--corpora {','.join(a.corpora)}` on "
-          f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}); the grid's runs took "
-          f"{seconds / 60:.0f} minutes of wall time here. Every number below comes from `millipede eval` "
+          f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), {a.jobs} runs at a time with "
+          f"{a.threads} thread(s) each; the training steps of all runs add up to {train_s / 60:.0f} "
+          "minutes (validation, checkpoints and evaluation not counted). Every number below comes "
+          "from `millipede eval` "
           "of a run's final checkpoint (validation split; BatchNorm in eval mode with its running "
           "statistics) or from the run's metrics.jsonl.", ""]
 
@@ -295,21 +298,13 @@ def main():
         fail(f"{a.millipede}: not an executable (build it first: bash launch/quickstart.sh, or cmake)")
     data = {c: corpus_data(c, a.millipede) for c in set(a.corpora) | {"demo"}}
     runs = plan(a, data)
-    t0 = time.time()
     if not a.report_only:
         # the largest runs first, so that the last ones to finish are short
         order = sorted(runs, key=lambda r: -r.tags.get("experts", 0))
         with concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
             for f in concurrent.futures.as_completed([pool.submit(run_one, r, a) for r in order]):
                 f.result()
-    seconds = time.time() - t0
-    timing = a.runs / "grid_seconds.json"
-    if not a.report_only:
-        a.runs.mkdir(parents=True, exist_ok=True)
-        timing.write_text(json.dumps({"seconds": seconds}))
-    elif timing.exists():
-        seconds = json.loads(timing.read_text())["seconds"]
-    lines = report(a, runs, seconds)
+    lines = report(a, runs)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines) + "\n")
     print(f"grid: wrote {a.out}")
