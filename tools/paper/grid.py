@@ -167,7 +167,8 @@ def report(a, runs):
 
     figdir = a.out.parent / "quality"
     figdir.mkdir(parents=True, exist_ok=True)
-    res = {r.name: load(r, a.runs) for r in runs}
+    done = [r for r in runs if (r.dir(a.runs) / "eval.json").exists()]
+    res = {r.name: load(r, a.runs) for r in done}
     train_s = sum(d["ms"] for train, _, _ in res.values() for d in train) / 1e3
     L = []
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
@@ -177,14 +178,24 @@ def report(a, runs):
           f"--seeds {','.join(map(str, a.seeds))} --experts {','.join(map(str, a.experts))} "
           f"--corpora {','.join(a.corpora)}` on "
           f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), {a.jobs} runs at a time with "
-          f"{a.threads} thread(s) each; the training steps of all runs add up to {train_s / 60:.0f} "
+          f"{a.threads} thread(s) each; the training steps of the finished runs add up to {train_s / 60:.0f} "
           "minutes (validation, checkpoints and evaluation not counted). Every number below comes "
           "from `millipede eval` "
           "of a run's final checkpoint (validation split; BatchNorm in eval mode with its running "
           "statistics) or from the run's metrics.jsonl.", ""]
 
+    def complete(group, title):
+        """The group's runs when all are done, else None and a line saying what is missing."""
+        rs = [r for r in runs if r.group == group]
+        missing = [r for r in rs if r.name not in res]
+        if rs and missing:
+            L.extend([f"## {title}", "", f"Not run to the end yet: {len(rs) - len(missing)} of "
+                      f"{len(rs)} runs done (the same command continues the grid).", ""])
+            return None
+        return rs
+
     # Table 1
-    t1 = [r for r in runs if r.group == "table1"]
+    t1 = complete("table1", "Table 1 analog: dense vs PKM vs PEER at equal compute")
     if t1:
         L += ["## Table 1 analog: dense vs PKM vs PEER at equal compute", "",
               f"Validation loss in nats per byte after {a.steps1} steps of 16 x 128 bytes, mean ± "
@@ -231,14 +242,20 @@ def report(a, runs):
               "![Table 1 loss curves](quality/table1_curves.png)", ""]
 
     # Table 2 and Figure 3a
-    t2 = [r for r in runs if r.group == "table2"]
+    def last_val(name):
+        """The run's last validation loss: the same train.eval_batches batches for every N
+        (the usage evaluation takes more batches at larger N, so its loss is not comparable)."""
+        return res[name][1][-1]["val_loss"]
+
+    t2 = complete("table2", "Table 2 and Figure 3a analogs")
     if t2:
         L += ["## Table 2 analog: expert usage and unevenness, with and without query BatchNorm", "",
               f"PEER layer of configs/tiny.ini (H = 4 heads x top-8) with N experts, {a.steps2} steps, "
               "demo corpus. Usage is the fraction of experts selected at least once over the "
               "evaluated tokens, and unevenness the KL divergence (nats) of the gate mass per expert "
               "from uniform (paper, Table 2). `uniform` is the usage a uniform random router would "
-              "show on the same number of selections, 1 - (1 - 1/N)^selections.", "",
+              "show on the same number of selections, 1 - (1 - 1/N)^selections. The validation loss is "
+              "the run's last, on the same 8 batches of 16 x 128 bytes for every N.", "",
               "| N | tokens evaluated | selections per expert | usage, BN | usage, no BN | uniform | "
               "unevenness, BN | unevenness, no BN | val loss, BN | val loss, no BN |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -249,14 +266,15 @@ def report(a, runs):
             sel = on["tokens"] * 4 * 8
             L.append(f"| {n_exp:,} ({int(math.isqrt(n_exp))}²) | {on['tokens']:,} | {sel / n_exp:.1f} | "
                      f"{100 * lo['usage']:.1f} % | {100 * lf['usage']:.1f} % | {100 * lo['usage_uniform']:.1f} % | "
-                     f"{lo['unevenness']:.2f} | {lf['unevenness']:.2f} | {on['val_loss']:.4f} | {off['val_loss']:.4f} |")
+                     f"{lo['unevenness']:.2f} | {lf['unevenness']:.2f} | {last_val(f't2-n{n_exp}-bn1'):.4f} | "
+                     f"{last_val(f't2-n{n_exp}-bn0'):.4f} |")
         L += ["", "The paper's Table 2 (1M-token eval set, C4, after full training): usage 100 % with "
               "and without BN up to 262K experts and 99.8 % / 100 % at 1M; unevenness 0.30 / 0.45 "
               "(16K), 0.44 / 0.63 (65K), 0.66 / 0.97 (262K), 1.06 / 1.52 (1M), BN / no BN.", ""]
         fig, ax = plt.subplots(figsize=(5.6, 4.0))
         for bn, c in ((1, "tab:red"), (0, "tab:orange")):
             xs = a.experts
-            ys = [res[f"t2-n{n}-bn{bn}"][2]["val_loss"] for n in xs]
+            ys = [last_val(f"t2-n{n}-bn{bn}") for n in xs]
             ax.plot(xs, ys, marker="o", color=c, label="query BN" if bn else "no query BN")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("experts N (H x k = 32 active)")
@@ -267,6 +285,8 @@ def report(a, runs):
               f"The same runs: a fixed number of active experts (4 heads x top-8) and N from "
               f"{a.experts[0]:,} to {a.experts[-1]:,}.", "",
               "![Figure 3a analog](quality/fig3a_loss_vs_experts.png)", ""]
+    L += ["What these numbers do and do not show, and why the demo's usage is far below the "
+          "paper's: [expert_usage.md](expert_usage.md).", ""]
     return L
 
 
