@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Installs what millipede needs on Debian 12 (as root, or with sudo).
-#   tools/install-deps.sh          build + run: compilers, Open MPI, HDF5, OpenBLAS, inih, demo
-#                                  corpus, matplotlib (tools/plot.py)
-#   tools/install-deps.sh --test   also cmocka and the Python test oracle (JAX, optax, h5py, pytest)
+#   tools/install-deps.sh          build + run: compilers, Open MPI, HDF5, OpenBLAS, inih,
+#                                  SentencePiece, demo corpus, matplotlib (tools/plot.py)
+#   tools/install-deps.sh --test   also cmocka and the Python test oracle (JAX, optax, h5py,
+#                                  pytest, sentencepiece)
 #   tools/install-deps.sh --paper  also perl-doc, the second corpus of tools/paper/grid.py
 # Packages already present are not reinstalled, so a second run takes seconds.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO="sudo -E"
 pkgs="build-essential cmake ninja-build pkg-config libopenmpi-dev openmpi-bin libhdf5-openmpi-dev
-      hdf5-tools libopenblas-dev libinih-dev python3.11-doc python3 python3-matplotlib"
-[ "${1:-}" = "--test" ] && pkgs="$pkgs libcmocka-dev python3-pip"
+      hdf5-tools libopenblas-dev libinih-dev libsentencepiece-dev python3.11-doc python3
+      python3-matplotlib"
+# clang and libomp-dev: the sanitized suite and the fuzz harnesses (tests/sanitize, tests/fuzz)
+[ "${1:-}" = "--test" ] && pkgs="$pkgs libcmocka-dev python3-pip clang libomp-dev"
 [ "${1:-}" = "--paper" ] && pkgs="$pkgs perl-doc"
 missing=$(for p in $pkgs; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
@@ -23,9 +26,13 @@ if ! "$py" -c "import matplotlib" 2>/dev/null; then
     "$py" -m pip install -q matplotlib 2>/dev/null || "$py" -m pip install -q --break-system-packages matplotlib
 fi
 if [ "${1:-}" = "--test" ]; then
-    if ! "$py" -c "import jax, optax, h5py, numpy, pytest" 2>/dev/null; then
+    # sentencepiece: the oracle of tests/python/test_tokenizer.py. 0.1.99, the release after
+    # Debian 12's libsentencepiece 0.1.97 (which has no wheels for Python 3.11): it reads the
+    # model files that the Debian library writes.
+    oracle="jax optax h5py numpy pytest sentencepiece==0.1.99"
+    if ! "$py" -c "import jax, optax, h5py, numpy, pytest, sentencepiece" 2>/dev/null; then
         # Debian's python marks itself externally managed; a pyenv/venv python does not
-        "$py" -m pip install -q jax optax h5py numpy pytest 2>/dev/null ||
-            "$py" -m pip install -q --break-system-packages jax optax h5py numpy pytest
+        "$py" -m pip install -q $oracle 2>/dev/null ||
+            "$py" -m pip install -q --break-system-packages $oracle
     fi
 fi

@@ -6,6 +6,8 @@
 #                                the node is idle
 #   tools/slurm_local.sh down    stop the three daemons
 #   tools/slurm_local.sh status  sinfo
+#   tools/slurm_local.sh running exit status 0 when slurmctld and slurmd run (at once, from
+#                                their pid files; sinfo takes ~10 s to fail)
 # It overwrites /etc/slurm/slurm.conf: use it on a development or CI machine, not on a
 # machine that already belongs to a cluster.
 set -euo pipefail
@@ -44,7 +46,8 @@ start_munge() {
 write_conf() {
     local host cpus mem
     host=$(hostname -s)
-    cpus=$(nproc)
+    # not nproc: it answers OMP_NUM_THREADS when that is set (the tests set it to 1)
+    cpus=$(slurmd -C | sed -n 's/.*CPUs=\([0-9]*\).*/\1/p')
     mem=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
     install -d -m 0755 /var/spool/slurmctld /var/spool/slurmd /var/log/slurm "$run_dir"
     cat >/etc/slurm/slurm.conf <<CONF
@@ -52,7 +55,9 @@ write_conf() {
 ClusterName=millipede-local
 SlurmctldHost=$host(127.0.0.1)
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+# OverSubscribe=YES: jobs submitted with --oversubscribe may share CPUs (tests/slurm runs
+# its jobs at once on a 2-CPU machine); others get CPUs of their own as usual
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -67,8 +72,10 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=5,sched_interval=5
 ReturnToService=2
-MinJobAge=300
-KillWait=10
+# finished jobs stay visible to scontrol show job for an hour (tests/slurm reads them)
+MinJobAge=3600
+# SIGTERM -> SIGKILL: Slurm's default; a job's ranks have this long to finish a checkpoint
+KillWait=30
 InactiveLimit=0
 Waittime=0
 SlurmctldTimeout=30
@@ -90,13 +97,20 @@ up() {
     install_packages
     start_munge
     write_conf
+    # running already: read the slurm.conf just written; a changed node line needs a restart
+    # (Slurm refuses to reconfigure it), which keeps the jobs (StateSaveLocation)
+    if running "$run_dir/slurmctld.pid" && ! scontrol reconfigure; then
+        echo "slurm: restarting slurmctld and slurmd for the new slurm.conf"
+        stop "$run_dir/slurmd.pid"
+        stop "$run_dir/slurmctld.pid"
+    fi
     running "$run_dir/slurmctld.pid" || /usr/sbin/slurmctld </dev/null   # daemonizes
     running "$run_dir/slurmd.pid" || /usr/sbin/slurmd </dev/null
     local host i
     host=$(hostname -s)
     for i in $(seq 150); do
         if [ "$(sinfo -h -n "$host" -o %t 2>/dev/null)" = idle ]; then
-            echo "slurm: node $host is idle ($(nproc) CPUs, partition debug)"
+            echo "slurm: node $host is idle ($(sinfo -h -n "$host" -o %c) CPUs, partition debug)"
             return 0
         fi
         sleep 0.2
@@ -106,14 +120,17 @@ up() {
     exit 1
 }
 
+stop() {   # the daemon of pid file $1, if it runs; waits up to 10 s for it to exit
+    local p _
+    running "$1" || return 0
+    p=$(cat "$1")
+    kill "$p"
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+}
+
 down() {
-    local f p i
-    for f in "${pidfiles[@]}"; do
-        running "$f" || continue
-        p=$(cat "$f")
-        kill "$p"
-        for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    done
+    local f
+    for f in "${pidfiles[@]}"; do stop "$f"; done
     echo "slurm: stopped"
 }
 
@@ -121,5 +138,6 @@ case "${1:-}" in
     up) up ;;
     down) down ;;
     status) sinfo ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    running) running "$run_dir/slurmctld.pid" && running "$run_dir/slurmd.pid" ;;
+    *) echo "usage: $0 up|down|status|running" >&2; exit 2 ;;
 esac

@@ -63,6 +63,8 @@ int mp_ckpt_save(const char *root, mp_model *m, const mp_adamw *opt, long step, 
 // one, e.g. checkpoints/latest), a checkpoints/ directory (its latest) or a run directory
 // (its checkpoints/latest). Returns 0 with the checkpoint directory in out, or -1 (err).
 int mp_ckpt_resolve(const char *path, char *out, size_t out_len, char *err, size_t err_len);
+// 1 when run_dir/checkpoints holds a checkpoint (a step_%08d directory), else 0.
+int mp_ckpt_exists(const char *run_dir);
 // Reads the configuration and training state stored in checkpoint directory dir.
 int mp_ckpt_read_config(const char *dir, mp_config *cfg, mp_ckpt_info *info, char *err,
                         size_t err_len);
@@ -112,7 +114,8 @@ void mp_preempt_install(void);
 // Collective: 1 on every rank when any rank got a signal (an all-reduce of the flag).
 int mp_preempt_agreed(mp_comm *comm);
 // Test hook: MILLIPEDE_FAULT_SIGNAL="RANK:STEP" makes that rank raise SIGUSR1 on itself
-// when `step` steps are done (so only one rank sees the signal).
+// when `step` steps are done (so only one rank sees the signal); "-1:-1" makes every
+// process raise it in main() before MPI_Init (a preemption during start-up).
 void mp_preempt_fault_hook(int rank, long step);
 
 // ---- the commands ------------------------------------------------------------------

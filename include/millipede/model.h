@@ -44,6 +44,11 @@ mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B
 // layers exchange activations with the owners of the experts through comm.
 mp_model *mp_model_create_sharded(const mp_config *cfg, const mp_backend *be, int B, mp_comm *comm);
 mp_comm *mp_model_comm(const mp_model *m);   // NULL for a single-process model
+// The tokenizer the model was trained with, which checkpoints and model files carry:
+// NULL for bytes. set takes ownership (and frees the previous one).
+struct mp_tokenizer;
+const struct mp_tokenizer *mp_model_tokenizer(const mp_model *m);
+void mp_model_set_tokenizer(mp_model *m, struct mp_tokenizer *t);
 void mp_model_free(mp_model *m);
 // Deterministic init from cfg->seed: each value is a function of (seed, tensor name,
 // global element index) only.

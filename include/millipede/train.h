@@ -25,6 +25,10 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step);
 double mp_eval_loss(mp_model *m, const mp_shard *val, int n_batches);
 // The same over sequences [j0, j0 + B) of each validation batch (one rank's slice).
 double mp_eval_loss_slice(mp_model *m, const mp_shard *val, int n_batches, int j0, int B);
+// The bytes of text behind the target tokens of those batches (token_bytes: (vocab,),
+// mp_tokenizer_token_bytes): with the mean loss, bits per byte = loss * tokens / (bytes ln 2).
+double mp_eval_target_bytes(const mp_config *c, const mp_shard *val, int n_batches,
+                            const uint32_t *token_bytes);
 
 // Expert usage and unevenness of one layer (paper Table 2) from z (n): usage = fraction of
 // experts with z_e > 0; unevenness = KL(z/|z| || uniform) = log n + sum p log p, p = z/|z|,

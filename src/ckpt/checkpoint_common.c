@@ -154,14 +154,25 @@ static herr_t collect_name(hid_t g, const char *name, const H5L_info_t *info, vo
     (void)info;
     ck_layout *lay = data;
     if (strlen(name) >= sizeof lay->names[0]) return -1;
+    for (const char *c = name; *c; c++)   // messages name the table: no control characters
+        if ((unsigned char)*c < 0x20 || *c == 0x7f) return -1;
     lay->names = realloc(lay->names, (size_t)(lay->n_tables + 1) * sizeof *lay->names);
     if (!lay->names) mp_fatal("out of memory");
     snprintf(lay->names[lay->n_tables++], sizeof lay->names[0], "%s", name);
     return 0;
 }
 
+static int layout_read(hid_t index, const char *path, ck_layout *lay, char *err, size_t err_len);
+
+// On failure the partly read layout is freed here, so no caller leaks it.
 int ck_layout_read(hid_t index, const char *path, ck_layout *lay, char *err, size_t err_len) {
     memset(lay, 0, sizeof *lay);
+    int rc = layout_read(index, path, lay, err, err_len);
+    if (rc != 0) ck_layout_free(lay);
+    return rc;
+}
+
+static int layout_read(hid_t index, const char *path, ck_layout *lay, char *err, size_t err_len) {
     long long P = 0;
     if (mp_h5_read_int_attr(index, "n_ranks", &P) < 0 || P < 1 || P > 1 << 24) {
         snprintf(err, err_len, "%s: root attribute 'n_ranks' missing or invalid", path);
@@ -194,8 +205,11 @@ int ck_layout_read(hid_t index, const char *path, ck_layout *lay, char *err, siz
     }
     for (int p = 0; ok && p < P; p++) {
         lay->files[p][sizeof lay->files[0] - 1] = '\0';
-        // names are ours: plain "shard_%05d.h5", never a path that leaves the directory
+        // names are ours: plain "shard_%05d.h5", never a path that leaves the directory, nor
+        // a byte that would break the one-line messages naming the file
         if (!lay->files[p][0] || strchr(lay->files[p], '/')) ok = 0;
+        for (const char *c = lay->files[p]; *c; c++)
+            if ((unsigned char)*c < 0x20 || *c == 0x7f) ok = 0;
     }
     if (!ok) {
         snprintf(err, err_len, "%s: dataset '/layout/shard_files' missing or invalid", path);
@@ -205,10 +219,10 @@ int ck_layout_read(hid_t index, const char *path, ck_layout *lay, char *err, siz
         snprintf(err, err_len, "%s: group '/layout/rows' is missing", path);
         return -1;
     }
-    hid_t g = MP_CHECK_H5(H5Gopen2(index, "/layout/rows", H5P_DEFAULT));
+    hid_t g = H5Gopen2(index, "/layout/rows", H5P_DEFAULT);   // fails on a damaged file
     hsize_t idx = 0;
-    herr_t it = H5Literate(g, H5_INDEX_NAME, H5_ITER_INC, &idx, collect_name, lay);
-    H5Gclose(g);
+    herr_t it = g < 0 ? -1 : H5Literate(g, H5_INDEX_NAME, H5_ITER_INC, &idx, collect_name, lay);
+    if (g >= 0) H5Gclose(g);
     if (it < 0) {
         snprintf(err, err_len, "%s: group '/layout/rows' cannot be listed", path);
         return -1;
@@ -282,26 +296,4 @@ int ck_check_shard(const char *dir, const ck_layout *lay, int p, long step, char
     free(format);
     H5Fclose(f);
     return rc;
-}
-
-// ----------------------------------------------------------------------------
-// agreement between ranks
-
-int ck_agree(mp_comm *comm, int rc, char *err, size_t err_len) {
-    if (!comm || comm->size == 1) return rc;
-    int P = comm->size;
-    double *failed = mp_calloc((size_t)P, sizeof(double));
-    failed[comm->rank] = rc;
-    comm->allreduce_f64(comm, failed, (size_t)P);
-    int first = -1;
-    for (int r = 0; r < P && first < 0; r++)
-        if (failed[r] != 0.0) first = r;
-    int code = first < 0 ? 0 : (int)failed[first];
-    free(failed);
-    if (first < 0) return 0;
-    char msg[1024];
-    snprintf(msg, sizeof msg, "%s", comm->rank == first ? err : "");
-    comm->broadcast(comm, msg, sizeof msg, first);
-    snprintf(err, err_len, "%s", msg);
-    return code;
 }

@@ -2,7 +2,10 @@
 // written, and `latest`, a relative symlink to the newest complete one. Only rank 0 changes
 // it. A crash at any moment leaves every complete step_%08d/ and `latest` intact: new
 // data goes to a .tmp directory, which becomes visible by one rename, and `latest` is
-// replaced by another rename.
+// replaced by another rename. A checkpoint is removed the same way backwards: renamed to
+// a .tmp name, then emptied. So a directory named step_%08d is always complete, and the
+// newest one is always the one to resume from (`latest` can be one behind it: a crash
+// between the two renames of a commit).
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -56,7 +59,8 @@ int ck_list_steps(const char *root, long **out) {
         steps[n++] = s;
     }
     closedir(d);
-    qsort(steps, (size_t)n, sizeof *steps, cmp_desc);
+    if (n > 1)  // qsort's array must not be NULL even when empty (UBSan: nonnull-attribute)
+        qsort(steps, (size_t)n, sizeof *steps, cmp_desc);
     *out = steps;
     return n;
 }
@@ -126,24 +130,66 @@ void ck_remove_tmp_dirs(const char *root) {
     free(names);
 }
 
+// Removes checkpoint root/step_%08d: renamed to step_%08d.gone.tmp first, so that a crash
+// halfway never leaves an incomplete checkpoint under a checkpoint's name (the next
+// checkpoint's ck_remove_tmp_dirs clears what is left). Returns -1 with path set.
+static int discard_step(const char *root, long step, char *path, size_t path_len) {
+    char name[32], gone[CK_PATH + 16];
+    snprintf(name, sizeof name, CK_STEP_NAME, step);
+    ck_join(path, path_len, root, name);
+    snprintf(gone, sizeof gone, "%s.gone.tmp", path);
+    if (rename(path, gone) != 0) return -1;
+    return ck_remove_dir(gone);
+}
+
 void ck_prune(const char *root, long current, int keep) {
     long *steps;
     int n = ck_list_steps(root, &steps);
     long latest = ck_latest_step(root);
     int kept = 0;
-    char path[CK_PATH], name[32];
+    char path[CK_PATH];
     for (int i = 0; i < n; i++) {   // newest first
         if (steps[i] <= current && (kept < keep || steps[i] == latest)) {
             kept++;
             continue;
         }
-        snprintf(name, sizeof name, CK_STEP_NAME, steps[i]);
-        ck_join(path, sizeof path, root, name);
-        if (ck_remove_dir(path) != 0)
+        if (discard_step(root, steps[i], path, sizeof path) != 0)
             fprintf(stderr, "millipede: warning: %s: cannot remove old checkpoint: %s\n", path,
                     strerror(errno));
     }
     free(steps);
+}
+
+// Checkpoints at or after the step being committed belong to an abandoned history (a run
+// restarted with --no-resume, or --resume of an older checkpoint) or are the bad one that
+// resuming fell back from. They must be gone before the commit's rename: mp_ckpt_resume
+// tries checkpoints newer than `latest` first, and after the commit the new one must be
+// the newest. Until then they stay resumable, as before any new checkpoint. `latest` moves
+// back to the newest older checkpoint (or goes) first, so it never names a missing one.
+int ck_drop_from(const char *root, long step, char *err, size_t err_len) {
+    long *steps;
+    int n = ck_list_steps(root, &steps), k = 0, rc = 0;
+    while (k < n && steps[k] >= step) k++;   // newest first: steps[0..k) go
+    long latest = ck_latest_step(root);
+    char link[CK_PATH], path[CK_PATH];
+    ck_join(link, sizeof link, root, MP_CKPT_LATEST);
+    if (k > 0 && latest >= step) {
+        if (k < n) {
+            rc = ck_set_latest(root, steps[k], err, err_len);
+        } else if (unlink(link) != 0 && errno != ENOENT) {
+            snprintf(err, err_len, "%s: cannot remove: %s", link, strerror(errno));
+            rc = -1;
+        }
+    }
+    for (int i = 0; i < k && rc == 0; i++) {
+        if (discard_step(root, steps[i], path, sizeof path) != 0) {
+            snprintf(err, err_len, "%s: cannot remove it (a checkpoint of step %ld or later is "
+                     "in the way of the new one): %s", path, step, strerror(errno));
+            rc = -1;
+        }
+    }
+    free(steps);
+    return rc;
 }
 
 int mp_ckpt_resolve(const char *path, char *out, size_t out_len, char *err, size_t err_len) {
@@ -176,4 +222,13 @@ int mp_ckpt_resolve(const char *path, char *out, size_t out_len, char *err, size
     snprintf(name, sizeof name, CK_STEP_NAME, step);
     ck_join(out, out_len, root, name);
     return 0;
+}
+
+int mp_ckpt_exists(const char *run_dir) {
+    char root[CK_PATH];
+    ck_join(root, sizeof root, run_dir, "checkpoints");
+    long *steps;
+    int n = ck_list_steps(root, &steps);
+    free(steps);
+    return n > 0;
 }

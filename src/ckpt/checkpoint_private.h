@@ -67,10 +67,6 @@ void ck_join(char *out, size_t len, const char *dir, const char *name);
 // metadata carries checksums too.
 hid_t ck_fapl(void);
 
-// Collective agreement on an outcome: returns 0 when rc == 0 on every rank, else the rc
-// of the lowest failing rank on every rank, with err set everywhere to that rank's
-// message. comm may be NULL (one process).
-int ck_agree(mp_comm *comm, int rc, char *err, size_t err_len);
 
 // Directory handling (checkpoint_dir.c).
 // Steps of the complete checkpoints under root (step_%08d, no .tmp), newest first; *out
@@ -87,3 +83,6 @@ void ck_remove_tmp_dirs(const char *root);
 // Keeps the newest `keep` checkpoints with step <= current, never the one `latest`
 // names; removes the others and every checkpoint newer than `current`.
 void ck_prune(const char *root, long current, int keep);
+// Before committing step `step`: removes the checkpoints of steps >= step, moving `latest`
+// back first if it names one of them. Returns -1 with err set.
+int ck_drop_from(const char *root, long step, char *err, size_t err_len);

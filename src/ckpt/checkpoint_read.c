@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "ckpt/checkpoint_private.h"
+#include "core/agree.h"
 #include "core/log.h"
 #include "millipede/model_file.h"
 
@@ -46,13 +47,16 @@ static int read_rows(hid_t dset, int ndim, hsize_t r0, hsize_t n, hsize_t cols, 
     for (hsize_t done = 0; done < n && rc == 0; done += block) {
         hsize_t k = n - done < block ? n - done : block;
         hsize_t start[2] = {r0 + done, 0}, count[2] = {k, cols};
-        hid_t mspace = MP_CHECK_H5(H5Screate_simple(ndim, count, NULL));
-        MP_CHECK_H5(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL));
-        if (H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, host) < 0)
+        // The selection fails on a dataset of another rank or shape (a damaged shard file
+        // that diagnose() reads directly): bad input, reported like a failed read.
+        hid_t mspace = H5Screate_simple(ndim, count, NULL);
+        if (mspace < 0 ||
+            H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, NULL, count, NULL) < 0 ||
+            H5Dread(dset, H5T_NATIVE_FLOAT, mspace, fspace, H5P_DEFAULT, host) < 0)
             rc = -1;
         else if (dst)
             be->from_host(dst + done * cols, host, k * cols * sizeof(float));
-        MP_CHECK_H5(H5Sclose(mspace));
+        if (mspace >= 0) H5Sclose(mspace);
     }
     H5Sclose(fspace);
     return rc;
@@ -217,6 +221,9 @@ int mp_ckpt_load(const char *dir, mp_model *m, mp_adamw *opt, const char *cfg_na
         rc = MP_CKPT_EMISMATCH;
         goto done;
     }
+    struct mp_tokenizer *tok;   // the checkpoint's (NULL: bytes) replaces the model's
+    if (mp_h5_read_tokenizer(file, index, &tok, err, err_len) != 0) goto done;
+    mp_model_set_tokenizer(m, tok);
     if (opt) opt->t = inf.adam_t;
     if (info) *info = inf;
     rc = 0;
@@ -233,51 +240,75 @@ done:
 // ----------------------------------------------------------------------------
 // resume (collective)
 
+// Rank 0 alone looks at the checkpoints directory: on a network file system two nodes can
+// list it differently (a cached listing, a rename not yet seen), and ranks that tried
+// different checkpoints would resume different states, or a different number of times.
+// The others follow its order; a checkpoint that some rank cannot read is skipped by all.
+static int resume_order(const char *root, long **order_out) {
+    int k = 0;
+    long *order = NULL;
+    if (mp_rank() == 0) {
+        long *steps;
+        int n = ck_list_steps(root, &steps);
+        long latest = ck_latest_step(root);
+        char link[CK_PATH];
+        ck_join(link, sizeof link, root, MP_CKPT_LATEST);
+        struct stat st;
+        if (latest < 0 && lstat(link, &st) == 0)
+            fprintf(stderr, "millipede: warning: %s: not a link to a step_%%08d directory; looking "
+                    "for checkpoints by name\n", link);
+        order = mp_calloc((size_t)n + 1, sizeof *order);
+        // newest first, `latest` in its place: a step_%08d directory newer than `latest`
+        // was committed by a writer killed before it moved the link (checkpoint_dir.c)
+        for (int i = 0; i < n; i++)
+            if (steps[i] > latest) order[k++] = steps[i];
+        if (latest >= 0) order[k++] = latest;
+        for (int i = 0; i < n; i++)
+            if (steps[i] < latest) order[k++] = steps[i];
+        free(steps);
+    }
+    mp_broadcast0(&k, sizeof k);
+    if (mp_rank() != 0) order = mp_calloc((size_t)k + 1, sizeof *order);
+    mp_broadcast0(order, (size_t)k * sizeof *order);
+    *order_out = order;
+    return k;
+}
+
 int mp_ckpt_resume(const mp_config *cfg, mp_resume_mode mode, const char *path, mp_model *m,
                    mp_adamw *opt, mp_ckpt_info *info, char *used, size_t used_len) {
     if (mode == MP_RESUME_NONE) return 0;
-    mp_comm *comm = mp_model_comm(m);
-    int rank = comm ? comm->rank : 0;
     char err[1024], dir[CK_PATH], root[CK_PATH];
     const char *cfg_name = "the run's configuration";
     if (mode == MP_RESUME_PATH) {
-        if (mp_ckpt_resolve(path, dir, sizeof dir, err, sizeof err) != 0)
-            mp_input_error("--resume %s", err);
-        int rc = mp_ckpt_load(dir, m, opt, cfg_name, info, err, sizeof err);
-        if (ck_agree(comm, rc, err, sizeof err) != 0) mp_input_error("--resume: %s", err);
+        // rank 0 resolves the path (a `latest` link may move under us); all load that one
+        char msg[1100];
+        int rc = mp_rank() == 0 ? mp_ckpt_resolve(path, dir, sizeof dir, err, sizeof err) : 0;
+        snprintf(msg, sizeof msg, "--resume %s", err);
+        mp_agree_or_exit(rc, msg);
+        mp_broadcast0(dir, sizeof dir);
+        rc = mp_ckpt_load(dir, m, opt, cfg_name, info, err, sizeof err);
+        snprintf(msg, sizeof msg, "--resume: %s", err);
+        mp_agree_or_exit(rc, msg);
         snprintf(used, used_len, "%s", dir);
         return 1;
     }
-    // automatic: `latest` first, then every other checkpoint from the newest
+    // automatic: from the newest, `latest` before older ones (resume_order)
     ck_join(root, sizeof root, cfg->run_dir, "checkpoints");
-    long *steps;
-    int n = ck_list_steps(root, &steps);
-    long latest = ck_latest_step(root);
-    char link[CK_PATH];
-    ck_join(link, sizeof link, root, MP_CKPT_LATEST);
-    struct stat st;
-    if (latest < 0 && lstat(link, &st) == 0 && rank == 0)
-        fprintf(stderr, "millipede: warning: %s: not a link to a step_%%08d directory; looking "
-                "for checkpoints by name\n", link);
-    long *order = mp_calloc((size_t)n + 1, sizeof *order);
-    int k = 0;
-    if (latest >= 0) order[k++] = latest;
-    for (int i = 0; i < n; i++)
-        if (steps[i] != latest) order[k++] = steps[i];
-    free(steps);
+    long *order;
+    int k = resume_order(root, &order);
     int resumed = 0;
     for (int i = 0; i < k && !resumed; i++) {
         char name[32];
         snprintf(name, sizeof name, CK_STEP_NAME, order[i]);
         ck_join(dir, sizeof dir, root, name);
         int rc = mp_ckpt_load(dir, m, opt, cfg_name, info, err, sizeof err);
-        rc = ck_agree(comm, rc, err, sizeof err);
+        rc = mp_agree(rc, err, sizeof err);
         if (rc == 0) {
             resumed = 1;
         } else if (rc == MP_CKPT_EMISMATCH) {
             mp_input_error("%s (resuming from %s; use --no-resume or another run.dir to start "
                            "a different model)", err, dir);
-        } else if (rank == 0) {
+        } else if (mp_rank() == 0) {
             fprintf(stderr, "millipede: warning: checkpoint %s is unusable: %s; %s\n", dir, err,
                     i + 1 < k ? "trying the previous one" : "no older checkpoint left");
         }

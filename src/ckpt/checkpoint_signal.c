@@ -30,13 +30,17 @@ int mp_preempt_agreed(mp_comm *comm) {
     return flag != 0.0;
 }
 
+// rank -1, step -1: the call in main() before MPI_Init (a signal during start-up).
 void mp_preempt_fault_hook(int rank, long step) {
     const char *f = getenv("MILLIPEDE_FAULT_SIGNAL");
     int r;
     long s;
     if (f && sscanf(f, "%d:%ld", &r, &s) == 2 && r == rank && s == step) {
-        fprintf(stderr, "millipede: rank %d: MILLIPEDE_FAULT_SIGNAL: raising SIGUSR1 after step "
-                "%ld\n", rank, step);
+        if (step < 0)
+            fprintf(stderr, "millipede: MILLIPEDE_FAULT_SIGNAL: raising SIGUSR1 before MPI_Init\n");
+        else
+            fprintf(stderr, "millipede: rank %d: MILLIPEDE_FAULT_SIGNAL: raising SIGUSR1 after "
+                    "step %ld\n", rank, step);
         raise(SIGUSR1);
     }
 }

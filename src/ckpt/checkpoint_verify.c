@@ -10,6 +10,7 @@
 
 #include "ckpt/checkpoint_private.h"
 #include "core/log.h"
+#include "millipede/tokenizer.h"
 
 #define STAGE_BYTES ((size_t)64 << 20)
 
@@ -78,6 +79,16 @@ int mp_ckpt_inspect(const char *dir, FILE *out, char *err, size_t err_len) {
             created ? created : "?", writer ? writer : "?");
     fprintf(out, "step         %ld (AdamW updates %ld; train.seed %llu; next data step %ld)\n",
             info.step, info.adam_t, (unsigned long long)info.seed, info.step);
+    struct mp_tokenizer *tok;
+    char terr[512];
+    if (mp_h5_read_tokenizer(file, index, &tok, terr, sizeof terr) != 0)
+        fprintf(out, "tokenizer    unreadable: %s\n", terr);
+    else if (tok)
+        fprintf(out, "tokenizer    sentencepiece, %d tokens (hash %016llx)\n",
+                mp_tokenizer_vocab(tok), (unsigned long long)mp_tokenizer_hash(tok));
+    else
+        fprintf(out, "tokenizer    bytes\n");
+    mp_tokenizer_free(tok);
     fprintf(out, "ranks        %d (one shard file each)\n", lay.P);
     free(created);
     free(writer);
@@ -108,7 +119,11 @@ int mp_ckpt_inspect(const char *dir, FILE *out, char *err, size_t err_len) {
         char gpath[16];
         snprintf(gpath, sizeof gpath, "/%s", ck_group_names[g]);
         if (!mp_h5_exists(file, gpath)) continue;
-        hid_t grp = MP_CHECK_H5(H5Gopen2(file, gpath, H5P_DEFAULT));
+        hid_t grp = H5Gopen2(file, gpath, H5P_DEFAULT);
+        if (grp < 0) {   // a damaged index: verify names it; inspect lists what there is
+            fprintf(out, "  %-7s (not a group)\n", ck_group_names[g]);
+            continue;
+        }
         list_ctx c = {out, ck_group_names[g]};
         hsize_t i = 0;
         H5Literate(grp, H5_INDEX_NAME, H5_ITER_INC, &i, print_dataset, &c);
@@ -245,11 +260,46 @@ static void check_mapping(verifier *v, hid_t d, const char *index, const ck_ds *
         if (strcmp(fname, lay->files[p]) || strcmp(dname, e->path) || lo[0] != (hsize_t)r[0] ||
             hi[0] + 1 != (hsize_t)r[1])
             problem(v, "%s: dataset '%s': mapping %zu (%s:%s rows [%llu, %llu]) differs from the "
-                    "layout (%s rows [%lld, %lld))", index, e->path, i, fname, dname,
+                    "layout (%s rows [%lld, %lld))", index, e->path, i, mp_h5_printable(fname),
+                    mp_h5_printable(dname),
                     (unsigned long long)lo[0], (unsigned long long)hi[0], lay->files[p], r[0], r[1]);
         i++;
     }
     H5Pclose(dcpl);
+}
+
+// A lower bound on the parameters of cfg's model, in double so that no configuration
+// overflows it: the matrices (embeddings, attention, MLP, query, sub-keys, expert tables);
+// biases and norms are left out.
+static double min_params(const mp_config *c) {
+    double C = c->d_model, T = c->context, V = c->vocab_size;
+    double F = c->dense_hidden > 0 ? c->dense_hidden : 4.0 * C, total = V * C + T * C;
+    for (int l = 0; l < c->n_layers; l++) {
+        const mp_retrieval_config *r = mp_config_retrieval(c, l);
+        total += 4.0 * C * C;   // qkv (3C, C), proj (C, C)
+        if (!r) {
+            total += 2.0 * F * C;
+            continue;
+        }
+        total += (double)r->heads * r->key_dim * C + (double)r->n_sub * r->key_dim +
+                 (c->ffn[l] == MP_FFN_PEER ? 2.0 : 1.0) * (double)r->n_experts * C;
+    }
+    return total;
+}
+
+// The bytes of the index and of the shard files the layout names, as they are on disk.
+// A checkpoint holds every parameter and both AdamW moments as float32, uncompressed, so it
+// is at least 12 bytes per parameter.
+static double stored_bytes(const char *index, const char *dir, const ck_layout *lay) {
+    double total = 0;
+    long long b = file_bytes(index);
+    if (b > 0) total += (double)b;
+    for (int p = 0; p < lay->P; p++) {
+        char path[CK_PATH];
+        ck_join(path, sizeof path, dir, lay->files[p]);
+        if ((b = file_bytes(path)) > 0) total += (double)b;
+    }
+    return total;
 }
 
 static int count_links(hid_t file, const char *group) {
@@ -289,18 +339,42 @@ int mp_ckpt_verify(const char *dir, FILE *out, FILE *errs) {
         problem(&v, "%s", err);
         goto done;
     }
+    struct mp_tokenizer *tok;   // a SentencePiece model that loads and matches its hash
+    if (mp_h5_read_tokenizer(file, index, &tok, err, sizeof err) != 0) problem(&v, "%s", err);
+    if (tok && mp_tokenizer_vocab(tok) != cfg.vocab_size)
+        problem(&v, "%s: dataset '/tokenizer' has %d tokens, model.vocab_size is %d", index,
+                mp_tokenizer_vocab(tok), cfg.vocab_size);
+    mp_tokenizer_free(tok);
+    // The stored configuration is input too: a damaged one may describe a model far larger
+    // than these files, which must be reported, not allocated.
+    double need = 12.0 * min_params(&cfg), have = stored_bytes(index, dir, &lay);
+    if (need > have) {
+        problem(&v, "%s: the stored configuration implies at least %.0f bytes of parameters and "
+                "AdamW moments, but the checkpoint's files hold %.0f bytes", index, need, have);
+        goto done;
+    }
     // The datasets the configuration implies, from a model that holds only a sliver of the
-    // expert rows (its table has the global shapes; only those matter here).
+    // expert rows (its table has the global shapes; only those matter here). It is built for
+    // context 1, so that its activations (attention is context^2) cost nothing; wpe's global
+    // shape is set back below.
     int parts = 0;
     for (int l = 0; l < cfg.n_layers; l++) {
         const mp_retrieval_config *rc = mp_config_retrieval(&cfg, l);
         if (rc && (parts == 0 || rc->n_sub < parts)) parts = rc->n_sub;
     }
-    m = mp_model_create_part(&cfg, mp_backend_cpu(), 1, 0, parts ? parts : 1);
+    mp_config shape_cfg = cfg;
+    shape_cfg.context = 1;
+    m = mp_model_create_part(&shape_cfg, mp_backend_cpu(), 1, 0, parts ? parts : 1);
     mp_adamw shape_only;
     for (int g = 0; g < MP_N_GROUPS; g++) shape_only.m[g] = shape_only.v[g] = mp_model_params(m, g);
     n = ck_datasets(m, &shape_only, &ds);
-    size_t nf = STAGE_BYTES / sizeof(float);
+    for (int i = 0; i < n; i++)
+        if (!strcmp(ds[i].name, "wpe")) ds[i].dims[0] = ds[i].rows = (hsize_t)cfg.context;
+    // staging for the largest dataset, at most STAGE_BYTES (a small checkpoint needs little)
+    size_t nf = 1, cap = STAGE_BYTES / sizeof(float);
+    for (int i = 0; i < n; i++)
+        if ((size_t)(ds[i].dims[0] * ck_cols(&ds[i])) > nf) nf = (size_t)(ds[i].dims[0] * ck_cols(&ds[i]));
+    if (nf > cap) nf = cap;
     host = mp_malloc(nf * sizeof(float));
 
     // the index: replicated datasets read in full, virtual ones checked against the layout

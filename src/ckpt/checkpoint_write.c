@@ -4,7 +4,8 @@
 //   1. rank 0: remove leftovers of interrupted writes, create step_%08d.tmp/
 //   2. every rank: write and fsync shard_%05d.h5 (its expert rows and their moments)
 //   3. rank 0: write and fsync index.h5 (it records each shard's size), fsync the
-//      directory, rename it to step_%08d/, fsync checkpoints/, replace `latest`, prune
+//      directory, remove any checkpoint of this step or later (ck_drop_from), rename it
+//      to step_%08d/, fsync checkpoints/, replace `latest`, prune
 // Each stage ends in an agreement, so all ranks return the same outcome.
 #include <errno.h>
 #include <fcntl.h>
@@ -19,6 +20,7 @@
 
 #include "ckpt/checkpoint_private.h"
 #include "core/fs.h"
+#include "core/agree.h"
 #include "core/log.h"
 
 #define STAGE_BYTES ((size_t)64 << 20)   // host staging buffer for device -> file copies
@@ -228,6 +230,7 @@ static int write_index(const char *path, mp_model *m, const mp_adamw *opt, const
     snprintf(ver, sizeof ver, "HDF5 %u.%u.%u", maj, min, rel);
     mp_h5_write_str_attr(file, "writer", ver);
 
+    mp_h5_write_tokenizer(file, mp_model_tokenizer(m));
     create_groups(file, 1);
     mp_h5_create_group(file, "layout");
     mp_h5_create_group(file, "layout/rows");
@@ -322,7 +325,7 @@ int mp_ckpt_save(const char *root, mp_model *m, const mp_adamw *opt, long step, 
             }
         }
     }
-    if (ck_agree(comm, rc, err, err_len) != 0) return -1;
+    if (mp_agree(rc, err, err_len) != 0) return -1;
 
     // 2. the shards
     ck_ds *ds;
@@ -331,7 +334,7 @@ int mp_ckpt_save(const char *root, mp_model *m, const mp_adamw *opt, long step, 
     ck_join(path, sizeof path, tmp, shard);
     long long my_bytes = 0;
     rc = write_shard(path, ds, n, mp_model_backend(m), rank, P, step, &my_bytes, err, err_len);
-    if (ck_agree(comm, rc, err, err_len) != 0) {
+    if (mp_agree(rc, err, err_len) != 0) {
         free(ds);
         return -1;
     }
@@ -350,15 +353,9 @@ int mp_ckpt_save(const char *root, mp_model *m, const mp_adamw *opt, long step, 
             snprintf(err, err_len, "%s: fsync failed: %s", tmp, strerror(errno));
             rc = -1;
         }
-        // A checkpoint of this step from an abandoned history (or a bad one we fell back
-        // from) is in the way of the rename: move it aside first.
-        char old[CK_PATH + 16];
-        snprintf(old, sizeof old, "%s.old.tmp", final);
-        if (rc == 0 && access(final, F_OK) == 0 && rename(final, old) != 0) {
-            snprintf(err, err_len, "%s: cannot move the existing checkpoint aside: %s", final,
-                     strerror(errno));
-            rc = -1;
-        }
+        // Checkpoints of this step or later (an abandoned history, or a bad one we fell
+        // back from) go first: the new one must be the newest (ck_drop_from).
+        if (rc == 0) rc = ck_drop_from(root, step, err, err_len);
         if (rc == 0 && rename(tmp, final) != 0) {
             snprintf(err, err_len, "%s: cannot rename to %s: %s", tmp, final, strerror(errno));
             rc = -1;
@@ -367,13 +364,10 @@ int mp_ckpt_save(const char *root, mp_model *m, const mp_adamw *opt, long step, 
             mp_fsync_path(root, O_RDONLY | O_DIRECTORY);   // best effort, as in ck_set_latest
             rc = ck_set_latest(root, step, err, err_len);
         }
-        if (rc == 0) {
-            ck_remove_dir(old);
-            ck_prune(root, step, keep);
-        }
+        if (rc == 0) ck_prune(root, step, keep);
     }
     if (comm && P > 1) comm->broadcast(comm, &total, sizeof total, 0);
-    rc = ck_agree(comm, rc, err, err_len);
+    rc = mp_agree(rc, err, err_len);
     if (stats) {
         stats->bytes = total;
         stats->seconds = mp_now() - t0;

@@ -108,6 +108,12 @@ char *mp_h5_read_str_attr(hid_t obj, const char *name) {
     return out;
 }
 
+char *mp_h5_printable(char *s) {
+    for (char *p = s; *p; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f) *p = '?';
+    return s;
+}
+
 int mp_h5_read_int_attr(hid_t obj, const char *name, long long *value) {
     if (H5Aexists(obj, name) <= 0) return -1;
     hid_t a = H5Aopen(obj, name, H5P_DEFAULT);

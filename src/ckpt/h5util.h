@@ -36,6 +36,9 @@ void mp_h5_write_i64_attr(hid_t obj, const char *name, long long v);
 // Readers return NULL / -1 when the attribute is missing or of the wrong kind; call inside
 // quiet_begin/quiet_end. The string is malloc'd.
 char *mp_h5_read_str_attr(hid_t obj, const char *name);
+// Replaces control characters (a newline, say) of a string read from a file by '?', so that
+// a message quoting it stays one line. Returns s.
+char *mp_h5_printable(char *s);
 int mp_h5_read_int_attr(hid_t obj, const char *name, long long *value);
 
 // "(4096, 64)" / "(8)"
@@ -73,3 +76,11 @@ int mp_bn_datasets(mp_model *m, mp_bn_dataset *out);
 // The configuration of a stored model for eval and sample: cfg with the [model], [peer]
 // and [pkm] sections (and init_std) taken from file_cfg.
 void mp_merge_model_config(mp_config *out, const mp_config *cfg, const mp_config *file_cfg);
+
+// The tokenizer of a model (src/ckpt/tokenizer_h5.c): dataset /tokenizer in file, written
+// only for a tokenizer other than bytes; read back as *out (NULL: bytes). The reader
+// returns -1 with a one-line err naming path when it is there but bad.
+struct mp_tokenizer;
+void mp_h5_write_tokenizer(hid_t file, const struct mp_tokenizer *t);
+int mp_h5_read_tokenizer(hid_t file, const char *path, struct mp_tokenizer **out, char *err,
+                         size_t err_len);

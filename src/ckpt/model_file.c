@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "ckpt/h5util.h"
+#include "core/agree.h"
 #include "core/log.h"
 
 // One dataset the model file holds: where it lives in the model and its global shape.
@@ -77,7 +78,7 @@ static hid_t open_model_file(const char *path, char *err, size_t err_len) {
     if (!format || strcmp(format, MP_MODEL_FORMAT)) {
         if (format)
             snprintf(err, err_len, "%s: not a millipede model file (format '%s', expected '%s')",
-                     path, format, MP_MODEL_FORMAT);
+                     path, mp_h5_printable(format), MP_MODEL_FORMAT);
         else
             snprintf(err, err_len,
                      "%s: not a millipede model file (no root attribute 'format' = '%s')", path,
@@ -158,6 +159,7 @@ static int write_part(mp_model *m, const char *tmp, long step, int rank, char *e
         int version = MP_MODEL_VERSION;
         mp_h5_write_scalar_attr(file, "version", H5T_STD_I32LE, H5T_NATIVE_INT, &version);
         mp_h5_write_str_attr(file, "config", ini);
+        mp_h5_write_tokenizer(file, mp_model_tokenizer(m));
         int64_t step64 = step;
         mp_h5_write_scalar_attr(file, "step", H5T_STD_I64LE, H5T_NATIVE_INT64, &step64);
         free(ini);
@@ -174,6 +176,29 @@ static int write_part(mp_model *m, const char *tmp, long step, int rank, char *e
     free(ds);
     MP_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
     MP_CHECK_H5(H5Fclose(file));
+    return 0;
+}
+
+// Makes tmp the file path, durably. HDF5 does not fsync; without it a crash after the
+// rename could leave a renamed file whose data never reached the disk.
+static int commit_file(const char *tmp, const char *path, char *err, size_t err_len) {
+    if (mp_fsync_path(tmp, O_RDONLY) < 0)
+        return mp_errf(err, err_len, "%s: fsync failed: %s", tmp, strerror(errno));
+    if (rename(tmp, path) < 0)
+        return mp_errf(err, err_len, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
+    // Make the rename itself durable. Some file systems refuse fsync on a directory; the
+    // file is complete either way, so that is not an error.
+    const char *slash = strrchr(path, '/');
+    if (slash) {
+        size_t dlen = slash == path ? 1 : (size_t)(slash - path);
+        char *dir = mp_malloc(dlen + 1);
+        memcpy(dir, path, dlen);
+        dir[dlen] = '\0';
+        mp_fsync_path(dir, O_RDONLY | O_DIRECTORY);
+        free(dir);
+    } else {
+        mp_fsync_path(".", O_RDONLY | O_DIRECTORY);
+    }
     return 0;
 }
 
@@ -202,49 +227,17 @@ int mp_model_save(mp_model *m, const char *path, long step, char *err, size_t er
     memcpy(tmp + plen, ".tmp", 5);
     // ranks take turns on one file, so serial HDF5 suffices; all agree on each outcome
     for (int r = 0; r < P; r++) {
-        double failed = 0.0;
-        if (r == rank) failed = write_part(m, tmp, step, rank, err, err_len) != 0;
-        if (P > 1) comm->allreduce_f64(comm, &failed, 1);
-        if (failed != 0.0) {
-            if (r != rank) snprintf(err, err_len, "%s: rank %d failed to write its part", path, r);
+        int rc = r == rank ? write_part(m, tmp, step, rank, err, err_len) : 0;
+        if (mp_agree(rc, err, err_len) != 0) {
             free(tmp);
             return -1;
         }
     }
-    if (rank != 0) {
-        free(tmp);
-        comm->barrier(comm);   // rank 0 renames
-        return 0;
-    }
-
-    // HDF5 does not fsync; without it a crash after the rename could leave a renamed
-    // file whose data never reached the disk.
-    if (mp_fsync_path(tmp, O_RDONLY) < 0) {
-        snprintf(err, err_len, "%s: fsync failed: %s", tmp, strerror(errno));
-        free(tmp);
-        return -1;
-    }
-    if (rename(tmp, path) < 0) {
-        snprintf(err, err_len, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
-        free(tmp);
-        return -1;
-    }
+    // rank 0 commits; all ranks learn its outcome (a barrier here would leave the others
+    // waiting for ever when rank 0 returned early on an error)
+    int rc = rank == 0 ? commit_file(tmp, path, err, err_len) : 0;
     free(tmp);
-    // Make the rename itself durable. Some file systems refuse fsync on a directory; the
-    // file is complete either way, so that is not an error.
-    const char *slash = strrchr(path, '/');
-    if (slash) {
-        size_t dlen = slash == path ? 1 : (size_t)(slash - path);
-        char *dir = mp_malloc(dlen + 1);
-        memcpy(dir, path, dlen);
-        dir[dlen] = '\0';
-        mp_fsync_path(dir, O_RDONLY | O_DIRECTORY);
-        free(dir);
-    } else {
-        mp_fsync_path(".", O_RDONLY | O_DIRECTORY);
-    }
-    if (P > 1) comm->barrier(comm);
-    return 0;
+    return mp_agree(rc, err, err_len) != 0 ? -1 : 0;
 }
 
 // ----------------------------------------------------------------------------
@@ -357,6 +350,9 @@ int mp_model_load(mp_model *m, const char *path, char *err, size_t err_len) {
             rc = -1;
         }
     }
+    struct mp_tokenizer *tok = NULL;   // the file's (NULL: bytes) replaces the model's
+    if (rc == 0) rc = mp_h5_read_tokenizer(file, path, &tok, err, err_len);
+    if (rc == 0) mp_model_set_tokenizer(m, tok);
     free(host);
     free(ds);
     if (file >= 0) H5Fclose(file);

@@ -7,6 +7,7 @@
 // so the order of keys in the file never matters.
 #include "core/log.h"
 #include "millipede/config.h"
+#include "millipede/data.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -441,9 +442,18 @@ int mp_config_validate(const mp_config *c, char *err, size_t err_len) {
     if (any_peer && validate_retrieval(&c->peer, "peer", err, err_len) < 0) return -1;
     if (any_pkm && validate_retrieval(&c->pkm, "pkm", err, err_len) < 0) return -1;
     // [train]
-    CHECK(c->steps >= 0, "key 'train.steps': must be >= 0, got %ld", c->steps);
-    CHECK(c->batch_size >= 1, "key 'train.batch_size': must be >= 1, got %d", c->batch_size);
-    CHECK(c->grad_accum >= 1, "key 'train.grad_accum': must be >= 1, got %d", c->grad_accum);
+    // the sampler's limits (data.h) and the int token count of a micro-batch (B * T)
+    CHECK(c->steps >= 0 && c->steps < (1L << MP_SAMPLER_STEP_BITS),
+          "key 'train.steps': must be in [0, %ld), got %ld", 1L << MP_SAMPLER_STEP_BITS, c->steps);
+    CHECK(c->batch_size >= 1 && c->batch_size <= 1 << MP_SAMPLER_J_BITS,
+          "key 'train.batch_size': must be in [1, %d], got %d", 1 << MP_SAMPLER_J_BITS,
+          c->batch_size);
+    CHECK(c->grad_accum >= 1 && c->grad_accum <= 1 << MP_SAMPLER_MICRO_BITS,
+          "key 'train.grad_accum': must be in [1, %d], got %d", 1 << MP_SAMPLER_MICRO_BITS,
+          c->grad_accum);
+    CHECK((long long)c->batch_size * c->context <= INT_MAX,
+          "keys 'train.batch_size' x 'model.context': %d x %d tokens per micro-batch, more than "
+          "%d", c->batch_size, c->context, INT_MAX);
     CHECK(c->lr > 0, "key 'train.lr': must be > 0, got %g", (double)c->lr);
     CHECK(c->min_lr_frac >= 0 && c->min_lr_frac <= 1,
           "key 'train.min_lr_frac': must be in [0, 1], got %g", (double)c->min_lr_frac);
@@ -672,6 +682,14 @@ static char *read_text_file(const char *path, char *err, size_t err_len) {
     return NULL;
 }
 
+// An override comes from the command line and may hold any byte, a newline too; the message
+// that quotes it must stay one line, so control characters become '?'. Returns -1.
+static int one_line(char *err, size_t err_len) {
+    for (size_t i = 0; err && i < err_len && err[i]; i++)
+        if ((unsigned char)err[i] < 0x20 || err[i] == 0x7f) err[i] = '?';
+    return -1;
+}
+
 // "section.key=value" -> applied; blanks around the parts are ignored.
 static int apply_override(mp_config *cfg, const char *ov, char *err, size_t err_len) {
     char sec[64], key[64];
@@ -716,7 +734,7 @@ int mp_config_load(mp_config *cfg, const char *path, char **overrides, int n_ove
         if (rc < 0) return -1;
     }
     for (int i = 0; i < n_over; i++)
-        if (apply_override(cfg, overrides[i], err, err_len) < 0) return -1;
+        if (apply_override(cfg, overrides[i], err, err_len) < 0) return one_line(err, err_len);
     char msg[1200];
     if (mp_config_validate(cfg, msg, sizeof msg) < 0)
         return mp_errf(err, err_len, "%s%s: %s", origin, path && n_over ? " (with --set)" : "", msg);

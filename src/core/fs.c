@@ -29,6 +29,11 @@ int mp_mkdirs(const char *path, char *err, size_t err_len) {
 }
 
 int mp_write_text_file(const char *path, const char *text, char *err, size_t err_len) {
+    return mp_write_file(path, text, strlen(text), err, err_len);
+}
+
+int mp_write_file(const char *path, const void *data, size_t len, char *err, size_t err_len) {
+    const char *text = data;
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -36,7 +41,7 @@ int mp_write_text_file(const char *path, const char *text, char *err, size_t err
         snprintf(err, err_len, "%s: cannot write: %s", tmp, strerror(errno));
         return -1;
     }
-    size_t len = strlen(text), done = 0;
+    size_t done = 0;
     while (done < len) {
         ssize_t w = write(fd, text + done, len - done);
         if (w < 0) {

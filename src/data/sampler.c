@@ -8,14 +8,11 @@
 #include "core/rng.h"
 
 // (step, micro, j) are packed into one 64-bit counter, step in the high 32 bits, micro in
-// the next 12, j in the low 20:
+// the next 12, j in the low 20 (the MP_SAMPLER_*_BITS of data.h):
 //     index = step << 32 | micro << 20 | j
 // The packing is injective within these limits and mp_hash3 is a bijection of the
 // index for fixed (seed, stream), so two different sequences never share a hash (their
 // offsets can still coincide after the modulo, as with any sampling with replacement).
-#define MP_SAMPLER_STEP_BITS 32
-#define MP_SAMPLER_MICRO_BITS 12
-#define MP_SAMPLER_J_BITS 20
 
 uint64_t mp_batch_offset(uint64_t seed, uint32_t stream, uint64_t step, uint32_t micro,
                          uint32_t j, uint64_t n_tokens, int T) {

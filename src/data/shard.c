@@ -1,4 +1,5 @@
-// Token shards: a 32-byte little-endian header followed by u16 tokens (docs/data.md).
+// Token shards: a little-endian header (32 bytes in version 1, 48 in version 2, which adds
+// the tokenizer's hash) followed by u16 tokens (docs/data.md).
 // A shard is read whole into memory and validated before anyone trusts it, so a bad
 // file is reported once, by name, instead of producing garbage batches later.
 #include "core/log.h"
@@ -67,21 +68,29 @@ int mp_shard_open(mp_shard *s, const char *path, uint32_t expect_vocab, char *er
                     " bytes, the header alone is %d bytes", path, file_bytes, MP_SHARD_HEADER_BYTES);
     }
 
-    unsigned char h[MP_SHARD_HEADER_BYTES];
-    if (fread(h, 1, sizeof h, f) != sizeof h) {
+    unsigned char h[MP_SHARD_HEADER_BYTES_V2] = {0};
+    if (fread(h, 1, MP_SHARD_HEADER_BYTES, f) != MP_SHARD_HEADER_BYTES) {
         fclose(f);
         return mp_errf(err, err_len, "%s: cannot read the shard header", path);
     }
     uint32_t version = get_u32(h + 8), vocab = get_u32(h + 12), bpt = get_u32(h + 24);
-    uint64_t n = get_u64(h + 16);
+    uint64_t n = get_u64(h + 16), header_bytes = version == 2 ? MP_SHARD_HEADER_BYTES_V2
+                                                             : MP_SHARD_HEADER_BYTES;
     const char *bad = NULL;
     char why[256];
     if (memcmp(h, MP_SHARD_MAGIC, 8) != 0) {
         bad = "bad magic (expected \"" MP_SHARD_MAGIC "\"; not a millipede token shard)";
-    } else if (version != MP_SHARD_VERSION) {
-        snprintf(why, sizeof why, "unsupported shard version %" PRIu32 " (expected %d)", version,
-                 MP_SHARD_VERSION);
+    } else if (version != 1 && version != 2) {
+        snprintf(why, sizeof why, "unsupported shard version %" PRIu32 " (expected 1 or 2)", version);
         bad = why;
+    } else if (file_bytes < header_bytes ||
+               (version == 2 && fread(h + MP_SHARD_HEADER_BYTES, 1, header_bytes - MP_SHARD_HEADER_BYTES,
+                                      f) != header_bytes - MP_SHARD_HEADER_BYTES)) {
+        snprintf(why, sizeof why, "too short for a version-2 token shard: %" PRIu64 " bytes, the "
+                 "header alone is %d bytes", file_bytes, MP_SHARD_HEADER_BYTES_V2);
+        bad = why;
+    } else if (version == 2 && get_u64(h + 32) == 0) {
+        bad = "version 2 with tokenizer hash 0 (version 2 is for tokenizers other than bytes)";
     } else if (bpt != 2) {
         snprintf(why, sizeof why, "bytes_per_token is %" PRIu32 " (expected 2)", bpt);
         bad = why;
@@ -100,18 +109,18 @@ int mp_shard_open(mp_shard *s, const char *path, uint32_t expect_vocab, char *er
     }
 
     // Compare sizes without overflow: a corrupt n_tokens can be anything up to 2^64-1.
-    uint64_t payload = file_bytes - MP_SHARD_HEADER_BYTES;
+    uint64_t payload = file_bytes - header_bytes;
     if (n > payload / 2 || payload != 2 * n) {
         int truncated = n > payload / 2;
         fclose(f);
-        if (n > (UINT64_MAX - MP_SHARD_HEADER_BYTES) / 2)
+        if (n > (UINT64_MAX - header_bytes) / 2)
             return mp_errf(err, err_len, "%s: truncated: header says %" PRIu64
                         " tokens (more than any file can hold), file has %" PRIu64 " bytes",
                         path, n, file_bytes);
         return mp_errf(err, err_len, "%s: %s: header says %" PRIu64 " tokens (%" PRIu64
                     " bytes), file has %" PRIu64 " bytes", path,
                     truncated ? "truncated" : "trailing bytes", n,
-                    MP_SHARD_HEADER_BYTES + 2 * n, file_bytes);
+                    header_bytes + 2 * n, file_bytes);
     }
     if (n > SIZE_MAX / sizeof(uint16_t)) {
         fclose(f);
@@ -144,6 +153,7 @@ int mp_shard_open(mp_shard *s, const char *path, uint32_t expect_vocab, char *er
     s->vocab_size = vocab;
     s->n_tokens = n;
     s->tokens = tok;
+    s->tokenizer_hash = version == 2 ? get_u64(h + 32) : 0;
     return 0;
 }
 
@@ -158,8 +168,8 @@ static void sync_parent_dir(const char *path) {
     close(fd);
 }
 
-int mp_shard_write(const char *path, uint32_t vocab_size, const uint16_t *tokens, uint64_t n,
-                   char *err, size_t err_len) {
+int mp_shard_write(const char *path, uint32_t vocab_size, uint64_t tokenizer_hash,
+                   const uint16_t *tokens, uint64_t n, char *err, size_t err_len) {
     if (vocab_size == 0 || vocab_size > MP_SHARD_MAX_VOCAB)
         return mp_errf(err, err_len, "%s: cannot write a shard with vocab_size %" PRIu32
                     " (expected 1..%u)", path, vocab_size, MP_SHARD_MAX_VOCAB);
@@ -175,14 +185,17 @@ int mp_shard_write(const char *path, uint32_t vocab_size, const uint16_t *tokens
     FILE *f = fopen(tmp, "wb");
     if (!f) return mp_errf(err, err_len, "%s: cannot create: %s", tmp, strerror(errno));
 
-    unsigned char h[MP_SHARD_HEADER_BYTES] = {0};
+    // bytes keep version 1, which every reader takes; other tokenizers need version 2
+    unsigned char h[MP_SHARD_HEADER_BYTES_V2] = {0};
+    size_t header_bytes = tokenizer_hash ? MP_SHARD_HEADER_BYTES_V2 : MP_SHARD_HEADER_BYTES;
     memcpy(h, MP_SHARD_MAGIC, 8);
-    put_u32(h + 8, MP_SHARD_VERSION);
+    put_u32(h + 8, tokenizer_hash ? 2 : 1);
     put_u32(h + 12, vocab_size);
     put_u64(h + 16, n);
     put_u32(h + 24, 2);
     put_u32(h + 28, 0);
-    int ok = fwrite(h, 1, sizeof h, f) == sizeof h;
+    put_u64(h + 32, tokenizer_hash);   // (version 2 only)
+    int ok = fwrite(h, 1, header_bytes, f) == header_bytes;
 
     // Encode through a small buffer so the on-disk order is little-endian on any host.
     unsigned char buf[1 << 16];

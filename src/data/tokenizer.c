@@ -1,6 +1,22 @@
-// The byte tokenizer: token = byte value, so every input is representable, nothing is
-// unknown, and bits per token equal bits per byte (docs/data.md).
+// Tokenizers. Bytes: token = byte value, so every input is representable, nothing is
+// unknown, and bits per token equal bits per byte. SentencePiece: through src/data/spm.h.
+#include "millipede/tokenizer.h"
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "core/log.h"
+#include "data/spm.h"
 #include "millipede/data.h"
+
+struct mp_tokenizer {
+    int vocab;
+    uint64_t hash;            // 0: bytes
+    unsigned char *model;     // (model_len,) SentencePiece model file; NULL for bytes
+    size_t model_len;
+    mp_spm *spm;
+    uint32_t *token_bytes;    // (vocab,)
+};
 
 // out must hold len tokens.
 size_t mp_tokenize_bytes(const unsigned char *text, size_t len, uint16_t *out) {
@@ -14,4 +30,126 @@ size_t mp_detokenize(uint16_t token, char *out, size_t out_len) {
     if (token >= MP_BYTE_VOCAB || out_len == 0) return 0;
     out[0] = (char)(unsigned char)token;
     return 1;
+}
+
+mp_tokenizer *mp_tokenizer_bytes(int vocab) {
+    mp_tokenizer *t = mp_calloc(1, sizeof *t);
+    t->vocab = vocab;
+    t->token_bytes = mp_calloc((size_t)vocab, sizeof *t->token_bytes);
+    for (int i = 0; i < vocab && i < MP_BYTE_VOCAB; i++) t->token_bytes[i] = 1;
+    return t;
+}
+
+static uint64_t fnv1a64(const unsigned char *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ULL;
+    return h;
+}
+
+mp_tokenizer *mp_tokenizer_sentencepiece(const void *model, size_t len, const char *name,
+                                         char *err, size_t err_len) {
+    char why[512];
+    mp_spm *spm = mp_spm_load(model, len, why, sizeof why);
+    if (!spm) {
+        mp_errf(err, err_len, "%s: %s", name, why);
+        return NULL;
+    }
+    int vocab = mp_spm_vocab(spm);
+    if (vocab < 1 || vocab > 65536) {
+        mp_spm_free(spm);
+        mp_errf(err, err_len, "%s: %d pieces; token shards hold at most 65536", name, vocab);
+        return NULL;
+    }
+    mp_tokenizer *t = mp_calloc(1, sizeof *t);
+    t->vocab = vocab;
+    t->spm = spm;
+    t->model = mp_malloc(len ? len : 1);
+    memcpy(t->model, model, len);
+    t->model_len = len;
+    t->hash = fnv1a64(t->model, len);
+    if (t->hash == 0) t->hash = 1;   // 0 means bytes
+    t->token_bytes = mp_calloc((size_t)vocab, sizeof *t->token_bytes);
+    for (int i = 0; i < vocab; i++) t->token_bytes[i] = (uint32_t)mp_spm_piece_bytes(spm, i);
+    return t;
+}
+
+mp_tokenizer *mp_tokenizer_load(const char *path, char *err, size_t err_len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        mp_errf(err, err_len, "%s: cannot open the tokenizer: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, n = 0, got;
+    unsigned char *buf = mp_malloc(cap);
+    while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += got;
+        if (n == cap) {
+            unsigned char *p = realloc(buf, cap *= 2);
+            if (!p) mp_fatal("out of memory reading %s", path);
+            buf = p;
+        }
+    }
+    int bad = ferror(f);
+    fclose(f);
+    mp_tokenizer *t = bad ? NULL : mp_tokenizer_sentencepiece(buf, n, path, err, err_len);
+    if (bad) mp_errf(err, err_len, "%s: cannot read the tokenizer: I/O error", path);
+    free(buf);
+    return t;
+}
+
+mp_tokenizer *mp_tokenizer_train(const char *text, size_t n, int vocab, const char *type,
+                                 char *err, size_t err_len) {
+    unsigned char *model;
+    size_t len;
+    if (mp_spm_train(text, n, vocab, type, &model, &len, err, err_len) != 0) return NULL;
+    mp_tokenizer *t = mp_tokenizer_sentencepiece(model, len, "the trained tokenizer", err, err_len);
+    free(model);
+    return t;
+}
+
+void mp_tokenizer_free(mp_tokenizer *t) {
+    if (!t) return;
+    mp_spm_free(t->spm);
+    free(t->model);
+    free(t->token_bytes);
+    free(t);
+}
+
+int mp_tokenizer_vocab(const mp_tokenizer *t) { return t->vocab; }
+uint64_t mp_tokenizer_hash(const mp_tokenizer *t) { return t->hash; }
+const char *mp_tokenizer_kind(const mp_tokenizer *t) { return t->spm ? "sentencepiece" : "bytes"; }
+const uint32_t *mp_tokenizer_token_bytes(const mp_tokenizer *t) { return t->token_bytes; }
+
+const unsigned char *mp_tokenizer_model(const mp_tokenizer *t, size_t *len) {
+    *len = t->model_len;
+    return t->model;
+}
+
+long mp_tokenizer_encode(const mp_tokenizer *t, const char *text, size_t n, uint16_t **out,
+                         char *err, size_t err_len) {
+    if (!t->spm) {
+        *out = mp_malloc((n ? n : 1) * sizeof **out);
+        return (long)mp_tokenize_bytes((const unsigned char *)text, n, *out);
+    }
+    int32_t *ids;
+    long m = mp_spm_encode(t->spm, text, n, &ids, err, err_len);
+    if (m < 0) return -1;
+    *out = mp_malloc((size_t)(m ? m : 1) * sizeof **out);
+    for (long i = 0; i < m; i++) (*out)[i] = (uint16_t)ids[i];   // < vocab <= 65536
+    free(ids);
+    return m;
+}
+
+long mp_tokenizer_decode(const mp_tokenizer *t, const int32_t *tokens, size_t n, char **out,
+                         char *err, size_t err_len) {
+    for (size_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= t->vocab)
+            return mp_errf(err, err_len, "token %d at %zu is outside the vocabulary of %d",
+                           tokens[i], i, t->vocab);
+    if (t->spm) return mp_spm_decode(t->spm, tokens, n, out, err, err_len);
+    *out = mp_malloc(n + 1);
+    size_t len = 0;
+    for (size_t i = 0; i < n; i++) len += mp_detokenize((uint16_t)tokens[i], *out + len, 1);
+    (*out)[len] = '\0';
+    return (long)len;
 }

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "core/agree.h"
 #include "core/log.h"
 
 static const mp_cli_option *find_option(const mp_cli_spec *spec, const char *name) {
@@ -52,8 +53,9 @@ void mp_cli_single_rank(const char *cmd) {
 }
 
 void mp_cli_load_config(mp_config *cfg, const char *path, char **sets, int n_sets) {
+    // each rank reads the file: a node that cannot see it must stop the others too
     char err[2048];
-    if (mp_config_load(cfg, path, sets, n_sets, err, sizeof err) != 0) mp_input_error("%s", err);
+    mp_agree_or_exit(mp_config_load(cfg, path, sets, n_sets, err, sizeof err), err);
 }
 
 const mp_backend *mp_cli_setup(const mp_config *cfg) {
@@ -61,9 +63,11 @@ const mp_backend *mp_cli_setup(const mp_config *cfg) {
     // OpenMP regions (src/backend/cpu/ops_dense.c, mp_cpu_sgemm)
     if (cfg->threads > 0) omp_set_num_threads(cfg->threads);
     if (!strcmp(cfg->backend, "cuda")) {
-        char err[512];
+        // a node without a usable GPU must stop the whole job, not only its own rank
+        char err[512], msg[600];
         const mp_backend *be = mp_backend_cuda(err, sizeof err);
-        if (!be) mp_input_error("system.backend = cuda: %s", err);
+        snprintf(msg, sizeof msg, "system.backend = cuda: %s", err);
+        mp_agree_or_exit(be ? 0 : -1, msg);
         return be;
     }
     return mp_backend_cpu();

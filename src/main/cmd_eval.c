@@ -15,6 +15,7 @@
 #include "millipede/model.h"
 #include "millipede/checkpoint.h"
 #include "millipede/model_file.h"
+#include "millipede/tokenizer.h"
 #include "millipede/train.h"
 
 static const char *eval_usage =
@@ -91,6 +92,14 @@ int mp_cmd_eval(int argc, char **argv) {
     mp_shard val;
     if (mp_shard_open(&val, cfg.val_path, (uint32_t)mcfg.vocab_size, err, sizeof err) < 0)
         mp_input_error("%s", err);
+    // the model's tokenizer (carried by the checkpoint or model file; none: bytes)
+    mp_tokenizer *bytes_tk = NULL;
+    const mp_tokenizer *tk = mp_model_tokenizer(m);
+    if (!tk) tk = bytes_tk = mp_tokenizer_bytes(mcfg.vocab_size);
+    if (mp_tokenizer_hash(tk) != val.tokenizer_hash)
+        mp_input_error("%s: made with a tokenizer of hash %016llx, but %s was trained on tokens "
+                       "of %s (hash %016llx)", cfg.val_path, (unsigned long long)val.tokenizer_hash,
+                       model_path, mp_tokenizer_kind(tk), (unsigned long long)mp_tokenizer_hash(tk));
     if (val.n_tokens < (uint64_t)T + 1)
         mp_input_error("%s: data.val holds %llu tokens, need at least %d for model.context %d",
                        cfg.val_path, (unsigned long long)val.n_tokens, T + 1, T);
@@ -102,16 +111,18 @@ int mp_cmd_eval(int argc, char **argv) {
     // BatchNorm in eval mode, so eval of a saved model reproduces the run's last val_loss.
     double val_loss = mp_eval_loss(m, &val, (int)batches);
 
+    // bits per byte from the bytes of text the target tokens stand for (bytes: one each)
+    double tokens = (double)batches * B * T;
+    double bytes = mp_eval_target_bytes(&mcfg, &val, (int)batches, mp_tokenizer_token_bytes(tk));
+
     printf("{");
     json_num("val_loss", val_loss);
     printf(", ");
     json_num("bits_per_token", val_loss / log(2.0));
-    if (mcfg.vocab_size == MP_BYTE_VOCAB) {
-        // Byte tokenizer: one token is one byte, so bits per byte = bits per token.
-        printf(", ");
-        json_num("bits_per_byte", val_loss / log(2.0));
-    }
-    printf(", \"tokens\": %lld, \"layers\": [", (long long)batches * B * T);
+    printf(", ");
+    json_num("bits_per_byte", bytes > 0 ? val_loss * tokens / (bytes * log(2.0)) : NAN);
+    printf(", \"tokens\": %.0f, \"bytes\": %.0f, \"tokenizer\": \"%s\", \"layers\": [",
+           tokens, bytes, mp_tokenizer_kind(tk));
     for (int i = 0; i < mp_model_n_retrieval(m); i++) {
         int block = mp_model_retrieval_block(m, i);
         long n = 0;
@@ -132,6 +143,7 @@ int mp_cmd_eval(int argc, char **argv) {
     printf("]}\n");
     fflush(stdout);
 
+    mp_tokenizer_free(bytes_tk);
     mp_shard_close(&val);
     mp_model_free(m);
     return 0;

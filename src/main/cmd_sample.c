@@ -17,6 +17,7 @@
 #include "millipede/config.h"
 #include "millipede/data.h"
 #include "millipede/model.h"
+#include "millipede/tokenizer.h"
 #include "millipede/checkpoint.h"
 #include "millipede/model_file.h"
 
@@ -147,19 +148,24 @@ int mp_cmd_sample(int argc, char **argv) {
     mp_model *m =
         mp_open_stored_model(model_path, &cfg, args.config_path, be, 1, &mcfg, err, sizeof err);
     if (!m) mp_input_error("%s", err);
-    if (mcfg.vocab_size != MP_BYTE_VOCAB)
-        mp_input_error("%s: sample uses the byte tokenizer (model.vocab_size %d), the model has "
-                       "model.vocab_size %d",
-                       model_path, MP_BYTE_VOCAB, mcfg.vocab_size);
+    // the model's tokenizer (carried by the checkpoint or model file; none: bytes)
+    mp_tokenizer *bytes_tk = NULL;
+    const mp_tokenizer *tk = mp_model_tokenizer(m);
+    if (!tk) tk = bytes_tk = mp_tokenizer_bytes(mcfg.vocab_size);
+    if (mp_tokenizer_vocab(tk) != mcfg.vocab_size)
+        mp_input_error("%s: its tokenizer has %d tokens, its model.vocab_size is %d", model_path,
+                       mp_tokenizer_vocab(tk), mcfg.vocab_size);
     uint64_t seed = sa.have_seed ? (uint64_t)sa.seed : cfg.seed;
     long n_tokens = sa.n_tokens;
     int V = mcfg.vocab_size, T = mcfg.context;
 
     size_t plen = strlen(prompt);
-    size_t total = plen + (size_t)n_tokens;
-    uint16_t *tok16 = mp_malloc(plen * sizeof *tok16);
+    uint16_t *tok16;
+    long n_prompt = mp_tokenizer_encode(tk, prompt, plen, &tok16, err, sizeof err);
+    if (n_prompt < 0) mp_input_error("sample: --prompt: %s", err);
+    if (n_prompt == 0) mp_input_error("sample: --prompt encodes to no tokens");
+    size_t len = (size_t)n_prompt, total = len + (size_t)n_tokens;
     int32_t *seq = mp_malloc(total * sizeof *seq);   // prompt then generated tokens
-    size_t len = mp_tokenize_bytes((const unsigned char *)prompt, plen, tok16);
     for (size_t i = 0; i < len; i++) seq[i] = tok16[i];
     free(tok16);
     float *logits = mp_malloc((size_t)V * sizeof *logits);   // (V) last position
@@ -168,6 +174,10 @@ int mp_cmd_sample(int argc, char **argv) {
 
     fwrite(prompt, 1, plen, stdout);
     fflush(stdout);
+    // The output is the decoded continuation, printed as it grows: a subword tokenizer
+    // decodes a sequence, not token by token (a character may span byte tokens), so each
+    // step decodes all generated tokens and prints what is new.
+    size_t printed = 0, first = len;
     for (long i = 0; i < n_tokens; i++) {
         // Condition on the last min(len, context) tokens.
         size_t n = len < (size_t)T ? len : (size_t)T;
@@ -178,11 +188,22 @@ int mp_cmd_sample(int argc, char **argv) {
         int next = pick_token(logits, V, sa.temperature, (int)sa.top_k,
                               mp_uniform(seed, SAMPLE_STREAM, (uint64_t)i), order, prob);
         seq[len++] = next;
-        char text[16];
-        size_t tl = mp_detokenize((uint16_t)next, text, sizeof text);
-        fwrite(text, 1, tl, stdout);
+        char *text;
+        long tl = mp_tokenizer_decode(tk, seq + first, len - first, &text, err, sizeof err);
+        if (tl < 0) mp_fatal("sample: %s", err);
+        // (a byte piece that starts a character decodes to U+FFFD until the character is whole)
+        if ((size_t)tl > printed && !(tl >= 3 && !memcmp(text + tl - 3, "\xef\xbf\xbd", 3))) {
+            fwrite(text + printed, 1, (size_t)tl - printed, stdout);
+            printed = (size_t)tl;
+        }
+        free(text);
         fflush(stdout);
     }
+    char *text;   // what a character left unfinished at the end held back
+    long tl = mp_tokenizer_decode(tk, seq + first, len - first, &text, err, sizeof err);
+    if (tl < 0) mp_fatal("sample: %s", err);
+    if ((size_t)tl > printed) fwrite(text + printed, 1, (size_t)tl - printed, stdout);
+    free(text);
     if (isatty(STDOUT_FILENO)) fputc('\n', stdout);   // piped output stays exactly the text
     fflush(stdout);
 
@@ -190,6 +211,7 @@ int mp_cmd_sample(int argc, char **argv) {
     free(order);
     free(prob);
     free(seq);
+    mp_tokenizer_free(bytes_tk);
     mp_model_free(m);
     return 0;
 }

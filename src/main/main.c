@@ -21,7 +21,16 @@ static const char *usage =
     "`millipede <command> --help` describes each command.\n";
 
 int main(int argc, char **argv) {
+    // Training turns SIGUSR1/SIGTERM into "checkpoint at the next step boundary". Installed
+    // before MPI_Init, which can take seconds on a cluster: a preemption signal that came
+    // then would otherwise kill the process (the default action) and lose the allocation.
+    int training = argc >= 2 && !strcmp(argv[1], "train");
+    if (training) {
+        mp_preempt_install();
+        mp_preempt_fault_hook(-1, -1);   // test hook: MILLIPEDE_FAULT_SIGNAL=-1:-1
+    }
     MP_CHECK_MPI(MPI_Init(&argc, &argv));
+    if (training) mp_preempt_install();   // again, in case MPI_Init replaced a handler
     int status;
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
         !strcmp(argv[1], "help")) {

@@ -7,6 +7,7 @@
 #include <string.h>
 #include "core/log.h"
 #include "core/rng.h"
+#include "millipede/tokenizer.h"
 #include "model/model_private.h"
 
 typedef enum { INIT_NORMAL, INIT_UNIFORM, INIT_ONES, INIT_ZEROS } init_kind;
@@ -28,6 +29,7 @@ typedef struct {   // what one block keeps for backward
 } block_acts;
 
 struct mp_model {
+    mp_tokenizer *tokenizer;   // NULL: bytes (owned)
     mp_config cfg;
     const mp_backend *be;
     int B, T;                     // most sequences and tokens per forward
@@ -320,6 +322,7 @@ mp_model *mp_model_create_sharded(const mp_config *cfg, const mp_backend *be, in
 
 void mp_model_free(mp_model *m) {
     if (!m) return;
+    mp_tokenizer_free(m->tokenizer);
     const mp_backend *be = m->be;
     for (int g = 0; g < MP_N_GROUPS; g++) { be->free(m->params[g]); be->free(m->grads[g]); }
     free(m->grad_stage);
@@ -398,6 +401,11 @@ size_t mp_model_bn_state_size(const mp_model *m) { return m->bn_size; }
 const mp_config *mp_model_config(const mp_model *m) { return &m->cfg; }
 const mp_backend *mp_model_backend(const mp_model *m) { return m->be; }
 mp_comm *mp_model_comm(const mp_model *m) { return m->comm; }
+const mp_tokenizer *mp_model_tokenizer(const mp_model *m) { return m->tokenizer; }
+void mp_model_set_tokenizer(mp_model *m, mp_tokenizer *t) {
+    if (t != m->tokenizer) mp_tokenizer_free(m->tokenizer);
+    m->tokenizer = t;
+}
 const float *mp_model_logits(const mp_model *m) { return m->logits; }
 mp_retrieval_layer *mp_model_retrieval_layer(mp_model *m, int block) { return m->ret[block]; }
 

@@ -22,6 +22,21 @@ double mp_eval_loss_slice(mp_model *m, const mp_shard *val, int n_batches, int j
     return n_batches > 0 ? sum / n_batches : 0.0;
 }
 
+double mp_eval_target_bytes(const mp_config *c, const mp_shard *val, int n_batches,
+                            const uint32_t *token_bytes) {
+    int B = c->batch_size, T = c->context;
+    int32_t *inputs = mp_malloc((size_t)B * T * sizeof(int32_t));    // (B, T)
+    int32_t *targets = mp_malloc((size_t)B * T * sizeof(int32_t));   // (B, T)
+    double bytes = 0.0;
+    for (int i = 0; i < n_batches; i++) {
+        mp_batch_fill(val, c->seed, 1, (uint64_t)i, 0, 0, B, T, inputs, targets);
+        for (size_t k = 0; k < (size_t)B * T; k++) bytes += token_bytes[targets[k]];
+    }
+    free(inputs);
+    free(targets);
+    return bytes;
+}
+
 void mp_expert_usage(const double *z, long n, double *usage, double *unevenness) {
     double total = 0;
     long used = 0;

@@ -8,19 +8,72 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "core/agree.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "millipede/checkpoint.h"
+#include "millipede/tokenizer.h"
 #include "millipede/train.h"
 #include "model/model_private.h"
+#include "train/run_lock.h"
 
+// Every rank opens the shards itself: a node that cannot read one stops the whole job.
 static void open_shard(mp_shard *s, const char *path, const mp_config *cfg, const char *key) {
-    char err[1024];
-    if (mp_shard_open(s, path, (uint32_t)cfg->vocab_size, err, sizeof err) != 0)
-        mp_input_error("%s (from %s)", err, key);
-    if (s->n_tokens < (uint64_t)cfg->context + 1)
-        mp_input_error("%s: %llu tokens, fewer than one window of model.context + 1 = %d (from %s)",
-                       path, (unsigned long long)s->n_tokens, cfg->context + 1, key);
+    char err[1024], msg[1200];
+    int rc = mp_shard_open(s, path, (uint32_t)cfg->vocab_size, err, sizeof err);
+    if (rc != 0)
+        snprintf(msg, sizeof msg, "%s (from %s)", err, key);
+    else if (s->n_tokens < (uint64_t)cfg->context + 1)
+        rc = mp_errf(msg, sizeof msg, "%s: %llu tokens, fewer than one window of model.context + "
+                     "1 = %d (from %s)", path, (unsigned long long)s->n_tokens, cfg->context + 1, key);
+    mp_agree_or_exit(rc, msg);
+}
+
+// The tokenizer the shards were made with: none for bytes (hash 0), else the
+// tokenizer.model that `data prepare` wrote beside data.train, whose hash must be the
+// shards'. Every rank reads it (agreed).
+static mp_tokenizer *data_tokenizer(const mp_config *cfg, const mp_shard *train,
+                                    const mp_shard *val) {
+    char err[1400] = "", path[MP_PATH_MAX + 32];
+    mp_tokenizer *t = NULL;
+    int rc = 0;
+    if (train->tokenizer_hash != val->tokenizer_hash) {
+        rc = mp_errf(err, sizeof err, "data.train %s and data.val %s were made with different "
+                     "tokenizers (hashes %016llx and %016llx): prepare them together", cfg->train_path,
+                     cfg->val_path, (unsigned long long)train->tokenizer_hash,
+                     (unsigned long long)val->tokenizer_hash);
+    } else if (train->tokenizer_hash != 0) {
+        const char *slash = strrchr(cfg->train_path, '/');
+        int dlen = slash ? (int)(slash - cfg->train_path) : 1;
+        snprintf(path, sizeof path, "%.*s/tokenizer.model", dlen, slash ? cfg->train_path : ".");
+        t = mp_tokenizer_load(path, err, sizeof err);
+        if (!t) {
+            rc = -1;
+        } else if (mp_tokenizer_hash(t) != train->tokenizer_hash) {
+            rc = mp_errf(err, sizeof err, "%s: hash %016llx, but data.train %s was made with the "
+                         "tokenizer of hash %016llx: prepare the data again",
+                         path, (unsigned long long)mp_tokenizer_hash(t), cfg->train_path,
+                         (unsigned long long)train->tokenizer_hash);
+        }
+    }
+    mp_agree_or_exit(rc, err);
+    return t;
+}
+
+// Rank 0 makes run.dir, takes its lock and writes config.ini there; all ranks learn whether
+// that worked (a rank 0 that stopped alone would leave the others waiting).
+static void prepare_run_dir(const mp_config *cfg, const char *ini) {
+    char err[1200] = "", path[MP_PATH_MAX + 64];
+    int rc = 0;
+    if (mp_rank() == 0) {
+        snprintf(path, sizeof path, "%s/config.ini", cfg->run_dir);
+        char sub[1024];
+        rc = mp_mkdirs(cfg->run_dir, sub, sizeof sub);
+        if (rc != 0) snprintf(err, sizeof err, "run.dir: %s", sub);
+        if (rc == 0) rc = mp_run_lock(cfg->run_dir, err, sizeof err);
+        if (rc == 0) rc = mp_write_text_file(path, ini, err, sizeof err);
+    }
+    mp_agree_or_exit(rc, err);
 }
 
 // Seconds as h:mm:ss, for the step line's elapsed and remaining time.
@@ -149,24 +202,35 @@ static void validate(mp_model *m, const mp_shard *val, mp_comm *comm, int j0, in
     mp_model_usage_enable(m, 0);
 }
 
-// metrics.jsonl of a run that starts at step `start`: a fresh file, or on resume the old
-// one without the lines of steps after the checkpoint (a crashed run may have logged more
-// steps than its last checkpoint holds), continued.
-static FILE *open_metrics(const char *path, long start) {
+// metrics.jsonl of a run that starts at step `start` (rank 0): a fresh file, or on resume
+// the old one without the lines of steps after the checkpoint (a crashed run may have
+// logged more steps than its last checkpoint holds), continued. Lines of any length (the
+// per-rank selection counts grow with the rank count). NULL with err set on failure.
+static FILE *open_metrics(const char *path, long start, char *err, size_t err_len) {
     if (start > 0) {
         FILE *in = fopen(path, "r");
-        char tmp[MP_PATH_MAX + 80], line[4096];
+        char tmp[MP_PATH_MAX + 80];
         snprintf(tmp, sizeof tmp, "%s.tmp", path);
         FILE *out = in ? fopen(tmp, "w") : NULL;
+        if (in && !out) {
+            mp_errf(err, err_len, "%s: cannot write: %s", tmp, strerror(errno));
+            fclose(in);
+            return NULL;
+        }
+        char *line = NULL;
+        size_t cap = 0;
         long step;
-        while (out && fgets(line, sizeof line, in))
+        while (out && getline(&line, &cap, in) >= 0)
             if (sscanf(line, "{\"step\": %ld", &step) == 1 && step <= start) fputs(line, out);
+        free(line);
         if (in) fclose(in);
-        if (out && (fclose(out) != 0 || rename(tmp, path) != 0))
-            mp_fatal("%s: cannot rewrite: %s", path, strerror(errno));
+        if (out && (fclose(out) != 0 || rename(tmp, path) != 0)) {
+            mp_errf(err, err_len, "%s: cannot rewrite: %s", path, strerror(errno));
+            return NULL;
+        }
     }
     FILE *f = fopen(path, start > 0 ? "a" : "w");
-    if (!f) mp_fatal("%s: cannot write: %s", path, strerror(errno));
+    if (!f) mp_errf(err, err_len, "%s: cannot write: %s", path, strerror(errno));
     return f;
 }
 
@@ -195,26 +259,25 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     mp_comm *comm = mp_comm_mpi();
     int rank = comm->rank, P = comm->size;
     check_ranks(cfg, comm);
-    if (rank == 0 && mp_mkdirs(cfg->run_dir, err, sizeof err) != 0) mp_input_error("run.dir: %s", err);
-    comm->barrier(comm);
     size_t ini_len = mp_config_to_ini(cfg, NULL, 0) + 1;
     char *ini = mp_malloc(ini_len);
     mp_config_to_ini(cfg, ini, ini_len);
+    prepare_run_dir(cfg, ini);
     mp_log("# resolved configuration\n%s", ini);
-    snprintf(path, sizeof path, "%s/config.ini", cfg->run_dir);
-    if (rank == 0 && mp_write_text_file(path, ini, err, sizeof err) != 0) mp_fatal("%s", err);
     free(ini);
 
     mp_shard train, val;
     open_shard(&train, cfg->train_path, cfg, "data.train");
     open_shard(&val, cfg->val_path, cfg, "data.val");
-    mp_log("data: train %s (%llu tokens), val %s (%llu tokens)", cfg->train_path,
-           (unsigned long long)train.n_tokens, cfg->val_path, (unsigned long long)val.n_tokens);
+    mp_log("data: train %s (%llu tokens), val %s (%llu tokens), tokenizer %s", cfg->train_path,
+           (unsigned long long)train.n_tokens, cfg->val_path, (unsigned long long)val.n_tokens,
+           train.tokenizer_hash ? "sentencepiece (tokenizer.model beside data.train)" : "bytes");
 
     // this rank's slice of every micro-batch: sequences [j0, j0 + Bl) of batch_size
     int B = cfg->batch_size, T = cfg->context, A = cfg->grad_accum;
     int j0 = (int)((long)B * rank / P), Bl = (int)((long)B * (rank + 1) / P) - j0;
     mp_model *m = mp_model_create_sharded(cfg, be, Bl, comm);
+    mp_model_set_tokenizer(m, data_tokenizer(cfg, &train, &val));
     mp_adamw opt;
     mp_adamw_init(&opt, m);
     mp_log("model: %ld parameters, %.3g forward FLOPs per token, backend %s, %d rank%s",
@@ -223,7 +286,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
 
     // resume: parameters, AdamW moments and step count, BN statistics; the data stream and
     // every random number follow from (seed, step), so this is the whole training state
-    char ckpt_root[MP_PATH_MAX + 64], used[MP_PATH_MAX + 64];
+    char ckpt_root[MP_PATH_MAX + 64], used[MP_PATH_MAX + 64] = "";
     snprintf(ckpt_root, sizeof ckpt_root, "%s/checkpoints", cfg->run_dir);
     long start = 0;
     mp_ckpt_info ck;
@@ -235,12 +298,22 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     } else {
         mp_model_init(m);
     }
+    // a checkpoint carries its tokenizer: it must be the one the data was made with
+    const mp_tokenizer *tk = mp_model_tokenizer(m);
+    uint64_t have = tk ? mp_tokenizer_hash(tk) : 0;
+    if (have != train.tokenizer_hash)
+        mp_input_error("%s was trained on tokens of %s (hash %016llx), data.train %s is %s (hash "
+                       "%016llx): use the data it was trained on, or another run.dir", used,
+                       tk ? mp_tokenizer_kind(tk) : "bytes", (unsigned long long)have,
+                       cfg->train_path, train.tokenizer_hash ? "sentencepiece" : "bytes",
+                       (unsigned long long)train.tokenizer_hash);
 
     FILE *metrics = NULL;
     if (rank == 0) {
         snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run_dir);
-        metrics = open_metrics(path, start);
+        metrics = open_metrics(path, start, err, sizeof err);
     }
+    mp_agree_or_exit(rank == 0 && !metrics ? -1 : 0, err);
 
     int32_t *inputs = mp_malloc((size_t)Bl * T * sizeof(int32_t));    // (Bl, T)
     int32_t *targets = mp_malloc((size_t)Bl * T * sizeof(int32_t));   // (Bl, T)

@@ -49,6 +49,18 @@ train() {
 # The step `latest` points at ("" when none).
 latest_step() { local t; t=$(readlink "$1/checkpoints/latest" 2>/dev/null) && echo "${t#step_}" | sed 's/^0*//'; }
 
+# wait_for_steps RUN_DIR PID: until metrics.jsonl has 3 lines (the run is past its start,
+# its handlers in place); 1 when the process ended first or 30 s passed.
+wait_for_steps() {
+    for _ in $(seq 1 300); do
+        [ -f "$1/metrics.jsonl" ] && [ "$(wc -l < "$1/metrics.jsonl")" -ge 3 ] && return 0
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+
 # Tolerances of runs that differ in rank count or backend (used by test_ckpt_resume,
 # test_cuda_emu; tests/python/test_sharding.py repeats the argument for its own runs).
 # Both sides are fp32 and do the same arithmetic in another order (the all-reduce over other

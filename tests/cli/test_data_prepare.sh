@@ -13,7 +13,9 @@ ok() { passed=$((passed + 1)); echo "ok   $1"; }
 bad() { failed=$((failed + 1)); echo "FAIL $1"; }
 
 # A small corpus: nested directories, unique contents of varying length, one non-ASCII
-# document and one empty file (which must be skipped).
+# document with a stray Latin-1 byte (text), and what must be skipped: one empty file, two
+# files that are not text (NUL bytes; random bytes without NULs, as compressed data) and
+# two more paths to files already there (a symbolic and a hard link).
 mkdir -p "$tmp/docs/a" "$tmp/docs/b/c" "$tmp/docs/z"
 for i in $(seq 1 24); do
     case $((i % 3)) in 0) d=a ;; 1) d=b/c ;; 2) d=z ;; esac
@@ -22,9 +24,26 @@ for i in $(seq 1 24); do
         for k in $(seq 1 $((i * 3))); do echo "line $k of document $i: the quick brown fox"; done
     } > "$tmp/docs/$d/doc_$i.txt"
 done
-printf 'caf\xc3\xa9 \xe2\x82\xac 100\n\x00\x01\xff binary tail' > "$tmp/docs/b/utf8.rst.txt"
+printf 'caf\xc3\xa9 \xe2\x82\xac 100\nOne Latin-1 word in UTF-8 text: na\xefve.\n' > "$tmp/docs/b/utf8.rst.txt"
 : > "$tmp/docs/a/empty.txt"
-total_bytes=$(find "$tmp/docs" -type f -exec cat {} + | wc -c)
+printf 'IDX\x00\x01\x00\x00\x02 the rest is text\n' > "$tmp/docs/b/index.db"
+python3 -c "import random, sys; r = random.Random(5); sys.stdout.buffer.write(bytes(r.randrange(1, 256) for _ in range(3000)))" > "$tmp/docs/z/blob.gz"
+ln -s ../a/doc_3.txt "$tmp/docs/z/link_to_doc_3.txt"
+ln "$tmp/docs/a/doc_6.txt" "$tmp/docs/b/hard_link_6.txt"
+text_files() {   # the documents: text files, one path per file (the first in path order)
+    python3 - "$1" <<'EOF'
+import os, sys
+seen, out = set(), []
+for p in sorted(os.path.join(d, f) for d, _, fs in os.walk(sys.argv[1]) for f in fs):
+    st = os.stat(p)
+    if (st.st_dev, st.st_ino) in seen or p.endswith((".db", ".gz")) or st.st_size == 0:
+        continue
+    seen.add((st.st_dev, st.st_ino))
+    out.append(p)
+print("\n".join(out))
+EOF
+}
+total_bytes=$(text_files "$tmp/docs" | tr '\n' '\0' | xargs -0 cat | wc -c)
 
 # Reads a shard header and prints "n_tokens" after checking every fixed field.
 header() {
@@ -48,7 +67,7 @@ if [[ $rc -eq 0 && -f $tmp/out/train.bin && -f $tmp/out/val.bin ]]; then
 else
     bad "prepare: rc=$rc; $(cat "$tmp/stderr")"
 fi
-if [[ $(wc -l < "$tmp/stdout") -eq 1 ]] && grep -q "train .* tokens" "$tmp/stdout"; then
+if [[ $(wc -l < "$tmp/stdout") -eq 1 ]] && grep -q "train .* tokens.*; 1 empty; 2 not text; 2 duplicate file(s) skipped;" "$tmp/stdout"; then
     ok "one summary line: $(cat "$tmp/stdout")"
 else
     bad "summary line: $(cat "$tmp/stdout")"
@@ -64,10 +83,10 @@ fi
 
 # Every document lands whole in exactly one split, and each split is its documents
 # concatenated in path order; the summary's document counts agree.
-if python3 - "$tmp/docs" "$tmp/out" "$tmp/stdout" <<'EOF'
+if TEXT_FILES=$(text_files "$tmp/docs") python3 - "$tmp/docs" "$tmp/out" "$tmp/stdout" <<'EOF'
 import os, re, sys
 root, out, summary = sys.argv[1:]
-paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+paths = os.environ["TEXT_FILES"].split("\n")
 docs = [(p, open(p, "rb").read()) for p in paths]
 docs = [(p, b) for p, b in docs if b]
 shard = {}
@@ -91,16 +110,32 @@ EOF
 then ok "each document in exactly one split, concatenated in path order; counts match summary"
 else bad "document placement"; fi
 
+if grep -q "^millipede: warning: data prepare: skipped 2 file(s) that are not text (NUL bytes, or more than 5% invalid UTF-8): $tmp/docs/b/index.db, $tmp/docs/z/blob.gz; --include-binary keeps them$" "$tmp/stderr" &&
+   grep -q "^millipede: warning: data prepare: skipped 2 path(s) to files already read (links): $tmp/docs/b/hard_link_6.txt, $tmp/docs/z/link_to_doc_3.txt$" "$tmp/stderr"; then
+    ok "the skipped files are counted and named on stderr"
+else
+    bad "skipped files: $(cat "$tmp/stderr")"
+fi
+"$MILLIPEDE" data prepare --out "$tmp/outbin" --include-binary "$tmp/docs" > /dev/null 2> "$tmp/stderr_bin" || true
+nbt=$(header "$tmp/outbin/train.bin") || nbt=-1
+nbv=$(header "$tmp/outbin/val.bin") || nbv=-1
+binbytes=$(cat "$tmp/docs/b/index.db" "$tmp/docs/z/blob.gz" | wc -c)
+if [[ $((nbt + nbv)) -eq $((total_bytes + binbytes)) ]] && ! grep -q "not text" "$tmp/stderr_bin"; then
+    ok "--include-binary keeps the files that are not text ($binbytes bytes more)"
+else
+    bad "--include-binary: $nbt + $nbv tokens, expected $total_bytes + $binbytes; $(cat "$tmp/stderr_bin")"
+fi
+
 # --- determinism: same input, same bytes; the split does not depend on where files live ---
-"$MILLIPEDE" data prepare --out "$tmp/out2" "$tmp/docs/" > /dev/null || true
+"$MILLIPEDE" data prepare --out "$tmp/out2" "$tmp/docs/" > /dev/null 2>&1 || true
 if cmp -s "$tmp/out/train.bin" "$tmp/out2/train.bin" && cmp -s "$tmp/out/val.bin" "$tmp/out2/val.bin"; then
     ok "second run gives identical files"
 else
     bad "second run differs"
 fi
 mkdir -p "$tmp/elsewhere/deeper"
-cp -r "$tmp/docs" "$tmp/elsewhere/deeper/corpus"
-(cd "$tmp/elsewhere" && "$MILLIPEDE" data prepare --out "$tmp/out3" deeper/corpus > /dev/null) || true
+cp -a "$tmp/docs" "$tmp/elsewhere/deeper/corpus"
+(cd "$tmp/elsewhere" && "$MILLIPEDE" data prepare --out "$tmp/out3" deeper/corpus > /dev/null 2>&1) || true
 if cmp -s "$tmp/out/train.bin" "$tmp/out3/train.bin" && cmp -s "$tmp/out/val.bin" "$tmp/out3/val.bin"; then
     ok "a relocated copy (relative PATH) gives identical files"
 else
@@ -108,7 +143,7 @@ else
 fi
 
 # A larger validation fraction moves documents, keeping the total.
-"$MILLIPEDE" data prepare --out "$tmp/out4" --val-fraction=0.5 "$tmp/docs" > /dev/null || true
+"$MILLIPEDE" data prepare --out "$tmp/out4" --val-fraction=0.5 "$tmp/docs" > /dev/null 2>&1 || true
 n4t=$(header "$tmp/out4/train.bin") || n4t=-1
 n4v=$(header "$tmp/out4/val.bin") || n4v=-1
 if [[ $((n4t + n4v)) -eq $total_bytes && $n4v -gt $n_val ]]; then
@@ -118,7 +153,7 @@ else
 fi
 
 # Two single files given directly: both splits get one.
-"$MILLIPEDE" data prepare --out "$tmp/out5" "$tmp/docs/a/doc_3.txt" "$tmp/docs/z/doc_2.txt" > /dev/null || true
+"$MILLIPEDE" data prepare --out "$tmp/out5" "$tmp/docs/a/doc_3.txt" "$tmp/docs/z/doc_2.txt" > /dev/null 2>&1 || true
 n5t=$(header "$tmp/out5/train.bin") || n5t=-1
 n5v=$(header "$tmp/out5/val.bin") || n5v=-1
 b3=$(wc -c < "$tmp/docs/a/doc_3.txt"); b2=$(wc -c < "$tmp/docs/z/doc_2.txt")
@@ -129,9 +164,9 @@ else
 fi
 
 # --out inside the corpus: a rerun must not read the previous run's shards as text.
-cp -r "$tmp/docs" "$tmp/docs_in"
-"$MILLIPEDE" data prepare --out "$tmp/docs_in/shards" "$tmp/docs_in" > /dev/null || true
-"$MILLIPEDE" data prepare --out "$tmp/docs_in/shards" "$tmp/docs_in" > /dev/null || true
+cp -a "$tmp/docs" "$tmp/docs_in"
+"$MILLIPEDE" data prepare --out "$tmp/docs_in/shards" "$tmp/docs_in" > /dev/null 2>&1 || true
+"$MILLIPEDE" data prepare --out "$tmp/docs_in/shards" "$tmp/docs_in" > /dev/null 2>&1 || true
 if cmp -s "$tmp/out/train.bin" "$tmp/docs_in/shards/train.bin" && cmp -s "$tmp/out/val.bin" "$tmp/docs_in/shards/val.bin"; then
     ok "--out inside PATH is not read back on a rerun"
 else
@@ -165,6 +200,8 @@ expect_error "--val-fraction without value" "--val-fraction needs a value" prepa
 expect_error "empty directory" "no files found" prepare --out "$tmp/errout" "$tmp/emptydir"
 expect_error "only empty files" "empty corpus" prepare --out "$tmp/errout" "$tmp/onlyempty"
 expect_error "no PATH" "no PATH" prepare --out "$tmp/errout"
+expect_error "only files that are not text" "no text left: the 1 file(s) found are not text.*index.db; --include-binary" \
+    prepare --out "$tmp/errout" "$tmp/docs/b/index.db"
 expect_error "no --out" "missing --out" prepare "$tmp/docs"
 expect_error "unknown option" "--bogus" prepare --out "$tmp/errout" --bogus "$tmp/docs"
 expect_error "bad --vocab" "--vocab '100'" prepare --out "$tmp/errout" --vocab 100 "$tmp/docs"

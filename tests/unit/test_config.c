@@ -245,6 +245,12 @@ static const bad_case BAD[] = {
     {"[train]\nbatch_size = 0\n", NULL, {"key 'train.batch_size'"}},
     {"[train]\nbatch_size = 99999999999\n", NULL, {"key 'train.batch_size'", "out of range"}},
     {"[train]\ngrad_accum = 0\n", NULL, {"key 'train.grad_accum'"}},
+    // the sampler's limits (data.h) and B * T in an int: once accepted and then fatal at step 0
+    {"[train]\ngrad_accum = 4097\n", NULL, {"key 'train.grad_accum'", "[1, 4096]", "4097"}},
+    {"[train]\nbatch_size = 1048577\n", NULL, {"key 'train.batch_size'", "[1, 1048576]"}},
+    {"[train]\nsteps = 4294967296\n", NULL, {"key 'train.steps'", "4294967296"}},
+    {"[model]\ncontext = 65536\n[train]\nbatch_size = 65536\n", NULL,
+     {"'train.batch_size' x 'model.context'", "65536 x 65536"}},
     {"[train]\nseed = -1\n", NULL, {"key 'train.seed'"}},
     {"[train]\nlog_every = 0\n", NULL, {"key 'train.log_every'"}},
     {"[train]\neval_every = -1\n", NULL, {"key 'train.eval_every'"}},
@@ -308,6 +314,9 @@ static void test_good_input(void **state) {
     assert_int_equal(load_text(&c, "[peer]\nexperts = 1000\ntopk = 300\n[pkm]\nkey_dim = 3\n", NULL, 0), 0);
     char *ov[] = {"peer.topk=300"};
     assert_int_equal(load_text(&c, "", ov, 1), 0);
+    // the sampler's limits themselves are allowed
+    assert_int_equal(load_text(&c, "[train]\ngrad_accum = 4096\nbatch_size = 1048576\n"
+                                   "steps = 4294967295\n", NULL, 0), 0);
     // Indented keys (inih alone would read them as continuation lines), comments, CRLF,
     // a byte-order mark, "key: value", quotes around strings, order independence of ffn.
     const char *text =

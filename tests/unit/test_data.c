@@ -54,7 +54,7 @@ static void test_round_trip(void **state) {
     const uint64_t n = 10007;
     uint16_t *tok = make_tokens(n, 1000, 1);
     tok[5] = 999;   // largest valid token, high byte set
-    assert_int_equal(mp_shard_write(path, 1000, tok, n, err, sizeof err), 0);
+    assert_int_equal(mp_shard_write(path, 1000, 0, tok, n, err, sizeof err), 0);
     // The temporary file was renamed away.
     char tmp[600];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
@@ -86,7 +86,7 @@ static void test_round_trip(void **state) {
     mp_shard_close(&s);
 
     // An empty shard is structurally valid.
-    assert_int_equal(mp_shard_write(path, 256, tok, 0, err, sizeof err), 0);
+    assert_int_equal(mp_shard_write(path, 256, 0, tok, 0, err, sizeof err), 0);
     assert_int_equal(mp_shard_open(&s, path, 256, err, sizeof err), 0);
     assert_int_equal(s.n_tokens, 0);
     mp_shard_close(&s);
@@ -110,7 +110,7 @@ static void test_corruptions(void **state) {
     path_in_tmp(bad, sizeof bad, "bad.bin");
     const uint64_t n = 1000;
     uint16_t *tok = make_tokens(n, 256, 2);
-    assert_int_equal(mp_shard_write(good, 256, tok, n, err, sizeof err), 0);
+    assert_int_equal(mp_shard_write(good, 256, 0, tok, n, err, sizeof err), 0);
     size_t nb;
     unsigned char *raw = read_raw(good, &nb);
     unsigned char *c = malloc(nb + 16);
@@ -121,9 +121,29 @@ static void test_corruptions(void **state) {
     expect_open_fails(bad, 256, "magic");
 
     memcpy(c, raw, nb);
-    c[8] = 2;
+    c[8] = 3;
     write_raw(bad, c, nb);
-    expect_open_fails(bad, 256, "version 2");
+    expect_open_fails(bad, 256, "unsupported shard version 3");
+
+    // Version 2 (another tokenizer): its hash, kept whole; hash 0 is bytes, which is version 1
+    char v2[512];
+    path_in_tmp(v2, sizeof v2, "v2.bin");
+    assert_int_equal(mp_shard_write(v2, 256, 0x8000000000000001ULL, tok, n, err, sizeof err), 0);
+    size_t n2;
+    unsigned char *raw2 = read_raw(v2, &n2);
+    assert_int_equal(n2, 48 + 2 * n);
+    assert_int_equal(raw2[8], 2);
+    mp_shard s2;
+    assert_int_equal(mp_shard_open(&s2, v2, 256, err, sizeof err), 0);
+    assert_true(s2.tokenizer_hash == 0x8000000000000001ULL);
+    assert_memory_equal(s2.tokens, tok, n * sizeof *tok);
+    mp_shard_close(&s2);
+    memset(raw2 + 32, 0, 8);
+    write_raw(bad, raw2, n2);
+    expect_open_fails(bad, 256, "version 2 with tokenizer hash 0");
+    write_raw(bad, raw2, 40);
+    expect_open_fails(bad, 256, "too short for a version-2 token shard");
+    free(raw2);
 
     memcpy(c, raw, nb);
     c[24] = 4;
@@ -181,7 +201,7 @@ static void test_corruptions(void **state) {
 
     // The writer refuses tokens that the reader would reject.
     tok[3] = 256;
-    assert_int_equal(mp_shard_write(bad, 256, tok, n, err, sizeof err), -1);
+    assert_int_equal(mp_shard_write(bad, 256, 0, tok, n, err, sizeof err), -1);
     assert_non_null(strstr(err, "index 3"));
     free(c);
     free(raw);
@@ -313,7 +333,7 @@ static int setup(void **state) {
 
 static int teardown(void **state) {
     (void)state;
-    const char *names[] = {"rt.bin", "good.bin", "bad.bin", "rt.bin.tmp", "bad.bin.tmp"};
+    const char *names[] = {"rt.bin", "good.bin", "bad.bin", "v2.bin", "rt.bin.tmp", "bad.bin.tmp"};
     char p[512];
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
         path_in_tmp(p, sizeof p, names[i]);

@@ -1,0 +1,222 @@
+"""SentencePiece tokens end to end, against the Python sentencepiece package as the oracle:
+`data prepare --tokenizer sentencepiece:V` writes tokenizer.model and version-2 shards whose
+hash is the model file's and whose tokens are the oracle's encoding of each document; the
+text round-trips; a model trained on them carries the tokenizer in its checkpoints and model
+file; eval's bits per byte counts the real bytes of the evaluated text; sample encodes and
+decodes with it; a tokenizer that does not match is refused with one line."""
+import json
+import math
+import os
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import SOURCE_DIR
+
+spm = pytest.importorskip("sentencepiece", reason="the test oracle needs the sentencepiece "
+                          "package (tools/install-deps.sh --test installs it)")
+
+CFG = SOURCE_DIR / "configs" / "tiny.ini"
+T, B = 16, 2
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+             OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    e.pop("SLURM_NTASKS", None)
+    return e
+
+
+def fnv1a64(b):
+    h = 0xcbf29ce484222325
+    for x in b:
+        h = ((h ^ x) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h or 1
+
+
+def read_shard(path):
+    raw = path.read_bytes()
+    magic, version, vocab, n, bpt, _ = struct.unpack("<8sIIQII", raw[:32])
+    assert magic == b"MPTOKENS" and bpt == 2
+    if version == 1:
+        return 1, vocab, 0, np.frombuffer(raw, "<u2", offset=32)
+    h, reserved = struct.unpack("<QQ", raw[32:48])
+    assert version == 2 and reserved == 0 and len(raw) == 48 + 2 * n
+    return 2, vocab, h, np.frombuffer(raw, "<u2", offset=48)
+
+
+def write_shard(path, vocab, h, tokens):
+    head = struct.pack("<8sIIQII", b"MPTOKENS", 2, vocab, len(tokens), 2, 0) + struct.pack("<QQ", h, 0)
+    path.write_bytes(head + np.asarray(tokens, "<u2").tobytes())
+
+
+def run(*args, ok=True, **kw):
+    exe = os.environ.get("MILLIPEDE")
+    if not exe:
+        pytest.skip("MILLIPEDE is not set (run through ctest)")
+    p = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, env=env(),
+                       timeout=300, **kw)
+    if ok:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p
+
+
+def docs_text(i):
+    # ASCII, digits, a few non-ASCII characters (2- and 3-byte UTF-8), blank lines
+    return "".join(f"Line {k} of document {i}: {i * k} caf\u00e9s cost {k}\u20ac; the quick "
+                   f"brown fox jumps over the lazy dog.\n" + ("\n" if k % 5 == 0 else "")
+                   for k in range(10))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokenizer")
+    (d / "docs").mkdir()
+    for i in range(30):
+        (d / "docs" / f"doc_{i:02d}.txt").write_text(docs_text(i), encoding="utf-8")
+    p = run("data", "prepare", "--out", d / "data", "--tokenizer", "sentencepiece:400",
+            "--tokenizer-type", "bpe", d / "docs")
+    assert "tokenizer sentencepiece bpe" in p.stdout
+    sp = spm.SentencePieceProcessor(model_file=str(d / "data" / "tokenizer.model"))
+    return d, sp
+
+
+def split_docs(d, decoded):
+    """The documents whose text lies in the decoded split, in path order."""
+    names = sorted((d / "docs").iterdir())
+    return [n for n in names if n.read_text(encoding="utf-8") in decoded]
+
+
+def test_shards_carry_the_tokenizer(corpus):
+    d, sp = corpus
+    h = fnv1a64((d / "data" / "tokenizer.model").read_bytes())
+    for split in ("train", "val"):
+        version, vocab, hh, _ = read_shard(d / "data" / f"{split}.bin")
+        assert (version, vocab, hh) == (2, sp.get_piece_size(), h)
+
+
+def test_tokens_are_the_oracles_and_round_trip(corpus):
+    d, sp = corpus
+    seen = []
+    for split in ("train", "val"):
+        _, _, _, tokens = read_shard(d / "data" / f"{split}.bin")
+        decoded = sp.decode(tokens.tolist())
+        members = split_docs(d, decoded)
+        seen += members
+        texts = [m.read_text(encoding="utf-8") for m in members]
+        assert decoded == "".join(texts), f"{split}: text does not round-trip"
+        expect = [t for x in texts for t in sp.encode(x)]
+        assert tokens.tolist() == expect, f"{split}: not the oracle's encoding per document"
+    assert sorted(seen) == sorted((d / "docs").iterdir())
+
+
+def test_import_an_existing_model(corpus):
+    d, _ = corpus
+    run("data", "prepare", "--out", d / "imported", "--tokenizer",
+        f"model:{d / 'data' / 'tokenizer.model'}", d / "docs")
+    for name in ("train.bin", "val.bin", "tokenizer.model"):
+        assert (d / "imported" / name).read_bytes() == (d / "data" / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def trained(corpus):
+    d, sp = corpus
+    V = sp.get_piece_size()
+    sets = {"data.train": d / "data" / "train.bin", "data.val": d / "data" / "val.bin",
+            "run.dir": d / "run", "model.vocab_size": V, "model.context": T, "model.d_model": 32,
+            "model.n_heads": 2, "model.n_layers": 2, "model.ffn": "dense,peer",
+            "peer.experts": 64, "peer.heads": 2, "peer.topk": 3, "peer.key_dim": 8,
+            "train.batch_size": B, "train.steps": 6, "train.warmup": 2, "train.eval_every": 0,
+            "train.eval_batches": 2}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    p = run("train", CFG, *args)
+    assert "tokenizer sentencepiece" in p.stdout
+    return d, sp, args
+
+
+def test_checkpoint_and_model_file_carry_the_tokenizer(trained):
+    import h5py
+    d, _, args = trained
+    model = (d / "data" / "tokenizer.model").read_bytes()
+    with h5py.File(d / "run" / "checkpoints" / "latest" / "index.h5", "r") as f:
+        assert f["tokenizer"][()].tobytes() == model
+        assert int(f["tokenizer"].attrs["hash"]) == fnv1a64(model)
+    run("ckpt", "export", d / "run", d / "model.h5")
+    with h5py.File(d / "model.h5", "r") as f:
+        assert f["tokenizer"][()].tobytes() == model
+    ev = json.loads(run("eval", CFG, *args, "--model", d / "model.h5").stdout)
+    assert ev["tokenizer"] == "sentencepiece"
+    # a damaged tokenizer is named by verify, and refused by eval, in one line
+    import shutil
+    bad = d / "bad_ckpt"
+    shutil.copytree(d / "run" / "checkpoints" / "latest", bad)
+    with h5py.File(bad / "index.h5", "r+") as f:
+        b = f["tokenizer"][()]
+        b[len(b) // 2] ^= 0x55
+        f["tokenizer"][...] = b
+    p = run("ckpt", "verify", bad, ok=False)
+    assert p.returncode == 1 and "dataset '/tokenizer'" in p.stderr, p.stderr
+    p = run("eval", CFG, *args, "--model", bad, ok=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "'/tokenizer'" in p.stderr, p.stderr
+
+
+def test_eval_bits_per_byte_counts_real_bytes(trained):
+    # A validation shard of exactly T + 1 tokens: every window is the whole shard, so the
+    # target tokens are tokens[1:T+1] in each of the B x batches sequences, and their text
+    # is what the oracle decodes them to (ASCII and whole characters: the byte count is
+    # exact, not an estimate).
+    d, sp, args = trained
+    _, vocab, h, tokens = read_shard(d / "data" / "val.bin")
+    k = next(i for i in range(len(tokens) - T) if sp.id_to_piece(int(tokens[i + 1])) != "<0x0A>"
+             and all(not sp.is_byte(int(t)) or sp.id_to_piece(int(t)) == "<0x0A>"
+                     for t in tokens[i:i + T + 1]))
+    window = tokens[k:k + T + 1]
+    write_shard(d / "window.bin", vocab, h, window)
+    ev = json.loads(run("eval", CFG, *args, "--set", f"data.val={d / 'window.bin'}",
+                        "--model", d / "run").stdout)
+    text_bytes = len(sp.decode(window[1:].tolist()).encode("utf-8"))
+    assert ev["tokens"] == 2 * B * T
+    assert ev["bytes"] == 2 * B * text_bytes
+    # printed with 9 significant digits
+    expect = ev["val_loss"] * ev["tokens"] / (ev["bytes"] * math.log(2))
+    assert abs(ev["bits_per_byte"] - expect) <= 1e-7 * expect
+    assert ev["bits_per_byte"] < ev["bits_per_token"]   # a token is more than one byte here
+
+
+def test_sample_encodes_and_decodes(trained):
+    d, sp, args = trained
+    prompt = "Line 3 of document 7: caf\u00e9"
+    out = run("sample", CFG, *args, "--model", d / "run", "--prompt", prompt, "--tokens", 40,
+              "--seed", 3).stdout
+    assert out.startswith(prompt) and len(out) > len(prompt)
+    # the continuation is text the tokenizer can produce: encoding and decoding keep it
+    assert sp.decode(sp.encode(out)) == out
+
+
+def test_a_mismatched_tokenizer_is_refused(trained):
+    d, _, args = trained
+    # the same vocabulary size, trained on a corpus with one more document: another model
+    (d / "more").mkdir()
+    (d / "more" / "extra.txt").write_text("Zebras quizzically vex jumpy wizards. " * 40)
+    run("data", "prepare", "--out", d / "other", "--tokenizer", "sentencepiece:400",
+        "--tokenizer-type", "bpe", d / "docs", d / "more")
+    p = run("eval", CFG, *args, "--set", f"data.val={d / 'other' / 'val.bin'}", "--model",
+            d / "run", ok=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "tokenizer" in p.stderr and "other/val.bin" in p.stderr
+    # bytes shards against the sentencepiece model
+    run("data", "prepare", "--out", d / "bytes", "--vocab", 400, d / "docs")
+    p = run("train", CFG, *args, "--set", f"data.train={d / 'bytes' / 'train.bin'}", "--set",
+            f"data.val={d / 'bytes' / 'val.bin'}", "--set", "model.vocab_size=400", ok=False)
+    assert p.returncode == 2 and "trained on tokens of sentencepiece" in p.stderr, p.stderr
+    # shards whose tokenizer.model was replaced
+    (d / "swapped").mkdir()
+    for name in ("train.bin", "val.bin"):
+        (d / "swapped" / name).write_bytes((d / "data" / name).read_bytes())
+    (d / "swapped" / "tokenizer.model").write_bytes((d / "other" / "tokenizer.model").read_bytes())
+    p = run("train", CFG, *args, "--set", f"data.train={d / 'swapped' / 'train.bin'}", "--set",
+            f"data.val={d / 'swapped' / 'val.bin'}", "--set", f"run.dir={d / 'run2'}", ok=False)
+    assert p.returncode == 2 and "prepare the data again" in p.stderr, p.stderr
+    assert p.stderr.count("millipede: error:") == 1
