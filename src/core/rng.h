@@ -1,6 +1,7 @@
 // Counter-based random numbers: every value is a pure function of (seed, stream, index),
 // so initialisation and data order never depend on the rank count or thread schedule.
 #pragma once
+#include <stddef.h>
 #include <stdint.h>
 
 static inline uint64_t mp_mix64(uint64_t z) {   // splitmix64 finaliser
@@ -18,3 +19,10 @@ static inline float mp_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
 }
 // Standard normal (Box-Muller on two hashed uniforms).
 float mp_normal(uint64_t seed, uint64_t stream, uint64_t index);
+// 64-bit FNV-1a of n bytes: a stable name for a text (a path, a tokenizer's model file).
+static inline uint64_t mp_fnv1a64(const void *data, size_t n) {
+    const unsigned char *p = data;
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ULL;
+    return h;
+}

@@ -17,7 +17,7 @@
 #include "core/rng.h"
 #include "millipede/tokenizer.h"
 
-// The split hash: mp_hash3(MP_SPLIT_SEED, MP_SPLIT_STREAM, fnv1a64(relative path)).
+// The split hash: mp_hash3(MP_SPLIT_SEED, MP_SPLIT_STREAM, mp_fnv1a64(relative path)).
 #define MP_SPLIT_SEED 0x6d696c6c69706564ULL   // "millipede"
 #define MP_SPLIT_STREAM 0x73706c6974ULL       // "split"
 
@@ -114,11 +114,6 @@ static void add_doc(doc_list *l, char *full, char *rel, const struct stat *st) {
     l->d[l->n++] = (doc){full, rel, st->st_dev, st->st_ino, 0, NULL, 0};
 }
 
-static uint64_t fnv1a64(const char *s) {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 0x100000001b3ULL;
-    return h;
-}
 
 // Walks dir recursively and appends its non-empty regular files. Symbolic links to files
 // are followed; symbolic links to directories are not (no cycles). Returns 0 or 2.
@@ -549,7 +544,7 @@ static int prepare(int argc, char **argv) {
     if (status == 0) {
         size_t n_val = 0;
         for (size_t i = 0; i < docs.n; i++) {
-            uint64_t h = mp_hash3(MP_SPLIT_SEED, MP_SPLIT_STREAM, fnv1a64(docs.d[i].rel));
+            uint64_t h = mp_hash3(MP_SPLIT_SEED, MP_SPLIT_STREAM, mp_fnv1a64(docs.d[i].rel, strlen(docs.d[i].rel)));
             double u = (double)(h >> 11) * (1.0 / 9007199254740992.0);   // [0, 1), 53 bits
             docs.d[i].val = u < val_fraction;
             n_val += (size_t)docs.d[i].val;

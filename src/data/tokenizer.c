@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "core/log.h"
+#include "core/rng.h"
 #include "data/spm.h"
 #include "millipede/data.h"
 
@@ -40,12 +41,6 @@ mp_tokenizer *mp_tokenizer_bytes(int vocab) {
     return t;
 }
 
-static uint64_t fnv1a64(const unsigned char *p, size_t n) {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ULL;
-    return h;
-}
-
 mp_tokenizer *mp_tokenizer_sentencepiece(const void *model, size_t len, const char *name,
                                          char *err, size_t err_len) {
     char why[512];
@@ -66,7 +61,7 @@ mp_tokenizer *mp_tokenizer_sentencepiece(const void *model, size_t len, const ch
     t->model = mp_malloc(len ? len : 1);
     memcpy(t->model, model, len);
     t->model_len = len;
-    t->hash = fnv1a64(t->model, len);
+    t->hash = mp_fnv1a64(t->model, len);
     if (t->hash == 0) t->hash = 1;   // 0 means bytes
     t->token_bytes = mp_calloc((size_t)vocab, sizeof *t->token_bytes);
     for (int i = 0; i < vocab; i++) t->token_bytes[i] = (uint32_t)mp_spm_piece_bytes(spm, i);
