@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "core/log.h"
+#include "ckpt/h5util.h"
 #include "core/rng.h"
 #include "millipede/model.h"
 #include "millipede/train.h"
@@ -80,19 +81,16 @@ static void write_tensors(hid_t f, mp_model *m, const char *dir, int grads, cons
     }
 }
 
-// The BN running statistics of every retrieval layer as /<dir>/h{l}.{kind}.bn.running_*.
-static void write_bn_state(hid_t f, mp_model *m, const char *dir) {
-    const mp_config *c = mp_model_config(m);
-    for (int l = 0; l < c->n_layers; l++) {
-        mp_retrieval_layer *r = mp_model_retrieval_layer(m, l);
-        if (!r || !r->rc->query_bn) continue;
-        const char *kind = r->kind == MP_FFN_PEER ? "peer" : "pkm";
-        long hd[1] = {r->rc->heads * r->rc->key_dim};
+// The router state (BN running statistics, balance biases) as /<dir>/<its dataset name>,
+// "h1.peer.bn.running_var", "h1.peer.k1_bias", as the checkpoints name it.
+static void write_router_state(hid_t f, mp_model *m, const char *dir) {
+    mp_state_dataset st[MP_MAX_STATE_DATASETS];
+    int n = mp_router_datasets(m, st);
+    for (int i = 0; i < n; i++) {
         char p[96];
-        snprintf(p, sizeof p, "/%s/h%d.%s.bn.running_mean", dir, l, kind);
-        write_floats(f, p, r->running_mean, 1, hd);
-        snprintf(p, sizeof p, "/%s/h%d.%s.bn.running_var", dir, l, kind);
-        write_floats(f, p, r->running_var, 1, hd);
+        long shape[2] = {(long)st[i].rows, (long)st[i].cols};
+        snprintf(p, sizeof p, "/%s/%.*s", dir, (int)sizeof st[i].name, st[i].name);
+        write_floats(f, p, mp_model_router_state(m) + st[i].offset, st[i].ndim, shape);
     }
 }
 
@@ -118,9 +116,9 @@ static int dump_model(mp_model *m, hid_t f, int steps, mp_comm *comm, int j0, in
     float share = (float)Bl / (float)B;   // this rank's part of the global mean loss
     write_tensors(f, m, "params", 0, "");
     // the training steps below start from the initial running statistics
-    size_t nbn = mp_model_bn_state_size(m);
-    float *bn0 = malloc((nbn + 1) * sizeof(float));
-    memcpy(bn0, mp_model_bn_state(m), nbn * sizeof(float));
+    size_t nst = mp_model_router_state_size(m);
+    float *state0 = malloc((nst + 1) * sizeof(float));
+    memcpy(state0, mp_model_router_state(m), nst * sizeof(float));
     mp_model_zero_grad(m);
     double loss = mp_model_forward(m, in, tg, Bl, T, 1) * share;
     mp_model_backward(m, share);
@@ -130,8 +128,8 @@ static int dump_model(mp_model *m, hid_t f, int steps, mp_comm *comm, int j0, in
     write_floats(f, "/out/logits", mp_model_logits(m), 3, btv);
     write_floats(f, "/out/loss", &loss32, 0, NULL);
     write_tensors(f, m, "grads", 1, "");
-    memcpy(mp_model_bn_state(m), bn0, nbn * sizeof(float));
-    free(bn0);
+    memcpy(mp_model_router_state(m), state0, nst * sizeof(float));
+    free(state0);
     if (steps > 0) {
         mp_adamw opt;
         mp_adamw_init(&opt, m);
@@ -149,7 +147,7 @@ static int dump_model(mp_model *m, hid_t f, int steps, mp_comm *comm, int j0, in
         write_floats(f, "/train/losses", losses, 1, sh);
         write_floats(f, "/train/grad_norms", norms, 1, sh);
         write_tensors(f, m, "final", 0, "");
-        write_bn_state(f, m, "final_state");
+        write_router_state(f, m, "final_state");
         mp_adamw_free(&opt, m);
         free(losses);
         free(norms);

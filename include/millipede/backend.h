@@ -59,8 +59,13 @@ typedef struct mp_backend {
     // PEER / PKM layer, in two halves (src/model/retrieval.c moves data between them).
     // Where the token lives: queries q (N, H*dk) = x (N,C) wq^T, BatchNorm (train: over the
     // global batch, reduced through l->comm), sub-key scores, product-key top-k and gates
-    // into l->sel, l->sel_a, l->sel_b, l->gate (N, H, k).
+    // into l->sel, l->sel_a, l->sel_b, l->gate (N, H, k). With l->key_bias, the top-k
+    // ranks score + bias and the gates are the softmax of the plain scores.
     void (*retrieval_route)(mp_retrieval_layer *l, const float *x, int N, int train);
+    // counts (2, H, n) = how often each head selected each first-half (0) and second-half
+    // (1) sub-key, from sel_a, sel_b (N, H, k)
+    void (*subkey_counts)(int32_t *counts, const int32_t *sel_a, const int32_t *sel_b, int N,
+                          int H, int k, int n);
     // ...and its backward from the gate gradients in l->dgate (N, H, k): softmax, sub-keys,
     // BatchNorm, W_q; dx (N,C) += the query path's contribution.
     void (*retrieval_route_backward)(mp_retrieval_layer *l, float *dx, const float *x, int N);

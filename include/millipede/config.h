@@ -21,6 +21,7 @@ typedef struct {
     int query_bn;       // BatchNorm on the query        [peer] query_bn
     float bn_momentum;  // running-stat momentum (PyTorch convention) [peer] bn_momentum
     float bn_eps;       //                                [peer] bn_eps
+    float balance_rate; // step of the sub-key balance biases, 0 = none [peer] balance_rate
     mp_activation activation; // PEER only: gelu|relu    [peer] activation
 } mp_retrieval_config;
 

@@ -61,10 +61,11 @@ const mp_tensor *mp_model_find(const mp_model *m, const char *name);
 float *mp_model_params(mp_model *m, mp_group g);   // group buffer (backend memory)
 float *mp_model_grads(mp_model *m, mp_group g);
 size_t mp_model_group_size(const mp_model *m, mp_group g);  // floats
-// BatchNorm running statistics of every retrieval layer with query BN, one buffer:
-// for each such layer, running_mean (H*dk) then running_var (H*dk).
-float *mp_model_bn_state(mp_model *m);
-size_t mp_model_bn_state_size(const mp_model *m);
+// The router state, one buffer (backend memory): for each retrieval layer in block order,
+// with query BN its running_mean (H*dk) then running_var (H*dk), then with
+// balance_rate > 0 its sub-key balance biases k1_bias (H, n) then k2_bias (H, n).
+float *mp_model_router_state(mp_model *m);
+size_t mp_model_router_state_size(const mp_model *m);
 const mp_config *mp_model_config(const mp_model *m);
 const mp_backend *mp_model_backend(const mp_model *m);
 

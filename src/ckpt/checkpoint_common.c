@@ -38,7 +38,7 @@ static void add_tensor(ck_ds *d, int group, const mp_tensor *t, float *buf) {
 
 int ck_datasets(mp_model *m, const mp_adamw *opt, ck_ds **out) {
     int nt = mp_model_n_tensors(m);
-    ck_ds *ds = mp_calloc((size_t)3 * nt + 2 * MP_MAX_LAYERS, sizeof *ds);
+    ck_ds *ds = mp_calloc((size_t)3 * nt + MP_MAX_STATE_DATASETS, sizeof *ds);
     int n = 0;
     for (int group = CK_PARAMS; group <= CK_ADAM_V; group++) {
         if (group != CK_PARAMS && !opt) break;
@@ -50,17 +50,17 @@ int ck_datasets(mp_model *m, const mp_adamw *opt, ck_ds **out) {
             add_tensor(&ds[n++], group, t, base + t->offset);
         }
     }
-    mp_bn_dataset bn[2 * MP_MAX_LAYERS];
-    int n_bn = mp_bn_datasets(m, bn);
-    for (int i = 0; i < n_bn; i++) {
+    mp_state_dataset st[MP_MAX_STATE_DATASETS];
+    int n_st = mp_router_datasets(m, st);
+    for (int i = 0; i < n_st; i++) {
         ck_ds *d = &ds[n++];
         d->group = CK_STATE;
-        snprintf(d->name, sizeof d->name, "%.*s", (int)sizeof bn[i].name, bn[i].name);
+        snprintf(d->name, sizeof d->name, "%.*s", (int)sizeof st[i].name, st[i].name);
         snprintf(d->path, sizeof d->path, "/state/%s", d->name);
-        d->buf = mp_model_bn_state(m) + bn[i].offset;
-        d->ndim = 1;
-        d->dims[0] = d->rows = bn[i].n;
-        d->dims[1] = 1;
+        d->buf = mp_model_router_state(m) + st[i].offset;
+        d->ndim = st[i].ndim;
+        d->dims[0] = d->rows = st[i].rows;
+        d->dims[1] = st[i].cols;
     }
     *out = ds;
     return n;

@@ -212,6 +212,19 @@ static int key_differs(const char *key, long a, long b, const char *file, const 
     return 1;
 }
 
+// The sub-key balance biases are state (stored beside the BN statistics) only when the
+// rate is > 0; the rate itself may change between runs, like a learning rate.
+static int balance_differs(const char *sec, const mp_retrieval_config *f,
+                           const mp_retrieval_config *c, const char *file, const char *what,
+                           const char *cfg_path, char *err, size_t err_len) {
+    if ((f->balance_rate > 0) == (c->balance_rate > 0)) return 0;
+    snprintf(err, err_len,
+             "%s: key '%s.balance_rate' is %g in %s but %g in %s (the sub-key balance biases "
+             "exist only when it is > 0)",
+             file, sec, (double)f->balance_rate, what, (double)c->balance_rate, cfg_path);
+    return 1;
+}
+
 int mp_check_shape_config(const mp_config *f, const mp_config *c, const char *file,
                           const char *what, const char *cfg_path, char *err, size_t err_len) {
 #define SAME(key, field)                                                                   \
@@ -242,6 +255,7 @@ int mp_check_shape_config(const mp_config *f, const mp_config *c, const char *fi
         SAME("peer.topk", peer.topk);
         SAME("peer.key_dim", peer.key_dim);
         SAME("peer.query_bn", peer.query_bn);
+        if (balance_differs("peer", &f->peer, &c->peer, file, what, cfg_path, err, err_len)) return -1;
         if (f->peer.activation != c->peer.activation) {
             snprintf(err, err_len, "%s: key 'peer.activation' is %s in %s but %s in %s", file,
                      f->peer.activation == MP_ACT_RELU ? "relu" : "gelu", what,
@@ -255,6 +269,7 @@ int mp_check_shape_config(const mp_config *f, const mp_config *c, const char *fi
         SAME("pkm.topk", pkm.topk);
         SAME("pkm.key_dim", pkm.key_dim);
         SAME("pkm.query_bn", pkm.query_bn);
+        if (balance_differs("pkm", &f->pkm, &c->pkm, file, what, cfg_path, err, err_len)) return -1;
     }
 #undef SAME
     return 0;
@@ -275,26 +290,37 @@ void mp_merge_model_config(mp_config *out, const mp_config *cfg, const mp_config
     out->init_std = f->init_std;
 }
 
-int mp_bn_datasets(mp_model *m, mp_bn_dataset *out) {
+int mp_router_datasets(mp_model *m, mp_state_dataset *out) {
     const mp_config *cfg = mp_model_config(m);
     size_t off = 0;
     int n = 0;
     for (int l = 0; l < cfg->n_layers; l++) {
         const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
-        if (!rc || !rc->query_bn) continue;
+        if (!rc) continue;
         const char *kind = cfg->ffn[l] == MP_FFN_PEER ? "peer" : "pkm";
         hsize_t hd = (hsize_t)rc->heads * (hsize_t)rc->key_dim;
-        for (int s = 0; s < 2; s++) {
-            mp_bn_dataset *b = &out[n++];
+        for (int s = 0; s < 2 && rc->query_bn; s++) {
+            mp_state_dataset *b = &out[n++];
             snprintf(b->name, sizeof b->name, "h%d.%s.bn.%s", l, kind,
                      s == 0 ? "running_mean" : "running_var");
             b->offset = off;
-            b->n = hd;
+            b->ndim = 1;
+            b->rows = hd;
+            b->cols = 1;
             off += hd;
         }
+        for (int s = 0; s < 2 && rc->balance_rate > 0; s++) {
+            mp_state_dataset *b = &out[n++];
+            snprintf(b->name, sizeof b->name, "h%d.%s.k%d_bias", l, kind, s + 1);
+            b->offset = off;
+            b->ndim = 2;
+            b->rows = (hsize_t)rc->heads;
+            b->cols = (hsize_t)rc->n_sub;
+            off += b->rows * b->cols;
+        }
     }
-    if (off != mp_model_bn_state_size(m))
-        mp_fatal("BN state holds %zu floats, the config implies %zu", mp_model_bn_state_size(m),
-                 off);
+    if (off != mp_model_router_state_size(m))
+        mp_fatal("router state holds %zu floats, the config implies %zu",
+                 mp_model_router_state_size(m), off);
     return n;
 }

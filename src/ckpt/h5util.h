@@ -63,15 +63,18 @@ int mp_fsync_path(const char *path, int flags);
 // "FILE: key 'model.d_model' is 32 in WHAT but 64 in CFG_PATH" and returns -1.
 int mp_check_shape_config(const mp_config *file_cfg, const mp_config *cfg, const char *file,
                           const char *what, const char *cfg_path, char *err, size_t err_len);
-// One BatchNorm running statistic as the model file and the checkpoints store it.
+// One part of the router state as the model file and the checkpoints store it.
 typedef struct {
-    char name[48];   // "h1.peer.bn.running_var"
-    size_t offset;   // into mp_model_bn_state(m)
-    hsize_t n;       // floats (H*dk)
-} mp_bn_dataset;
-// The BN state of m (layout in model.h): per retrieval layer with query BN in block order,
-// running_mean then running_var. Fills out (room for 2 * MP_MAX_LAYERS), returns the count.
-int mp_bn_datasets(mp_model *m, mp_bn_dataset *out);
+    char name[48];   // "h1.peer.bn.running_var", "h1.peer.k1_bias"
+    size_t offset;   // into mp_model_router_state(m)
+    int ndim;        // 1: (rows) BN statistics; 2: (rows, cols) balance biases (H, n)
+    hsize_t rows, cols;
+} mp_state_dataset;
+#define MP_MAX_STATE_DATASETS (4 * MP_MAX_LAYERS)
+// The router state of m (layout in model.h): per retrieval layer in block order,
+// running_mean and running_var with query BN, k1_bias and k2_bias with balance_rate > 0.
+// Fills out (room for MP_MAX_STATE_DATASETS), returns the count.
+int mp_router_datasets(mp_model *m, mp_state_dataset *out);
 
 // The configuration of a stored model for eval and sample: cfg with the [model], [peer]
 // and [pkm] sections (and init_std) taken from file_cfg.

@@ -30,11 +30,11 @@ typedef struct {
 
 static hsize_t ds_cols(const ds_spec *d) { return d->ndim == 2 ? d->dims[1] : 1; }
 
-// Every dataset of m in file order: parameters (table order), then BN running statistics.
+// Every dataset of m in file order: parameters (table order), then the router state.
 // Returns the count; *out is malloc'd.
 static int model_datasets(mp_model *m, ds_spec **out) {
     int nt = mp_model_n_tensors(m);
-    ds_spec *ds = mp_calloc((size_t)nt + 2 * MP_MAX_LAYERS, sizeof *ds);
+    ds_spec *ds = mp_calloc((size_t)nt + MP_MAX_STATE_DATASETS, sizeof *ds);
     int n = 0;
     for (int i = 0; i < nt; i++) {
         const mp_tensor *t = mp_model_tensor(m, i);
@@ -47,15 +47,15 @@ static int model_datasets(mp_model *m, ds_spec **out) {
         d->row_start = (hsize_t)t->row_start;
         d->rows = (hsize_t)t->shape[0];
     }
-    mp_bn_dataset bn[2 * MP_MAX_LAYERS];
-    int n_bn = mp_bn_datasets(m, bn);
-    for (int i = 0; i < n_bn; i++) {
+    mp_state_dataset st[MP_MAX_STATE_DATASETS];
+    int n_st = mp_router_datasets(m, st);
+    for (int i = 0; i < n_st; i++) {
         ds_spec *d = &ds[n++];
-        snprintf(d->path, sizeof d->path, "/state/%.*s", (int)sizeof bn[i].name, bn[i].name);
-        d->buf = mp_model_bn_state(m) + bn[i].offset;
-        d->ndim = 1;
-        d->dims[0] = d->rows = bn[i].n;
-        d->dims[1] = 1;
+        snprintf(d->path, sizeof d->path, "/state/%.*s", (int)sizeof st[i].name, st[i].name);
+        d->buf = mp_model_router_state(m) + st[i].offset;
+        d->ndim = st[i].ndim;
+        d->dims[0] = d->rows = st[i].rows;
+        d->dims[1] = st[i].cols;
         d->row_start = 0;
     }
     *out = ds;

@@ -56,7 +56,8 @@ typedef struct {
     KEY(sec, "key_dim", K_INT, r.key_dim),                    \
     KEY(sec, "query_bn", K_BOOL, r.query_bn),                 \
     KEY(sec, "bn_momentum", K_FLOAT, r.bn_momentum),          \
-    KEY(sec, "bn_eps", K_FLOAT, r.bn_eps)
+    KEY(sec, "bn_eps", K_FLOAT, r.bn_eps),                    \
+    KEY(sec, "balance_rate", K_FLOAT, r.balance_rate)
 
 static const key_spec KEYS[] = {
     STR("run", "dir", run_dir),
@@ -402,6 +403,9 @@ static int validate_retrieval(const mp_retrieval_config *r, const char *s, char 
     CHECK(r->bn_momentum >= 0 && r->bn_momentum <= 1,
           "key '%s.bn_momentum': must be in [0, 1], got %g", s, (double)r->bn_momentum);
     CHECK(r->bn_eps > 0, "key '%s.bn_eps': must be > 0, got %g", s, (double)r->bn_eps);
+    // a bias moves by the rate each step; at 1 it would outweigh any score within a step
+    CHECK(r->balance_rate >= 0 && r->balance_rate <= 1,
+          "key '%s.balance_rate': must be in [0, 1], got %g", s, (double)r->balance_rate);
     CHECK(r->activation == MP_ACT_GELU || r->activation == MP_ACT_RELU,
           "key '%s.activation': invalid value", s);
     return 0;

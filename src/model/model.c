@@ -39,8 +39,8 @@ struct mp_model {
     float init_scale[MP_MAX_TENSORS];
     size_t group_size[MP_N_GROUPS];
     float *params[MP_N_GROUPS], *grads[MP_N_GROUPS];
-    float *bn_state;
-    size_t bn_size;
+    float *router_state;
+    size_t state_size;
 
     float *wte, *wpe, *lnfw, *lnfb;
     float *dwte, *dwpe, *dlnfw, *dlnfb;
@@ -245,7 +245,15 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         r->k2 = pptr(m, ix[12]); r->dk2 = gptr(m, ix[12]);
         r->u = pptr(m, ix[13]); r->du = gptr(m, ix[13]);
         r->v = pptr(m, ix[14]); r->dv = gptr(m, ix[14]);
-        if (rc->query_bn) m->bn_size += 2 * HD;
+        if (rc->query_bn) m->state_size += 2 * HD;
+        if (rc->balance_rate > 0) {
+            size_t G = 2 * (size_t)rc->heads * rc->n_sub;
+            m->state_size += G;
+            r->key_counts = act_alloc(m, G, sizeof(int32_t));
+            r->key_counts_i32 = mp_calloc(G, sizeof(int32_t));
+            r->key_counts_host = mp_calloc(G + 1, sizeof(double));
+            r->key_bias_host = mp_calloc(G, sizeof(float));
+        }
         r->q = act_alloc(m, N * HD, sizeof(float));
         r->qn = act_alloc(m, N * HD, sizeof(float));
         r->dq = act_alloc(m, N * HD, sizeof(float));
@@ -274,16 +282,23 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
             r->v_bf16 = m->experts_bf16 + (r->v - base);
         }
     }
-    // BN running statistics: one buffer, (mean, var) per layer with query BN
-    m->bn_state = be->alloc((m->bn_size ? m->bn_size : 1) * sizeof(float));
+    // router state: one buffer; per retrieval layer (mean, var) with query BN, then the
+    // sub-key balance biases with peer.balance_rate > 0 (layout in model.h)
+    m->router_state = be->alloc((m->state_size ? m->state_size : 1) * sizeof(float));
     size_t off = 0;
     for (int l = 0; l < cfg->n_layers; l++) {
         mp_retrieval_layer *r = m->ret[l];
-        if (!r || !r->rc->query_bn) continue;
-        size_t HD = (size_t)r->rc->heads * r->rc->key_dim;
-        r->running_mean = m->bn_state + off;
-        r->running_var = m->bn_state + off + HD;
-        off += 2 * HD;
+        if (!r) continue;
+        if (r->rc->query_bn) {
+            size_t HD = (size_t)r->rc->heads * r->rc->key_dim;
+            r->running_mean = m->router_state + off;
+            r->running_var = m->router_state + off + HD;
+            off += 2 * HD;
+        }
+        if (r->rc->balance_rate > 0) {
+            r->key_bias = m->router_state + off;
+            off += 2 * (size_t)r->rc->heads * r->rc->n_sub;
+        }
     }
     m->inputs = act_alloc(m, N, sizeof(int32_t));
     m->targets = act_alloc(m, N, sizeof(int32_t));
@@ -327,7 +342,7 @@ void mp_model_free(mp_model *m) {
     for (int g = 0; g < MP_N_GROUPS; g++) { be->free(m->params[g]); be->free(m->grads[g]); }
     free(m->grad_stage);
     be->free(m->experts_bf16);
-    be->free(m->bn_state);
+    be->free(m->router_state);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         block_acts *a = &m->a[l];
         float *bufs[] = {a->res_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att,
@@ -336,8 +351,11 @@ void mp_model_free(mp_model *m) {
         mp_retrieval_layer *r = m->ret[l];
         if (!r) continue;
         void *rb[] = {r->q, r->qn, r->dq, r->bn_mean, r->bn_rstd, r->sel, r->sel_a, r->sel_b,
-                      r->gate, r->dgate};
-        for (size_t i = 0; i < sizeof rb / sizeof rb[0]; i++) be->free(rb[i]);
+                      r->gate, r->dgate, r->key_counts};
+        for (size_t i = 0; i < sizeof rb / sizeof rb[0]; i++) if (rb[i]) be->free(rb[i]);
+        free(r->key_counts_i32);
+        free(r->key_counts_host);
+        free(r->key_bias_host);
         mp_retrieval_exchange_free(r);
         free(r->usage);
         free(r);
@@ -372,14 +390,14 @@ void mp_model_init(mp_model *m) {
     }
     m->experts_bf16_stale = 1;
     // running statistics: mean 0, var 1
-    float *host = mp_calloc(m->bn_size ? m->bn_size : 1, sizeof(float));
+    float *host = mp_calloc(m->state_size ? m->state_size : 1, sizeof(float));
     for (int l = 0; l < m->cfg.n_layers; l++) {
         mp_retrieval_layer *r = m->ret[l];
-        if (!r || !r->rc->query_bn) continue;
-        size_t HD = (size_t)r->rc->heads * r->rc->key_dim, off = r->running_var - m->bn_state;
+        if (!r || !r->rc->query_bn) continue;   // the biases start at 0
+        size_t HD = (size_t)r->rc->heads * r->rc->key_dim, off = r->running_var - m->router_state;
         for (size_t j = 0; j < HD; j++) host[off + j] = 1.0f;
     }
-    m->be->from_host(m->bn_state, host, (m->bn_size ? m->bn_size : 1) * sizeof(float));
+    m->be->from_host(m->router_state, host, (m->state_size ? m->state_size : 1) * sizeof(float));
     free(host);
 }
 
@@ -396,8 +414,8 @@ float *mp_model_params(mp_model *m, mp_group g) {
 }
 float *mp_model_grads(mp_model *m, mp_group g) { return m->grads[g]; }
 size_t mp_model_group_size(const mp_model *m, mp_group g) { return m->group_size[g]; }
-float *mp_model_bn_state(mp_model *m) { return m->bn_state; }
-size_t mp_model_bn_state_size(const mp_model *m) { return m->bn_size; }
+float *mp_model_router_state(mp_model *m) { return m->router_state; }
+size_t mp_model_router_state_size(const mp_model *m) { return m->state_size; }
 const mp_config *mp_model_config(const mp_model *m) { return &m->cfg; }
 const mp_backend *mp_model_backend(const mp_model *m) { return m->be; }
 mp_comm *mp_model_comm(const mp_model *m) { return m->comm; }

@@ -48,12 +48,38 @@ static void exchange_i32(mp_retrieval_layer *l, const int32_t *send, const int64
     l->ex.stats.seconds += mp_now() - t0;
 }
 
+// Sub-key balance (docs/model.md, "Sub-key balance"): after a training forward, each
+// head's bias of each sub-key moves by balance_rate, up if the global micro-batch selected
+// it less often than the mean (N_global * k / n), down if more often. The counts are
+// integers summed over ranks, so the biases are the same on every rank and for any P.
+static void balance_update(mp_retrieval_layer *l, const mp_backend *be, int N) {
+    const mp_retrieval_config *rc = l->rc;
+    int H = rc->heads, k = rc->topk, n = rc->n_sub;
+    size_t G = 2 * (size_t)H * n;
+    be->subkey_counts(l->key_counts, l->sel_a, l->sel_b, N, H, k, n);
+    int32_t *counts = l->key_counts_i32;
+    be->to_host(counts, l->key_counts, G * sizeof(int32_t));
+    double *c = l->key_counts_host;                  // (G + 1): counts, then tokens
+    for (size_t i = 0; i < G; i++) c[i] = counts[i];
+    c[G] = N;
+    if (l->comm && l->comm->size > 1) l->comm->allreduce_f64(l->comm, c, G + 1);
+    double mean_times_n = c[G] * k;                  // a head's selections in one half
+    float *b = l->key_bias_host, rate = rc->balance_rate;
+    be->to_host(b, l->key_bias, G * sizeof(float));
+    for (size_t i = 0; i < G; i++) {
+        double d = mean_times_n - n * c[i];          // exact: integers below 2^53
+        b[i] += d > 0 ? rate : d < 0 ? -rate : 0.0f;
+    }
+    be->from_host(l->key_bias, b, G * sizeof(float));
+}
+
 void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y, const float *x,
                           int N, int train) {
     mp_exchange *e = &l->ex;
     mp_route_plan *p = &e->plan;
     int C = l->C, S = l->rc->heads * l->rc->topk, P = p->P;
     be->retrieval_route(l, x, N, train);
+    if (train && l->key_bias) balance_update(l, be, N);
     if (mp_stage_single(l, be)) {   // one process, device memory: no exchange, no host copies
         mp_stage_forward_single(l, be, y, x, N, train);
         return;
@@ -226,7 +252,7 @@ void mp_retrieval_exchange_init(mp_retrieval_layer *l, mp_comm *comm) {
 void mp_retrieval_exchange_free(mp_retrieval_layer *l) {
     mp_stage_free(l);
     mp_retrieval_scratch *w = &l->scratch;
-    void *scratch[] = {w->s1, w->s2, w->count, w->begin, w->items, w->touched, w->dpre};
+    void *scratch[] = {w->s1, w->s2, w->bs1, w->bs2, w->count, w->begin, w->items, w->touched, w->dpre};
     for (size_t i = 0; i < sizeof scratch / sizeof scratch[0]; i++) free(scratch[i]);
     memset(w, 0, sizeof *w);
     mp_exchange *e = &l->ex;

@@ -34,10 +34,11 @@ typedef struct {
 // Scratch of the CPU retrieval ops, kept across steps (host memory, grown as needed).
 typedef struct {
     float *s1, *s2;                  // (rows, n) sub-key scores of a chunk of queries
+    float *bs1, *bs2;                // (rows, n) the same plus the balance biases
     int64_t *count, *begin, *items;  // bucketing of records by expert row
     int32_t *touched;
     float *dpre;                     // (R) d(pre-activation) per record
-    size_t cap_s1, cap_s2, cap_count, cap_begin, cap_items, cap_touched, cap_dpre;
+    size_t cap_s1, cap_s2, cap_bs1, cap_bs2, cap_count, cap_begin, cap_items, cap_touched, cap_dpre;
 } mp_retrieval_scratch;
 
 struct mp_retrieval_layer {
@@ -57,6 +58,14 @@ struct mp_retrieval_layer {
     // (fp32 accumulation; u, v stay the fp32 master weights). NULL in fp32 mode.
     const uint16_t *u_bf16, *v_bf16;  // (rows, C)
     float *running_mean, *running_var;   // (H*dk), NULL without query BN
+    // Sub-key balance biases (peer.balance_rate > 0, else NULL): k1 biases (H, n) then k2
+    // biases (H, n), added to each head's sub-key scores for the selection only (the gates
+    // use the plain scores), moved toward equal use after every training forward.
+    float *key_bias;                  // (2, H, n) in the model's router state
+    int32_t *key_counts;              // (2, H, n) backend memory: selections per sub-key
+    int32_t *key_counts_i32;          // (2, H, n) host copy of key_counts
+    double *key_counts_host;          // (2*H*n + 1) host: counts and the token count, summed
+    float *key_bias_host;             // (2, H, n) host copy of key_bias
 
     // kept by forward for backward
     float *q;                         // (maxN, H*dk) query before BN

@@ -101,7 +101,14 @@ def real(name, obj):
     if isinstance(obj, h5py.Dataset) and not obj.is_virtual:
         assert obj.fletcher32 and obj.chunks, name
 f.visititems(real)
-assert set(f["state"]) == {"h1.peer.bn.running_mean", "h1.peer.bn.running_var"}
+assert set(f["state"]) == {"h1.peer.bn.running_mean", "h1.peer.bn.running_var",
+                           "h1.peer.k1_bias", "h1.peer.k2_bias"}
+# balance biases (tiny.ini's balance_rate 0.01): (H, n), moved by +-0.01 per step for 20 steps
+H = int(cp["peer"]["heads"].strip())
+for name in ("h1.peer.k1_bias", "h1.peer.k2_bias"):
+    b = f["state"][name][()]
+    assert b.shape == (H, 16), (name, b.shape)
+    assert np.abs(b).max() <= 20 * 0.01 * (1 + 1e-5) and np.abs(b).max() > 0, (name, b)
 assert set(f["params"]) == set(f["adam_m"]) == set(f["adam_v"])
 EOF
 mv "$tmp/moved" "$tmp/a2/checkpoints/step_00000020"
@@ -135,6 +142,8 @@ expect_error "resume with another d_model: names index.h5 and the key" \
     2 "$tmp/e1" --resume "$tmp/a2/checkpoints/step_00000010" --set model.d_model=64
 expect_error "automatic resume with another expert count" "key 'peer.experts' is 256 in the checkpoint but 1024" \
     1 "$tmp/a1" --set peer.experts=1024
+expect_error "automatic resume without the balance biases the checkpoint has" \
+    "key 'peer.balance_rate' is 0.01 in the checkpoint but 0 in" 1 "$tmp/a1" --set peer.balance_rate=0
 expect_error "--resume of a missing checkpoint" "nope: no such checkpoint" 1 "$tmp/e2" --resume "$tmp/nope"
 expect_error "--resume of a directory that is no checkpoint" "no checkpoints/latest" 1 "$tmp/e3" --resume "$tmp/docs"
 expect_error "--resume and --no-resume" "exclude each other" 1 "$tmp/e4" --resume "$tmp/a1" --no-resume

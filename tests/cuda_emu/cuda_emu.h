@@ -216,3 +216,10 @@ inline float min(float a, float b) { return fminf(a, b); }
 inline float max(float a, float b) { return fmaxf(a, b); }
 inline double min(double a, double b) { return fmin(a, b); }
 inline double max(double a, double b) { return fmax(a, b); }
+// Every thread of the emulator runs on one OS thread and switches only at barriers, so a
+// plain read-modify-write is atomic.
+inline int atomicAdd(int *address, int val) {
+    int old = *address;
+    *address = old + val;
+    return old;
+}

@@ -188,9 +188,9 @@ def as_f64(d):
 
 def layer_margin(cfg, block, f, params, state, train):
     """The smallest top-k decision margin of block's retrieval layer on rows f (N_tok, C):
-    over tokens and heads, the gap between the k-th and (k+1)-th best of all n*n scores
-    s1[a] + s2[b] (the product-key top-k picks exactly the best k of them), over the root
-    mean square of all scores; with ReLU PEER experts also the smallest |u_e . f_t| of a
+    over tokens and heads, the gap between the k-th and (k+1)-th best of all n*n ranked
+    scores s1[a] + s2[b] (plus the balance biases b1[a] + b2[b] when the layer has them; the
+    product-key top-k picks exactly the best k), over the root mean square of all scores; with ReLU PEER experts also the smallest |u_e . f_t| of a
     selected expert over their rms (the kink: the gradient jumps there). inf for a dense
     block."""
     r = cfg.retrieval(block)
@@ -209,6 +209,9 @@ def layer_margin(cfg, block, f, params, state, train):
     half = r.key_dim // 2
     s1 = q[..., :half] @ np.asarray(p[pre + "k1"]).T                  # (N_tok, H, n)
     s2 = q[..., half:] @ np.asarray(p[pre + "k2"]).T
+    if r.balance_rate > 0:
+        s1 = s1 + np.asarray(state[pre + "k1_bias"])                   # (H, n) per head
+        s2 = s2 + np.asarray(state[pre + "k2_bias"])
     full = (s1[..., :, None] + s2[..., None, :]).reshape(f.shape[0], r.heads, -1)
     top = -np.sort(-full, axis=-1)[..., :r.topk + 1]
     margin = float((top[..., r.topk - 1] - top[..., r.topk]).min() / np.sqrt(np.mean(full ** 2)))

@@ -24,9 +24,16 @@ TRAIN = {"steps": STEPS, "warmup": 3, "lr": 3e-3, "min_lr_frac": 0.1, "key_lr": 
 # The PKM block has no query BN here: with it, its ln2.b gradient is zero in exact
 # arithmetic (BN removes the per-column constant), so the C value of ln2.b after training
 # would be pure amplified noise. PKM with BN is covered by test_layers.py.
+# "balanced": sub-key balance biases in both retrieval layers, at a rate large enough that
+# they reorder the top-k within the 10 steps (the scores' rms is ~0.6 at initialisation:
+# query BN gives unit variance, the keys are uniform with bound 1/sqrt(dk/2)), so a bias
+# that ranked wrongly, or a gate that used the biased score, shows in the losses.
 VARIANTS = {
     "dense,peer": {"model": {"ffn": "dense,peer"}},
     "pkm,peer": {"model": {"ffn": "pkm,peer"}, "pkm": {"query_bn": "false"}},
+    "pkm,peer balanced": {"model": {"ffn": "pkm,peer"}, "pkm": {"query_bn": "false",
+                                                                "balance_rate": 0.05},
+                          "peer": {"balance_rate": 0.05}},
 }
 
 
@@ -66,7 +73,7 @@ class Run:
 @pytest.fixture(params=list(VARIANTS), scope="module")
 def unclipped(request, run_dump, tmp_path_factory):
     overrides = dict(VARIANTS[request.param], train=TRAIN)
-    directory = tmp_path_factory.mktemp(request.param.replace(",", "_"))
+    directory = tmp_path_factory.mktemp(request.param.replace(",", "_").replace(" ", "_"))
     return Run(request.param, run_dump(directory, "model", make_ini(overrides),
                                        "--steps", STEPS))
 
@@ -77,7 +84,8 @@ def clipped(unclipped, run_dump, tmp_path_factory):
     some steps are clipped and others not (Adam is nearly scale invariant, so the clipped
     trajectory stays close to the unclipped one; the test checks the split)."""
     clip = float(np.median(unclipped.trained[1]))
-    directory = tmp_path_factory.mktemp(unclipped.variant.replace(",", "_") + "_clip")
+    directory = tmp_path_factory.mktemp(unclipped.variant.replace(",", "_").replace(" ", "_")
+                                        + "_clip")
     overrides = dict(VARIANTS[unclipped.variant], train=TRAIN)
     dump = run_dump(directory, "model", make_ini(overrides), "--steps", STEPS,
                     "--set", f"train.grad_clip={clip:.6g}")
@@ -124,9 +132,9 @@ def check_training(run):
         f"{what}: step {int(np.argmax(norm_err))} grad norm relative error "
         f"{norm_err.max():.3g}; C {c_norms} reference {norms}")
     assert_close(run.dump.group("final"), final, f"{what}: parameters after {STEPS} steps")
-    if run.dump.group("final_state"):   # BN running statistics after the STEPS forwards
+    if run.dump.group("final_state"):   # BN running statistics, balance biases
         assert_close(run.dump.group("final_state"), state,
-                     f"{what}: BN running statistics after {STEPS} steps")
+                     f"{what}: router state after {STEPS} steps")
     # Every parameter moved by much more than the tolerance, so the check above has teeth.
     moved = {k: rel_err(final[k], run.params[k]) for k in run.params}
     assert min(moved.values()) > 10 * TOL, f"{what}: some parameters barely moved: {moved}"

@@ -18,7 +18,7 @@ def test_topk_equals_brute_force(n, k, half, rows):
     rng = np.random.default_rng(n * 100 + k)
     q1, q2 = rng.normal(size=(2, rows, 2, half))
     k1, k2 = rng.normal(size=(2, n, half))
-    scores, experts = R.product_key_topk(q1, q2, k1, k2, k)
+    scores, experts, _, _ = R.product_key_topk(q1, q2, k1, k2, k)
     # Brute force: every expert e = a*n + b scores s1[a] + s2[b].
     full = (q1 @ k1.T)[..., :, None] + (q2 @ k2.T)[..., None, :]   # (rows, 2, n, n)
     full = full.reshape(rows, 2, n * n)

@@ -30,8 +30,8 @@ static void fill(mp_model *m, mp_adamw *opt, float salt) {
             opt->v[g][i] = p[i] * p[i];
         }
     }
-    size_t n = mp_model_bn_state_size(m);
-    for (size_t i = 0; i < n; i++) mp_model_bn_state(m)[i] = salt * 2 + (float)i;
+    size_t n = mp_model_router_state_size(m);
+    for (size_t i = 0; i < n; i++) mp_model_router_state(m)[i] = salt * 2 + (float)i;
     opt->t = (long)salt;
 }
 
@@ -42,8 +42,8 @@ static int same(mp_model *a, mp_adamw *oa, mp_model *b, mp_adamw *ob) {
             memcmp(oa->m[g], ob->m[g], n) || memcmp(oa->v[g], ob->v[g], n))
             return 0;
     }
-    return oa->t == ob->t && !memcmp(mp_model_bn_state(a), mp_model_bn_state(b),
-                                      mp_model_bn_state_size(a) * sizeof(float));
+    return oa->t == ob->t && !memcmp(mp_model_router_state(a), mp_model_router_state(b),
+                                      mp_model_router_state_size(a) * sizeof(float));
 }
 
 static void path(char *out, size_t len, const char *name) { snprintf(out, len, "%s/%s", dir, name); }

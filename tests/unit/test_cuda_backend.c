@@ -349,7 +349,7 @@ static void check_topk(long rows, int n, int k, int grid) {
     float *d_s1 = dev_copy(s1, ns * 4), *d_s2 = dev_copy(s2, ns * 4);
     int32_t *d_sel = gpu->alloc(nk * 4), *d_a = gpu->alloc(nk * 4), *d_b = gpu->alloc(nk * 4);
     float *d_gate = gpu->alloc(nk * 4);
-    mp_cuda_product_topk(d_s1, d_s2, rows, n, k, d_sel, d_a, d_b, d_gate);
+    mp_cuda_product_topk(d_s1, d_s2, NULL, 1, rows, n, k, d_sel, d_a, d_b, d_gate);
     int32_t *sel = host_copy(d_sel, nk * 4), *sa = host_copy(d_a, nk * 4), *sb = host_copy(d_b, nk * 4);
     float *gate = host_copy(d_gate, nk * 4);
     long best[32];
@@ -416,7 +416,7 @@ static void test_topk(void **state) {
         }
         float *d_s = dev_copy(s, 2 * ns * 4), *d_gate = gpu->alloc(nk * 4);
         int32_t *d_sel = gpu->alloc(3 * nk * 4);   // sel, sel_a, sel_b
-        mp_cuda_product_topk(d_s, d_s + ns, rows, n, k, d_sel, d_sel + nk, d_sel + 2 * nk, d_gate);
+        mp_cuda_product_topk(d_s, d_s + ns, NULL, 1, rows, n, k, d_sel, d_sel + nk, d_sel + 2 * nk, d_gate);
         int32_t *sel = host_copy(d_sel, nk * 4);
         long best[8];
         for (int r = 0; r < rows; r++) {
@@ -501,6 +501,11 @@ static double decision_margin(mp_retrieval_layer *l, int N) {
                     s2[a] += (double)q[half + c] * l->k2[(size_t)a * half + c];
                 }
             }
+            if (l->key_bias)   // what the top-k ranks: the scores plus this head's biases
+                for (int a = 0; a < n; a++) {
+                    s1[a] += l->key_bias[(size_t)h * n + a];
+                    s2[a] += l->key_bias[((size_t)H + h) * n + a];
+                }
             for (int e = 0; e < n * n; e++) sc[e] = s1[e / n] + s2[e % n];
             double kth = -INFINITY, next = -INFINITY;   // k-th and (k+1)-th largest
             for (int j = 0; j <= k; j++) {
@@ -567,11 +572,24 @@ static void new_tables_bf16(mp_model *a, mp_model *b) {
     free(h);
 }
 
+// The same random sub-key balance biases of block 1 in both models (none without).
+static void same_random_biases(mp_model *a, mp_model *b) {
+    mp_retrieval_layer *la = mp_model_retrieval_layer(a, 1), *lb = mp_model_retrieval_layer(b, 1);
+    if (!la->key_bias) return;
+    size_t n = 2 * (size_t)la->rc->heads * la->rc->n_sub;
+    float *h = frand(n, -0.5f, 0.5f);   // of the order of the scores (rms ~0.6): they reorder
+    mp_model_backend(a)->from_host(la->key_bias, h, n * sizeof(float));
+    mp_model_backend(b)->from_host(lb->key_bias, h, n * sizeof(float));
+    free(h);
+}
+
 // The FFN branch of block 1 (the retrieval layer) on both backends: y, dx and every gradient.
+// balance > 0: sub-key balance biases at that rate, starting from random values.
 static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, int train,
-                           int precision) {
+                           int precision, float balance) {
     mp_config c;
     small_config(&c, kind, query_bn, act, 48, 16, 2, 4, 8);
+    c.peer.balance_rate = c.pkm.balance_rate = balance;
     int N = c.batch_size * c.context, C = c.d_model;
     size_t NC = (size_t)N * C;
     mp_config cg = c;   // the GPU's: the same model, maybe bf16 tables
@@ -589,6 +607,7 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
         truncate_tables_bf16(mc);
         truncate_tables_bf16(mg);
     }
+    same_random_biases(mc, mg);
     mp_retrieval_layer *lc = mp_model_retrieval_layer(mc, 1);
     float *x = NULL, *yc = malloc(NC * 4);
     int rejected = 0;
@@ -600,17 +619,19 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
         if (decision_margin(lc, N) > 1e-4) break;
         if (rejected == 50) fail_msg("no input without near-ties in 50 tries");
     }
-    // running statistics back to their start (the rejected tries moved them)
+    // running statistics and biases back to their start (the rejected tries moved them)
     mp_model_init(mc);
     if (precision == BF16_EXACT) truncate_tables_bf16(mc);
+    same_random_biases(mc, mg);
     same_random_grads(mc, mg);
     mp_model_ffn_forward(mc, 1, yc, x, N, train);
     float *d_x = dev_copy(x, NC * 4), *d_y = gpu->alloc(NC * 4);
     mp_model_ffn_forward(mg, 1, d_y, d_x, N, train);
     char ctx[96];
-    snprintf(ctx, sizeof ctx, "%s bn %d %s %s%s", kind == MP_FFN_PEER ? "peer" : "pkm", query_bn,
+    snprintf(ctx, sizeof ctx, "%s bn %d %s %s%s%s", kind == MP_FFN_PEER ? "peer" : "pkm", query_bn,
              act == MP_ACT_RELU ? "relu" : "gelu", train ? "train" : "eval",
-             precision == BF16 ? " bf16" : precision == BF16_EXACT ? " bf16 (exact tables)" : "");
+             precision == BF16 ? " bf16" : precision == BF16_EXACT ? " bf16 (exact tables)" : "",
+             balance > 0 ? " balanced" : "");
     char what[160];
     snprintf(what, sizeof what, "%s: y", ctx);
     expect_dev(what, d_y, yc, NC);
@@ -621,9 +642,9 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
     assert_memory_equal(sel, lc->sel, NS * 4);
     snprintf(what, sizeof what, "%s: gates", ctx);
     expect_dev(what, lg->gate, lc->gate, NS);
-    if (query_bn) {
-        snprintf(what, sizeof what, "%s: BN running statistics", ctx);
-        expect_dev(what, mp_model_bn_state(mg), mp_model_bn_state(mc), mp_model_bn_state_size(mc));
+    if (query_bn || balance > 0) {   // the biases moved by integer counts: equal
+        snprintf(what, sizeof what, "%s: router state", ctx);
+        expect_dev(what, mp_model_router_state(mg), mp_model_router_state(mc), mp_model_router_state_size(mc));
     }
     // backward: dx starts random (accumulation)
     float *dy = frand(NC, -1, 1), *dx = frand(NC, -1, 1);
@@ -652,26 +673,32 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
 }
 
 static void check_layer(mp_ffn_kind kind, int query_bn, mp_activation act, int train) {
-    check_layer_at(kind, query_bn, act, train, FP32);
+    check_layer_at(kind, query_bn, act, train, FP32, 0.0f);
 }
 
 static void test_layer_peer(void **s) { (void)s; check_layer(MP_FFN_PEER, 1, MP_ACT_GELU, 1); }
 static void test_layer_peer_eval(void **s) { (void)s; check_layer(MP_FFN_PEER, 1, MP_ACT_GELU, 0); }
 static void test_layer_peer_relu_nobn(void **s) { (void)s; check_layer(MP_FFN_PEER, 0, MP_ACT_RELU, 1); }
 static void test_layer_pkm(void **s) { (void)s; check_layer(MP_FFN_PKM, 1, MP_ACT_GELU, 1); }
+static void test_layer_balanced(void **s) {
+    (void)s;
+    check_layer_at(MP_FFN_PEER, 1, MP_ACT_GELU, 1, FP32, 0.05f);
+    check_layer_at(MP_FFN_PEER, 1, MP_ACT_GELU, 0, FP32, 0.05f);
+    check_layer_at(MP_FFN_PKM, 0, MP_ACT_GELU, 1, FP32, 0.05f);
+}
 static void test_layer_peer_bf16_exact(void **s) {
     (void)s;
-    check_layer_at(MP_FFN_PEER, 1, MP_ACT_GELU, 1, BF16_EXACT);
-    check_layer_at(MP_FFN_PEER, 0, MP_ACT_RELU, 1, BF16_EXACT);
+    check_layer_at(MP_FFN_PEER, 1, MP_ACT_GELU, 1, BF16_EXACT, 0.0f);
+    check_layer_at(MP_FFN_PEER, 0, MP_ACT_RELU, 1, BF16_EXACT, 0.0f);
 }
 static void test_layer_pkm_bf16_exact(void **s) {
     (void)s;
-    check_layer_at(MP_FFN_PKM, 1, MP_ACT_GELU, 1, BF16_EXACT);
+    check_layer_at(MP_FFN_PKM, 1, MP_ACT_GELU, 1, BF16_EXACT, 0.0f);
 }
 static void test_layer_peer_bf16(void **s) {
     (void)s;
-    check_layer_at(MP_FFN_PEER, 1, MP_ACT_GELU, 1, BF16);
-    check_layer_at(MP_FFN_PKM, 1, MP_ACT_GELU, 1, BF16);
+    check_layer_at(MP_FFN_PEER, 1, MP_ACT_GELU, 1, BF16, 0.0f);
+    check_layer_at(MP_FFN_PKM, 1, MP_ACT_GELU, 1, BF16, 0.0f);
 }
 
 // to_bf16: round to nearest, ties to even, on values whose answers follow from the definition
@@ -855,6 +882,7 @@ int main(void) {
         cmocka_unit_test_setup(test_layer_peer_eval, reset_tolerance),
         cmocka_unit_test_setup(test_layer_peer_relu_nobn, reset_tolerance),
         cmocka_unit_test_setup(test_layer_pkm, reset_tolerance),
+        cmocka_unit_test_setup(test_layer_balanced, reset_tolerance),
         cmocka_unit_test_setup(test_to_bf16, reset_tolerance),
         cmocka_unit_test_setup(test_layer_peer_bf16_exact, reset_tolerance),
         cmocka_unit_test_setup(test_layer_pkm_bf16_exact, reset_tolerance),

@@ -82,10 +82,10 @@ static int group_teardown(void **state) {
 
 // Distinct, non-default BN statistics, so a load that skipped /state would be caught.
 static void fill_bn(mp_model *m, float base_value) {
-    size_t n = mp_model_bn_state_size(m);
+    size_t n = mp_model_router_state_size(m);
     float *host = malloc(n * sizeof *host);
     for (size_t i = 0; i < n; i++) host[i] = base_value + 0.25f * (float)i;
-    mp_model_backend(m)->from_host(mp_model_bn_state(m), host, n * sizeof *host);
+    mp_model_backend(m)->from_host(mp_model_router_state(m), host, n * sizeof *host);
     free(host);
 }
 
@@ -96,9 +96,9 @@ static int buffers_equal(mp_model *a, mp_model *b) {
         if (n && memcmp(mp_model_params(a, g), mp_model_params(b, g), n * sizeof(float)))
             return 0;
     }
-    size_t n = mp_model_bn_state_size(a);
-    return n == mp_model_bn_state_size(b) &&
-           !memcmp(mp_model_bn_state(a), mp_model_bn_state(b), n * sizeof(float));
+    size_t n = mp_model_router_state_size(a);
+    return n == mp_model_router_state_size(b) &&
+           !memcmp(mp_model_router_state(a), mp_model_router_state(b), n * sizeof(float));
 }
 
 static void test_round_trip(void **state) {
@@ -106,7 +106,7 @@ static void test_round_trip(void **state) {
     char path[300], tmp[310], err[512];
     path_in_dir(path, sizeof path, "round.h5");
     mp_model *a = make_model(&base);
-    assert_true(mp_model_bn_state_size(a) == 2 * 2 * (2 * 4));   // 2 layers x (mean, var) x H*dk
+    assert_true(mp_model_router_state_size(a) == 2 * 2 * (2 * 4));   // 2 layers x (mean, var) x H*dk
     fill_bn(a, 3.0f);
     assert_int_equal(mp_model_save(a, path, 123, err, sizeof err), 0);
     snprintf(tmp, sizeof tmp, "%s.tmp", path);

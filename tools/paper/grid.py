@@ -11,7 +11,8 @@ into RUNS/NAME/eval.json):
 - Table 1: dense, PKM and PEER (configs/dense.ini, pkm.ini, tiny.ini: equal forward FLOPs
   per token, the same data, schedule and optimizer) for each seed and corpus, --steps1 steps.
 - Table 2 and Figure 3a: the PEER layer of configs/tiny.ini with N = each of --experts,
-  query BatchNorm on and off, --steps2 steps, on the demo corpus; the usage is evaluated on
+  query BatchNorm on and off, sub-key balance biases on (tiny.ini's balance_rate) and off
+  (the paper's router), --steps2 steps, on the demo corpus; the usage is evaluated on
   enough validation tokens for at least 8 selections per expert on average, beside the
   usage a uniform random router would show on the same selections.
 
@@ -94,14 +95,21 @@ def plan(a, data):
         # >= 8 selections per expert on average: 8 N / (H k) tokens, in batches of B x T
         batches = max(8, math.ceil(8 * n_exp / (H * k) / (B * T)))
         for bn in (True, False):
-            sets = [f"data.train={data['demo'] / 'train.bin'}", f"data.val={data['demo'] / 'val.bin'}",
-                    f"train.seed={a.seeds[0]}", f"train.steps={a.steps2}", f"peer.experts={n_exp}",
-                    f"peer.query_bn={'true' if bn else 'false'}",
-                    f"train.eval_every={max(1, a.steps2 // 5)}", f"train.log_every={max(1, a.steps2 // 5)}",
-                    f"checkpoint.every={max(1, a.steps2 // 3)}"]
-            runs.append(Run(f"t2-n{n_exp}-bn{int(bn)}", "configs/tiny.ini", sets, batches, "table2",
-                            experts=n_exp, bn=bn))
+            for bal in (True, False):
+                sets = [f"data.train={data['demo'] / 'train.bin'}", f"data.val={data['demo'] / 'val.bin'}",
+                        f"train.seed={a.seeds[0]}", f"train.steps={a.steps2}", f"peer.experts={n_exp}",
+                        f"peer.query_bn={'true' if bn else 'false'}",
+                        f"train.eval_every={max(1, a.steps2 // 5)}", f"train.log_every={max(1, a.steps2 // 5)}",
+                        f"checkpoint.every={max(1, a.steps2 // 3)}"]
+                if not bal:
+                    sets.append("peer.balance_rate=0")
+                runs.append(Run(t2_name(n_exp, bn, bal), "configs/tiny.ini", sets, batches, "table2",
+                                experts=n_exp, bn=bn, bal=bal))
     return runs
+
+
+def t2_name(n_exp, bn, bal):
+    return f"t2-n{n_exp}-bn{int(bn)}-bal{int(bal)}"
 
 
 def run_one(r, a):
@@ -251,31 +259,37 @@ def report(a, runs):
     if t2:
         L += ["## Table 2 analog: expert usage and unevenness, with and without query BatchNorm", "",
               f"PEER layer of configs/tiny.ini (H = 4 heads x top-8) with N experts, {a.steps2} steps, "
-              "demo corpus. Usage is the fraction of experts selected at least once over the "
+              "demo corpus, query BatchNorm on or off, sub-key balance biases on (`balance_rate` = "
+              "0.01, tiny.ini's) or off (`balance_rate` = 0: the paper's router). Usage is the "
+              "fraction of experts selected at least once over the "
               "evaluated tokens, and unevenness the KL divergence (nats) of the gate mass per expert "
               "from uniform (paper, Table 2). `uniform` is the usage a uniform random router would "
               "show on the same number of selections, 1 - (1 - 1/N)^selections. The validation loss is "
               "the run's last, on the same 8 batches of 16 x 128 bytes for every N.", "",
-              "| N | tokens evaluated | selections per expert | usage, BN | usage, no BN | uniform | "
-              "unevenness, BN | unevenness, no BN | val loss, BN | val loss, no BN |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| N | query BN | balance | tokens evaluated | selections per expert | usage | uniform | "
+              "unevenness | val loss |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for n_exp in a.experts:
-            on = res[f"t2-n{n_exp}-bn1"][2]
-            off = res[f"t2-n{n_exp}-bn0"][2]
-            lo, lf = on["layers"][0], off["layers"][0]
-            sel = on["tokens"] * 4 * 8
-            L.append(f"| {n_exp:,} ({int(math.isqrt(n_exp))}²) | {on['tokens']:,} | {sel / n_exp:.1f} | "
-                     f"{100 * lo['usage']:.1f} % | {100 * lf['usage']:.1f} % | {100 * lo['usage_uniform']:.1f} % | "
-                     f"{lo['unevenness']:.2f} | {lf['unevenness']:.2f} | {last_val(f't2-n{n_exp}-bn1'):.4f} | "
-                     f"{last_val(f't2-n{n_exp}-bn0'):.4f} |")
+            for bn in (True, False):
+                for bal in (True, False):
+                    name = t2_name(n_exp, bn, bal)
+                    ev = res[name][2]
+                    lay = ev["layers"][0]
+                    sel = ev["tokens"] * 4 * 8
+                    L.append(f"| {n_exp:,} ({int(math.isqrt(n_exp))}²) | {'yes' if bn else 'no'} | "
+                             f"{'yes' if bal else 'no'} | {ev['tokens']:,} | {sel / n_exp:.1f} | "
+                             f"{100 * lay['usage']:.1f} % | {100 * lay['usage_uniform']:.1f} % | "
+                             f"{lay['unevenness']:.2f} | {last_val(name):.4f} |")
         L += ["", "The paper's Table 2 (1M-token eval set, C4, after full training): usage 100 % with "
               "and without BN up to 262K experts and 99.8 % / 100 % at 1M; unevenness 0.30 / 0.45 "
               "(16K), 0.44 / 0.63 (65K), 0.66 / 0.97 (262K), 1.06 / 1.52 (1M), BN / no BN.", ""]
         fig, ax = plt.subplots(figsize=(5.6, 4.0))
-        for bn, c in ((1, "tab:red"), (0, "tab:orange")):
+        for bn, bal, c, ls in ((1, 1, "tab:red", "-"), (1, 0, "tab:red", "--"),
+                               (0, 1, "tab:orange", "-"), (0, 0, "tab:orange", "--")):
             xs = a.experts
-            ys = [last_val(f"t2-n{n}-bn{bn}") for n in xs]
-            ax.plot(xs, ys, marker="o", color=c, label="query BN" if bn else "no query BN")
+            ys = [last_val(t2_name(n, bn, bal)) for n in xs]
+            ax.plot(xs, ys, marker="o", color=c, ls=ls,
+                    label=f"{'query BN' if bn else 'no query BN'}, {'balance' if bal else 'no balance'}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("experts N (H x k = 32 active)")
         ax.set_ylabel("validation loss (nats/byte)")
@@ -285,8 +299,8 @@ def report(a, runs):
               f"The same runs: a fixed number of active experts (4 heads x top-8) and N from "
               f"{a.experts[0]:,} to {a.experts[-1]:,}.", "",
               "![Figure 3a analog](quality/fig3a_loss_vs_experts.png)", ""]
-    L += ["What these numbers do and do not show, and why the demo's usage is far below the "
-          "paper's: [expert_usage.md](expert_usage.md).", ""]
+    L += ["What these numbers do and do not show, why the paper's router alone uses few of "
+          "the demo's experts, and what the balance biases change: [expert_usage.md](expert_usage.md).", ""]
     return L
 
 

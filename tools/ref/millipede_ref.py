@@ -3,7 +3,9 @@
 Written from docs/model.md only. Everything is a pure function of plain dicts of arrays:
 
     params: {name: array}      names and shapes as in docs/model.md ("h1.peer.wq", ...)
-    state:  {name: array}      BatchNorm running statistics ("h1.peer.bn.running_mean", ...)
+    state:  {name: array}      router state: BatchNorm running statistics
+                               ("h1.peer.bn.running_mean", ...) and sub-key balance
+                               biases ("h1.peer.k1_bias", (H, n))
 
 The tests run this in float64 (jax_enable_x64) on the float32 parameters the C program
 dumped; the benchmark runs it in float32. Nothing here switches x64 on or off: dtypes
@@ -38,6 +40,7 @@ class Retrieval:
     bn_momentum: float
     bn_eps: float
     activation: str     # gelu | relu (PEER only)
+    balance_rate: float = 0.0   # sub-key balance bias step, 0 = no biases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,7 @@ DEFAULTS = {
               "n_heads": "4", "dense_hidden": "0", "ffn": "dense", "init_std": "0.02"},
     "retrieval": {"experts": "65536", "heads": "4", "topk": "8", "key_dim": "64",
                   "query_bn": "true", "bn_momentum": "0.1", "bn_eps": "1e-5",
-                  "activation": "gelu"},
+                  "activation": "gelu", "balance_rate": "0"},
     "train": {"steps": "1000", "seed": "1337", "batch_size": "8", "grad_accum": "1",
               "lr": "1e-3", "min_lr_frac": "0.1", "warmup": "100", "weight_decay": "0.1",
               "beta1": "0.9", "beta2": "0.95", "eps": "1e-8", "grad_clip": "1.0",
@@ -136,7 +139,7 @@ def parse_config(text, overrides=()):
                          key_dim=int(g("key_dim")),
                          query_bn=_bool(section, "query_bn", g("query_bn")),
                          bn_momentum=float(g("bn_momentum")), bn_eps=float(g("bn_eps")),
-                         activation=act)
+                         activation=act, balance_rate=float(g("balance_rate")))
 
     m = lambda key: get("model", key)  # noqa: E731
     t = lambda key: get("train", key)  # noqa: E731
@@ -226,14 +229,19 @@ def ffn_table(cfg, l):
 
 
 def init_state(cfg, dtype=jnp.float32):
-    """BatchNorm running statistics: mean 0, var 1."""
+    """BatchNorm running statistics: mean 0, var 1; balance biases 0."""
     state = {}
     for l in range(cfg.n_layers):
         r = cfg.retrieval(l)
-        if r is not None and r.query_bn:
-            p = f"h{l}.{cfg.ffn[l]}.bn."
-            state[p + "running_mean"] = jnp.zeros((r.heads * r.key_dim,), dtype)
-            state[p + "running_var"] = jnp.ones((r.heads * r.key_dim,), dtype)
+        if r is None:
+            continue
+        p = f"h{l}.{cfg.ffn[l]}."
+        if r.query_bn:
+            state[p + "bn.running_mean"] = jnp.zeros((r.heads * r.key_dim,), dtype)
+            state[p + "bn.running_var"] = jnp.ones((r.heads * r.key_dim,), dtype)
+        if r.balance_rate > 0:
+            state[p + "k1_bias"] = jnp.zeros((r.heads, r.n_sub), dtype)
+            state[p + "k2_bias"] = jnp.zeros((r.heads, r.n_sub), dtype)
     return state
 
 
@@ -302,21 +310,34 @@ def query_bn(q, w, b, running_mean, running_var, r, train):
     return q_hat, new_mean, new_var
 
 
-def product_key_topk(q1, q2, k1, k2, k):
-    """Product-key top-k.  q1, q2 (..., dk/2); k1, k2 (n, dk/2).
-    Returns scores (..., k) in descending order and expert ids (..., k) = a*n + b.
+def product_key_topk(q1, q2, k1, k2, k, b1=None, b2=None):
+    """Product-key top-k.  q1, q2 (..., H, dk/2); k1, k2 (n, dk/2); b1, b2 (H, n) balance
+    biases or None. Ranks (s1 + b1)[a] + (s2 + b2)[b] and returns the plain scores
+    s1[a] + s2[b] (..., H, k) in the ranking's order and expert ids (..., H, k) = a*n + b.
     The scores are differentiable (gathers of s1 and s2); the ids are not."""
     n = k1.shape[0]
-    s1 = q1 @ k1.T                                                    # (..., n)
-    s2 = q2 @ k2.T                                                    # (..., n)
-    v1, i1 = jax.lax.top_k(s1, k)                                     # (..., k)
-    v2, i2 = jax.lax.top_k(s2, k)
-    cand = (v1[..., :, None] + v2[..., None, :])                      # (..., k, k)
+    s1 = q1 @ k1.T                                                    # (..., H, n)
+    s2 = q2 @ k2.T                                                    # (..., H, n)
+    r1 = s1 if b1 is None else s1 + jax.lax.stop_gradient(b1)        # ranked scores
+    r2 = s2 if b2 is None else s2 + jax.lax.stop_gradient(b2)
+    v1, i1 = jax.lax.top_k(r1, k)                                     # (..., H, k)
+    v2, i2 = jax.lax.top_k(r2, k)
+    cand = (v1[..., :, None] + v2[..., None, :])                      # (..., H, k, k)
     cand = cand.reshape(cand.shape[:-2] + (k * k,))
-    scores, c = jax.lax.top_k(cand, k)                                # (..., k)
+    _, c = jax.lax.top_k(cand, k)                                     # (..., H, k)
     a = jnp.take_along_axis(i1, c // k, axis=-1)
     b = jnp.take_along_axis(i2, c % k, axis=-1)
-    return scores, a * n + b
+    scores = jnp.take_along_axis(s1, a, axis=-1) + jnp.take_along_axis(s2, b, axis=-1)
+    return scores, a * n + b, a, b
+
+
+def balance_update(bias, idx, r):
+    """New balance biases (H, n) after a training forward that selected sub-keys idx
+    (N_tok, H, k) of one half: +rate where a head selected a sub-key less often than the
+    mean N_tok*k/n, -rate where more often."""
+    counts = jnp.sum(jax.nn.one_hot(idx, r.n_sub, dtype=jnp.int32), axis=(0, 2))   # (H, n)
+    d = idx.shape[0] * r.topk - r.n_sub * counts
+    return bias + jnp.asarray(r.balance_rate, bias.dtype) * jnp.sign(d).astype(bias.dtype)
 
 
 def retrieve(f, p, prefix, r, state, train):
@@ -330,8 +351,14 @@ def retrieve(f, p, prefix, r, state, train):
                                                    state[rm], state[rv], r, train)
     q = q.reshape(q.shape[0], r.heads, r.key_dim)                     # (N_tok, H, dk)
     half = r.key_dim // 2
-    scores, experts = product_key_topk(q[..., :half], q[..., half:],
-                                       p[prefix + "k1"], p[prefix + "k2"], r.topk)
+    b1 = b2 = None
+    if r.balance_rate > 0:
+        b1, b2 = state[prefix + "k1_bias"], state[prefix + "k2_bias"]
+    scores, experts, a, b = product_key_topk(q[..., :half], q[..., half:], p[prefix + "k1"],
+                                             p[prefix + "k2"], r.topk, b1, b2)
+    if r.balance_rate > 0 and train:
+        new_state[prefix + "k1_bias"] = balance_update(b1, a, r)
+        new_state[prefix + "k2_bias"] = balance_update(b2, b, r)
     gates = jax.nn.softmax(scores, axis=-1)                           # (N_tok, H, k)
     return gates, experts, new_state
 

@@ -52,6 +52,7 @@ static const mp_backend cpu_backend = {
     .crossentropy_forward = mp_cpu_crossentropy_forward,
     .crossentropy_backward = mp_cpu_crossentropy_backward,
     .retrieval_route = mp_cpu_retrieval_route,
+    .subkey_counts = mp_cpu_subkey_counts,
     .retrieval_route_backward = mp_cpu_retrieval_route_backward,
     .experts_forward = mp_cpu_experts_forward,
     .experts_backward = mp_cpu_experts_backward,

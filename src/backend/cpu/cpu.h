@@ -63,6 +63,8 @@ double mp_cpu_sum_squares(const float *x, size_t n);
 // PEER / PKM layer on the CPU (src/backend/cpu/retrieval_cpu.c); the table entries of the
 // same names in include/millipede/backend.h say what they do.
 void mp_cpu_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train);
+void mp_cpu_subkey_counts(int32_t *counts, const int32_t *sel_a, const int32_t *sel_b, int N,
+                          int H, int k, int n);
 void mp_cpu_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N);
 void mp_cpu_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
                             const int64_t *slot_start, const int32_t *slot, const int32_t *row,

@@ -147,7 +147,8 @@ static void query_bn_forward(mp_retrieval_layer *l, int N, int train) {
 }
 
 // Sub-key scores and product-key top-k for every (token, head); fills sel, sel_a, sel_b
-// and gate (softmax of the selected scores).
+// and gate (softmax of the selected scores). With key_bias the top-k ranks the biased
+// scores, and the gates use the plain ones.
 static void retrieve(mp_retrieval_layer *l, int N) {
     const mp_retrieval_config *rc = l->rc;
     int H = rc->heads, k = rc->topk, dk = rc->key_dim, half = dk / 2, n = rc->n_sub;
@@ -158,6 +159,11 @@ static void retrieve(mp_retrieval_layer *l, int N) {
     mp_retrieval_scratch *w = &l->scratch;
     float *s1 = w->s1 = mp_grow(w->s1, &w->cap_s1, (size_t)chunk * n * sizeof(float));   // (chunk, n)
     float *s2 = w->s2 = mp_grow(w->s2, &w->cap_s2, (size_t)chunk * n * sizeof(float));   // (chunk, n)
+    float *bs1 = NULL, *bs2 = NULL;                      // (chunk, n) biased scores
+    if (l->key_bias) {
+        bs1 = w->bs1 = mp_grow(w->bs1, &w->cap_bs1, (size_t)chunk * n * sizeof(float));
+        bs2 = w->bs2 = mp_grow(w->bs2, &w->cap_bs2, (size_t)chunk * n * sizeof(float));
+    }
     for (long r0 = 0; r0 < rows_total; r0 += chunk) {
         long n_rows = rows_total - r0 < chunk ? rows_total - r0 : chunk;
         // qn viewed as (N*H, dk): the first half of each row against K1, the second against K2
@@ -170,8 +176,21 @@ static void retrieve(mp_retrieval_layer *l, int N) {
             float vals[k];
             long experts[k];
             size_t o = (size_t)row * k;
-            mp_product_topk(s1 + r * n, s2 + r * n, n, k, vals, experts, l->sel_a + o, l->sel_b + o);
+            const float *r1 = s1 + r * n, *r2 = s2 + r * n;   // (n) plain scores
+            if (l->key_bias) {
+                float *b1 = bs1 + r * n, *b2 = bs2 + r * n;        // (n) biased scores
+                const float *kb = l->key_bias + (row % H) * n;     // this head's k1 biases
+                for (int i = 0; i < n; i++) {
+                    b1[i] = r1[i] + kb[i];
+                    b2[i] = r2[i] + kb[(size_t)H * n + i];
+                }
+                mp_product_topk(b1, b2, n, k, vals, experts, l->sel_a + o, l->sel_b + o);
+                for (int j = 0; j < k; j++) vals[j] = r1[l->sel_a[o + j]] + r2[l->sel_b[o + j]];
+            } else {
+                mp_product_topk(r1, r2, n, k, vals, experts, l->sel_a + o, l->sel_b + o);
+            }
             float mx = vals[0], sum = 0.0f;
+            for (int j = 1; j < k; j++) mx = vals[j] > mx ? vals[j] : mx;
             for (int j = 0; j < k; j++) {
                 l->gate[o + j] = expf(vals[j] - mx);
                 sum += l->gate[o + j];
@@ -180,6 +199,19 @@ static void retrieve(mp_retrieval_layer *l, int N) {
                 l->gate[o + j] /= sum;
                 l->sel[o + j] = (int32_t)experts[j];
             }
+        }
+    }
+}
+
+void mp_cpu_subkey_counts(int32_t *counts, const int32_t *sel_a, const int32_t *sel_b, int N,
+                          int H, int k, int n) {
+    size_t Hn = (size_t)H * n;
+    memset(counts, 0, 2 * Hn * sizeof(int32_t));
+    for (long row = 0; row < (long)N * H; row++) {   // row = t*H + h
+        int32_t *c = counts + (row % H) * n;
+        for (int j = 0; j < k; j++) {
+            c[sel_a[row * k + j]]++;
+            c[Hn + sel_b[row * k + j]]++;
         }
     }
 }

@@ -240,6 +240,7 @@ static void fill_table(mp_backend *b) {
     b->crossentropy_forward = mp_cuda_crossentropy_forward;
     b->crossentropy_backward = mp_cuda_crossentropy_backward;
     b->retrieval_route = mp_cuda_retrieval_route;
+    b->subkey_counts = mp_cuda_subkey_counts;
     b->retrieval_route_backward = mp_cuda_retrieval_route_backward;
     b->experts_forward = mp_cuda_experts_forward;
     b->experts_backward = mp_cuda_experts_backward;

@@ -24,10 +24,12 @@ const char *mp_cuda_device_name(void);
 size_t mp_cuda_memory_used(void);
 // Product-key top-k of `rows` queries from their sub-key scores s1, s2 (rows, n): the k best
 // of s1[a] + s2[b] (ties to the lower expert id a*n + b), written as the route writes them:
-// sel, sel_a, sel_b and the softmax gates (rows, k). k <= 32, k <= n. Exposed for the
-// brute-force test.
-void mp_cuda_product_topk(const float *s1, const float *s2, long rows, int n, int k,
-                          int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate);
+// sel, sel_a, sel_b and the softmax gates (rows, k). k <= 32, k <= n. With bias (2, H, n)
+// (row r is head r % H), the ranking is of (s1[a] + b1[a]) + (s2[b] + b2[b]) and the gates
+// stay the softmax of the plain sums. Exposed for the brute-force test.
+void mp_cuda_product_topk(const float *s1, const float *s2, const float *bias, int H, long rows,
+                          int n, int k, int32_t *sel, int32_t *sel_a, int32_t *sel_b,
+                          float *gate);
 
 #ifdef __cplusplus
 }

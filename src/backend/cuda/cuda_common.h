@@ -147,6 +147,8 @@ void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float
 double mp_cuda_sum_squares(const float *x, size_t n);
 void mp_cuda_to_bf16(uint16_t *dst, const float *src, size_t n);
 void mp_cuda_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train);
+void mp_cuda_subkey_counts(int32_t *counts, const int32_t *sel_a, const int32_t *sel_b, int N,
+                           int H, int k, int n);
 void mp_cuda_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N);
 void mp_cuda_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
                              const int64_t *slot_start, const int32_t *slot, const int32_t *row,

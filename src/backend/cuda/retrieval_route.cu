@@ -163,15 +163,15 @@ static __device__ __forceinline__ void warp_best(float *v, int *i) {
     if (*i < 0) *i = 0;   // only when scores are NaN: keep the index in range
 }
 
-// The best of s[0..n) (index id[j], or j without id) ranked strictly after (pv, pi); every
-// lane gets it. k rounds of this give the exact top-k, ties included, with no sorting and no
-// state beyond the previous pick.
-static __device__ void warp_next(const float *s, const int *id, int n, float pv, int pi,
-                                 float *bv, int *bi) {
+// The best of s[0..n) (+ bias[0..n) when given; index id[j], or j without id) ranked
+// strictly after (pv, pi); every lane gets it. k rounds of this give the exact top-k, ties
+// included, with no sorting and no state beyond the previous pick.
+static __device__ void warp_next(const float *s, const float *bias, const int *id, int n,
+                                 float pv, int pi, float *bv, int *bi) {
     float v = -INFINITY;
     int i = -1;
     for (int j = threadIdx.x % 32; j < n; j += 32)
-        lane_consider(s[j], id ? id[j] : j, pv, pi, &v, &i);
+        lane_consider(bias ? s[j] + bias[j] : s[j], id ? id[j] : j, pv, pi, &v, &i);
     warp_best(&v, &i);
     *bv = v;
     *bi = i;
@@ -182,12 +182,17 @@ static __device__ void warp_next(const float *s, const int *id, int n, float pv,
 // once, so the row is read from memory once instead of k times. The slots past n hold NaN,
 // which is never picked. Only compile-time indices into x (unrolled loops): it stays in
 // registers.
+// With bias (n), the row ranked is s + bias.
 template <int NPL>
-static __device__ void row_topk(const float *s, int n, int k, float *out_v, int *out_i) {
+static __device__ void row_topk(const float *s, const float *bias, int n, int k, float *out_v,
+                                int *out_i) {
     int lane = threadIdx.x % 32;
-    float x[NPL];   // x[t] = s[lane + 32 t]
+    float x[NPL];   // x[t] = s[lane + 32 t] (+ bias[lane + 32 t])
     UNROLL
-    for (int t = 0; t < NPL; t++) x[t] = lane + 32 * t < n ? s[lane + 32 * t] : NAN;
+    for (int t = 0; t < NPL; t++) {
+        int i = lane + 32 * t;
+        x[t] = i < n ? (bias ? s[i] + bias[i] : s[i]) : NAN;
+    }
     float pv = INFINITY;
     int pi = -1;
     for (int r = 0; r < k; r++) {
@@ -207,11 +212,12 @@ static __device__ void row_topk(const float *s, int n, int k, float *out_v, int 
 
 // NPL = 0, n > 1024: the row does not fit in registers; every round reads it
 template <>
-__device__ void row_topk<0>(const float *s, int n, int k, float *out_v, int *out_i) {
+__device__ void row_topk<0>(const float *s, const float *bias, int n, int k, float *out_v,
+                            int *out_i) {
     float pv = INFINITY;
     int pi = -1;
     for (int r = 0; r < k; r++) {
-        warp_next(s, NULL, n, pv, pi, &pv, &pi);
+        warp_next(s, bias, NULL, n, pv, pi, &pv, &pi);
         if (threadIdx.x % 32 == 0) {
             out_v[r] = pv;
             out_i[r] = pi;
@@ -219,10 +225,12 @@ __device__ void row_topk<0>(const float *s, int n, int k, float *out_v, int *out
     }
 }
 
+// bias: NULL, or (2, H, n) sub-key balance biases, ranked with the scores; the gates are the
+// softmax of the plain scores s1[a] + s2[b].
 template <int NPL>
-static __global__ void product_topk_kernel(const float *s1, const float *s2, long rows, int n,
-                                           int k, int32_t *sel, int32_t *sel_a, int32_t *sel_b,
-                                           float *gate) {
+static __global__ void product_topk_kernel(const float *s1, const float *s2, const float *bias,
+                                           int H, long rows, int n, int k, int32_t *sel,
+                                           int32_t *sel_a, int32_t *sel_b, float *gate) {
     __shared__ float cand[TOPK_WARPS][TOPK_MAX * TOPK_MAX];
     __shared__ int cand_id[TOPK_WARPS][TOPK_MAX * TOPK_MAX];
     __shared__ float half_v[TOPK_WARPS][2][TOPK_MAX];
@@ -231,8 +239,10 @@ static __global__ void product_topk_kernel(const float *s1, const float *s2, lon
     long row = (long)blockIdx.x * TOPK_WARPS + w;   // = token * H + head
     if (row >= rows) return;                         // the whole warp leaves together
     // top-k of each half
-    for (int half = 0; half < 2; half++)
-        row_topk<NPL>((half ? s2 : s1) + (size_t)row * n, n, k, half_v[w][half], half_i[w][half]);
+    for (int half = 0; half < 2; half++) {
+        const float *b = bias ? bias + ((size_t)half * H + row % H) * n : NULL;
+        row_topk<NPL>((half ? s2 : s1) + (size_t)row * n, b, n, k, half_v[w][half], half_i[w][half]);
+    }
     __syncwarp();
     // the k*k candidate sums, expert id a*n + b
     for (int c = lane; c < k * k; c += 32) {
@@ -244,7 +254,7 @@ static __global__ void product_topk_kernel(const float *s1, const float *s2, lon
     float pv = INFINITY, v = 0.0f, bv;
     int pi = -1, e = 0, bi;
     for (int j = 0; j < k; j++) {
-        warp_next(cand[w], cand_id[w], k * k, pv, pi, &bv, &bi);
+        warp_next(cand[w], NULL, cand_id[w], k * k, pv, pi, &bv, &bi);
         if (lane == j) {
             v = bv;
             e = bi;
@@ -252,8 +262,10 @@ static __global__ void product_topk_kernel(const float *s1, const float *s2, lon
         pv = bv;
         pi = bi;
     }
-    // gates: softmax over the k selected scores, summed in order as on the CPU
-    float mx = __shfl_sync(0xffffffffu, v, 0);
+    if (bias && lane < k) v = s1[(size_t)row * n + e / n] + s2[(size_t)row * n + e % n];
+    // gates: softmax over the k selected plain scores, summed in order as on the CPU
+    float mx = lane < k ? v : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float ex = lane < k ? expf(v - mx) : 0.0f;
     float sum = 0.0f;
     for (int j = 0; j < k; j++) sum += __shfl_sync(0xffffffffu, ex, j);
@@ -266,8 +278,8 @@ static __global__ void product_topk_kernel(const float *s1, const float *s2, lon
     }
 }
 
-typedef void (*topk_kernel_fn)(const float *, const float *, long, int, int, int32_t *,
-                               int32_t *, int32_t *, float *);
+typedef void (*topk_kernel_fn)(const float *, const float *, const float *, int, long, int, int,
+                               int32_t *, int32_t *, int32_t *, float *);
 
 // The instantiation for n: the smallest NPL (a power of two) with 32 * NPL >= n, else the
 // memory fallback
@@ -281,21 +293,22 @@ static topk_kernel_fn topk_kernel_for(int n) {
                        : product_topk_kernel<0>;
 }
 
-static void product_topk(const float *s1, const float *s2, long rows, int n, int k, int32_t *sel,
-                         int32_t *sel_a, int32_t *sel_b, float *gate) {
+static void product_topk(const float *s1, const float *s2, const float *bias, int H, long rows,
+                         int n, int k, int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate) {
     if (k < 1 || k > TOPK_MAX || k > n)
         mp_fatal("CUDA product-key top-k supports 1 <= k <= min(%d, n), got k = %d, n = %d",
                  TOPK_MAX, k, n);
     if (rows <= 0) return;
     topk_kernel_fn kernel = topk_kernel_for(n);
-    kernel<<<mp_blocks((size_t)rows, TOPK_WARPS), 32 * TOPK_WARPS>>>(s1, s2, rows, n, k, sel,
-                                                                      sel_a, sel_b, gate);
+    kernel<<<mp_blocks((size_t)rows, TOPK_WARPS), 32 * TOPK_WARPS>>>(s1, s2, bias, H, rows, n, k,
+                                                                      sel, sel_a, sel_b, gate);
     KERNEL_CHECK();
 }
 
-extern "C" void mp_cuda_product_topk(const float *s1, const float *s2, long rows, int n, int k,
-                                     int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate) {
-    product_topk(s1, s2, rows, n, k, sel, sel_a, sel_b, gate);
+extern "C" void mp_cuda_product_topk(const float *s1, const float *s2, const float *bias, int H,
+                                     long rows, int n, int k, int32_t *sel, int32_t *sel_a,
+                                     int32_t *sel_b, float *gate) {
+    product_topk(s1, s2, bias, H, rows, n, k, sel, sel_a, sel_b, gate);
 }
 
 static void retrieve(mp_retrieval_layer *l, int N) {
@@ -304,6 +317,7 @@ static void retrieve(mp_retrieval_layer *l, int N) {
     long rows_total = (long)N * H;
     long chunk = SCORE_CHUNK_ELEMS / n;
     if (chunk < 1) chunk = 1;
+    chunk = chunk < H ? H : chunk / H * H;   // whole tokens: a chunk row's head is row % H
     if (chunk > rows_total) chunk = rows_total;
     if (chunk < 1) return;
     float *s1 = (float *)mp_cuda_scratch(SCR_S1, (size_t)chunk * n * sizeof(float));   // (chunk, n)
@@ -315,8 +329,31 @@ static void retrieve(mp_retrieval_layer *l, int N) {
         mp_cuda_sgemm(0, 1, (int)rc_, n, half, 1.0f, l->qn + r0 * dk + half, dk, l->k2, half, 0.0f,
                       s2, n);
         size_t o = (size_t)r0 * k;
-        product_topk(s1, s2, rc_, n, k, l->sel + o, l->sel_a + o, l->sel_b + o, l->gate + o);
+        product_topk(s1, s2, l->key_bias, H, rc_, n, k, l->sel + o, l->sel_a + o, l->sel_b + o,
+                     l->gate + o);
     }
+}
+
+// counts (2, H, n): one thread per selection adds 1 to its head's first- and second-half
+// sub-key (integer atomics: the result does not depend on their order)
+static __global__ void subkey_counts_kernel(int32_t *counts, const int32_t *sel_a,
+                                            const int32_t *sel_b, long total, int H, int k,
+                                            int n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;   // = (t*H + h)*k + j
+    if (i >= total) return;
+    long h = i / k % H;
+    atomicAdd(&counts[h * n + sel_a[i]], 1);
+    atomicAdd(&counts[((long)H + h) * n + sel_b[i]], 1);
+}
+
+void mp_cuda_subkey_counts(int32_t *counts, const int32_t *sel_a, const int32_t *sel_b, int N,
+                           int H, int k, int n) {
+    CUDA_CHECK(cudaMemset(counts, 0, 2 * (size_t)H * n * sizeof(int32_t)));
+    long total = (long)N * H * k;
+    if (total <= 0) return;
+    subkey_counts_kernel<<<mp_blocks((size_t)total, 256), 256>>>(counts, sel_a, sel_b, total, H,
+                                                                 k, n);
+    KERNEL_CHECK();
 }
 
 void mp_cuda_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train) {
