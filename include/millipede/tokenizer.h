@@ -1,5 +1,7 @@
-// Tokenizers (docs/data.md): bytes (token = byte value), or a SentencePiece model trained by
-// `millipede data prepare --tokenizer sentencepiece:VOCAB` or imported from a model file.
+// Tokenizers (docs/data.md): bytes (token = byte value), a SentencePiece model trained by
+// `millipede data prepare --tokenizer sentencepiece:VOCAB` or imported from a model file, or
+// a token table (each id's bytes) written with shards tokenized elsewhere by
+// tools/tokens_to_shards.py.
 // One object serves data prepare (encode), sample (encode the prompt, decode the output)
 // and eval (the bytes of text behind each token, for bits per byte).
 #pragma once
@@ -15,7 +17,11 @@ mp_tokenizer *mp_tokenizer_bytes(int vocab);
 // build has no libsentencepiece.
 mp_tokenizer *mp_tokenizer_sentencepiece(const void *model, size_t len, const char *name,
                                          char *err, size_t err_len);
-// mp_tokenizer_sentencepiece of a model file.
+// A token table or a SentencePiece model from its file's bytes (copied), told apart by the
+// table's magic. NULL with a one-line err naming `name`.
+mp_tokenizer *mp_tokenizer_parse(const void *data, size_t len, const char *name, char *err,
+                                 size_t err_len);
+// mp_tokenizer_parse of a file.
 mp_tokenizer *mp_tokenizer_load(const char *path, char *err, size_t err_len);
 // Trains a SentencePiece model of `vocab` pieces, type "bpe" or "unigram", on text (n
 // bytes; lines are its sentences). NULL with err set.
@@ -24,14 +30,15 @@ mp_tokenizer *mp_tokenizer_train(const char *text, size_t n, int vocab, const ch
 void mp_tokenizer_free(mp_tokenizer *t);
 
 int mp_tokenizer_vocab(const mp_tokenizer *t);
-// 0 for bytes; for SentencePiece the 64-bit FNV-1a hash of its model file (never 0), which
-// version-2 shard headers, checkpoints and model files carry to catch a mismatch.
+// 0 for bytes; otherwise the 64-bit FNV-1a hash of its file (never 0), which version-2
+// shard headers, checkpoints and model files carry to catch a mismatch.
 uint64_t mp_tokenizer_hash(const mp_tokenizer *t);
-// "bytes" or "sentencepiece".
+// "bytes", "sentencepiece" or "table".
 const char *mp_tokenizer_kind(const mp_tokenizer *t);
-// The SentencePiece model file's bytes (NULL and 0 for bytes).
+// The SentencePiece model's or the token table's file bytes (NULL and 0 for bytes).
 const unsigned char *mp_tokenizer_model(const mp_tokenizer *t, size_t *len);
-// text -> tokens in *out (malloc'ed). Returns the count, or -1 with err set.
+// text -> tokens in *out (malloc'ed). Returns the count, or -1 with err set. A token table
+// encodes by greedy longest match (a valid encoding, not necessarily its tokenizer's).
 long mp_tokenizer_encode(const mp_tokenizer *t, const char *text, size_t n, uint16_t **out,
                          char *err, size_t err_len);
 // tokens -> text in *out (malloc'ed, NUL-terminated). Returns its length, or -1 with err.
@@ -39,5 +46,6 @@ long mp_tokenizer_decode(const mp_tokenizer *t, const int32_t *tokens, size_t n,
                          char *err, size_t err_len);
 // (vocab,) the bytes of text each token stands for in a decoded stream (bytes: 1 below 256,
 // 0 above; SentencePiece: its piece, U+2581 as one space, a byte piece one byte, control
-// pieces none). Summed over tokens it gives the text's length, for bits per byte.
+// pieces none; a token table: its entry). Summed over tokens it gives the text's length,
+// for bits per byte.
 const uint32_t *mp_tokenizer_token_bytes(const mp_tokenizer *t);

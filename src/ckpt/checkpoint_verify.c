@@ -84,7 +84,7 @@ int mp_ckpt_inspect(const char *dir, FILE *out, char *err, size_t err_len) {
     if (mp_h5_read_tokenizer(file, index, &tok, terr, sizeof terr) != 0)
         fprintf(out, "tokenizer    unreadable: %s\n", terr);
     else if (tok)
-        fprintf(out, "tokenizer    sentencepiece, %d tokens (hash %016llx)\n",
+        fprintf(out, "tokenizer    %s, %d tokens (hash %016llx)\n", mp_tokenizer_kind(tok),
                 mp_tokenizer_vocab(tok), (unsigned long long)mp_tokenizer_hash(tok));
     else
         fprintf(out, "tokenizer    bytes\n");

@@ -50,7 +50,7 @@ int mp_h5_read_tokenizer(hid_t file, const char *path, struct mp_tokenizer **out
     }
     char name[1100];
     snprintf(name, sizeof name, "%s: dataset '/tokenizer'", path);
-    struct mp_tokenizer *t = mp_tokenizer_sentencepiece(bytes, (size_t)n, name, err, err_len);
+    struct mp_tokenizer *t = mp_tokenizer_parse(bytes, (size_t)n, name, err, err_len);
     free(bytes);
     if (!t) return -1;
     uint64_t got = mp_tokenizer_hash(t);

@@ -266,6 +266,42 @@ static int write_split(const char *dir, const char *name, const doc_list *docs, 
     return 0;
 }
 
+// DIR/documents.tsv: one line per document in corpus order, "train" or "val", its size in
+// bytes and its absolute path (tab, newline and backslash written as \t, \n, \\), so that
+// tools (tools/tokens_to_shards.py) can tokenize the same documents of the same splits.
+static int write_manifest(const char *dir, const doc_list *docs) {
+    char path[1200], err[1400];
+    snprintf(path, sizeof path, "%s/documents.tsv", dir);
+    byte_buf b = {0};
+    for (size_t i = 0; i < docs->n; i++) {
+        char *abs = realpath(docs->d[i].full, NULL);
+        if (!abs) {
+            free(b.p);
+            return input_error("data prepare: %s: %s", docs->d[i].full, strerror(errno));
+        }
+        char head[64];
+        int hl = snprintf(head, sizeof head, "%s\t%zu\t", docs->d[i].val ? "val" : "train", docs->d[i].len);
+        size_t need = b.n + (size_t)hl + 2 * strlen(abs) + 2;
+        if (need > b.cap) {
+            b.cap = need * 2;
+            b.p = realloc(b.p, b.cap);
+            if (!b.p) mp_fatal("out of memory writing %s", path);
+        }
+        memcpy(b.p + b.n, head, (size_t)hl);
+        b.n += (size_t)hl;
+        for (const char *c = abs; *c; c++) {
+            char esc = *c == '\t' ? 't' : *c == '\n' ? 'n' : *c == '\\' ? '\\' : 0;
+            if (esc) b.p[b.n++] = '\\';
+            b.p[b.n++] = esc ? esc : *c;
+        }
+        b.p[b.n++] = '\n';
+        free(abs);
+    }
+    int rc = mp_write_file(path, b.p, b.n, err, sizeof err);
+    free(b.p);
+    return rc != 0 ? input_error("data prepare: %s", err) : 0;
+}
+
 // Files left out of the corpus, for the warning that names the first few.
 typedef struct {
     size_t n;
@@ -360,6 +396,13 @@ static int make_tokenizer(const doc_list *docs, long spm_vocab, const char *type
     if (model_path) {
         *tk = mp_tokenizer_load(model_path, err, sizeof err);
         if (!*tk) return input_error("data prepare: --tokenizer model:%s", err);
+        if (!strcmp(mp_tokenizer_kind(*tk), "table")) {
+            mp_tokenizer_free(*tk);
+            *tk = NULL;
+            return input_error("data prepare: --tokenizer model:%s: a token table, which cannot "
+                               "encode text as its tokenizer does; tools/tokens_to_shards.py "
+                               "writes shards with the tokenizer itself", model_path);
+        }
     } else {
         size_t n = 0;
         for (size_t i = 0; i < docs->n; i++)
@@ -571,6 +614,7 @@ static int prepare(int argc, char **argv) {
             status = write_split(out, "val.bin", &docs, 1, tk, (uint32_t)vocab, val_path,
                                  sizeof val_path, &n_val_tok, &n_val_bytes);
         mp_tokenizer_free(tk);
+        if (status == 0) status = write_manifest(out, &docs);
         if (status == 0) {
             if (docs.n == 1)
                 fprintf(stderr, "millipede: warning: only one document; %s is empty\n",

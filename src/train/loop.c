@@ -269,15 +269,17 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     mp_shard train, val;
     open_shard(&train, cfg->train_path, cfg, "data.train");
     open_shard(&val, cfg->val_path, cfg, "data.val");
-    mp_log("data: train %s (%llu tokens), val %s (%llu tokens), tokenizer %s", cfg->train_path,
+    mp_tokenizer *data_tk = data_tokenizer(cfg, &train, &val);   // NULL: bytes
+    const char *data_kind = data_tk ? mp_tokenizer_kind(data_tk) : "bytes";
+    mp_log("data: train %s (%llu tokens), val %s (%llu tokens), tokenizer %s%s", cfg->train_path,
            (unsigned long long)train.n_tokens, cfg->val_path, (unsigned long long)val.n_tokens,
-           train.tokenizer_hash ? "sentencepiece (tokenizer.model beside data.train)" : "bytes");
+           data_kind, data_tk ? " (tokenizer.model beside data.train)" : "");
 
     // this rank's slice of every micro-batch: sequences [j0, j0 + Bl) of batch_size
     int B = cfg->batch_size, T = cfg->context, A = cfg->grad_accum;
     int j0 = (int)((long)B * rank / P), Bl = (int)((long)B * (rank + 1) / P) - j0;
     mp_model *m = mp_model_create_sharded(cfg, be, Bl, comm);
-    mp_model_set_tokenizer(m, data_tokenizer(cfg, &train, &val));
+    mp_model_set_tokenizer(m, data_tk);   // the model owns it now
     mp_adamw opt;
     mp_adamw_init(&opt, m);
     mp_log("model: %ld parameters, %.3g forward FLOPs per token, backend %s, %d rank%s",
@@ -305,7 +307,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
         mp_input_error("%s was trained on tokens of %s (hash %016llx), data.train %s is %s (hash "
                        "%016llx): use the data it was trained on, or another run.dir", used,
                        tk ? mp_tokenizer_kind(tk) : "bytes", (unsigned long long)have,
-                       cfg->train_path, train.tokenizer_hash ? "sentencepiece" : "bytes",
+                       cfg->train_path, data_kind,
                        (unsigned long long)train.tokenizer_hash);
 
     FILE *metrics = NULL;

@@ -12,7 +12,7 @@ shift
 cd "$(dirname "$0")/../.."
 harnesses=("$@")
 [ ${#harnesses[@]} -eq 0 ] &&
-    harnesses=(fuzz_config fuzz_shard fuzz_model_file fuzz_ckpt_index fuzz_ckpt_shard)
+    harnesses=(fuzz_config fuzz_shard fuzz_model_file fuzz_ckpt_index fuzz_ckpt_shard fuzz_token_table)
 
 build=${MP_FUZZ_BUILD:-build-fuzz}   # another build directory, e.g. to time a clean build
 command -v clang > /dev/null || { echo "tests/fuzz/run.sh: needs clang (libFuzzer)" >&2; exit 1; }

@@ -220,3 +220,93 @@ def test_a_mismatched_tokenizer_is_refused(trained):
             f"data.val={d / 'swapped' / 'val.bin'}", "--set", f"run.dir={d / 'run2'}", ok=False)
     assert p.returncode == 2 and "prepare the data again" in p.stderr, p.stderr
     assert p.stderr.count("millipede: error:") == 1
+
+
+def table_decode(table, ids):
+    """Decodes ids with a token table file (docs/data.md), written out here independently."""
+    magic, version, vocab = struct.unpack("<8sII", table[:16])
+    assert magic == b"MPTOKTAB" and version == 1
+    pieces, at = [], 16
+    for _ in range(vocab):
+        (n,) = struct.unpack("<I", table[at:at + 4])
+        pieces.append(table[at + 4:at + 4 + n])
+        at += 4 + n
+    assert at == len(table)
+    return b"".join(pieces[i] for i in ids)
+
+
+@pytest.fixture(scope="module")
+def elsewhere(corpus):
+    """The corpus's documents tokenized by tools/tokens_to_shards.py with the Python
+    sentencepiece package and the model data prepare trained, beside the bytes shards of
+    the same split."""
+    import sys
+    d, sp = corpus
+    run("data", "prepare", "--out", d / "bytes_ref", d / "docs")
+    p = subprocess.run([sys.executable, str(SOURCE_DIR / "tools" / "tokens_to_shards.py"),
+                        "--documents", str(d / "bytes_ref" / "documents.tsv"), "--tokenizer",
+                        f"sentencepiece:{d / 'data' / 'tokenizer.model'}", "--out",
+                        str(d / "table")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return d, sp
+
+
+def test_tokens_made_elsewhere_are_the_same_documents(elsewhere):
+    d, sp = elsewhere
+    table = (d / "table" / "tokenizer.model").read_bytes()
+    for split in ("train", "val"):
+        version, vocab, h, ids = read_shard(d / "table" / f"{split}.bin")
+        assert (version, vocab, h) == (2, sp.get_piece_size(), fnv1a64(table))
+        # the same documents in the same order as data prepare's split, to the byte
+        _, _, _, raw = read_shard(d / "bytes_ref" / f"{split}.bin")
+        assert table_decode(table, ids.tolist()) == raw.astype(np.uint8).tobytes(), split
+        # and the same ids as data prepare's own SentencePiece encoding
+        _, _, _, spm_ids = read_shard(d / "data" / f"{split}.bin")
+        assert ids.tolist() == spm_ids.tolist(), split
+
+
+def test_a_model_on_a_token_table(elsewhere):
+    d, sp = elsewhere
+    table = (d / "table" / "tokenizer.model").read_bytes()
+    V = sp.get_piece_size()
+    sets = {"data.train": d / "table" / "train.bin", "data.val": d / "table" / "val.bin",
+            "run.dir": d / "run_table", "model.vocab_size": V, "model.context": T,
+            "model.d_model": 32, "model.n_heads": 2, "model.n_layers": 2, "model.ffn": "dense,peer",
+            "peer.experts": 64, "peer.heads": 2, "peer.topk": 3, "peer.key_dim": 8,
+            "train.batch_size": B, "train.steps": 4, "train.warmup": 2, "train.eval_every": 0,
+            "train.eval_batches": 2}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    assert "tokenizer table" in run("train", CFG, *args).stdout
+    import h5py
+    with h5py.File(d / "run_table" / "checkpoints" / "latest" / "index.h5", "r") as f:
+        assert f["tokenizer"][()].tobytes() == table
+    # bits per byte from the table's bytes: a shard of exactly T + 1 tokens (see
+    # test_eval_bits_per_byte_counts_real_bytes)
+    _, vocab, h, tokens = read_shard(d / "table" / "val.bin")
+    window = tokens[:T + 1]
+    write_shard(d / "table_window.bin", vocab, h, window)
+    ev = json.loads(run("eval", CFG, *args, "--set", f"data.val={d / 'table_window.bin'}",
+                        "--model", d / "run_table").stdout)
+    assert ev["tokenizer"] == "table"
+    assert ev["bytes"] == 2 * B * len(table_decode(table, window[1:].tolist()))
+    # sample: the prompt is encoded by greedy longest match over the table, and comes back;
+    # the continuation is whatever bytes the sampled tokens stand for (a model this short
+    # samples byte pieces too, so not necessarily UTF-8)
+    prompt = "Line 3 of document 7: caf\u00e9"
+    p = subprocess.run([os.environ["MILLIPEDE"], "sample", str(CFG), *map(str, args), "--model",
+                        str(d / "run_table"), "--prompt", prompt, "--tokens", "30", "--seed", "5"],
+                       capture_output=True, env=env(), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith(prompt.encode()) and len(p.stdout) > len(prompt.encode())
+    # a damaged table is named in one line, and data prepare will not encode text with one
+    (d / "bad_table").mkdir()
+    for name in ("train.bin", "val.bin"):
+        (d / "bad_table" / name).write_bytes((d / "table" / name).read_bytes())
+    (d / "bad_table" / "tokenizer.model").write_bytes(table[:-3])
+    p = run("train", CFG, *args, "--set", f"data.train={d / 'bad_table' / 'train.bin'}", "--set",
+            f"data.val={d / 'bad_table' / 'val.bin'}", "--set", f"run.dir={d / 'run_bad'}", ok=False)
+    assert p.returncode == 2 and p.stderr.count("millipede: error:") == 1, p.stderr
+    assert "not a millipede token table: truncated" in p.stderr, p.stderr
+    p = run("data", "prepare", "--out", d / "no", "--tokenizer",
+            f"model:{d / 'table' / 'tokenizer.model'}", d / "docs", ok=False)
+    assert p.returncode == 2 and "a token table" in p.stderr, p.stderr
