@@ -62,11 +62,15 @@ def read_shard(path, vocab):
     n = int.from_bytes(raw[16:24], "little")
     if v != vocab:
         raise SystemExit(f"{path}: vocabulary {v}, the checkpoint's model has {vocab}")
-    return np.frombuffer(raw, dtype="<u2", count=n, offset=32)
+    version = int.from_bytes(raw[8:12], "little")
+    if version not in (1, 2):
+        raise SystemExit(f"{path}: shard version {version}, expected 1 or 2")
+    # version 2 adds the tokenizer hash and a reserved word: a 48-byte header (docs/data.md)
+    return np.frombuffer(raw, dtype="<u2", count=n, offset=32 if version == 1 else 48)
 
 
 def load_checkpoint(path):
-    """(config text, params, BN state, step) from a checkpoint directory (or its index.h5)."""
+    """(config text, params, router state, step) from a checkpoint directory (or its index.h5)."""
     path = pathlib.Path(path)
     index = path / "index.h5" if path.is_dir() else path
     with h5py.File(index, "r") as f:

@@ -10,8 +10,8 @@ Every document listed in documents.tsv (written by `data prepare`: its split, si
 path, in corpus order) is read, checked against the size listed there, and encoded on its
 own; the ids of each split are concatenated into DIR/train.bin and DIR/val.bin (version-2
 shards) beside DIR/tokenizer.model, a token table: each id's bytes, which millipede uses to
-decode samples, to count the bytes behind tokens for bits per byte, and (by greedy longest
-match) to encode sample prompts. The shards carry the table's hash, as they would a
+decode samples, to count the bytes behind tokens for bits per byte, and (with the fewest
+entries that spell them) to encode sample prompts. The shards carry the table's hash, as they would a
 SentencePiece model's.
 
 Tokenizers: `sentencepiece:PATH` (the Python sentencepiece package), `tiktoken:NAME` (the
@@ -71,16 +71,23 @@ def shard_bytes(vocab, table_hash, tokens):
 
 
 def read_documents(tsv):
-    """[(split, size, path)] from data prepare's documents.tsv."""
+    """[(split, size, path)] from data prepare's documents.tsv: bytes split on newlines only
+    (a path may hold any other byte), \\t, \\n and \\\\ undone, paths decoded as the OS does."""
     docs = []
-    for i, line in enumerate(pathlib.Path(tsv).read_text(encoding="utf-8").splitlines(), 1):
-        fields = line.split("\t")
-        if len(fields) != 3 or fields[0] not in ("train", "val") or not fields[1].isdigit():
+    raw = pathlib.Path(tsv).read_bytes()
+    for i, line in enumerate(raw.split(b"\n")[:-1] if raw.endswith(b"\n") else raw.split(b"\n"), 1):
+        fields = line.split(b"\t")
+        if len(fields) != 3 or fields[0] not in (b"train", b"val") or not fields[1].isdigit():
             raise Error(f"{tsv}:{i}: expected 'train|val<TAB>bytes<TAB>path'")
-        path, out, it = fields[2], [], iter(fields[2])
+        path, it = bytearray(), iter(fields[2])
         for c in it:
-            out.append({"t": "\t", "n": "\n", "\\": "\\"}.get(next(it, ""), "?") if c == "\\" else c)
-        docs.append((fields[0], int(fields[1]), "".join(out)))
+            if c == 0x5C:   # backslash
+                e = next(it, None)
+                if e not in (0x74, 0x6E, 0x5C):
+                    raise Error(f"{tsv}:{i}: a backslash not followed by t, n or backslash")
+                c = {0x74: 0x09, 0x6E: 0x0A, 0x5C: 0x5C}[e]
+            path.append(c)
+        docs.append((fields[0].decode(), int(fields[1]), os.fsdecode(bytes(path))))
     if not docs:
         raise Error(f"{tsv}: no documents")
     return docs
@@ -103,11 +110,21 @@ def write_dataset(out, documents, encode, token_bytes):
         for s, path in documents:
             if s != split:
                 continue
+            raw = pathlib.Path(path).read_bytes()
             try:
-                text = pathlib.Path(path).read_bytes().decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise Error(f"{path}: not UTF-8 at byte {e.start}; these tokenizers take text")
-            ids.extend(encode(text))
+            doc_ids = list(encode(text))
+            # eval's bits per byte counts the table's bytes: they must be the document's
+            spelled = b"".join(token_bytes[i] if 0 <= i < vocab else b"?" for i in doc_ids)
+            if spelled != raw:
+                at = next((k for k, (x, y) in enumerate(zip(spelled, raw)) if x != y),
+                          min(len(spelled), len(raw)))
+                raise Error(f"{path}: the tokenizer does not give the text back (from byte {at}: "
+                            "it normalizes, or maps text to an unknown token), so bits per byte "
+                            "would count other bytes than the document's")
+            ids.extend(doc_ids)
             n_docs += 1
         write_atomic(out / f"{split}.bin", shard_bytes(vocab, h, ids))
         counts[split] = (n_docs, len(ids))
@@ -134,7 +151,15 @@ def tiktoken_tokenizer(name):
         enc = tiktoken.get_encoding(name)
     except Exception as e:   # not installed, unknown name, or its files not available offline
         raise Error(f"tiktoken:{name}: {type(e).__name__}: {e}".splitlines()[0])
-    return enc.encode_ordinary, [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+    if enc.n_vocab > MAX_VOCAB:
+        raise Error(f"tiktoken:{name}: {enc.n_vocab} ids; shards hold at most {MAX_VOCAB}")
+
+    def piece_bytes(i):
+        try:
+            return enc.decode_single_token_bytes(i)
+        except KeyError:   # an id the encoding leaves unused
+            return b""
+    return enc.encode_ordinary, [piece_bytes(i) for i in range(enc.n_vocab)]
 
 
 def main():
@@ -156,7 +181,7 @@ def main():
             if not os.path.isfile(path) or os.path.getsize(path) != size:
                 raise Error(f"{path}: missing or changed since data prepare listed it ({size} bytes)")
         counts = write_dataset(a.out, [(s, p) for s, _, p in docs], encode, token_bytes)
-    except (Error, OSError) as e:
+    except (Error, OSError, UnicodeError) as e:
         print(f"tokens_to_shards: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"tokens_to_shards: train {counts['train'][0]} documents {counts['train'][1]} tokens, "

@@ -1,11 +1,13 @@
 // The single-file model format: one HDF5 file holding a trained model's parameters, its
-// BatchNorm running statistics and the configuration that fixes their shapes.
+// router state (BatchNorm running statistics, sub-key balance biases) and the
+// configuration that fixes their shapes.
 // Written by `millipede ckpt export` (one file from a checkpoint), read by `eval` and `sample`.
 // Layout (docs/outputs.md):
 //   /                 attributes: format = "millipede-model", version = 1,
 //                     config = resolved INI text, step = int64
 //   /params/<name>    float32, the tensor's global shape (names as in docs/model.md)
 //   /state/h{l}.{peer,pkm}.bn.running_mean, .bn.running_var    float32 (H*dk)
+//   /state/h{l}.{peer,pkm}.k1_bias, .k2_bias                   float32 (H, n)
 // Every dataset is chunked with a Fletcher32 checksum, so corrupt data fails to read.
 #pragma once
 #include <stddef.h>

@@ -38,7 +38,8 @@ const char *mp_tokenizer_kind(const mp_tokenizer *t);
 // The SentencePiece model's or the token table's file bytes (NULL and 0 for bytes).
 const unsigned char *mp_tokenizer_model(const mp_tokenizer *t, size_t *len);
 // text -> tokens in *out (malloc'ed). Returns the count, or -1 with err set. A token table
-// encodes by greedy longest match (a valid encoding, not necessarily its tokenizer's).
+// encodes with the fewest entries that spell the text (one that decodes to it, not
+// necessarily its tokenizer's encoding), and fails only when none does.
 long mp_tokenizer_encode(const mp_tokenizer *t, const char *text, size_t n, uint16_t **out,
                          char *err, size_t err_len);
 // tokens -> text in *out (malloc'ed, NUL-terminated). Returns its length, or -1 with err.

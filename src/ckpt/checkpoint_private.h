@@ -32,7 +32,7 @@ typedef struct {
 static inline hsize_t ck_cols(const ck_ds *d) { return d->ndim == 2 ? d->dims[1] : 1; }
 
 // Every dataset of m (and opt's moments unless NULL) in file order: parameters in table
-// order, then adam_m, adam_v, then the BN running statistics. *out is malloc'd.
+// order, then adam_m, adam_v, then the router state. *out is malloc'd.
 int ck_datasets(mp_model *m, const mp_adamw *opt, ck_ds **out);
 
 // The index's record of how the expert rows were split over the shard files.

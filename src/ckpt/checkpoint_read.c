@@ -194,6 +194,8 @@ int mp_ckpt_load(const char *dir, mp_model *m, mp_adamw *opt, const char *cfg_na
         mp_config_validate(&fcfg, err, err_len) != 0)
         goto done;
     if (mp_check_shape_config(&fcfg, mp_model_config(m), index, "the checkpoint", cfg_name, err,
+                              err_len) != 0 ||
+        mp_check_state_config(&fcfg, mp_model_config(m), index, "the checkpoint", cfg_name, err,
                               err_len) != 0) {
         rc = MP_CKPT_EMISMATCH;
         goto done;

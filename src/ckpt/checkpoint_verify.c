@@ -339,7 +339,7 @@ int mp_ckpt_verify(const char *dir, FILE *out, FILE *errs) {
         problem(&v, "%s", err);
         goto done;
     }
-    struct mp_tokenizer *tok;   // a SentencePiece model that loads and matches its hash
+    struct mp_tokenizer *tok;   // a tokenizer that loads and matches its hash
     if (mp_h5_read_tokenizer(file, index, &tok, err, sizeof err) != 0) problem(&v, "%s", err);
     if (tok && mp_tokenizer_vocab(tok) != cfg.vocab_size)
         problem(&v, "%s: dataset '/tokenizer' has %d tokens, model.vocab_size is %d", index,

@@ -212,19 +212,6 @@ static int key_differs(const char *key, long a, long b, const char *file, const 
     return 1;
 }
 
-// The sub-key balance biases are state (stored beside the BN statistics) only when the
-// rate is > 0; the rate itself may change between runs, like a learning rate.
-static int balance_differs(const char *sec, const mp_retrieval_config *f,
-                           const mp_retrieval_config *c, const char *file, const char *what,
-                           const char *cfg_path, char *err, size_t err_len) {
-    if ((f->balance_rate > 0) == (c->balance_rate > 0)) return 0;
-    snprintf(err, err_len,
-             "%s: key '%s.balance_rate' is %g in %s but %g in %s (the sub-key balance biases "
-             "exist only when it is > 0)",
-             file, sec, (double)f->balance_rate, what, (double)c->balance_rate, cfg_path);
-    return 1;
-}
-
 int mp_check_shape_config(const mp_config *f, const mp_config *c, const char *file,
                           const char *what, const char *cfg_path, char *err, size_t err_len) {
 #define SAME(key, field)                                                                   \
@@ -255,7 +242,6 @@ int mp_check_shape_config(const mp_config *f, const mp_config *c, const char *fi
         SAME("peer.topk", peer.topk);
         SAME("peer.key_dim", peer.key_dim);
         SAME("peer.query_bn", peer.query_bn);
-        if (balance_differs("peer", &f->peer, &c->peer, file, what, cfg_path, err, err_len)) return -1;
         if (f->peer.activation != c->peer.activation) {
             snprintf(err, err_len, "%s: key 'peer.activation' is %s in %s but %s in %s", file,
                      f->peer.activation == MP_ACT_RELU ? "relu" : "gelu", what,
@@ -269,9 +255,33 @@ int mp_check_shape_config(const mp_config *f, const mp_config *c, const char *fi
         SAME("pkm.topk", pkm.topk);
         SAME("pkm.key_dim", pkm.key_dim);
         SAME("pkm.query_bn", pkm.query_bn);
-        if (balance_differs("pkm", &f->pkm, &c->pkm, file, what, cfg_path, err, err_len)) return -1;
     }
 #undef SAME
+    return 0;
+}
+
+// The sub-key balance biases are state (stored beside the BN statistics) only when the
+// rate is > 0; the rate itself may change between runs, like a learning rate.
+static int balance_differs(const char *sec, const mp_retrieval_config *f,
+                           const mp_retrieval_config *c, const char *file, const char *what,
+                           const char *cfg_path, char *err, size_t err_len) {
+    if ((f->balance_rate > 0) == (c->balance_rate > 0)) return 0;
+    snprintf(err, err_len,
+             "%s: key '%s.balance_rate' is %g in %s but %g in %s (the sub-key balance biases "
+             "exist only when it is > 0: --set %s.balance_rate=%g continues it as it was)",
+             file, sec, (double)f->balance_rate, what, (double)c->balance_rate, cfg_path, sec,
+             (double)f->balance_rate);
+    return 1;
+}
+
+int mp_check_state_config(const mp_config *f, const mp_config *c, const char *file,
+                          const char *what, const char *cfg_path, char *err, size_t err_len) {
+    int has[3] = {0, 0, 0};
+    for (int l = 0; l < f->n_layers; l++) has[f->ffn[l]] = 1;
+    if (has[MP_FFN_PEER] && balance_differs("peer", &f->peer, &c->peer, file, what, cfg_path, err, err_len))
+        return -1;
+    if (has[MP_FFN_PKM] && balance_differs("pkm", &f->pkm, &c->pkm, file, what, cfg_path, err, err_len))
+        return -1;
     return 0;
 }
 

@@ -63,6 +63,11 @@ int mp_fsync_path(const char *path, int flags);
 // "FILE: key 'model.d_model' is 32 in WHAT but 64 in CFG_PATH" and returns -1.
 int mp_check_shape_config(const mp_config *file_cfg, const mp_config *cfg, const char *file,
                           const char *what, const char *cfg_path, char *err, size_t err_len);
+// Checks that file_cfg and cfg agree on which router state exists beyond the shapes: the
+// sub-key balance biases (balance_rate > 0 or not). For loading into a model built from
+// cfg (resume); eval and sample take [peer] and [pkm] from the file and need no check.
+int mp_check_state_config(const mp_config *file_cfg, const mp_config *cfg, const char *file,
+                          const char *what, const char *cfg_path, char *err, size_t err_len);
 // One part of the router state as the model file and the checkpoints store it.
 typedef struct {
     char name[48];   // "h1.peer.bn.running_var", "h1.peer.k1_bias"

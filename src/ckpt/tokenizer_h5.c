@@ -1,5 +1,6 @@
 // The tokenizer inside a checkpoint's index.h5 or a model file (docs/checkpoints.md,
-// docs/outputs.md): dataset /tokenizer, uint8, the SentencePiece model file's bytes, with
+// docs/outputs.md): dataset /tokenizer, uint8, the SentencePiece model's or token table's
+// file bytes, with
 // attribute `hash` (u64, mp_tokenizer_hash). No dataset: bytes.
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,7 +47,8 @@ int mp_h5_read_tokenizer(hid_t file, const char *path, struct mp_tokenizer **out
     if (!ok) {
         free(bytes);
         return mp_errf(err, err_len, "%s: dataset '/tokenizer' is unreadable (expected uint8 "
-                       "bytes of a SentencePiece model with attribute 'hash')", path);
+                       "bytes of a SentencePiece model or token table with attribute 'hash')",
+                       path);
     }
     char name[1100];
     snprintf(name, sizeof name, "%s: dataset '/tokenizer'", path);

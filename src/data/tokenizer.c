@@ -54,7 +54,7 @@ static mp_tokenizer *tokenizer_table(const unsigned char *data, size_t len, cons
     for (uint32_t i = 0; !why && i < vocab; i++) {
         if (len - at < 4) why = "truncated";
         else if (len - at - 4 < le32(data + at)) why = "truncated";
-        else at += 4 + le32(data + at);
+        else at += (size_t)4 + le32(data + at);
     }
     if (!why && at != len) why = "bytes after the last token";
     if (why) {
@@ -76,7 +76,7 @@ static mp_tokenizer *tokenizer_table(const unsigned char *data, size_t len, cons
     for (uint32_t i = 0; i < vocab; i++) {
         t->token_bytes[i] = le32(t->model + at);
         t->piece[i] = t->model + at + 4;
-        at += 4 + t->token_bytes[i];
+        at += (size_t)4 + t->token_bytes[i];
         if (t->token_bytes[i]) t->by_first[n_nonempty++] = (int32_t)i;
     }
     g_sort_table = t;
@@ -89,26 +89,40 @@ static mp_tokenizer *tokenizer_table(const unsigned char *data, size_t len, cons
     return t;
 }
 
-// Greedy longest match: not the encoding the table's tokenizer would give, but a valid one
-// (what sample needs for a prompt; shards come from the tokenizer itself).
+// The fewest entries that spell the text (dynamic programming over byte positions; among
+// equally short encodings the first found, longer pieces first): not necessarily the
+// encoding the table's tokenizer would give, but one that decodes to the text (what sample
+// needs for a prompt; shards come from the tokenizer itself). Fails only when no sequence
+// of entries spells the text.
 static long table_encode(const mp_tokenizer *t, const unsigned char *text, size_t n, uint16_t *out,
                          char *err, size_t err_len) {
-    long m = 0;
-    for (size_t i = 0; i < n;) {
-        int32_t best = -1;
+    int32_t *cost = mp_malloc((n + 1) * sizeof *cost);   // (n+1) fewest tokens up to byte i
+    int32_t *last = mp_malloc((n + 1) * sizeof *last);   // (n+1) the token that ends there
+    cost[0] = 0;
+    for (size_t i = 1; i <= n; i++) cost[i] = INT32_MAX;
+    size_t reach = 0;   // the furthest position an encoding reaches
+    for (size_t i = 0; i < n; i++) {
+        if (cost[i] == INT32_MAX) continue;
+        reach = i;
         for (int32_t j = t->first_start[text[i]]; j < t->first_start[text[i] + 1]; j++) {
             int32_t id = t->by_first[j];
-            if (t->token_bytes[id] <= n - i && !memcmp(t->piece[id], text + i, t->token_bytes[id])) {
-                best = id;
-                break;
+            size_t L = t->token_bytes[id];
+            if (L <= n - i && cost[i] + 1 < cost[i + L] && !memcmp(t->piece[id], text + i, L)) {
+                cost[i + L] = cost[i] + 1;
+                last[i + L] = id;
             }
         }
-        if (best < 0)
-            return mp_errf(err, err_len, "byte 0x%02x at offset %zu has no token in the token table",
-                           text[i], i);
-        out[m++] = (uint16_t)best;
-        i += t->token_bytes[best];
     }
+    long m = n == 0 ? 0 : cost[n];
+    if (n > 0 && cost[n] == INT32_MAX) {
+        free(cost);
+        free(last);
+        return mp_errf(err, err_len, "no sequence of token table entries spells the text "
+                       "(byte 0x%02x at offset %zu starts none that fits)", text[reach], reach);
+    }
+    for (size_t i = n; i > 0; i -= t->token_bytes[last[i]]) out[cost[i] - 1] = (uint16_t)last[i];
+    free(cost);
+    free(last);
     return m;
 }
 

@@ -51,7 +51,9 @@ static void exchange_i32(mp_retrieval_layer *l, const int32_t *send, const int64
 // Sub-key balance (docs/model.md, "Sub-key balance"): after a training forward, each
 // head's bias of each sub-key moves by balance_rate, up if the global micro-batch selected
 // it less often than the mean (N_global * k / n), down if more often. The counts are
-// integers summed over ranks, so the biases are the same on every rank and for any P.
+// integers summed over ranks, so every rank holds the same biases, and another P gives the
+// same ones as long as it makes the same selections (a top-k flip on a near-tie changes
+// a count by one).
 static void balance_update(mp_retrieval_layer *l, const mp_backend *be, int N) {
     const mp_retrieval_config *rc = l->rc;
     int H = rc->heads, k = rc->topk, n = rc->n_sub;

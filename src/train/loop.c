@@ -286,7 +286,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
            mp_model_param_count(cfg), mp_model_flops_per_token(cfg), be->name, P, P > 1 ? "s" : "");
     report_memory(m, comm);
 
-    // resume: parameters, AdamW moments and step count, BN statistics; the data stream and
+    // resume: parameters, AdamW moments and step count, router state; the data stream and
     // every random number follow from (seed, step), so this is the whole training state
     char ckpt_root[MP_PATH_MAX + 64], used[MP_PATH_MAX + 64] = "";
     snprintf(ckpt_root, sizeof ckpt_root, "%s/checkpoints", cfg->run_dir);

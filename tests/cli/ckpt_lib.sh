@@ -134,6 +134,18 @@ for k in A:
     if mode == "exact":
         if not np.array_equal(x.view(np.uint32), y.view(np.uint32)):
             bad.append(k)
+    elif k.endswith("_bias"):
+        # Sub-key balance biases move in steps of +-balance_rate by a sign of integer counts:
+        # a top-k flip (see (a) above) changes the counts of at most 4 sub-keys of one head
+        # by one, which moves a bias by a whole step only where its count sat at the mean,
+        # and later steps can repeat it: so a flip makes a few entries differ by 0.01-0.02,
+        # not a relative amount. What the check is for (biases not restored on resume, or
+        # counts not summed over ranks) changes nearly every entry. Allowed: a quarter.
+        diff = float(np.mean(np.abs(x.astype(np.float64) - y) > 1e-6))
+        worst["bias"] = max(worst.get("bias", (0.0, k)), (diff, k))
+        rtol["bias"] = 0.25
+        if diff > 0.25:
+            bad.append(f"{k} {diff:.0%} of entries")
     else:
         if k.endswith("attn.qkv.b"):
             # the key bias, qkv.b[C:2C], cannot change any output (a constant q . b_k per

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sharded checkpoints, resume: 20 steps with checkpoints at 10 and 20; resuming from step 10
 # on the same rank count (P = 1 and 2) gives bitwise the same losses for steps 11-20 and
-# the same final parameters, AdamW moments and BN statistics; resuming the P = 2
+# the same final parameters, AdamW moments and router state (BN statistics, balance biases); resuming the P = 2
 # checkpoint on P = 3 and P = 1 follows the uninterrupted run to rounding (ckpt_lib.sh argues
 # the tolerances: XRUN_LOSS_TOL, XRUN_STATE_TOL).
 # Also: automatic resume from `latest` (metrics.jsonl continues), a finished run has nothing
@@ -29,7 +29,7 @@ for P in 1 2; do
     compare_losses "$a" "$b" 11 20 && ok "P=$P: steps 11-20 bitwise identical losses" ||
         bad "P=$P: steps 11-20 bitwise identical losses"
     compare_ckpt "$a/checkpoints/step_00000020" "$b/checkpoints/step_00000020" exact &&
-        ok "P=$P: bitwise identical final parameters, moments and BN statistics" ||
+        ok "P=$P: bitwise identical final parameters, moments and router state" ||
         bad "P=$P: bitwise identical final state"
 done
 
@@ -144,6 +144,11 @@ expect_error "automatic resume with another expert count" "key 'peer.experts' is
     1 "$tmp/a1" --set peer.experts=1024
 expect_error "automatic resume without the balance biases the checkpoint has" \
     "key 'peer.balance_rate' is 0.01 in the checkpoint but 0 in" 1 "$tmp/a1" --set peer.balance_rate=0
+rc=0
+"$MILLIPEDE" eval "$cfg" "${small[@]}" --model "$tmp/a1" --set peer.balance_rate=0 \
+    > "$tmp/eval_nobal.out" 2>&1 || rc=$?
+check "eval takes the balance biases from the checkpoint, whatever the config's rate" \
+    test "$rc" -eq 0 -a -n "$(grep '"val_loss"' "$tmp/eval_nobal.out")"
 expect_error "--resume of a missing checkpoint" "nope: no such checkpoint" 1 "$tmp/e2" --resume "$tmp/nope"
 expect_error "--resume of a directory that is no checkpoint" "no checkpoints/latest" 1 "$tmp/e3" --resume "$tmp/docs"
 expect_error "--resume and --no-resume" "exclude each other" 1 "$tmp/e4" --resume "$tmp/a1" --no-resume

@@ -57,7 +57,7 @@ class Run:
 
     @property
     def trained(self):
-        """(losses, grad norms, final params, final BN state) of the reference; also
+        """(losses, grad norms, final params, final router state) of the reference; also
         self.margin, the smallest top-k margin of the STEPS forwards (conftest.MARGIN_MIN)."""
         if self._trained is None:
             margins = []

@@ -88,6 +88,36 @@ def test_gradients_on_three_ranks_match_jax(testdump, tmp_path):
     assert_close(d.group("grads"), grads, "P=3 gradients", floor=GRAD_FLOOR)
 
 
+def test_balance_biases_on_three_ranks_match_jax(testdump, tmp_path):
+    """5 training steps with sub-key balance biases on P = 3: each rank counts only its
+    slice's selections, so the biases equal the reference's on the whole batch only if the
+    counts are summed over ranks; and every rank must hold the same biases (ShardedDump
+    checks that replicated datasets are equal across ranks)."""
+    steps = 5
+    ini = tmp_path / "config.ini"
+    # seed 42: the smallest top-k margin over the 5 steps is 5.4e-5 of the rms score
+    ini.write_text(make_ini(dict(TWO_PEER, peer={"balance_rate": 0.05},
+                                 train={"batch_size": 6, "seed": 42})))
+    out = tmp_path / "dump.h5"
+    proc = mpirun(3, testdump, "model", ini, out, "--steps", steps)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = ShardedDump(out, 3)
+    cfg = R.parse_config(d.config_text)
+    params = as_f64(d.group("params"))
+    state = R.init_state(cfg, np.float64)
+    inputs, targets = np.asarray(d.inputs, np.int64), np.asarray(d.targets, np.int64)
+    margins = []
+    _, _, _, final_state = R.train(params, state, inputs, targets, cfg, steps,
+                                   before_step=lambda p, st: margins.append(
+                                       topk_margin(cfg, p, st, inputs)))
+    assert_margin(min(margins), f"P=3, {steps} steps with balance biases")
+    got = d.group("final_state")
+    assert {k for k in got if k.endswith("_bias")} == {k for k in final_state if k.endswith("_bias")}
+    moved = max(float(np.abs(v).max()) for k, v in got.items() if k.endswith("_bias"))
+    assert moved > 0.0, "the biases never moved: the check below would be empty"
+    assert_close(got, final_state, f"P=3: router state after {steps} steps")
+
+
 WORDS = ("the expert layer routes each token to a few of many single neuron experts through "
          "product keys so that compute stays small while the parameter count grows with the "
          "table and every rank holds only its own rows of it").split()

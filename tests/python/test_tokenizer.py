@@ -3,7 +3,9 @@
 hash is the model file's and whose tokens are the oracle's encoding of each document; the
 text round-trips; a model trained on them carries the tokenizer in its checkpoints and model
 file; eval's bits per byte counts the real bytes of the evaluated text; sample encodes and
-decodes with it; a tokenizer that does not match is refused with one line."""
+decodes with it; a tokenizer that does not match is refused with one line. Tokens made
+elsewhere: tools/tokens_to_shards.py with the Python package as the tokenizer writes the same
+ids over the same documents, with a token table that trains, evaluates and samples."""
 import json
 import math
 import os
@@ -289,7 +291,7 @@ def test_a_model_on_a_token_table(elsewhere):
                         "--model", d / "run_table").stdout)
     assert ev["tokenizer"] == "table"
     assert ev["bytes"] == 2 * B * len(table_decode(table, window[1:].tolist()))
-    # sample: the prompt is encoded by greedy longest match over the table, and comes back;
+    # sample: the prompt is encoded with the fewest table entries that spell it, and comes back;
     # the continuation is whatever bytes the sampled tokens stand for (a model this short
     # samples byte pieces too, so not necessarily UTF-8)
     prompt = "Line 3 of document 7: caf\u00e9"
@@ -310,3 +312,41 @@ def test_a_model_on_a_token_table(elsewhere):
     p = run("data", "prepare", "--out", d / "no", "--tokenizer",
             f"model:{d / 'table' / 'tokenizer.model'}", d / "docs", ok=False)
     assert p.returncode == 2 and "a token table" in p.stderr, p.stderr
+
+
+def test_tokens_to_shards_reads_any_path_and_refuses_what_it_cannot_keep(corpus):
+    import sys
+    d, _ = corpus
+    tool = [sys.executable, str(SOURCE_DIR / "tools" / "tokens_to_shards.py")]
+    docs = d / "odd_names"
+    docs.mkdir()
+    names = ["tab\there.txt", "back\\slash.txt", "new\nline.txt", "form\ffeed.txt", "plain.txt"]
+    for i, name in enumerate(names):
+        (docs / name).write_text(docs_text(100 + i), encoding="utf-8")
+    run("data", "prepare", "--out", d / "odd_bytes", "--val-fraction", "0.3", docs)
+    tsv = d / "odd_bytes" / "documents.tsv"
+    model = f"sentencepiece:{d / 'data' / 'tokenizer.model'}"
+    p = subprocess.run([*tool, "--documents", str(tsv), "--tokenizer", model, "--out",
+                        str(d / "odd_table")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    table = (d / "odd_table" / "tokenizer.model").read_bytes()
+    for split in ("train", "val"):
+        _, _, _, ids = read_shard(d / "odd_table" / f"{split}.bin")
+        _, _, _, raw = read_shard(d / "odd_bytes" / f"{split}.bin")
+        assert table_decode(table, ids.tolist()) == raw.astype(np.uint8).tobytes(), split
+    # a document changed since data prepare listed it
+    with open(docs / "plain.txt", "a") as f:
+        f.write("one more line\n")
+    p = subprocess.run([*tool, "--documents", str(tsv), "--tokenizer", model, "--out",
+                        str(d / "odd_table2")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "changed since" in p.stderr, p.stderr
+    # a tokenizer that does not give the text back (SentencePiece's default normalization
+    # and dummy prefix): its bytes would not be the documents', so it is refused
+    run("data", "prepare", "--out", d / "norm_bytes", d / "docs")
+    spm.SentencePieceTrainer.train(input=str(d / "docs" / "doc_00.txt"), model_prefix=str(d / "norm"),
+                                   vocab_size=60, minloglevel=2)
+    p = subprocess.run([*tool, "--documents", str(d / "norm_bytes" / "documents.tsv"),
+                        "--tokenizer", f"sentencepiece:{d / 'norm.model'}", "--out",
+                        str(d / "norm_table")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "does not give the text back" in p.stderr, p.stderr

@@ -30,10 +30,10 @@ exclude=(
     # it would only exit 77 (skipped).
     'unit\.test_cuda_backend'
 )
-# Labels left out: slurm and crash are the slow tests of the ordinary build that .ci/run
+# Labels left out: slurm, crash and paper are the slow tests of the ordinary build that .ci/run
 # runs after the default suite (fake Slurm, kill -9 timing); they exercise the launcher and
 # the file system rather than more of millipede's code, and would not fit the 8-minute budget.
-labels='slurm|crash'
+labels='slurm|crash|paper'
 
 status=0
 ctest --test-dir "$build" --output-on-failure -j 2 -LE "$labels" \

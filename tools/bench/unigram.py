@@ -22,7 +22,11 @@ def read_shard(path):
         sys.exit(f"{path}: not a millipede token shard (bad magic)")
     vocab = int.from_bytes(raw[12:16], "little")
     n = int.from_bytes(raw[16:24], "little")
-    tokens = np.frombuffer(raw, dtype="<u2", count=n, offset=HEADER)
+    version = int.from_bytes(raw[8:12], "little")
+    if version not in (1, 2):
+        sys.exit(f"{path}: shard version {version}, expected 1 or 2")
+    # version 2 adds the tokenizer hash and a reserved word (docs/data.md)
+    tokens = np.frombuffer(raw, dtype="<u2", count=n, offset=HEADER if version == 1 else 48)
     return vocab, tokens
 
 

@@ -342,7 +342,7 @@ def balance_update(bias, idx, r):
 
 def retrieve(f, p, prefix, r, state, train):
     """Queries, BN and product-key top-k for rows f (N_tok, C).
-    Returns gates (N_tok, H, k), expert ids (N_tok, H, k) and the new BN state."""
+    Returns gates (N_tok, H, k), expert ids (N_tok, H, k) and the new router state."""
     new_state = {}
     q = f @ p[prefix + "wq"].T                                        # (N_tok, H*dk)
     if r.query_bn:
@@ -369,7 +369,7 @@ def activation(x, name):
 
 def peer_layer(f, p, prefix, r, state, train):
     """PEER: y_t = sum_h sum_sel g_e act(u_e . f_t) v_e.  f (N_tok, C).
-    Returns y (N_tok, C), new BN state, (expert ids, gates)."""
+    Returns y (N_tok, C), new router state, (expert ids, gates)."""
     gates, experts, new_state = retrieve(f, p, prefix, r, state, train)
     u = p[prefix + "u"][experts]                                      # (N_tok, H, k, C)
     h = activation(jnp.einsum("thkc,tc->thk", u, f), r.activation)    # (N_tok, H, k)
@@ -387,7 +387,7 @@ def pkm_layer(f, p, prefix, r, state, train):
 
 
 def ffn(cfg, l, f, p, state, train):
-    """Block l's feed-forward on rows f (N_tok, C): (y, new BN state, aux or None)."""
+    """Block l's feed-forward on rows f (N_tok, C): (y, new router state, aux or None)."""
     kind = cfg.ffn[l]
     if kind == "dense":
         return dense_mlp(f, p, f"h{l}.mlp."), {}, None
@@ -401,7 +401,8 @@ def ffn(cfg, l, f, p, state, train):
 
 def forward(params, state, inputs, targets, cfg, train=True):
     """inputs, targets (B, T) int. Returns (loss, logits (B, T, V), new_state).
-    new_state holds every BN running statistic (unchanged ones in eval mode)."""
+    new_state holds the whole router state: BN running statistics and balance biases
+    (unchanged in eval mode)."""
     p = params
     B, T = inputs.shape
     x = p["wte"][inputs] + p["wpe"][:T]                               # (B, T, C)
@@ -421,7 +422,7 @@ def forward(params, state, inputs, targets, cfg, train=True):
 
 
 def loss_and_grads(params, state, inputs, targets, cfg):
-    """Train-mode mean loss, logits, gradients (dict like params) and new BN state."""
+    """Train-mode mean loss, logits, gradients (dict like params) and new router state."""
     def f(p):
         loss, logits, new_state = forward(p, state, inputs, targets, cfg, train=True)
         return loss, (logits, new_state)
