@@ -381,6 +381,54 @@ static void check_topk(long rows, int n, int k, int grid) {
     for (size_t i = 0; i < 6; i++) gpu->free(dev[i]);
     free(s1); free(s2); free(sel); free(sa); free(sb); free(gate);
 }
+
+// With balance biases (2, H, n) of about the scores' size: row r is head r % H; the
+// expected experts are the CPU top-k of the biased rows, the gates the softmax of the plain
+// scores of those experts (as the route computes them).
+static void check_topk_bias(long rows, int n, int k, int H) {
+    size_t ns = (size_t)rows * n, nk = (size_t)rows * k, nb = 2 * (size_t)H * n;
+    float *s1 = malloc(ns * 4), *s2 = malloc(ns * 4), *b = malloc(nb * 4);
+    uint64_t st = g_stream++;
+    for (size_t i = 0; i < ns; i++) {
+        s1[i] = mp_uniform(12, st, i);
+        s2[i] = mp_uniform(12, st + 1000, i);
+    }
+    for (size_t i = 0; i < nb; i++) b[i] = mp_uniform(13, st, i) - 0.5f;
+    float *d_s1 = dev_copy(s1, ns * 4), *d_s2 = dev_copy(s2, ns * 4), *d_b = dev_copy(b, nb * 4);
+    int32_t *d_sel = gpu->alloc(nk * 4), *d_a = gpu->alloc(nk * 4), *d_b2 = gpu->alloc(nk * 4);
+    float *d_gate = gpu->alloc(nk * 4);
+    mp_cuda_product_topk(d_s1, d_s2, d_b, H, rows, n, k, d_sel, d_a, d_b2, d_gate);
+    int32_t *sel = host_copy(d_sel, nk * 4);
+    float *gate = host_copy(d_gate, nk * 4);
+    float *r1b = malloc(n * 4), *r2b = malloc(n * 4), vals[32];
+    long best[32];
+    int32_t ca[32], cb[32];
+    int reordered = 0;
+    for (long r = 0; r < rows; r++) {
+        const float *r1 = s1 + r * n, *r2 = s2 + r * n;
+        const float *b1 = b + (r % H) * n, *b2 = b + ((size_t)H + r % H) * n;
+        for (int i = 0; i < n; i++) { r1b[i] = r1[i] + b1[i]; r2b[i] = r2[i] + b2[i]; }
+        mp_product_topk(r1b, r2b, n, k, vals, best, ca, cb);
+        long plain[32];
+        mp_product_topk(r1, r2, n, k, vals, plain, ca, cb);
+        reordered |= memcmp(best, plain, k * sizeof *best) != 0;
+        double mx = -INFINITY, z = 0.0;
+        for (int j = 0; j < k; j++) mx = fmax(mx, (double)(r1[best[j] / n] + r2[best[j] % n]));
+        for (int j = 0; j < k; j++) z += exp((double)(r1[best[j] / n] + r2[best[j] % n]) - mx);
+        for (int j = 0; j < k; j++) {
+            if (sel[r * k + j] != best[j])
+                fail_msg("top-k with biases (n %d, k %d, H %d) row %ld position %d: GPU expert %d, "
+                         "CPU %ld", n, k, H, r, j, sel[r * k + j], best[j]);
+            double g = exp((double)(r1[best[j] / n] + r2[best[j] % n]) - mx) / z;
+            // as in check_topk: <= g (k + 5) u + u / e of the plain-score softmax
+            if (fabs(gate[r * k + j] - g) > 1e-6) fail_msg("gate %.9g, want %.9g", gate[r * k + j], g);
+        }
+    }
+    if (!reordered) fail_msg("biases of this size must change some selection (n %d)", n);
+    void *dev[] = {d_s1, d_s2, d_b, d_sel, d_a, d_b2, d_gate};
+    for (size_t i = 0; i < 7; i++) gpu->free(dev[i]);
+    free(s1); free(s2); free(b); free(sel); free(gate); free(r1b); free(r2b);
+}
 #endif
 
 static void test_topk(void **state) {
@@ -404,6 +452,10 @@ static void test_topk(void **state) {
     check_topk(64, 512, 32, 0);
     check_topk(64, 1024, 32, 0);
     check_topk(400, 1100, 32, 0); // enough rows that the last column is among the picks
+    // balance biases per head: registers (NPL 1, 4) and the n > 1024 fallback
+    check_topk_bias(30, 32, 8, 3);
+    check_topk_bias(64, 100, 8, 4);
+    check_topk_bias(8, 1100, 16, 2);
     // NaN scores (a third of them) are never picked: with >= k finite scores in each half the
     // result is the brute force with NaN as -inf (registers: n = 100; fallback: n = 1100)
     for (int n = 100; n <= 1100; n += 1000) {
