@@ -23,7 +23,11 @@
 #include <ini.h>
 
 // Hard limits beyond which a value is surely a mistake (and index types would overflow).
-#define MAX_EXPERTS (1L << 40)   // n_sub <= 2^20
+// Expert ids e = a*n + b are int32 in the route, the routing plan, the records exchanged
+// between ranks and the CUDA kernels: the largest square below 2^31 (46340^2). Past it the
+// ids would wrap negative and the plan would write out of bounds.
+#define MAX_EXPERTS_SUB 46340L
+#define MAX_EXPERTS (MAX_EXPERTS_SUB * MAX_EXPERTS_SUB)
 #define MAX_CONTEXT (1 << 20)
 #define MAX_FILE_BYTES (1 << 20)
 
@@ -386,7 +390,8 @@ int mp_config_set(mp_config *cfg, const char *section, const char *key, const ch
 
 static int validate_retrieval(const mp_retrieval_config *r, const char *s, char *err, size_t err_len) {
     CHECK(r->n_experts >= 1 && r->n_experts <= MAX_EXPERTS,
-          "key '%s.experts': %ld is out of range [1, 2^40]", s, r->n_experts);
+          "key '%s.experts': %ld is out of range [1, %ld = %ld^2] (expert ids are 32-bit)", s,
+          r->n_experts, MAX_EXPERTS, MAX_EXPERTS_SUB);
     long n = isqrt_long(r->n_experts);
     CHECK(n * n == r->n_experts, "key '%s.experts': %ld is not a perfect square (N = n*n)", s,
           r->n_experts);

@@ -210,6 +210,10 @@ static const bad_case BAD[] = {
     {"[model]\nffn = peer\n[peer]\nkey_dim = 0\n", NULL, {"key 'peer.key_dim'"}},
     {"[model]\nffn = peer\n[peer]\nheads = 0\n", NULL, {"key 'peer.heads'"}},
     {"[model]\nffn = peer\n[peer]\nbn_eps = 0\n", NULL, {"key 'peer.bn_eps'"}},
+    // the largest N with 32-bit expert ids is 46340^2; the next square is refused
+    {"[model]\nffn = peer\n[peer]\nexperts = 2147488281\n", NULL,
+     {"key 'peer.experts'", "2147488281 is out of range", "46340^2"}},
+    {"[model]\nffn = peer\n[peer]\nexperts = 4294967296\n", NULL, {"key 'peer.experts'", "out of range"}},
     {"[model]\nffn = peer\n[peer]\nbalance_rate = -0.01\n", NULL, {"key 'peer.balance_rate'", "[0, 1]", "-0.01"}},
     {"[model]\nffn = pkm\n[pkm]\nbalance_rate = 2\n", NULL, {"key 'pkm.balance_rate'", "[0, 1]"}},
     {"[model]\nffn = pkm\n[pkm]\nbalance_rate = nan\n", NULL, {"key 'pkm.balance_rate'"}},
@@ -320,6 +324,10 @@ static void test_good_input(void **state) {
     // the sampler's limits themselves are allowed
     assert_int_equal(load_text(&c, "[train]\ngrad_accum = 4096\nbatch_size = 1048576\n"
                                    "steps = 4294967295\n", NULL, 0), 0);
+    // the largest expert count with 32-bit ids: every id a*n + b < 2^31
+    assert_int_equal(load_text(&c, "[model]\nffn = peer\n[peer]\nexperts = 2147395600\n", NULL, 0), 0);
+    assert_int_equal(c.peer.n_sub, 46340);
+    assert_true((long)c.peer.n_sub * c.peer.n_sub - 1 <= INT32_MAX);
     // Indented keys (inih alone would read them as continuation lines), comments, CRLF,
     // a byte-order mark, "key: value", quotes around strings, order independence of ffn.
     const char *text =
