@@ -27,6 +27,12 @@ struct mp_tokenizer {
 #define TABLE_MAGIC "MPTOKTAB"
 #define TABLE_HEADER 16   // magic, u32 version, u32 vocab
 
+// The hash shards and checkpoints carry for a tokenizer file: FNV-1a, never 0 (0 means bytes).
+static uint64_t file_hash(const unsigned char *data, size_t len) {
+    uint64_t h = mp_fnv1a64(data, len);
+    return h ? h : 1;
+}
+
 static uint32_t le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
@@ -66,8 +72,7 @@ static mp_tokenizer *tokenizer_table(const unsigned char *data, size_t len, cons
     t->model = mp_malloc(len);
     memcpy(t->model, data, len);
     t->model_len = len;
-    t->hash = mp_fnv1a64(t->model, len);
-    if (t->hash == 0) t->hash = 1;   // 0 means bytes
+    t->hash = file_hash(t->model, len);
     t->token_bytes = mp_calloc(vocab, sizeof *t->token_bytes);
     t->piece = mp_calloc(vocab, sizeof *t->piece);
     t->by_first = mp_calloc(vocab, sizeof *t->by_first);
@@ -168,8 +173,7 @@ mp_tokenizer *mp_tokenizer_sentencepiece(const void *model, size_t len, const ch
     t->model = mp_malloc(len ? len : 1);
     memcpy(t->model, model, len);
     t->model_len = len;
-    t->hash = mp_fnv1a64(t->model, len);
-    if (t->hash == 0) t->hash = 1;   // 0 means bytes
+    t->hash = file_hash(t->model, len);
     t->token_bytes = mp_calloc((size_t)vocab, sizeof *t->token_bytes);
     for (int i = 0; i < vocab; i++) t->token_bytes[i] = (uint32_t)mp_spm_piece_bytes(spm, i);
     return t;
