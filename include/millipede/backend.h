@@ -7,13 +7,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef struct mp_retrieval_layer mp_retrieval_layer;   // PEER / PKM, src/model/retrieval.h
+// The expert tables of one PEER / PKM layer as the expert ops see them: rows (rows, C)
+// of this rank's shard, backend memory.
+typedef struct {
+    const float *u, *v;               // fp32 masters; u NULL: PKM (values only)
+    const uint16_t *u_bf16, *v_bf16;  // bf16 copies the kernels read instead, or NULL (fp32)
+    float *du, *dv;                   // gradients, accumulated (du NULL for PKM)
+    long rows;
+} mp_expert_tables;
 
 typedef struct mp_backend {
     const char *name;
     // 1: the backend's memory is host memory that the host may read and write directly (CPU);
-    // 0: device memory, reached only through to_host / from_host (CUDA), so host code such as
-    // the expert exchange in src/model/retrieval.c works on host copies.
+    // 0: device memory, reached only through to_host / from_host (CUDA). The expert exchange
+    // (src/model/exchange.c) keeps its payload in backend memory either way and copies only
+    // routing indices to the host.
     int host_memory;
     // memory
     void *(*alloc)(size_t bytes);                       // zero-filled
@@ -56,31 +64,67 @@ typedef struct mp_backend {
     void (*crossentropy_backward)(float *dlogits, const float *probs, const int32_t *targets,
                                   float dloss, int N, int V);
 
-    // PEER / PKM layer, in two halves (src/model/retrieval.c moves data between them).
-    // Where the token lives: queries q (N, H*dk) = x (N,C) wq^T, BatchNorm (train: over the
-    // global batch, reduced through l->comm), sub-key scores, product-key top-k and gates
-    // into l->sel, l->sel_a, l->sel_b, l->gate (N, H, k). With l->key_bias, the top-k
+    // PEER / PKM layer (docs/model.md), op by op. src/model/route.c strings these together
+    // with the all-reduces between them; no op here talks to other ranks. Shapes: H heads,
+    // dk key width (even), HD = H*dk, n sub-keys per half, k selections per head; a query
+    // row (N, HD) is H heads of dk, the first dk/2 scored against K1, the rest against K2.
+    // Query BatchNorm statistics over THIS rank's rows, summed in double in a fixed order
+    // (the caller sums them over ranks): sums (HD) = the column sums of q (N, HD), or, with
+    // mean (HD) given, the column sums of (q - mean)^2. sums and mean are backend memory.
+    void (*query_bn_stats)(double *sums, const float *q, const double *mean, int N, int HD);
+    // qn (N, HD) = w * (q - mean) * rstd + b, per column j
+    void (*query_bn_forward)(float *qn, const float *q, const float *w, const float *b,
+                             const float *mean, const float *rstd, int N, int HD);
+    // Where the token lives: sub-key scores of qn (N, HD) against k1, k2 (n, dk/2), the
+    // product-key top-k of each (token, head) and its softmax gates into sel (expert id
+    // a*n + b), sel_a, sel_b, gate (N, H, k). With key_bias (2, H, n) (else NULL) the top-k
     // ranks score + bias and the gates are the softmax of the plain scores.
-    void (*retrieval_route)(mp_retrieval_layer *l, const float *x, int N, int train);
+    void (*retrieval_route)(int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate,
+                            const float *qn, const float *k1, const float *k2,
+                            const float *key_bias, int N, int H, int dk, int n, int k);
     // counts (2, H, n) = how often each head selected each first-half (0) and second-half
     // (1) sub-key, from sel_a, sel_b (N, H, k)
     void (*subkey_counts)(int32_t *counts, const int32_t *sel_a, const int32_t *sel_b, int N,
                           int H, int k, int n);
-    // ...and its backward from the gate gradients in l->dgate (N, H, k): softmax, sub-keys,
-    // BatchNorm, W_q; dx (N,C) += the query path's contribution.
-    void (*retrieval_route_backward)(mp_retrieval_layer *l, float *dx, const float *x, int N);
+    // ...its backward: dgate (N, H, k) holds the gate gradients on entry and the score
+    // gradients on exit (softmax backward); dqn (N, HD) is WRITTEN (the query gradient
+    // through the selected sub-keys); dk1, dk2 (n, dk/2) += this batch's part.
+    void (*retrieval_route_backward)(float *dqn, float *dk1, float *dk2, float *dgate,
+                                     const float *gate, const int32_t *sel_a,
+                                     const int32_t *sel_b, const float *qn, const float *k1,
+                                     const float *k2, int N, int H, int dk, int n, int k);
+    // Query BatchNorm backward, the sums over THIS rank's rows: sums (2, HD) = the column
+    // sums of dqn and of dqn * xhat, xhat = (q - mean) * rstd, in double; dw, db (HD) +=
+    // (float) of them (the BN affine's local gradient).
+    void (*query_bn_backward_stats)(double *sums, float *dw, float *db, const float *dqn,
+                                    const float *q, const float *mean, const float *rstd, int N,
+                                    int HD);
+    // dq (N, HD) in place, d(qn) in, d(q) out. train: the batch statistics' formula with
+    // sums (2, HD) over all ranks' count rows, w rstd (dqn - sums[0,j]/count - xhat
+    // sums[1,j]/count); else (eval: the statistics were constants) dqn w rstd, sums unread.
+    void (*query_bn_backward)(float *dq, const float *q, const float *w, const float *mean,
+                              const float *rstd, const double *sums, double count, int train,
+                              int N, int HD);
     // Where the expert rows live: M received tokens x (M,C) and R records (slot, local row,
     // gate) grouped by slot (records of slot m are [slot_start[m], slot_start[m+1])).
-    // y (M,C) = per slot, sum of gate * act(u_row . x) * v_row (PEER) or gate * v_row (PKM);
-    // pre (R) keeps u_row . x for backward.
-    void (*experts_forward)(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
+    // y (M,C) = per slot, sum of gate * act(u_row . x) * v_row (PEER: t->u given) or
+    // gate * v_row (PKM: t->u NULL); pre (R) keeps u_row . x for backward. act: relu 1 ReLU,
+    // 0 exact GELU.
+    void (*experts_forward)(const mp_expert_tables *t, float *y, const float *x, int64_t M,
                             const int64_t *slot_start, const int32_t *slot, const int32_t *row,
-                            const float *gate, float *pre, int64_t R);
-    // dx (M,C) and dgate (R) are written (not accumulated); l->du, l->dv += this batch's part.
-    void (*experts_backward)(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
+                            const float *gate, float *pre, int64_t R, int C, int relu);
+    // dx (M,C) and dgate (R) are written (not accumulated); t->du, t->dv += this batch's part.
+    void (*experts_backward)(const mp_expert_tables *t, float *dx, float *dgate, const float *dy,
                              const float *x, int64_t M, const int64_t *slot_start,
                              const int32_t *slot, const int32_t *row, const float *gate,
-                             const float *pre, int64_t R);
+                             const float *pre, int64_t R, int C, int relu);
+
+    // The exchange's pack and unpack (src/model/exchange.c), in backend memory:
+    // dst (n, C) = src[idx[i]] rows (src (*, C), idx (n))
+    void (*gather_rows)(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
+    // dst[idx[i]] (C) += src[i] rows; idx (n) has no repeated entry, so rows may be summed
+    // in parallel and each row's sum is in call order
+    void (*scatter_add_rows)(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 
     // AdamW on one contiguous range: p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)
     // t is the 1-based step for bias correction; g is scaled by grad_scale first.

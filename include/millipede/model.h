@@ -41,7 +41,9 @@ mp_model *mp_model_create(const mp_config *cfg, const mp_backend *be, int B);
 mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B, int part,
                                int n_parts);
 // The model of rank comm->rank of comm->size for data-parallel training: its retrieval
-// layers exchange activations with the owners of the experts through comm.
+// layers exchange activations with the owners of the experts through comm, which also
+// sums the gradients; comm's payload memory must be be's (host for the CPU backend, device
+// for CUDA: mp_transport_open picks such a transport).
 mp_model *mp_model_create_sharded(const mp_config *cfg, const mp_backend *be, int B, mp_comm *comm);
 mp_comm *mp_model_comm(const mp_model *m);   // NULL for a single-process model
 // The tokenizer the model was trained with, which checkpoints and model files carry:
@@ -90,6 +92,19 @@ int mp_model_n_retrieval(const mp_model *m);
 // Layer index (block) of the i-th retrieval layer, its z (global N floats, host), and N.
 int mp_model_retrieval_block(const mp_model *m, int i);
 const double *mp_model_usage(const mp_model *m, int i, long *n_experts);
+
+// What the expert exchange of a retrieval layer measured since the last reset (the
+// training loop reports it per step in metrics.jsonl).
+typedef struct {
+    double bytes_sent, bytes_recv;   // to and from other ranks, all payloads and counts
+    double bytes_min;                // the least any scheme moves for the same selections:
+                                     // x, y, dy, dx once per (token, remote owner) and a row
+                                     // index, gate and gate gradient per remote selection
+    double selections;               // records this rank's experts served
+    double seconds;                  // wall time in the transport calls (waiting included)
+} mp_exchange_stats;
+// The i-th retrieval layer's statistics; the caller reads and resets them.
+mp_exchange_stats *mp_model_exchange_stats(mp_model *m, int i);
 
 // Active floating-point operations per token of the forward pass (matmuls, attention,
 // retrieval, experts); used to match baselines and to report throughput.

@@ -102,6 +102,7 @@ static const key_spec KEYS[] = {
     KEY("system", "threads", K_INT, threads),
     STR("system", "backend", backend),
     STR("system", "precision", precision),
+    STR("system", "transport", transport),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 
@@ -371,6 +372,7 @@ void mp_config_defaults(mp_config *cfg) {
     cfg->threads = 0;
     set_string(cfg->backend, sizeof cfg->backend, "cpu");
     set_string(cfg->precision, sizeof cfg->precision, "fp32");
+    set_string(cfg->transport, sizeof cfg->transport, "auto");
 }
 
 int mp_config_set(mp_config *cfg, const char *section, const char *key, const char *value,
@@ -496,6 +498,16 @@ int mp_config_validate(const mp_config *c, char *err, size_t err_len) {
           c->threads);
     CHECK(!strcmp(c->backend, "cpu") || !strcmp(c->backend, "cuda"),
           "key 'system.backend': expected cpu or cuda, got '%s'", c->backend);
+    CHECK(!strcmp(c->transport, "auto") || !strcmp(c->transport, "mpi") ||
+          !strcmp(c->transport, "nccl") || !strcmp(c->transport, "mpi_staged"),
+          "key 'system.transport': expected auto, mpi, nccl or mpi_staged, got '%s'", c->transport);
+    CHECK(strcmp(c->transport, "mpi") || !strcmp(c->backend, "cpu"),
+          "key 'system.transport': mpi moves host buffers and needs system.backend = cpu; the "
+          "cuda backend's buffers are on the GPU (use auto, nccl or mpi_staged)");
+    CHECK((strcmp(c->transport, "nccl") && strcmp(c->transport, "mpi_staged")) ||
+              !strcmp(c->backend, "cuda"),
+          "key 'system.transport': %s moves GPU buffers and needs system.backend = cuda, got "
+          "backend '%s'", c->transport, c->backend);
     CHECK(!strcmp(c->precision, "fp32") || !strcmp(c->precision, "bf16"),
           "key 'system.precision': expected fp32 or bf16, got '%s'", c->precision);
     CHECK(strcmp(c->precision, "bf16") || !strcmp(c->backend, "cuda"),

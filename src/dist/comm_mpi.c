@@ -76,6 +76,13 @@ static void barrier(mp_comm *c) {
     MP_CHECK_MPI(MPI_Barrier(MPI_COMM_WORLD));
 }
 
+static void destroy(mp_comm *c) {
+    mpi_impl *m = c->impl;
+    free(m->sc); free(m->sd); free(m->rc); free(m->rd);
+    free(m);
+    free(c);
+}
+
 mp_comm *mp_comm_mpi(void) {
     mp_comm *c = mp_calloc(1, sizeof *c);
     mpi_impl *m = mp_calloc(1, sizeof *m);
@@ -96,13 +103,31 @@ mp_comm *mp_comm_mpi(void) {
     c->allreduce_f64 = allreduce_f64;
     c->broadcast = broadcast;
     c->barrier = barrier;
+    c->destroy = destroy;
     return c;
 }
 
+static void fwd_alltoall_i64(mp_comm *c, const int64_t *send, int64_t *recv, int k) {
+    c->control->alltoall_i64(c->control, send, recv, k);
+}
+static void fwd_allreduce_f64(mp_comm *c, double *buf, size_t n) {
+    c->control->allreduce_f64(c->control, buf, n);
+}
+static void fwd_broadcast(mp_comm *c, void *buf, size_t bytes, int root) {
+    c->control->broadcast(c->control, buf, bytes, root);
+}
+static void fwd_barrier(mp_comm *c) { c->control->barrier(c->control); }
+
+void mp_comm_control_from(mp_comm *c, mp_comm *host) {
+    c->control = host;
+    c->rank = host->rank;
+    c->size = host->size;
+    c->alltoall_i64 = fwd_alltoall_i64;
+    c->allreduce_f64 = fwd_allreduce_f64;
+    c->broadcast = fwd_broadcast;
+    c->barrier = fwd_barrier;
+}
+
 void mp_comm_free(mp_comm *c) {
-    if (!c) return;
-    mpi_impl *m = c->impl;
-    free(m->sc); free(m->sd); free(m->rc); free(m->rd);
-    free(m);
-    free(c);
+    if (c) c->destroy(c);
 }

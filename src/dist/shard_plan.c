@@ -12,7 +12,7 @@ int mp_shard_owner(long e, long n, int P) {
     return r;
 }
 
-void mp_route_plan_init(mp_route_plan *p, int P) {
+void mp_shard_plan_init(mp_shard_plan *p, int P) {
     memset(p, 0, sizeof *p);
     p->P = P;
     p->tok_count = mp_calloc(P, sizeof(int64_t));
@@ -21,7 +21,7 @@ void mp_route_plan_init(mp_route_plan *p, int P) {
     p->rec_displ = mp_calloc(P, sizeof(int64_t));
 }
 
-void mp_route_plan_free(mp_route_plan *p) {
+void mp_shard_plan_free(mp_shard_plan *p) {
     free(p->tok_count); free(p->tok_displ); free(p->rec_count); free(p->rec_displ);
     free(p->tok_list); free(p->rec_slot); free(p->rec_row); free(p->rec_sel);
     memset(p, 0, sizeof *p);
@@ -36,7 +36,7 @@ static void reserve(int32_t **bufs[], int n_bufs, int64_t *cap, int64_t need) {
     *cap = need;
 }
 
-void mp_route_plan_build(mp_route_plan *p, const int32_t *sel, int N, int S, long n) {
+void mp_shard_plan_build(mp_shard_plan *p, const int32_t *sel, int N, int S, long n) {
     int P = p->P;
     int32_t *owner = mp_malloc((size_t)N * S * sizeof(int32_t));   // (N, S)
     int32_t *last = mp_malloc((size_t)P * sizeof(int32_t));        // last token counted per owner

@@ -21,11 +21,11 @@ typedef struct {
     int32_t *rec_sel;                 // (sum rec_count) its selection index t*S + s here
     int64_t n_tok, n_rec;             // totals
     int64_t cap_tok, cap_rec;         // allocated lengths
-} mp_route_plan;
+} mp_shard_plan;
 
-void mp_route_plan_init(mp_route_plan *p, int P);
-void mp_route_plan_free(mp_route_plan *p);
+void mp_shard_plan_init(mp_shard_plan *p, int P);
+void mp_shard_plan_free(mp_shard_plan *p);
 // Builds the plan for sel (N, S) expert ids of the local tokens; n sub-keys per half.
 // Within an owner's block tokens are in increasing order and records follow their tokens
 // in selection order, so every reduction over the plan has a fixed order.
-void mp_route_plan_build(mp_route_plan *p, const int32_t *sel, int N, int S, long n);
+void mp_shard_plan_build(mp_shard_plan *p, const int32_t *sel, int N, int S, long n);

@@ -68,8 +68,6 @@ struct mp_model {
     float *dfch, *dfch_gelu;      // (N, F)
     int usage_on;
     mp_comm *comm;                // NULL: a single process
-    float *grad_stage;            // host copy of the replicated gradients, when the backend's
-    size_t grad_stage_cap;        // memory is not host memory (the MPI transport needs host)
     // system.precision = bf16: the experts group rounded to bf16, refreshed by the next
     // forward whenever the fp32 masters may have changed (anyone who took the params pointer)
     uint16_t *experts_bf16;       // (group_size[MP_GROUP_EXPERTS])
@@ -259,12 +257,15 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         r->dq = act_alloc(m, N * HD, sizeof(float));
         r->bn_mean = act_alloc(m, HD, sizeof(float));
         r->bn_rstd = act_alloc(m, HD, sizeof(float));
+        r->bn_sums = act_alloc(m, 3 * HD, sizeof(double));
+        r->bn_sums_host = mp_calloc(2 * HD + 1, sizeof(double));
+        r->bn_host = mp_calloc(4 * HD, sizeof(float));
         r->sel = act_alloc(m, N * S, sizeof(int32_t));
         r->sel_a = act_alloc(m, N * S, sizeof(int32_t));
         r->sel_b = act_alloc(m, N * S, sizeof(int32_t));
         r->gate = act_alloc(m, N * S, sizeof(float));
         r->dgate = act_alloc(m, N * S, sizeof(float));
-        mp_retrieval_exchange_init(r, comm);
+        mp_retrieval_exchange_init(r, be, comm);
         m->ret[l] = r;
         m->ret_block[m->n_ret++] = l;
     }
@@ -330,6 +331,10 @@ mp_model *mp_model_create_part(const mp_config *cfg, const mp_backend *be, int B
 }
 
 mp_model *mp_model_create_sharded(const mp_config *cfg, const mp_backend *be, int B, mp_comm *comm) {
+    if (comm->size > 1 && comm->device_buffers == be->host_memory)
+        mp_fatal("the %s transport moves %s buffers, but the %s backend's memory is %s memory",
+                 comm->name, comm->device_buffers ? "device" : "host", be->name,
+                 be->host_memory ? "host" : "device");
     mp_model *m = model_build(cfg, be, B, comm->rank, comm->size, comm);
     m->comm = comm;
     return m;
@@ -340,7 +345,6 @@ void mp_model_free(mp_model *m) {
     mp_tokenizer_free(m->tokenizer);
     const mp_backend *be = m->be;
     for (int g = 0; g < MP_N_GROUPS; g++) { be->free(m->params[g]); be->free(m->grads[g]); }
-    free(m->grad_stage);
     be->free(m->experts_bf16);
     be->free(m->router_state);
     for (int l = 0; l < m->cfg.n_layers; l++) {
@@ -351,10 +355,12 @@ void mp_model_free(mp_model *m) {
         mp_retrieval_layer *r = m->ret[l];
         if (!r) continue;
         void *rb[] = {r->q, r->qn, r->dq, r->bn_mean, r->bn_rstd, r->sel, r->sel_a, r->sel_b,
-                      r->gate, r->dgate, r->key_counts};
+                      r->gate, r->dgate, r->key_counts, r->bn_sums};
         for (size_t i = 0; i < sizeof rb / sizeof rb[0]; i++) if (rb[i]) be->free(rb[i]);
         free(r->key_counts_i32);
         free(r->key_counts_host);
+        free(r->bn_sums_host);
+        free(r->bn_host);
         free(r->key_bias_host);
         mp_retrieval_exchange_free(r);
         free(r->usage);
@@ -567,19 +573,10 @@ mp_exchange_stats *mp_model_exchange_stats(mp_model *m, int i) {
 
 void mp_model_allreduce_grads(mp_model *m) {
     if (!m->comm || m->comm->size == 1) return;
-    // replicated groups only: expert gradients already sit with the rank owning the rows
+    // replicated groups only: expert gradients already sit with the rank owning the rows.
+    // The transport takes the backend's memory (mp_exchange_init checked), so the
+    // gradients go as they are: NCCL on the GPU, MPI on the host, or staged through it.
     const int groups[2] = {MP_GROUP_DENSE, MP_GROUP_KEYS};
-    if (m->be->host_memory) {
-        for (int i = 0; i < 2; i++)
-            m->comm->allreduce_f32(m->comm, m->grads[groups[i]], m->group_size[groups[i]]);
-        return;
-    }
-    // device gradients: one host buffer holds both groups, so it is one all-reduce
-    size_t nd = m->group_size[MP_GROUP_DENSE], nk = m->group_size[MP_GROUP_KEYS];
-    m->grad_stage = mp_grow(m->grad_stage, &m->grad_stage_cap, (nd + nk) * sizeof(float));
-    m->be->to_host(m->grad_stage, m->grads[MP_GROUP_DENSE], nd * sizeof(float));
-    m->be->to_host(m->grad_stage + nd, m->grads[MP_GROUP_KEYS], nk * sizeof(float));
-    m->comm->allreduce_f32(m->comm, m->grad_stage, nd + nk);
-    m->be->from_host(m->grads[MP_GROUP_DENSE], m->grad_stage, nd * sizeof(float));
-    m->be->from_host(m->grads[MP_GROUP_KEYS], m->grad_stage + nd, nk * sizeof(float));
+    for (int i = 0; i < 2; i++)
+        m->comm->allreduce_f32(m->comm, m->grads[groups[i]], m->group_size[groups[i]]);
 }

@@ -10,5 +10,4 @@ mp_retrieval_layer *mp_model_retrieval_layer(mp_model *m, int block);
 // layer tests call them directly.
 void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train);
 void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const float *x, int N);
-// What the expert exchange of the i-th retrieval layer measured (reset by the caller).
-mp_exchange_stats *mp_model_exchange_stats(mp_model *m, int i);
+

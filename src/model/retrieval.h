@@ -2,44 +2,10 @@
 // (values v_e only). The math is in docs/model.md; the backend computes it.
 #pragma once
 #include <stdint.h>
-#include "dist/shard_plan.h"
 #include "millipede/backend.h"
 #include "millipede/comm.h"
 #include "millipede/config.h"
-
-typedef struct {   // what the expert exchange measured since the last reset
-    double bytes_sent, bytes_recv;   // to and from other ranks, all payloads
-    double bytes_min;                // the least any scheme moves for the same selections:
-                                     // x, y, dy, dx once per (token, remote owner) and a row
-                                     // index, gate and gate gradient per remote selection
-    double selections;               // records this rank's experts served
-    double seconds;                  // wall time in the transport calls (waiting included)
-} mp_exchange_stats;
-
-// The expert exchange of one layer: the plan, and the owner side's received batch.
-// Buffers are host memory that grows as needed (grow() in retrieval.c).
-typedef struct {
-    mp_route_plan plan;
-    int64_t *i64;                    // (4P) counts scratch
-    int64_t *recv_tok, *recv_rec;    // (P) tokens and records received from each rank
-    int64_t M, R;                    // received tokens and records
-    float *x_send, *y_back, *x_recv, *y_recv, *dx_recv, *gate, *pre, *dgate, *dgate_back;
-    int32_t *rec_send, *rec_recv, *slot, *row;
-    int64_t *slot_start;
-    size_t cap_x_send, cap_y_back, cap_x_recv, cap_y_recv, cap_dx_recv, cap_gate, cap_pre,
-        cap_dgate, cap_dgate_back, cap_rec_send, cap_rec_recv, cap_slot, cap_row, cap_slot_start;
-    mp_exchange_stats stats;
-} mp_exchange;
-
-// Scratch of the CPU retrieval ops, kept across steps (host memory, grown as needed).
-typedef struct {
-    float *s1, *s2;                  // (rows, n) sub-key scores of a chunk of queries
-    float *bs1, *bs2;                // (rows, n) the same plus the balance biases
-    int64_t *count, *begin, *items;  // bucketing of records by expert row
-    int32_t *touched;
-    float *dpre;                     // (R) d(pre-activation) per record
-    size_t cap_s1, cap_s2, cap_bs1, cap_bs2, cap_count, cap_begin, cap_items, cap_touched, cap_dpre;
-} mp_retrieval_scratch;
+#include "model/exchange.h"
 
 struct mp_retrieval_layer {
     mp_ffn_kind kind;                 // MP_FFN_PEER or MP_FFN_PKM
@@ -69,9 +35,15 @@ struct mp_retrieval_layer {
 
     // kept by forward for backward
     float *q;                         // (maxN, H*dk) query before BN
-    float *qn;                        // (maxN, H*dk) query after BN (what scores use)
+    float *qn;                        // (maxN, H*dk) query after BN (what scores use);
+                                      // unused without query BN: the scores read q
     float *bn_mean, *bn_rstd;         // (H*dk) the statistics the forward used
     double bn_count;                  // tokens over all ranks behind the batch statistics
+    // query BN statistics on their way through the all-reduce (src/model/route.c)
+    double *bn_sums;                  // (3, H*dk) backend memory: this rank's column sums
+                                      // (2, H*dk), then the global mean (H*dk) they centre on
+    double *bn_sums_host;             // (2*H*dk + 1) host: the sums being reduced, then count
+    float *bn_host;                   // (4, H*dk) host: running mean, running var, mean, rstd
     int32_t *sel;                     // (maxN, H, k) selected expert id e = a*n + b
     int32_t *sel_a, *sel_b;           // (maxN, H, k) its sub-key indices
     float *gate;                      // (maxN, H, k) softmax gates
@@ -83,24 +55,17 @@ struct mp_retrieval_layer {
 
     double *usage;                    // (N) z_e accumulators when enabled, else NULL
 
-    mp_comm *comm;                    // NULL: a single process
+    mp_comm *comm;                    // the transport; NULL: a single process
     mp_exchange ex;
-    mp_retrieval_scratch scratch;
-    struct mp_retrieval_stage *stage; // host copies and device mirrors for a backend whose
-                                      // memory is not host memory (retrieval_stage.c)
+    int32_t *sel_h;                   // (maxN, H, k) host copies of sel and gate for the
+    float *gate_h;                    // usage counters (device backends)
+    size_t cap_sel_h, cap_gate_h;
 };
 
-// The layer across ranks: route, exchange, experts, exchange back (src/model/retrieval.c).
+// The layer across ranks: route, then the exchange (src/model/retrieval.c).
 void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y, const float *x,
                           int N, int train);
 void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, const float *dy,
                            const float *x, int N);
-void mp_retrieval_exchange_init(mp_retrieval_layer *l, mp_comm *comm);
+void mp_retrieval_exchange_init(mp_retrieval_layer *l, const mp_backend *be, mp_comm *comm);
 void mp_retrieval_exchange_free(mp_retrieval_layer *l);
-
-// Top-k of s (n) by score, ties to the lower index: vals (k) descending, idxs (k).
-void mp_topk(const float *s, int n, int k, float *vals, long *idxs);
-// Product-key top-k of one query: the k best of s1[a] + s2[b] over all n*n pairs, from the
-// top-k of each half. vals (k) descending, experts (k) = a*n + b, sub_a/sub_b (k).
-void mp_product_topk(const float *s1, const float *s2, int n, int k, float *vals, long *experts,
-                     int32_t *sub_a, int32_t *sub_b);

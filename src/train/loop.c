@@ -14,7 +14,7 @@
 #include "millipede/checkpoint.h"
 #include "millipede/tokenizer.h"
 #include "millipede/train.h"
-#include "model/model_private.h"
+#include "millipede/model.h"
 #include "train/run_lock.h"
 
 // Every rank opens the shards itself: a node that cannot read one stops the whole job.
@@ -278,7 +278,10 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     // this rank's slice of every micro-batch: sequences [j0, j0 + Bl) of batch_size
     int B = cfg->batch_size, T = cfg->context, A = cfg->grad_accum;
     int j0 = (int)((long)B * rank / P), Bl = (int)((long)B * (rank + 1) / P) - j0;
-    mp_model *m = mp_model_create_sharded(cfg, be, Bl, comm);
+    char why[700];
+    mp_comm *xfer = mp_transport_open(cfg->transport, comm, be, why, sizeof why);
+    mp_log("transport: %s", why);
+    mp_model *m = mp_model_create_sharded(cfg, be, Bl, xfer);
     mp_model_set_tokenizer(m, data_tk);   // the model owns it now
     mp_adamw opt;
     mp_adamw_init(&opt, m);
@@ -415,6 +418,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     free(targets);
     mp_adamw_free(&opt, m);
     mp_model_free(m);
+    if (xfer != comm) mp_comm_free(xfer);
     mp_comm_free(comm);
     mp_shard_close(&train);
     mp_shard_close(&val);

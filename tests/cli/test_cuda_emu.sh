@@ -34,6 +34,40 @@ for P in 1 2; do
         bad "P=$P: backend cuda run failed: $(grep -m3 -E 'cuda-emu|error' "$d.out")"
     fi
 done
+# the emulator has one GPU unless MP_EMU_DEVICES says otherwise, as the real GPU machine:
+# two ranks share it, so auto takes the host-staged transport and says why
+grep -q "transport: mpi_staged (auto: ranks 0 and 1 share GPU 0" "$tmp/cuda2.out" &&
+    ok "P=2 on one GPU: auto chose mpi_staged and said why" ||
+    bad "P=2 on one GPU: auto chose mpi_staged and said why ($(grep -m1 transport: "$tmp/cuda2.out"))"
+
+# NCCL on the emulator's stand-in (tests/cuda_emu/emu_nccl.cpp: the same calls and group
+# semantics over MPI, refusing host pointers and unmatched sends), one GPU per rank. No
+# activation may cross the host here: the emulator faults on host access to device memory,
+# and the stand-in refuses host buffers. The same tolerances as above against the CPU.
+# tools/gpu_check.sh runs this file on a real one-GPU machine with MP_TEST_NCCL_RANKS=1:
+# there NCCL refuses two ranks on the one GPU.
+for P in ${MP_TEST_NCCL_RANKS:-1 2 3}; do
+    d="$tmp/nccl$P"
+    if MP_EMU_DEVICES=4 emu_train "$P" "$d" --set system.transport=nccl; then
+        grep -q "transport: nccl" "$d.out" && ok "P=$P nccl: the run says transport nccl" ||
+            bad "P=$P nccl: the run says transport nccl"
+        check "P=$P nccl: losses of steps 1-10 match the CPU backend ($XRUN_LOSS_TOL relative)" \
+            compare_losses "$tmp/cpu" "$d" 1 10 $XRUN_LOSS_TOL
+        check "P=$P nccl: parameters and Adam state at step 10 match the CPU backend ($XRUN_STATE_TOL)" \
+            compare_ckpt "$tmp/cpu/checkpoints/step_00000010" "$d/checkpoints/step_00000010" tol=$XRUN_STATE_TOL
+    else
+        bad "P=$P nccl: run failed: $(grep -m3 -E 'cuda-emu|error|nccl' "$d.out")"
+    fi
+done
+# transport = nccl where ranks share a GPU: refused on every rank with one line
+d="$tmp/nccl_shared"
+if emu_train 2 "$d" --set system.transport=nccl; then
+    bad "P=2 on one GPU: transport = nccl was accepted"
+else
+    grep -q "system.transport = nccl: ranks 0 and 1 share GPU 0" "$d.out" &&
+        ok "P=2 on one GPU: transport = nccl refused, naming the shared GPU" ||
+        bad "P=2 on one GPU: transport = nccl refused, naming the shared GPU ($(grep -m1 error "$d.out"))"
+fi
 
 # bf16 expert tables on 2 ranks: the fp32 masters train and are what the checkpoint holds;
 # the losses follow the fp32 run to the bf16 rounding of the tables. Rounding to 8

@@ -14,8 +14,9 @@ foreach(cu ${MP_CUDA_EMU_INPUTS})
 endforeach()
 
 add_library(millipede_core_emu STATIC ${MP_CUDA_EMU_SOURCES}
-  ${PROJECT_SOURCE_DIR}/tests/cuda_emu/emu_runtime.cpp)
-# the emulator's cuda_runtime.h, cublas_v2.h and cub/ come before any real ones
+  ${PROJECT_SOURCE_DIR}/tests/cuda_emu/emu_runtime.cpp
+  ${PROJECT_SOURCE_DIR}/tests/cuda_emu/emu_nccl.cpp)
+# the emulator's cuda_runtime.h, cublas_v2.h, nccl.h and cub/ come before any real ones
 target_include_directories(millipede_core_emu BEFORE PRIVATE
   ${PROJECT_SOURCE_DIR}/tests/cuda_emu/include ${PROJECT_SOURCE_DIR}/tests/cuda_emu)
 target_include_directories(millipede_core_emu PRIVATE ${PROJECT_SOURCE_DIR}/src)
@@ -23,6 +24,8 @@ target_compile_features(millipede_core_emu PRIVATE cxx_std_17)
 # fibers switch stacks with _longjmp, which glibc's fortified longjmp would refuse
 target_compile_options(millipede_core_emu PRIVATE -Wall -Wextra -g -U_FORTIFY_SOURCE)
 target_compile_definitions(millipede_core_emu PUBLIC MP_HAVE_CUDA=1)
+# comm_nccl.cu against the NCCL stand-in (include/nccl.h, emu_nccl.cpp: NCCL over MPI)
+target_compile_definitions(millipede_core_emu PRIVATE MP_HAVE_NCCL=1)
 target_link_libraries(millipede_core_emu PUBLIC millipede_objs)
 
 add_executable(millipede-emu ${MP_MAIN_SOURCES})

@@ -67,6 +67,7 @@ struct cudaDeviceProp {
     int multiProcessorCount;
     int major, minor;
     int warpSize;
+    int pciBusID, pciDeviceID, pciDomainID;   // where the device sits: emulated device d is bus d
 };
 static constexpr int warpSize = 32;
 
@@ -75,6 +76,7 @@ typedef struct mp_emu_stream *cudaStream_t;
 
 cudaError_t cudaGetDeviceCount(int *count);
 cudaError_t cudaSetDevice(int dev);
+cudaError_t cudaGetDevice(int *dev);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int dev);
 cudaError_t cudaDeviceSynchronize(void);
 cudaError_t cudaGetLastError(void);
@@ -96,6 +98,13 @@ cudaError_t cudaEventSynchronize(cudaEvent_t e);
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
 
 namespace mp_emu {
+
+// For stand-ins of device libraries (emu_nccl.cpp): whether [p, p + bytes) lies inside one
+// cudaMalloc allocation (the reason in why when not), and device work, during which host
+// code may touch device memory (begin and end pair up, as around cudaMemcpy).
+bool device_memory(const void *p, size_t bytes, char *why, size_t why_len);
+void begin_device_work(void);
+void end_device_work(void);
 
 // the thread now running: its index and lane
 struct ThreadIndex {

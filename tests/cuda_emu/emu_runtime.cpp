@@ -40,6 +40,7 @@ cudaError_t g_last_error = cudaSuccess;
 bool g_reverse;    // MP_EMU_ORDER=reverse: threads and blocks in reverse order
 bool g_protect;    // device memory inaccessible outside device work (MP_EMU_PROTECT, default 1)
 int g_devices = 1;
+int g_device;      // what cudaSetDevice chose for this process (each rank is a process)
 bool g_ready;
 
 // ---------------------------------------------------------------------------------------
@@ -532,6 +533,19 @@ void run_grid(const char *kernel, const char *file, int line, const Launch &cfg,
     g_kernel = "";
 }
 
+bool device_memory(const void *p, size_t bytes, char *why, size_t why_len) {
+    init();
+    return device_range(p, bytes, why, why_len);
+}
+
+void begin_device_work(void) {
+    init();
+    ensure_handler();
+    device_enter();
+}
+
+void end_device_work(void) { device_leave(); }
+
 }  // namespace mp_emu
 
 // ---------------------------------------------------------------------------------------
@@ -545,7 +559,16 @@ cudaError_t cudaGetDeviceCount(int *count) {
 
 cudaError_t cudaSetDevice(int dev) {
     init();
-    return dev >= 0 && dev < g_devices ? cudaSuccess : cudaErrorInvalidDevice;
+    if (dev < 0 || dev >= g_devices) return cudaErrorInvalidDevice;
+    g_device = dev;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int *dev) {
+    init();
+    if (g_devices <= 0) return cudaErrorNoDevice;
+    *dev = g_device;
+    return cudaSuccess;
 }
 
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int dev) {
@@ -561,6 +584,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int dev) {
     p->major = 9;
     p->minor = 0;
     p->warpSize = 32;
+    p->pciBusID = dev;   // every process sees the same devices: device d is one "GPU" per host
     return cudaSuccess;
 }
 

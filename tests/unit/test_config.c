@@ -69,6 +69,7 @@ static void test_defaults_validate(void **state) {
     assert_int_equal(c.peer.n_sub * c.peer.n_sub, c.peer.n_experts);
     assert_string_equal(c.backend, "cpu");
     assert_string_equal(c.precision, "fp32");
+    assert_string_equal(c.transport, "auto");
     // Loading no file gives the defaults, resolved: dense_hidden shows 4*d_model.
     mp_config r;
     assert_int_equal(mp_config_load(&r, NULL, NULL, 0, g_err, sizeof g_err), 0);
@@ -269,6 +270,13 @@ static const bad_case BAD[] = {
     {"[system]\nthreads = -1\n", NULL, {"key 'system.threads'"}},
     {"[system]\nbackend = tpu\n", NULL, {"key 'system.backend'", "'tpu'"}},
     {"[system]\nprecision = fp16\n", NULL, {"key 'system.precision'", "'fp16'"}},
+    {"[system]\ntransport = gloo\n", NULL, {"key 'system.transport'", "'gloo'"}},
+    {"[system]\nbackend = cuda\ntransport = mpi\n", NULL,
+     {"key 'system.transport'", "mpi moves host buffers"}},
+    {"[system]\nbackend = cpu\ntransport = nccl\n", NULL,
+     {"key 'system.transport'", "nccl moves GPU buffers"}},
+    {"[system]\ntransport = mpi_staged\n", NULL,
+     {"key 'system.transport'", "mpi_staged moves GPU buffers"}},
     {"[system]\nbackend = cpu\nprecision = bf16\n", NULL,
      {"key 'system.precision'", "bf16 needs system.backend = cuda"}},
     // --set

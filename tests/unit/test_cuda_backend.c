@@ -35,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+#include "backend/cpu/cpu.h"
 #include "core/rng.h"
 #include "millipede/backend.h"
 #include "millipede/model.h"
@@ -484,6 +485,67 @@ static void test_topk(void **state) {
 #endif
 }
 
+// The query BatchNorm ops on their own (the layer tests below run them inside the model):
+// this rank's column sums (plain and centred, in double), normalisation, the backward sums
+// with the BN affine's gradients accumulated, and the backward apply in both modes. N spans
+// more than one row block of the GPU's column sums.
+static void to_floats(float *out, const double *in, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = (float)in[i];
+}
+
+static void test_query_bn_ops(void **state) {
+    (void)state;
+    int N = 300, HD = 24;
+    size_t NH = (size_t)N * HD;
+    float *q = frand(NH, -1, 2), *w = frand(HD, 0.5f, 1.5f), *b = frand(HD, -0.5f, 0.5f);
+    float *mean = frand(HD, 0.4f, 0.6f), *rstd = frand(HD, 0.8f, 1.2f), *dqn = frand(NH, -1, 1);
+    double *mean_d = malloc(HD * sizeof(double)), *sums = malloc(2 * HD * sizeof(double));
+    double *gsums = malloc(2 * HD * sizeof(double));
+    float *fw = malloc(2 * HD * 4), *fg = malloc(2 * HD * 4);
+    for (int j = 0; j < HD; j++) mean_d[j] = mean[j];
+    float *d_q = dev_copy(q, NH * 4), *d_w = dev_copy(w, HD * 4), *d_b = dev_copy(b, HD * 4);
+    float *d_mean = dev_copy(mean, HD * 4), *d_rstd = dev_copy(rstd, HD * 4);
+    double *d_mean_d = dev_copy(mean_d, HD * sizeof(double)), *d_sums = gpu->alloc(2 * HD * sizeof(double));
+    // forward: column sums, centred squares, qn
+    for (int centred = 0; centred < 2; centred++) {
+        cpu->query_bn_stats(sums, q, centred ? mean_d : NULL, N, HD);
+        gpu->query_bn_stats(d_sums, d_q, centred ? d_mean_d : NULL, N, HD);
+        gpu->to_host(gsums, d_sums, HD * sizeof(double));
+        to_floats(fw, sums, HD);
+        to_floats(fg, gsums, HD);
+        expect_close(centred ? "query_bn_stats centred" : "query_bn_stats", fg, fw, HD, TOL);
+    }
+    float *qn = malloc(NH * 4), *d_qn = gpu->alloc(NH * 4);
+    cpu->query_bn_forward(qn, q, w, b, mean, rstd, N, HD);
+    gpu->query_bn_forward(d_qn, d_q, d_w, d_b, d_mean, d_rstd, N, HD);
+    expect_dev("query_bn_forward", d_qn, qn, NH);
+    // backward: the sums and the affine's gradients (pre-filled: accumulation)
+    float *dw = frand(HD, -1, 1), *db = frand(HD, -1, 1);
+    float *d_dw = dev_copy(dw, HD * 4), *d_db = dev_copy(db, HD * 4), *d_dqn = dev_copy(dqn, NH * 4);
+    cpu->query_bn_backward_stats(sums, dw, db, dqn, q, mean, rstd, N, HD);
+    gpu->query_bn_backward_stats(d_sums, d_dw, d_db, d_dqn, d_q, d_mean, d_rstd, N, HD);
+    gpu->to_host(gsums, d_sums, 2 * HD * sizeof(double));
+    to_floats(fw, sums, 2 * HD);
+    to_floats(fg, gsums, 2 * HD);
+    expect_close("query_bn_backward_stats: sums", fg, fw, 2 * HD, TOL);
+    expect_dev("query_bn_backward_stats: dw", d_dw, dw, HD);
+    expect_dev("query_bn_backward_stats: db", d_db, db, HD);
+    // apply, training (the sums as if over 2N rows on two ranks) and eval
+    for (int train = 0; train < 2; train++) {
+        float *dq = malloc(NH * 4);
+        memcpy(dq, dqn, NH * 4);
+        gpu->from_host(d_dqn, dqn, NH * 4);
+        cpu->query_bn_backward(dq, q, w, mean, rstd, sums, 2.0 * N, train, N, HD);
+        gpu->query_bn_backward(d_dqn, d_q, d_w, d_mean, d_rstd, d_sums, 2.0 * N, train, N, HD);
+        expect_dev(train ? "query_bn_backward train" : "query_bn_backward eval", d_dqn, dq, NH);
+        free(dq);
+    }
+    void *dev[] = {d_q, d_w, d_b, d_mean, d_rstd, d_mean_d, d_sums, d_qn, d_dw, d_db, d_dqn};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+    free(q); free(w); free(b); free(mean); free(rstd); free(dqn); free(mean_d); free(sums);
+    free(gsums); free(fw); free(fg); free(qn); free(dw); free(db);
+}
+
 // ---------------------------------------------------------------------------------------
 // the retrieval layer and the model
 
@@ -536,8 +598,10 @@ static void expect_grads(mp_model *mg, mp_model *mc, const char *ctx) {
 }
 
 // The smallest gap, over the CPU layer's last forward, between the k-th and (k+1)-th best
-// of all n*n exact scores of a (token, head), and (ReLU PEER) the smallest |pre-activation|.
-static double decision_margin(mp_retrieval_layer *l, int N) {
+// of all n*n exact scores of a (token, head), and (ReLU PEER) the smallest |pre-activation|
+// u_e . x of a selection, x (N, C) the layer's input (host memory; one process holds every
+// expert row).
+static double decision_margin(mp_retrieval_layer *l, const float *x, int N) {
     const mp_retrieval_config *rc = l->rc;
     int H = rc->heads, k = rc->topk, dk = rc->key_dim, half = dk / 2, n = rc->n_sub;
     double margin = INFINITY;
@@ -545,7 +609,8 @@ static double decision_margin(mp_retrieval_layer *l, int N) {
            *s2 = malloc(n * sizeof(double));
     for (int t = 0; t < N; t++)
         for (int h = 0; h < H; h++) {
-            const float *q = l->qn + ((size_t)t * H + h) * dk;
+            // what the scores read: the BN'd queries, or the queries without query BN
+            const float *q = (rc->query_bn ? l->qn : l->q) + ((size_t)t * H + h) * dk;
             for (int a = 0; a < n; a++) {
                 s1[a] = s2[a] = 0.0;
                 for (int c = 0; c < half; c++) {
@@ -571,9 +636,26 @@ static double decision_margin(mp_retrieval_layer *l, int N) {
             }
             if (kth - next < margin) margin = kth - next;
         }
-    if (l->kind == MP_FFN_PEER && rc->activation == MP_ACT_RELU)
-        for (int64_t i = 0; i < l->ex.R; i++)
-            if (fabs(l->ex.pre[i]) < margin) margin = fabs(l->ex.pre[i]);
+    if (l->kind == MP_FFN_PEER && rc->activation == MP_ACT_RELU) {
+        if (!x) fail_msg("decision_margin: ReLU experts need the layer input");
+        // the pre-activations as the CPU's experts op computes them: every token its own
+        // slot, its N*H*k selections as records (local row = expert id - row_start)
+        int C = l->C, S = H * k;
+        int64_t R = (int64_t)N * S;
+        int64_t *start = malloc((size_t)(N + 1) * sizeof(int64_t));
+        int32_t *slot = calloc((size_t)R, sizeof(int32_t)), *row = calloc((size_t)R, sizeof(int32_t));
+        float *pre = malloc((size_t)R * sizeof(float)), *y = malloc((size_t)N * C * sizeof(float));
+        for (int t = 0; t <= N; t++) start[t] = (int64_t)t * S;
+        for (int64_t i = 0; i < R; i++) {
+            slot[i] = (int32_t)(i / S);
+            row[i] = (int32_t)(l->sel[i] - l->row_start);
+        }
+        mp_expert_tables tb = {.u = l->u, .v = l->v, .du = l->du, .dv = l->dv, .rows = l->rows};
+        cpu->experts_forward(&tb, y, x, N, start, slot, row, l->gate, pre, R, C, 1);
+        for (int64_t i = 0; i < R; i++)
+            if (fabs(pre[i]) < margin) margin = fabs(pre[i]);
+        free(start); free(slot); free(row); free(pre); free(y);
+    }
     free(sc); free(s1); free(s2);
     return margin;
 }
@@ -668,7 +750,7 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
         x = frand(NC, -1.5, 1.5);
         if (precision == BF16_EXACT) truncate_bf16(x, NC);
         mp_model_ffn_forward(mc, 1, yc, x, N, train);
-        if (decision_margin(lc, N) > 1e-4) break;
+        if (decision_margin(lc, x, N) > 1e-4) break;
         if (rejected == 50) fail_msg("no input without near-ties in 50 tries");
     }
     // running statistics and biases back to their start (the rejected tries moved them)
@@ -807,7 +889,8 @@ static void test_model(void **state) {
             tg[i] = (int32_t)(mp_hash3(5 + rejected, 2, i) % c.vocab_size);
         }
         lc = mp_model_forward(mc, in, tg, B, T, 1);
-        if (decision_margin(mp_model_retrieval_layer(mc, 1), N) > 1e-4) break;
+        // GELU experts: no pre-activations to check, so no layer input needed
+        if (decision_margin(mp_model_retrieval_layer(mc, 1), NULL, N) > 1e-4) break;
         if (rejected == 50) fail_msg("no input without near-ties in 50 tries");
     }
     mp_model_init(mc);
@@ -930,6 +1013,7 @@ int main(void) {
         cmocka_unit_test_setup(test_crossentropy, reset_tolerance),
         cmocka_unit_test_setup(test_optim, reset_tolerance),
         cmocka_unit_test_setup(test_topk, reset_tolerance),
+        cmocka_unit_test_setup(test_query_bn_ops, reset_tolerance),
         cmocka_unit_test_setup(test_layer_peer, reset_tolerance),
         cmocka_unit_test_setup(test_layer_peer_eval, reset_tolerance),
         cmocka_unit_test_setup(test_layer_peer_relu_nobn, reset_tolerance),

@@ -53,8 +53,9 @@ static size_t selections(mp_model *m, int32_t *out) {
         if (out) memcpy(out + n, r->sel, k * sizeof(int32_t));
         n += k;
         if (r->kind != MP_FFN_PEER || r->rc->activation != MP_ACT_RELU) continue;
+        const float *pre = mp_exchange_pre(&r->ex, NULL);   // CPU backend: host memory
         for (size_t j = 0; j < k; j++, n++)
-            if (out) out[n] = r->ex.pre[j] > 0.0f;   // one process: record j is selection j
+            if (out) out[n] = pre[j] > 0.0f;   // one process: record j is selection j
     }
     return n;
 }

@@ -42,7 +42,7 @@ static void test_owner_uneven(void **state) {
 }
 
 // Rebuilds every selection from the plan and checks the grouping invariants.
-static void check_plan(const mp_route_plan *p, const int32_t *sel, int N, int S, long n) {
+static void check_plan(const mp_shard_plan *p, const int32_t *sel, int N, int S, long n) {
     int P = p->P;
     char *seen = calloc((size_t)N * S, 1);
     for (int r = 0; r < P; r++) {
@@ -73,11 +73,11 @@ static void test_plan_random(void **state) {
     for (int P = 1; P <= 13; P++) {
         for (int rep = 0; rep < 20; rep++) {
             for (int o = 0; o < N * S; o++) sel[o] = (int32_t)(mp_hash3(P, rep, o) % (n * n));
-            mp_route_plan p;
-            mp_route_plan_init(&p, P);
-            mp_route_plan_build(&p, sel, N, S, n);
+            mp_shard_plan p;
+            mp_shard_plan_init(&p, P);
+            mp_shard_plan_build(&p, sel, N, S, n);
             check_plan(&p, sel, N, S, n);
-            mp_route_plan_free(&p);
+            mp_shard_plan_free(&p);
         }
     }
 }
@@ -91,9 +91,9 @@ static void test_plan_edge_cases(void **state) {
     int32_t sel[3 * 4] = {4 * 8 + 1, 5 * 8 + 7, 4 * 8 + 0, 5 * 8 + 3,
                           1 * 8 + 2, 1 * 8 + 2, 0 * 8 + 0, 0 * 8 + 5,
                           0 * 8 + 6, 4 * 8 + 4, 4 * 8 + 5, 0 * 8 + 1};
-    mp_route_plan p;
-    mp_route_plan_init(&p, P);
-    mp_route_plan_build(&p, sel, 3, S, n);
+    mp_shard_plan p;
+    mp_shard_plan_init(&p, P);
+    mp_shard_plan_build(&p, sel, 3, S, n);
     check_plan(&p, sel, 3, S, n);
     assert_int_equal(p.tok_count[0], 2);   // tokens 1 and 2
     assert_int_equal(p.rec_count[0], 6);
@@ -113,11 +113,11 @@ static void test_plan_edge_cases(void **state) {
     assert_int_equal(p.rec_row[p.rec_displ[2]], 1);
     // rebuilding with another batch reuses the buffers correctly
     int32_t one[4] = {7 * 8 + 7, 7 * 8 + 6, 6 * 8 + 0, 6 * 8 + 1};
-    mp_route_plan_build(&p, one, 1, S, n);
+    mp_shard_plan_build(&p, one, 1, S, n);
     check_plan(&p, one, 1, S, n);
     assert_int_equal(p.n_tok, 1);
     assert_int_equal(p.rec_count[3], 4);
-    mp_route_plan_free(&p);
+    mp_shard_plan_free(&p);
 }
 
 int main(void) {

@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <cmocka.h>
 #include "core/rng.h"
-#include "model/retrieval.h"
+#include "backend/cpu/cpu.h"
 
 // Brute force: a full selection over all n*n sums, written independently of mp_topk.
 static void brute_topk(const float *s1, const float *s2, int n, int k, long *out) {

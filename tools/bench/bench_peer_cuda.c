@@ -1,7 +1,8 @@
 // One PEER (or PKM) layer on the GPU through the CUDA backend, timed with CUDA events:
 // forward (route: query GEMM, BatchNorm, sub-key scores, top-k, gates; then the experts)
 // and forward + backward (experts backward with the sorted dU/dV sums, route backward),
-// one process, as training runs it (src/model/retrieval_stage.c). Prints one JSON line:
+// one process, as training runs it (src/model/route.c, src/model/exchange.c: with one rank
+// the exchange is the identity and the experts run on the route's tensors). Prints one JSON line:
 // median times per phase, memory (cudaMemGetInfo) split into tables, gradients, activations
 // and everything else (scratch, cuBLAS workspace). For bandwidth it gives two byte counts
 // over the forward+backward time: what the kernels move (an estimate), and what the layer
@@ -27,8 +28,9 @@
 #include "core/log.h"
 #include "core/rng.h"
 #include "millipede/backend.h"
+#include "model/exchange.h"
 #include "model/retrieval.h"
-#include "model/retrieval_stage.h"
+#include "model/route.h"
 
 
 static const mp_backend *be;
@@ -196,6 +198,9 @@ int main(int argc, char **argv) {
     l.dq = dalloc((size_t)N * HD * 4, &g_bytes_acts);
     l.bn_mean = dalloc((size_t)HD * 4, &g_bytes_acts);
     l.bn_rstd = dalloc((size_t)HD * 4, &g_bytes_acts);
+    l.bn_sums = dalloc((size_t)3 * HD * sizeof(double), &g_bytes_acts);   // route.c's statistics
+    l.bn_sums_host = mp_calloc(2 * (size_t)HD + 1, sizeof(double));
+    l.bn_host = mp_calloc(4 * (size_t)HD, sizeof(float));
     l.sel = dalloc(NS * 4, &g_bytes_acts);
     l.sel_a = dalloc(NS * 4, &g_bytes_acts);
     l.sel_b = dalloc(NS * 4, &g_bytes_acts);
@@ -203,6 +208,7 @@ int main(int argc, char **argv) {
     l.dgate = dalloc(NS * 4, &g_bytes_acts);
     float *x = dtensor(NC, 0, 1.0f, 10, &g_bytes_acts), *dy = dtensor(NC, 0, 1.0f, 11, &g_bytes_acts);
     float *y = dalloc(NC * 4, &g_bytes_acts), *dx = dalloc(NC * 4, &g_bytes_acts);
+    mp_exchange_init(&l.ex, NULL, be);
     mp_cuda_synchronize();
     size_t mem1 = mp_cuda_memory_used();
 
@@ -214,14 +220,13 @@ int main(int argc, char **argv) {
     int64_t R = (int64_t)NS;
     for (int it = -warmup; it < iters; it++) {
         mp_cuda_event_record(ev[0]);
-        be->retrieval_route(&l, x, N, 1);
+        mp_route_forward(&l, be, x, N, 1);
         mp_cuda_event_record(ev[1]);
-        // what training runs with one process (src/model/retrieval_stage.c)
-        mp_stage_forward_single(&l, be, y, x, N, 1);
+        mp_exchange_forward(&l.ex, &l, y, x, N);
         mp_cuda_event_record(ev[2]);
-        mp_stage_backward_single(&l, be, dx, dy, x, N);
+        mp_exchange_backward(&l.ex, &l, dx, dy, x, N);
         mp_cuda_event_record(ev[3]);
-        be->retrieval_route_backward(&l, dx, x, N);
+        mp_route_backward(&l, be, dx, x, N);
         mp_cuda_event_record(ev[4]);
         if (it < 0) continue;
         for (int p = 0; p < P_N; p++) t_phase[p][it] = mp_cuda_event_ms(ev[p], ev[p + 1]);

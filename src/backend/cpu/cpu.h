@@ -1,5 +1,5 @@
 // CPU backend (fp32, OpenBLAS + OpenMP): the operations behind mp_backend_cpu(), exported
-// so that other CPU code (the retrieval layer) can call them directly.
+// so that other CPU code (tests) can call them directly.
 // Shapes and conventions are those of include/millipede/backend.h: backward ops ACCUMULATE.
 //
 // Determinism: every op gives bitwise identical results for the same inputs on every run.
@@ -52,6 +52,8 @@ void mp_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
 void mp_cpu_gelu_forward(float *out, const float *inp, long n);
 void mp_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
 void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n);
+void mp_cpu_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
+void mp_cpu_scatter_add_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cpu_crossentropy_forward(float *losses, float *probs, const float *logits,
                                  const int32_t *targets, int N, int V);
 void mp_cpu_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
@@ -62,17 +64,37 @@ double mp_cpu_sum_squares(const float *x, size_t n);
 
 // PEER / PKM layer on the CPU (src/backend/cpu/retrieval_cpu.c); the table entries of the
 // same names in include/millipede/backend.h say what they do.
-void mp_cpu_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train);
+void mp_cpu_query_bn_stats(double *sums, const float *q, const double *mean, int N, int HD);
+void mp_cpu_query_bn_forward(float *qn, const float *q, const float *w, const float *b,
+                             const float *mean, const float *rstd, int N, int HD);
+void mp_cpu_retrieval_route(int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate,
+                            const float *qn, const float *k1, const float *k2,
+                            const float *key_bias, int N, int H, int dk, int n, int k);
 void mp_cpu_subkey_counts(int32_t *counts, const int32_t *sel_a, const int32_t *sel_b, int N,
                           int H, int k, int n);
-void mp_cpu_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N);
-void mp_cpu_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
+void mp_cpu_retrieval_route_backward(float *dqn, float *dk1, float *dk2, float *dgate,
+                                     const float *gate, const int32_t *sel_a,
+                                     const int32_t *sel_b, const float *qn, const float *k1,
+                                     const float *k2, int N, int H, int dk, int n, int k);
+void mp_cpu_query_bn_backward_stats(double *sums, float *dw, float *db, const float *dqn,
+                                    const float *q, const float *mean, const float *rstd, int N,
+                                    int HD);
+void mp_cpu_query_bn_backward(float *dq, const float *q, const float *w, const float *mean,
+                              const float *rstd, const double *sums, double count, int train,
+                              int N, int HD);
+void mp_cpu_experts_forward(const mp_expert_tables *t, float *y, const float *x, int64_t M,
                             const int64_t *slot_start, const int32_t *slot, const int32_t *row,
-                            const float *gate, float *pre, int64_t R);
-void mp_cpu_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
+                            const float *gate, float *pre, int64_t R, int C, int relu);
+void mp_cpu_experts_backward(const mp_expert_tables *t, float *dx, float *dgate, const float *dy,
                              const float *x, int64_t M, const int64_t *slot_start,
                              const int32_t *slot, const int32_t *row, const float *gate,
-                             const float *pre, int64_t R);
+                             const float *pre, int64_t R, int C, int relu);
+// Top-k of s (n) by score, ties to the lower index: vals (k) descending, idxs (k).
+void mp_topk(const float *s, int n, int k, float *vals, long *idxs);
+// Product-key top-k of one query: the k best of s1[a] + s2[b] over all n*n pairs, from the
+// top-k of each half. vals (k) descending, experts (k) = a*n + b, sub_a/sub_b (k).
+void mp_product_topk(const float *s1, const float *s2, int n, int k, float *vals, long *experts,
+                     int32_t *sub_a, int32_t *sub_b);
 
 // Dot product in a fixed order: 8 independent lanes (the compiler turns them into one or two
 // vector registers without reassociating anything), then the lanes pairwise, then the tail.

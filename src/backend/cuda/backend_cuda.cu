@@ -239,11 +239,17 @@ static void fill_table(mp_backend *b) {
     b->residual_forward = mp_cuda_residual_forward;
     b->crossentropy_forward = mp_cuda_crossentropy_forward;
     b->crossentropy_backward = mp_cuda_crossentropy_backward;
+    b->query_bn_stats = mp_cuda_query_bn_stats;
+    b->query_bn_forward = mp_cuda_query_bn_forward;
     b->retrieval_route = mp_cuda_retrieval_route;
     b->subkey_counts = mp_cuda_subkey_counts;
     b->retrieval_route_backward = mp_cuda_retrieval_route_backward;
+    b->query_bn_backward_stats = mp_cuda_query_bn_backward_stats;
+    b->query_bn_backward = mp_cuda_query_bn_backward;
     b->experts_forward = mp_cuda_experts_forward;
     b->experts_backward = mp_cuda_experts_backward;
+    b->gather_rows = mp_cuda_gather_rows;
+    b->scatter_add_rows = mp_cuda_scatter_add_rows;
     b->adamw = mp_cuda_adamw;
     b->sum_squares = mp_cuda_sum_squares;
     b->to_bf16 = mp_cuda_to_bf16;

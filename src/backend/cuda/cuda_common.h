@@ -15,7 +15,6 @@
 extern "C" {
 #include "core/log.h"
 #include "millipede/backend.h"
-#include "model/retrieval.h"
 }
 
 // Every CUDA runtime and cuBLAS call goes through these: a failure ends the process with
@@ -36,7 +35,6 @@ enum {
     SCR_ATT,         // attention backward dP / dS
     SCR_SS,          // sum_squares partials
     SCR_S1, SCR_S2,  // sub-key scores of a chunk of queries
-    SCR_BN,          // BatchNorm sums (doubles)
     SCR_SORT_KEYS, SCR_SORT_VALS, SCR_SORT_TMP, SCR_SORT_IDX, SCR_SORT_OFF,   // mp_cuda_sort_by_key
     SCR_DPRE,        // experts backward: d(pre-activation) per record
     SCR_XB, SCR_DYB, // experts backward, bf16 mode: x and dy rounded to bf16
@@ -138,6 +136,8 @@ void mp_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv
 void mp_cuda_gelu_forward(float *out, const float *inp, long n);
 void mp_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
 void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n);
+void mp_cuda_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
+void mp_cuda_scatter_add_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cuda_crossentropy_forward(float *losses, float *probs, const float *logits,
                                   const int32_t *targets, int N, int V);
 void mp_cuda_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
@@ -146,14 +146,28 @@ void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float
                    float beta2, float eps, float wd, long t, float grad_scale);
 double mp_cuda_sum_squares(const float *x, size_t n);
 void mp_cuda_to_bf16(uint16_t *dst, const float *src, size_t n);
-void mp_cuda_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train);
+void mp_cuda_query_bn_stats(double *sums, const float *q, const double *mean, int N, int HD);
+void mp_cuda_query_bn_forward(float *qn, const float *q, const float *w, const float *b,
+                              const float *mean, const float *rstd, int N, int HD);
+void mp_cuda_retrieval_route(int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate,
+                             const float *qn, const float *k1, const float *k2,
+                             const float *key_bias, int N, int H, int dk, int n, int k);
 void mp_cuda_subkey_counts(int32_t *counts, const int32_t *sel_a, const int32_t *sel_b, int N,
                            int H, int k, int n);
-void mp_cuda_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N);
-void mp_cuda_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
+void mp_cuda_retrieval_route_backward(float *dqn, float *dk1, float *dk2, float *dgate,
+                                      const float *gate, const int32_t *sel_a,
+                                      const int32_t *sel_b, const float *qn, const float *k1,
+                                      const float *k2, int N, int H, int dk, int n, int k);
+void mp_cuda_query_bn_backward_stats(double *sums, float *dw, float *db, const float *dqn,
+                                     const float *q, const float *mean, const float *rstd, int N,
+                                     int HD);
+void mp_cuda_query_bn_backward(float *dq, const float *q, const float *w, const float *mean,
+                               const float *rstd, const double *sums, double count, int train,
+                               int N, int HD);
+void mp_cuda_experts_forward(const mp_expert_tables *t, float *y, const float *x, int64_t M,
                              const int64_t *slot_start, const int32_t *slot, const int32_t *row,
-                             const float *gate, float *pre, int64_t R);
-void mp_cuda_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
+                             const float *gate, float *pre, int64_t R, int C, int relu);
+void mp_cuda_experts_backward(const mp_expert_tables *t, float *dx, float *dgate, const float *dy,
                               const float *x, int64_t M, const int64_t *slot_start,
                               const int32_t *slot, const int32_t *row, const float *gate,
-                              const float *pre, int64_t R);
+                              const float *pre, int64_t R, int C, int relu);

@@ -90,25 +90,24 @@ static void forward_launch(float *y, const float *x, int64_t M, const int64_t *s
     KERNEL_CHECK();
 }
 
-void mp_cuda_experts_forward(mp_retrieval_layer *l, float *y, const float *x, int64_t M,
+void mp_cuda_experts_forward(const mp_expert_tables *t, float *y, const float *x, int64_t M,
                              const int64_t *slot_start, const int32_t *slot, const int32_t *row,
-                             const float *gate, float *pre, int64_t R) {
+                             const float *gate, float *pre, int64_t R, int C, int relu) {
     (void)slot;
     (void)R;
-    int C = l->C, relu = l->rc->activation == MP_ACT_RELU;
     if (M <= 0) return;
     check_width(C);
-    if (l->kind == MP_FFN_PEER && l->v_bf16)
-        forward_launch<true>(y, x, M, slot_start, row, gate, pre, l->u_bf16, l->v_bf16, C, relu);
-    else if (l->kind == MP_FFN_PEER)
-        forward_launch<true>(y, x, M, slot_start, row, gate, pre, (const float *)l->u,
-                             (const float *)l->v, C, relu);
-    else if (l->v_bf16)
+    int peer = t->u != NULL;   // PKM: values only
+    if (peer && t->v_bf16)
+        forward_launch<true>(y, x, M, slot_start, row, gate, pre, t->u_bf16, t->v_bf16, C, relu);
+    else if (peer)
+        forward_launch<true>(y, x, M, slot_start, row, gate, pre, t->u, t->v, C, relu);
+    else if (t->v_bf16)
         forward_launch<false>(y, x, M, slot_start, row, gate, pre, (const uint16_t *)NULL,
-                              l->v_bf16, C, relu);
+                              t->v_bf16, C, relu);
     else
-        forward_launch<false>(y, x, M, slot_start, row, gate, pre, (const float *)NULL,
-                              (const float *)l->v, C, relu);
+        forward_launch<false>(y, x, M, slot_start, row, gate, pre, (const float *)NULL, t->v, C,
+                              relu);
 }
 
 // Per slot: dv_dot_i = dy[m] . v_row; dgate_i = act(pre_i) dv_dot (PEER) or dv_dot (PKM);
@@ -216,49 +215,49 @@ static void dx_launch(float *dx, float *dgate, float *dpre, const float *dy, int
 }
 
 template <class A>
-static void grad_launch(mp_retrieval_layer *l, int peer, const int32_t *idx, const int32_t *off,
-                        const int32_t *slot, const float *gate, const float *pre,
-                        const float *dpre, const A *x, const A *dy, int C, int relu) {
+static void grad_launch(const mp_expert_tables *t, int peer, const int32_t *idx,
+                        const int32_t *off, const int32_t *slot, const float *gate,
+                        const float *pre, const float *dpre, const A *x, const A *dy, int C,
+                        int relu) {
     if (peer)
-        experts_grad_kernel<true, A><<<(unsigned)l->rows, threads_for(C)>>>(
-            l->du, l->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+        experts_grad_kernel<true, A><<<(unsigned)t->rows, threads_for(C)>>>(
+            t->du, t->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
     else
-        experts_grad_kernel<false, A><<<(unsigned)l->rows, threads_for(C)>>>(
-            NULL, l->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+        experts_grad_kernel<false, A><<<(unsigned)t->rows, threads_for(C)>>>(
+            NULL, t->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
     KERNEL_CHECK();
 }
 
-void mp_cuda_experts_backward(mp_retrieval_layer *l, float *dx, float *dgate, const float *dy,
+void mp_cuda_experts_backward(const mp_expert_tables *t, float *dx, float *dgate, const float *dy,
                               const float *x, int64_t M, const int64_t *slot_start,
                               const int32_t *slot, const int32_t *row, const float *gate,
-                              const float *pre, int64_t R) {
-    int C = l->C, relu = l->rc->activation == MP_ACT_RELU, peer = l->kind == MP_FFN_PEER;
+                              const float *pre, int64_t R, int C, int relu) {
+    int peer = t->u != NULL;   // PKM: values only
     if (M <= 0) return;
     check_width(C);
     float *dpre = (float *)mp_cuda_scratch(SCR_DPRE, (size_t)(R ? R : 1) * sizeof(float));   // (R)
-    if (peer && l->v_bf16)
-        dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, l->u_bf16, l->v_bf16,
+    if (peer && t->v_bf16)
+        dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, t->u_bf16, t->v_bf16,
                         C, relu);
     else if (peer)
-        dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, (const float *)l->u,
-                        (const float *)l->v, C, relu);
-    else if (l->v_bf16)
+        dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, t->u, t->v, C, relu);
+    else if (t->v_bf16)
         dx_launch<false>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre,
-                         (const uint16_t *)NULL, l->v_bf16, C, relu);
+                         (const uint16_t *)NULL, t->v_bf16, C, relu);
     else
         dx_launch<false>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, (const float *)NULL,
-                         (const float *)l->v, C, relu);
-    if (R <= 0 || l->rows <= 0) return;
+                         t->v, C, relu);
+    if (R <= 0 || t->rows <= 0) return;
     const int32_t *idx, *off;
-    mp_cuda_sort_by_key(row, R, l->rows, &idx, NULL, &off);
-    if (l->v_bf16) {   // bf16 mode: x and dy rounded once, then read once per record
+    mp_cuda_sort_by_key(row, R, t->rows, &idx, NULL, &off);
+    if (t->v_bf16) {   // bf16 mode: x and dy rounded once, then read once per record
         size_t MC = (size_t)M * C;
         uint16_t *xb = (uint16_t *)mp_cuda_scratch(SCR_XB, MC * sizeof(uint16_t));   // (M, C)
         uint16_t *dyb = (uint16_t *)mp_cuda_scratch(SCR_DYB, MC * sizeof(uint16_t)); // (M, C)
         if (peer) mp_cuda_to_bf16(xb, x, MC);
         mp_cuda_to_bf16(dyb, dy, MC);
-        grad_launch<uint16_t>(l, peer, idx, off, slot, gate, pre, dpre, xb, dyb, C, relu);
+        grad_launch<uint16_t>(t, peer, idx, off, slot, gate, pre, dpre, xb, dyb, C, relu);
     } else {
-        grad_launch<float>(l, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+        grad_launch<float>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
     }
 }

@@ -1,12 +1,12 @@
 // The PEER / PKM route on the GPU, where the token lives (the math and order of
-// src/backend/cpu/retrieval_cpu.c): query GEMM (cuBLAS), query BatchNorm over the global
-// batch, sub-key score GEMMs over the (N*H, dk) view of the queries, exact product-key
-// top-k (one warp per token and head), gate softmax; and the backward: softmax, query
-// gradient through the selected sub-keys, dK1 / dK2 as sums over records sorted by sub-key
-// (no atomics: bitwise repeatable), BatchNorm backward, dW_q and dx (cuBLAS).
+// src/backend/cpu/retrieval_cpu.c): query BatchNorm column sums and normalisation, sub-key
+// score GEMMs over the (N*H, dk) view of the queries, exact product-key top-k (one warp per
+// token and head), gate softmax; and the backward: softmax, query gradient through the
+// selected sub-keys, dK1 / dK2 as sums over records sorted by sub-key (no atomics: bitwise
+// repeatable), BatchNorm backward sums and apply.
 //
-// The BatchNorm statistics are summed on the device in double, copied to the host (2 * HD
-// doubles) and reduced across ranks through l->comm, which works on host buffers.
+// The BatchNorm statistics are this rank's partial sums, in double, left in device memory;
+// src/model/route.c copies them to the host and reduces them across ranks.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,10 +18,6 @@
 #define TOPK_MAX 32
 #define TOPK_WARPS 4
 #define BN_ROWS 256   // rows per double partial of a BatchNorm column sum
-
-static void allreduce(mp_retrieval_layer *l, double *buf, size_t n) {
-    if (l->comm && l->comm->size > 1) l->comm->allreduce_f64(l->comm, buf, n);
-}
 
 // ---------------------------------------------------------------------------------------
 // query BatchNorm forward
@@ -50,18 +46,18 @@ static __global__ void sum_partials_kernel(double *out, const double *part, int 
     out[j] = s;
 }
 
-// host (HD) = the column sums of q (N, HD) [centred on the device doubles dmean]
-static void bn_column_sums(double *host, const float *q, const double *dmean, int N, int HD,
-                           double *dout) {
-    int rows_per = mp_rows_per_block(N, BN_ROWS), nblk = (N + rows_per - 1) / rows_per;
+// sums (HD) = the column sums of q (N, HD) [centred on the device doubles mean]: per block
+// of rows, then the blocks in order
+void mp_cuda_query_bn_stats(double *sums, const float *q, const double *mean, int N, int HD) {
+    if (HD <= 0) return;
+    int rows_per = mp_rows_per_block(N, BN_ROWS), nblk = N > 0 ? (N + rows_per - 1) / rows_per : 0;
     double *part = (double *)mp_cuda_scratch(SCR_COLSUM, (size_t)(nblk ? nblk : 1) * HD * sizeof(double));
     if (nblk) {
-        bn_partial_kernel<<<dim3(mp_blocks(HD, 128), nblk), 128>>>(part, q, dmean, N, HD, rows_per);
+        bn_partial_kernel<<<dim3(mp_blocks(HD, 128), nblk), 128>>>(part, q, mean, N, HD, rows_per);
         KERNEL_CHECK();
     }
-    sum_partials_kernel<<<mp_blocks(HD, 128), 128>>>(dout, part, nblk, HD);
+    sum_partials_kernel<<<mp_blocks(HD, 128), 128>>>(sums, part, nblk, HD);
     KERNEL_CHECK();
-    CUDA_CHECK(cudaMemcpy(host, dout, (size_t)HD * sizeof(double), cudaMemcpyDeviceToHost));
 }
 
 static __global__ void bn_normalize_kernel(float *qn, const float *q, const float *w,
@@ -73,54 +69,11 @@ static __global__ void bn_normalize_kernel(float *qn, const float *q, const floa
     qn[o] = w[j] * (q[o] - mean[j]) * rstd[j] + b[j];
 }
 
-static void query_bn_forward(mp_retrieval_layer *l, int N, int train) {
-    const mp_retrieval_config *rc = l->rc;
-    int HD = rc->heads * rc->key_dim;
-    size_t fb = (size_t)HD * sizeof(float);
-    if (!rc->query_bn) {
-        CUDA_CHECK(cudaMemcpy(l->qn, l->q, (size_t)N * fb, cudaMemcpyDeviceToDevice));
-        return;
-    }
-    // host copies of the running statistics and the statistics this forward uses
-    float *rm = (float *)mp_malloc(4 * fb), *rv = rm + HD, *bm = rm + 2 * HD, *br = rm + 3 * HD;
-    CUDA_CHECK(cudaMemcpy(rm, l->running_mean, fb, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(rv, l->running_var, fb, cudaMemcpyDeviceToHost));
-    if (train) {
-        double *sum = (double *)mp_calloc((size_t)2 * HD + 1, sizeof(double));   // sums, count
-        double *sq = sum + HD + 1;
-        double *dbuf = (double *)mp_cuda_scratch(SCR_BN, (size_t)2 * HD * sizeof(double));
-        bn_column_sums(sum, l->q, NULL, N, HD, dbuf);
-        sum[HD] = N;
-        allreduce(l, sum, HD + 1);
-        double count = sum[HD];
-        for (int j = 0; j < HD; j++) sq[j] = sum[j] / count;   // the mean, for the device
-        CUDA_CHECK(cudaMemcpy(dbuf + HD, sq, (size_t)HD * sizeof(double), cudaMemcpyHostToDevice));
-        bn_column_sums(sq, l->q, dbuf + HD, N, HD, dbuf);
-        allreduce(l, sq, HD);
-        float mo = rc->bn_momentum;
-        for (int j = 0; j < HD; j++) {
-            float mean = (float)(sum[j] / count), var = (float)(sq[j] / count);
-            float unbiased = count > 1 ? (float)(sq[j] / (count - 1)) : var;
-            rm[j] = (1.0f - mo) * rm[j] + mo * mean;
-            rv[j] = (1.0f - mo) * rv[j] + mo * unbiased;
-            bm[j] = mean;
-            br[j] = 1.0f / sqrtf(var + rc->bn_eps);
-        }
-        l->bn_count = count;
-        free(sum);
-        CUDA_CHECK(cudaMemcpy(l->running_mean, rm, fb, cudaMemcpyHostToDevice));
-        CUDA_CHECK(cudaMemcpy(l->running_var, rv, fb, cudaMemcpyHostToDevice));
-    } else {
-        for (int j = 0; j < HD; j++) {
-            bm[j] = rm[j];
-            br[j] = 1.0f / sqrtf(rv[j] + rc->bn_eps);
-        }
-    }
-    CUDA_CHECK(cudaMemcpy(l->bn_mean, bm, fb, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(l->bn_rstd, br, fb, cudaMemcpyHostToDevice));
-    free(rm);
-    bn_normalize_kernel<<<mp_blocks((size_t)N * HD, 256), 256>>>(l->qn, l->q, l->bn_w, l->bn_b,
-                                                                 l->bn_mean, l->bn_rstd, N, HD);
+void mp_cuda_query_bn_forward(float *qn, const float *q, const float *w, const float *b,
+                              const float *mean, const float *rstd, int N, int HD) {
+    size_t total = (size_t)(N > 0 ? N : 0) * (HD > 0 ? HD : 0);
+    if (!total) return;
+    bn_normalize_kernel<<<mp_blocks(total, 256), 256>>>(qn, q, w, b, mean, rstd, N, HD);
     KERNEL_CHECK();
 }
 
@@ -311,9 +264,10 @@ extern "C" void mp_cuda_product_topk(const float *s1, const float *s2, const flo
     product_topk(s1, s2, bias, H, rows, n, k, sel, sel_a, sel_b, gate);
 }
 
-static void retrieve(mp_retrieval_layer *l, int N) {
-    const mp_retrieval_config *rc = l->rc;
-    int H = rc->heads, k = rc->topk, dk = rc->key_dim, half = dk / 2, n = rc->n_sub;
+void mp_cuda_retrieval_route(int32_t *sel, int32_t *sel_a, int32_t *sel_b, float *gate,
+                             const float *qn, const float *k1, const float *k2,
+                             const float *key_bias, int N, int H, int dk, int n, int k) {
+    int half = dk / 2;
     long rows_total = (long)N * H;
     long chunk = SCORE_CHUNK_ELEMS / n;
     if (chunk < 1) chunk = 1;
@@ -325,12 +279,11 @@ static void retrieve(mp_retrieval_layer *l, int N) {
     for (long r0 = 0; r0 < rows_total; r0 += chunk) {
         long rc_ = rows_total - r0 < chunk ? rows_total - r0 : chunk;
         // qn viewed as (N*H, dk): the first half of each row against K1, the second against K2
-        mp_cuda_sgemm(0, 1, (int)rc_, n, half, 1.0f, l->qn + r0 * dk, dk, l->k1, half, 0.0f, s1, n);
-        mp_cuda_sgemm(0, 1, (int)rc_, n, half, 1.0f, l->qn + r0 * dk + half, dk, l->k2, half, 0.0f,
+        mp_cuda_sgemm(0, 1, (int)rc_, n, half, 1.0f, qn + r0 * dk, dk, k1, half, 0.0f, s1, n);
+        mp_cuda_sgemm(0, 1, (int)rc_, n, half, 1.0f, qn + r0 * dk + half, dk, k2, half, 0.0f,
                       s2, n);
         size_t o = (size_t)r0 * k;
-        product_topk(s1, s2, l->key_bias, H, rc_, n, k, l->sel + o, l->sel_a + o, l->sel_b + o,
-                     l->gate + o);
+        product_topk(s1, s2, key_bias, H, rc_, n, k, sel + o, sel_a + o, sel_b + o, gate + o);
     }
 }
 
@@ -354,16 +307,6 @@ void mp_cuda_subkey_counts(int32_t *counts, const int32_t *sel_a, const int32_t 
     subkey_counts_kernel<<<mp_blocks((size_t)total, 256), 256>>>(counts, sel_a, sel_b, total, H,
                                                                  k, n);
     KERNEL_CHECK();
-}
-
-void mp_cuda_retrieval_route(mp_retrieval_layer *l, const float *x, int N, int train) {
-    const mp_retrieval_config *rc = l->rc;
-    int C = l->C, HD = rc->heads * rc->key_dim;
-    if (N > l->maxN) mp_fatal("retrieval layer: %d rows exceed the %d it was built for", N, l->maxN);
-    if (N <= 0) return;
-    mp_cuda_sgemm(0, 1, N, HD, C, 1.0f, x, C, l->wq, C, 0.0f, l->q, HD);
-    query_bn_forward(l, N, train);
-    retrieve(l, N);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -471,50 +414,48 @@ static __global__ void bn_backward_apply_kernel(float *dq, const float *q, const
     }
 }
 
-static void query_bn_backward(mp_retrieval_layer *l, int N) {
-    const mp_retrieval_config *rc = l->rc;
-    if (!rc->query_bn) return;
-    int HD = rc->heads * rc->key_dim, rows_per = mp_rows_per_block(N, BN_ROWS);
-    int nblk = (N + rows_per - 1) / rows_per;
-    double *part = (double *)mp_cuda_scratch(SCR_COLSUM, (size_t)nblk * 2 * HD * sizeof(double));
-    double *sums = (double *)mp_cuda_scratch(SCR_BN, (size_t)2 * HD * sizeof(double));
-    bn_backward_partial_kernel<<<dim3(mp_blocks(HD, 128), nblk), 128>>>(part, l->dq, l->q,
-                                                                        l->bn_mean, l->bn_rstd, N, HD,
-                                                                        rows_per);
-    KERNEL_CHECK();
-    bn_backward_sums_kernel<<<mp_blocks(HD, 128), 128>>>(sums, l->dbn_w, l->dbn_b, part, nblk, HD);
-    KERNEL_CHECK();
-    if (l->last_train && l->comm && l->comm->size > 1) {
-        double *host = (double *)mp_malloc((size_t)2 * HD * sizeof(double));
-        CUDA_CHECK(cudaMemcpy(host, sums, (size_t)2 * HD * sizeof(double), cudaMemcpyDeviceToHost));
-        allreduce(l, host, (size_t)2 * HD);
-        CUDA_CHECK(cudaMemcpy(sums, host, (size_t)2 * HD * sizeof(double), cudaMemcpyHostToDevice));
-        free(host);
+void mp_cuda_query_bn_backward_stats(double *sums, float *dw, float *db, const float *dqn,
+                                     const float *q, const float *mean, const float *rstd, int N,
+                                     int HD) {
+    if (HD <= 0) return;
+    int rows_per = mp_rows_per_block(N, BN_ROWS), nblk = N > 0 ? (N + rows_per - 1) / rows_per : 0;
+    double *part = (double *)mp_cuda_scratch(SCR_COLSUM, (size_t)(nblk ? nblk : 1) * 2 * HD * sizeof(double));
+    if (nblk) {
+        bn_backward_partial_kernel<<<dim3(mp_blocks(HD, 128), nblk), 128>>>(part, dqn, q, mean,
+                                                                            rstd, N, HD, rows_per);
+        KERNEL_CHECK();
     }
-    bn_backward_apply_kernel<<<mp_blocks((size_t)N * HD, 256), 256>>>(
-        l->dq, l->q, l->bn_w, l->bn_mean, l->bn_rstd, sums, l->bn_count, l->last_train, N, HD);
+    bn_backward_sums_kernel<<<mp_blocks(HD, 128), 128>>>(sums, dw, db, part, nblk, HD);
     KERNEL_CHECK();
 }
 
-void mp_cuda_retrieval_route_backward(mp_retrieval_layer *l, float *dx, const float *x, int N) {
-    const mp_retrieval_config *rc = l->rc;
-    int C = l->C, H = rc->heads, k = rc->topk, dk = rc->key_dim, half = dk / 2, n = rc->n_sub;
-    int HD = H * dk, S = H * k;
+void mp_cuda_query_bn_backward(float *dq, const float *q, const float *w, const float *mean,
+                               const float *rstd, const double *sums, double count, int train,
+                               int N, int HD) {
+    size_t total = (size_t)(N > 0 ? N : 0) * (HD > 0 ? HD : 0);
+    if (!total) return;
+    bn_backward_apply_kernel<<<mp_blocks(total, 256), 256>>>(dq, q, w, mean, rstd, sums, count,
+                                                             train, N, HD);
+    KERNEL_CHECK();
+}
+
+void mp_cuda_retrieval_route_backward(float *dqn, float *dk1, float *dk2, float *dgate,
+                                      const float *gate, const int32_t *sel_a,
+                                      const int32_t *sel_b, const float *qn, const float *k1,
+                                      const float *k2, int N, int H, int dk, int n, int k) {
+    int half = dk / 2, S = H * k;
     if (N <= 0) return;
     long rows = (long)N * H;
     softmax_dq_kernel<<<mp_blocks((size_t)rows, TOPK_WARPS), 32 * TOPK_WARPS>>>(
-        l->dq, l->dgate, l->gate, l->sel_a, l->sel_b, l->k1, l->k2, rows, k, dk);
+        dqn, dgate, gate, sel_a, sel_b, k1, k2, rows, k, dk);
     KERNEL_CHECK();
     // sub-key gradients: records grouped by sub-key, each key's sum in record order
     int threads = half < 128 ? 32 * ((half + 31) / 32) : 128;
     const int32_t *idx, *off;
-    mp_cuda_sort_by_key(l->sel_a, (int64_t)N * S, n, &idx, NULL, &off);
-    subkey_grad_kernel<<<n, threads>>>(l->dk1, idx, off, l->dgate, l->qn, S, k, dk, 0);
+    mp_cuda_sort_by_key(sel_a, (int64_t)N * S, n, &idx, NULL, &off);
+    subkey_grad_kernel<<<n, threads>>>(dk1, idx, off, dgate, qn, S, k, dk, 0);
     KERNEL_CHECK();
-    mp_cuda_sort_by_key(l->sel_b, (int64_t)N * S, n, &idx, NULL, &off);
-    subkey_grad_kernel<<<n, threads>>>(l->dk2, idx, off, l->dgate, l->qn, S, k, dk, half);
+    mp_cuda_sort_by_key(sel_b, (int64_t)N * S, n, &idx, NULL, &off);
+    subkey_grad_kernel<<<n, threads>>>(dk2, idx, off, dgate, qn, S, k, dk, half);
     KERNEL_CHECK();
-    query_bn_backward(l, N);
-    mp_cuda_sgemm(1, 0, HD, C, N, 1.0f, l->dq, HD, x, C, 1.0f, l->dwq, C);
-    mp_cuda_sgemm(0, 0, N, C, HD, 1.0f, l->dq, HD, l->wq, C, 1.0f, dx, C);
 }

@@ -1,0 +1,172 @@
+// The NCCL transport (include/millipede/comm.h): payload calls move device buffers between
+// the ranks' GPUs with NCCL, control calls go to the host MPI transport it is built on.
+//
+// NCCL runs one rank per GPU: two ranks on one GPU make it fail at init (or hang), so
+// mp_comm_nccl first compares every rank's (host, PCI address of its GPU) and refuses the
+// sharing with a reason, the same on every rank since all of them see the same table. The
+// PCI address and not the device number: with CUDA_VISIBLE_DEVICES set per rank (Slurm's
+// --gpus-per-task) every rank is device 0 of its own GPU.
+//
+// Everything runs on the legacy default stream, as the backend does (cuda_common.h): an
+// exchange starts after the kernels that filled its buffers and the kernels after it see
+// its results, with no synchronisation here.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "backend/cuda/cuda_common.h"
+extern "C" {
+#include "millipede/comm.h"
+}
+
+#ifdef MP_HAVE_NCCL
+#include <nccl.h>
+
+// Every NCCL call goes through NCCL_CHECK: a failure ends the job (mp_fatal aborts every
+// rank) with file:line, the call, NCCL's name of the code and its last error message.
+static void nccl_check_at(ncclResult_t rc, const char *what, const char *file, int line) {
+    if (rc == ncclSuccess) return;
+    const char *last = "";
+#if NCCL_VERSION_CODE >= 21300   // ncclGetLastError came with NCCL 2.13
+    last = ncclGetLastError(NULL);
+    if (!last) last = "";
+#endif
+    mp_fatal_at(file, line, "NCCL error %s (%d) in %s%s%s", ncclGetErrorString(rc), (int)rc, what,
+                *last ? ": " : "", last);
+}
+#define NCCL_CHECK(call) nccl_check_at((call), #call, __FILE__, __LINE__)
+
+typedef struct {
+    ncclComm_t nccl;
+} nccl_impl;
+
+static ncclComm_t nccl_of(mp_comm *c) { return ((nccl_impl *)c->impl)->nccl; }
+
+// One group of sends and receives: NCCL matches each pair's send with the peer's receive
+// and runs them together. Counts are size_t in NCCL, so no per-peer limit below the memory.
+static void alltoallv(mp_comm *c, const void *send, const int64_t *sc, const int64_t *sd,
+                      void *recv, const int64_t *rc, const int64_t *rd, ncclDataType_t type,
+                      size_t elem) {
+    for (int r = 0; r < c->size; r++)
+        if (sc[r] < 0 || sd[r] < 0 || rc[r] < 0 || rd[r] < 0)
+            mp_fatal("all-to-all with rank %d: negative count or offset (send %lld at %lld, "
+                     "receive %lld at %lld)", r, (long long)sc[r], (long long)sd[r],
+                     (long long)rc[r], (long long)rd[r]);
+    ncclComm_t comm = nccl_of(c);
+    NCCL_CHECK(ncclGroupStart());
+    for (int r = 0; r < c->size; r++) {
+        if (sc[r])
+            NCCL_CHECK(ncclSend((const char *)send + (size_t)sd[r] * elem, (size_t)sc[r], type, r,
+                                comm, 0));
+        if (rc[r])
+            NCCL_CHECK(ncclRecv((char *)recv + (size_t)rd[r] * elem, (size_t)rc[r], type, r, comm,
+                                0));
+    }
+    NCCL_CHECK(ncclGroupEnd());
+}
+
+static void alltoallv_f32(mp_comm *c, const float *send, const int64_t *sc, const int64_t *sd,
+                          float *recv, const int64_t *rc, const int64_t *rd) {
+    alltoallv(c, send, sc, sd, recv, rc, rd, ncclFloat, sizeof(float));
+}
+
+static void alltoallv_i32(mp_comm *c, const int32_t *send, const int64_t *sc, const int64_t *sd,
+                          int32_t *recv, const int64_t *rc, const int64_t *rd) {
+    alltoallv(c, send, sc, sd, recv, rc, rd, ncclInt32, sizeof(int32_t));
+}
+
+static void allreduce_f32(mp_comm *c, float *buf, size_t n) {
+    if (n) NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nccl_of(c), 0));
+}
+
+static void destroy(mp_comm *c) {
+    NCCL_CHECK(ncclCommDestroy(nccl_of(c)));
+    free(c->impl);
+    free(c);
+}
+
+// 52 bits of FNV-1a: the host's name as an integer that a double holds exactly
+static double host_hash(const char *name) {
+    uint64_t h = 1469598103934665603ull;
+    for (const char *p = name; *p; p++) h = (h ^ (unsigned char)*p) * 1099511628211ull;
+    return (double)(h >> 12);
+}
+
+// Columns of the table every rank fills its row of: whether its GPU could be queried (else
+// the CUDA error code in DEV), its host, its GPU's PCI address, its device number.
+enum { COL_OK, COL_HOST, COL_PCI, COL_DEV, NCOL };
+
+// The same answer on every rank: 0, or -1 with the reason when a rank could not query its
+// GPU or two ranks share one.
+static int check_one_gpu_per_rank(mp_comm *host, char *err, size_t err_len) {
+    int P = host->size;
+    double *t = (double *)mp_calloc((size_t)P * NCOL, sizeof(double));
+    double *row = t + (size_t)host->rank * NCOL;
+    char name[256] = "";
+    if (gethostname(name, sizeof name - 1) != 0) snprintf(name, sizeof name, "(unknown host)");
+    int dev = -1;
+    cudaDeviceProp prop;
+    cudaError_t rc = cudaGetDevice(&dev);
+    if (rc == cudaSuccess) rc = cudaGetDeviceProperties(&prop, dev);
+    if (rc == cudaSuccess) {
+        row[COL_OK] = 1;
+        row[COL_HOST] = host_hash(name);
+        row[COL_PCI] = (double)(((uint64_t)prop.pciDomainID << 16) | ((uint64_t)prop.pciBusID << 8) |
+                                (uint64_t)prop.pciDeviceID);
+        row[COL_DEV] = dev;
+    } else {
+        row[COL_DEV] = (double)rc;
+    }
+    host->allreduce_f64(host, t, (size_t)P * NCOL);   // zeros but one row each: exact sums
+    int result = 0;
+    for (int i = 0; i < P && !result; i++)
+        if (t[i * NCOL + COL_OK] != 1) {
+            mp_errf(err, err_len, "rank %d could not query its GPU for NCCL: CUDA error %d",
+                    i, (int)t[i * NCOL + COL_DEV]);
+            result = -1;
+        }
+    for (int i = 0; i < P && !result; i++)
+        for (int j = i + 1; j < P && !result; j++) {
+            const double *a = t + i * NCOL, *b = t + j * NCOL;
+            if (a[COL_HOST] != b[COL_HOST] || a[COL_PCI] != b[COL_PCI]) continue;
+            host->broadcast(host, name, sizeof name, i);   // every rank found the same i
+            uint64_t pci = (uint64_t)a[COL_PCI];
+            mp_errf(err, err_len, "ranks %d and %d share GPU %d (PCI %04x:%02x:%02x) on %s: NCCL "
+                    "needs one GPU per rank (use system.transport = mpi_staged)", i, j,
+                    (int)a[COL_DEV], (unsigned)(pci >> 16), (unsigned)(pci >> 8 & 0xff),
+                    (unsigned)(pci & 0xff), name);
+            result = -1;
+        }
+    free(t);
+    return result;
+}
+
+extern "C" mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len) {
+    if (check_one_gpu_per_rank(host, err, err_len) != 0) return NULL;
+    ncclUniqueId id;
+    memset(&id, 0, sizeof id);
+    if (host->rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
+    host->broadcast(host, &id, sizeof id, 0);
+    nccl_impl *m = (nccl_impl *)mp_calloc(1, sizeof *m);
+    NCCL_CHECK(ncclCommInitRank(&m->nccl, host->size, id, host->rank));
+    mp_comm *c = (mp_comm *)mp_calloc(1, sizeof *c);
+    c->name = "nccl";
+    c->device_buffers = 1;
+    c->impl = m;
+    c->alltoallv_f32 = alltoallv_f32;
+    c->alltoallv_i32 = alltoallv_i32;
+    c->allreduce_f32 = allreduce_f32;
+    c->destroy = destroy;
+    mp_comm_control_from(c, host);
+    return c;
+}
+
+#else   // CUDA without NCCL: the build still works, the transport says why it is missing
+
+extern "C" mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len) {
+    (void)host;
+    mp_errf(err, err_len, "this build has no NCCL (nccl.h / libnccl not found at configure time)");
+    return NULL;
+}
+
+#endif
