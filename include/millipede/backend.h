@@ -132,6 +132,19 @@ typedef struct mp_backend {
                   float beta2, float eps, float wd, long t, float grad_scale);
     // sum of squares of x (n), accumulated in double
     double (*sum_squares)(const float *x, size_t n);
+    // train.expert_optimizer = lazy_adamw (docs/model.md, "Lazy AdamW"): the three ops
+    // below touch rows rows[i] (i < n_rows, distinct, local row indices) of (*, C) tables
+    // and no other byte of them, so their cost is proportional to n_rows. Each row is
+    // handled by one thread (group), no atomics. rows is backend memory.
+    // The adamw above, element for element, on those rows of p, g, m, v.
+    void (*adamw_rows)(float *p, const float *g, float *m, float *v, const int32_t *rows,
+                       int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
+                       float wd, long t, float grad_scale);
+    // sum of squares of those rows of x, in double: one partial per row, the partials
+    // added in list order
+    double (*sum_squares_rows)(const float *x, const int32_t *rows, int64_t n_rows, int C);
+    // those rows of x = 0
+    void (*zero_rows)(float *x, const int32_t *rows, int64_t n_rows, int C);
     // dst (n) = src rounded to bfloat16 (to nearest, ties to even), as raw bits; NULL when
     // the backend has no bf16 mode (the CPU)
     void (*to_bf16)(uint16_t *dst, const float *src, size_t n);

@@ -91,12 +91,14 @@ int mp_ckpt_resume(const mp_config *cfg, mp_resume_mode mode, const char *path, 
                    mp_adamw *opt, mp_ckpt_info *info, char *used, size_t used_len);
 
 // For eval and sample: opens a checkpoint (anything mp_ckpt_resolve takes) or a model
-// file (model_file.h) for B sequences; the model's configuration (written to *model_cfg,
-// which must outlive the model) is cfg with the shape sections of the stored one, which
-// must agree with cfg (loaded from cfg_path). Returns NULL with a one-line message in err.
+// file (model_file.h) for B sequences; with comm (not NULL) as rank comm->rank's part of
+// the model sharded over comm, reading only its own expert rows. The model's configuration
+// (written to *model_cfg, which must outlive the model) is cfg with the shape sections of
+// the stored one, which must agree with cfg (loaded from cfg_path). Not collective: each
+// rank reports its own failure (NULL, a one-line message in err), and the caller agrees.
 mp_model *mp_open_stored_model(const char *path, const mp_config *cfg, const char *cfg_path,
-                               const mp_backend *be, int B, mp_config *model_cfg, char *err,
-                               size_t err_len);
+                               const mp_backend *be, int B, mp_comm *comm, mp_config *model_cfg,
+                               char *err, size_t err_len);
 
 // ---- inspect and verify ------------------------------------------------------------
 // Prints step, configuration, layout (files, ranks, row ranges, sizes) and every dataset

@@ -52,6 +52,7 @@ typedef struct {
     float grad_clip;               // train.grad_clip: global-norm clip, 0 = off
     float expert_lr;               // train.expert_lr: U, V (PEER) and V (PKM)
     float expert_weight_decay;     // train.expert_weight_decay
+    char expert_optimizer[16];     // train.expert_optimizer: adamw | lazy_adamw (touched rows)
     float key_lr;                  // train.key_lr: K1, K2
     float key_weight_decay;        // train.key_weight_decay
     long log_every;                // train.log_every

@@ -78,7 +78,14 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
                        int train);
 // Logits (B,T,V) of the last forward (backend memory).
 const float *mp_model_logits(const mp_model *m);
+// Zeroes every gradient. With train.expert_optimizer = lazy_adamw the expert gradients
+// are zeroed only in the rows touched since the last call (no other row was written).
 void mp_model_zero_grad(mp_model *m);
+// train.expert_optimizer = lazy_adamw: the local rows of expert tensor t (sorted, distinct,
+// backend memory, in *rows) that received at least one record (selection) in a backward
+// since the last mp_model_zero_grad; returns their count. -1 (rows NULL) for any other
+// optimizer or a tensor outside the experts group.
+int64_t mp_model_touched_rows(mp_model *m, const mp_tensor *t, const int32_t **rows);
 // Backward of loss_scale * mean loss of the last forward; gradients accumulate.
 void mp_model_backward(mp_model *m, float loss_scale);
 // Sums the replicated groups' gradients (dense, keys) over the ranks of a sharded model;

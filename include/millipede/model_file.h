@@ -34,10 +34,11 @@ int mp_model_file_check_config(const mp_config *file_cfg, const mp_config *cfg,
                                const char *file, const char *cfg_path, char *err,
                                size_t err_len);
 // For eval and sample: reads the configuration of model file `file`, checks it against cfg
-// (loaded from cfg_path), builds a model for B sequences on backend be and loads the file.
-// The model's configuration, written to *model_cfg (which must outlive the model), is cfg
-// with the [model], [peer] and [pkm] sections taken from the file. Returns NULL with a
-// one-line message in err on bad input.
+// (loaded from cfg_path), builds a model for B sequences on backend be and loads the file:
+// with comm (not NULL), rank comm->rank's part of the model sharded over comm, which reads
+// only its own expert rows (mp_model_create_sharded). The model's configuration, written
+// to *model_cfg (which must outlive the model), is cfg with the [model], [peer] and [pkm]
+// sections taken from the file. Returns NULL with a one-line message in err on bad input.
 mp_model *mp_model_open_file(const char *file, const mp_config *cfg, const char *cfg_path,
-                             const mp_backend *be, int B, mp_config *model_cfg, char *err,
-                             size_t err_len);
+                             const mp_backend *be, int B, mp_comm *comm, mp_config *model_cfg,
+                             char *err, size_t err_len);

@@ -25,6 +25,17 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step);
 double mp_eval_loss(mp_model *m, const mp_shard *val, int n_batches);
 // The same over sequences [j0, j0 + B) of each validation batch (one rank's slice).
 double mp_eval_loss_slice(mp_model *m, const mp_shard *val, int n_batches, int j0, int B);
+// The same over P ranks (comm; NULL for one process): each rank evaluates its slice
+// [j0, j0 + Bl) of every batch and the mean over the global batch comes back on every rank.
+double mp_eval_loss_ranks(mp_model *m, const mp_shard *val, int n_batches, int j0, int Bl,
+                          mp_comm *comm);
+// z (N) of the i-th retrieval layer summed over ranks into zg (N), and N.
+long mp_eval_usage_ranks(mp_model *m, int i, mp_comm *comm, double *zg);
+// Refuses (one line, exit status 2, on every rank alike) a rank count that cfg cannot run
+// on: more ranks than a retrieval layer has first-half sub-keys to own, or, when the batch
+// is split over the ranks (split_batch), fewer sequences than ranks; and ranks whose
+// resolved configurations differ.
+void mp_check_ranks(const mp_config *cfg, mp_comm *comm, int split_batch);
 // The bytes of text behind the target tokens of those batches (token_bytes: (vocab,),
 // mp_tokenizer_token_bytes): with the mean loss, bits per byte = loss * tokens / (bytes ln 2).
 double mp_eval_target_bytes(const mp_config *c, const mp_shard *val, int n_batches,

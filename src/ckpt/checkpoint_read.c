@@ -330,11 +330,11 @@ int mp_ckpt_resume(const mp_config *cfg, mp_resume_mode mode, const char *path, 
 // eval and sample
 
 mp_model *mp_open_stored_model(const char *path, const mp_config *cfg, const char *cfg_path,
-                               const mp_backend *be, int B, mp_config *model_cfg, char *err,
-                               size_t err_len) {
+                               const mp_backend *be, int B, mp_comm *comm, mp_config *model_cfg,
+                               char *err, size_t err_len) {
     struct stat st;
     if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))   // a model file (or nothing)
-        return mp_model_open_file(path, cfg, cfg_path, be, B, model_cfg, err, err_len);
+        return mp_model_open_file(path, cfg, cfg_path, be, B, comm, model_cfg, err, err_len);
     char dir[CK_PATH], index[CK_PATH];
     if (mp_ckpt_resolve(path, dir, sizeof dir, err, err_len) != 0) return NULL;
     mp_config fcfg;
@@ -343,7 +343,8 @@ mp_model *mp_open_stored_model(const char *path, const mp_config *cfg, const cha
     if (mp_check_shape_config(&fcfg, cfg, index, "the checkpoint", cfg_path, err, err_len) != 0)
         return NULL;
     mp_merge_model_config(model_cfg, cfg, &fcfg);
-    mp_model *m = mp_model_create(model_cfg, be, B);
+    mp_model *m = comm ? mp_model_create_sharded(model_cfg, be, B, comm)
+                       : mp_model_create(model_cfg, be, B);
     if (mp_ckpt_load(dir, m, NULL, cfg_path, NULL, err, err_len) != 0) {
         mp_model_free(m);
         return NULL;

@@ -369,15 +369,16 @@ int mp_model_file_check_config(const mp_config *f, const mp_config *c, const cha
 }
 
 mp_model *mp_model_open_file(const char *file, const mp_config *cfg, const char *cfg_path,
-                             const mp_backend *be, int B, mp_config *model_cfg, char *err,
-                             size_t err_len) {
+                             const mp_backend *be, int B, mp_comm *comm, mp_config *model_cfg,
+                             char *err, size_t err_len) {
     mp_config fcfg;
     mp_config_defaults(&fcfg);
     if (mp_model_file_config(file, &fcfg, err, err_len) < 0) return NULL;
     if (mp_model_file_check_config(&fcfg, cfg, file, cfg_path, err, err_len) < 0) return NULL;
     mp_merge_model_config(model_cfg, cfg, &fcfg);
 
-    mp_model *m = mp_model_create(model_cfg, be, B);
+    mp_model *m = comm ? mp_model_create_sharded(model_cfg, be, B, comm)
+                       : mp_model_create(model_cfg, be, B);
     if (mp_model_load(m, file, err, err_len) < 0) {
         mp_model_free(m);
         return NULL;

@@ -90,6 +90,7 @@ static const key_spec KEYS[] = {
     KEY("train", "grad_clip", K_FLOAT, grad_clip),
     KEY("train", "expert_lr", K_FLOAT, expert_lr),
     KEY("train", "expert_weight_decay", K_FLOAT, expert_weight_decay),
+    STR("train", "expert_optimizer", expert_optimizer),
     KEY("train", "key_lr", K_FLOAT, key_lr),
     KEY("train", "key_weight_decay", K_FLOAT, key_weight_decay),
     KEY("train", "log_every", K_LONG, log_every),
@@ -360,6 +361,7 @@ void mp_config_defaults(mp_config *cfg) {
     cfg->grad_clip = 1.0f;
     cfg->expert_lr = 1e-3f;
     cfg->expert_weight_decay = 0.0f;
+    set_string(cfg->expert_optimizer, sizeof cfg->expert_optimizer, "adamw");
     cfg->key_lr = 1e-3f;
     cfg->key_weight_decay = 0.0f;
     cfg->log_every = 10;
@@ -508,6 +510,9 @@ int mp_config_validate(const mp_config *c, char *err, size_t err_len) {
               !strcmp(c->backend, "cuda"),
           "key 'system.transport': %s moves GPU buffers and needs system.backend = cuda, got "
           "backend '%s'", c->transport, c->backend);
+    CHECK(!strcmp(c->expert_optimizer, "adamw") || !strcmp(c->expert_optimizer, "lazy_adamw"),
+          "key 'train.expert_optimizer': expected adamw or lazy_adamw, got '%s'",
+          c->expert_optimizer);
     CHECK(!strcmp(c->precision, "fp32") || !strcmp(c->precision, "bf16"),
           "key 'system.precision': expected fp32 or bf16, got '%s'", c->precision);
     CHECK(strcmp(c->precision, "bf16") || !strcmp(c->backend, "cuda"),

@@ -12,8 +12,10 @@
 
 #include "cli.h"
 #include "commands.h"
+#include "core/agree.h"
 #include "core/log.h"
 #include "core/rng.h"
+#include "millipede/comm.h"
 #include "millipede/config.h"
 #include "millipede/data.h"
 #include "millipede/model.h"
@@ -30,9 +32,11 @@ static const char *sample_usage =
     "\n"
     "Continues TEXT with N tokens of the model's tokenizer (bytes, SentencePiece or a token\n"
     "table; the prompt is encoded with it) and prints the prompt followed by the decoded\n"
-    "continuation on stdout (a final newline only on a terminal).\n"
+    "continuation on stdout (a final newline only on a terminal, never under mpirun).\n"
     "Each token is drawn from the logits at the last position of a forward pass over the\n"
     "last model.context tokens.\n"
+    "Under mpirun -n P the model is sharded as in training (each rank reads only its own\n"
+    "expert rows); every rank runs the sequence, rank 0 draws each token and prints.\n"
     "\n"
     "options:\n"
     "  --model PATH       a checkpoint of `millipede train` (<run.dir>/checkpoints/latest,\n"
@@ -138,7 +142,6 @@ int mp_cmd_sample(int argc, char **argv) {
     if (!sa.prompt[0])
         mp_input_error("sample: --prompt is empty (the model needs at least one token)");
     if (!sa.have_tokens) mp_input_error("sample: missing --tokens N");
-    mp_cli_single_rank("sample");
 
     char err[2048];
     mp_config cfg, mcfg;
@@ -146,9 +149,22 @@ int mp_cmd_sample(int argc, char **argv) {
     free(args.sets);
     const mp_backend *be = mp_cli_setup(&cfg);   // threads; exits 2 when the backend is missing
     const char *model_path = sa.model_path, *prompt = sa.prompt;
-    mp_model *m =
-        mp_open_stored_model(model_path, &cfg, args.config_path, be, 1, &mcfg, err, sizeof err);
-    if (!m) mp_input_error("%s", err);
+    // On P ranks the expert rows are sharded as in training. One sequence cannot be split
+    // over the ranks, so every rank runs all of it (the owners serve each rank's copy of a
+    // token), and rank 0 alone draws each next token and sends it to the others: ranks on
+    // machines whose BLAS rounds differently would otherwise draw apart.
+    mp_comm *comm = mp_comm_mpi(), *xfer = NULL;
+    int rank = comm->rank, P = comm->size;
+    if (P > 1) {
+        mp_check_ranks(&cfg, comm, 0);
+        char why[700];
+        xfer = mp_transport_open(cfg.transport, comm, be, why, sizeof why);
+        // stdout is the command's output (JSON, text): what it ran on goes to stderr
+        if (rank == 0) fprintf(stderr, "millipede sample: %d ranks, transport %s\n", P, why);
+    }
+    mp_model *m = mp_open_stored_model(model_path, &cfg, args.config_path, be, 1, xfer, &mcfg,
+                                       err, sizeof err);
+    mp_agree_or_exit(m ? 0 : 2, err);
     // the model's tokenizer (carried by the checkpoint or model file; none: bytes)
     mp_tokenizer *bytes_tk = NULL;
     const mp_tokenizer *tk = mp_model_tokenizer(m);
@@ -173,7 +189,7 @@ int mp_cmd_sample(int argc, char **argv) {
     int *order = mp_malloc((size_t)V * sizeof *order);
     double *prob = mp_malloc((size_t)V * sizeof *prob);
 
-    fwrite(prompt, 1, plen, stdout);
+    if (rank == 0) fwrite(prompt, 1, plen, stdout);
     fflush(stdout);
     // The output is the decoded continuation, printed as it grows: a subword tokenizer
     // decodes a sequence, not token by token (a character may span byte tokens), so each
@@ -186,9 +202,11 @@ int mp_cmd_sample(int argc, char **argv) {
         be->to_host(logits, mp_model_logits(m) + (n - 1) * (size_t)V, (size_t)V * sizeof *logits);
         for (int v = 0; v < V; v++)
             if (!isfinite(logits[v])) mp_fatal("sample: non-finite logit for token %d", v);
-        int next = pick_token(logits, V, sa.temperature, (int)sa.top_k,
-                              mp_uniform(seed, SAMPLE_STREAM, (uint64_t)i), order, prob);
+        int32_t next = pick_token(logits, V, sa.temperature, (int)sa.top_k,
+                                  mp_uniform(seed, SAMPLE_STREAM, (uint64_t)i), order, prob);
+        comm->broadcast(comm, &next, sizeof next, 0);
         seq[len++] = next;
+        if (rank != 0) continue;
         char *text;
         long tl = mp_tokenizer_decode(tk, seq + first, len - first, &text, err, sizeof err);
         if (tl < 0) mp_fatal("sample: %s", err);
@@ -200,12 +218,16 @@ int mp_cmd_sample(int argc, char **argv) {
         free(text);
         fflush(stdout);
     }
-    char *text;   // what a character left unfinished at the end held back
-    long tl = mp_tokenizer_decode(tk, seq + first, len - first, &text, err, sizeof err);
-    if (tl < 0) mp_fatal("sample: %s", err);
-    if ((size_t)tl > printed) fwrite(text + printed, 1, (size_t)tl - printed, stdout);
-    free(text);
-    if (isatty(STDOUT_FILENO)) fputc('\n', stdout);   // piped output stays exactly the text
+    if (rank == 0) {
+        char *text;   // what a character left unfinished at the end held back
+        long tl = mp_tokenizer_decode(tk, seq + first, len - first, &text, err, sizeof err);
+        if (tl < 0) mp_fatal("sample: %s", err);
+        if ((size_t)tl > printed) fwrite(text + printed, 1, (size_t)tl - printed, stdout);
+        free(text);
+        // piped output stays exactly the text; Open MPI hands its ranks a pseudo-terminal
+        // for stdout whatever mpirun's own stdout is, so under it the text stays bare too
+        if (P == 1 && isatty(STDOUT_FILENO)) fputc('\n', stdout);
+    }
     fflush(stdout);
 
     free(logits);
@@ -214,5 +236,7 @@ int mp_cmd_sample(int argc, char **argv) {
     free(seq);
     mp_tokenizer_free(bytes_tk);
     mp_model_free(m);
+    if (xfer != comm) mp_comm_free(xfer);
+    mp_comm_free(comm);
     return 0;
 }

@@ -241,6 +241,20 @@ void mp_exchange_forward(mp_exchange *e, mp_retrieval_layer *l, float *y, const 
 // ---------------------------------------------------------------------------------------
 // backward stages, the forward's mirrored on its plan
 
+// Lazy AdamW's touched rows: lists each of the R local rows of this backward's records
+// that is not listed yet (host). Records, not gradients: a row whose gradient happens to
+// be zero was still selected, and takes its step (docs/model.md, "Lazy AdamW").
+static void mark_touched(mp_retrieval_layer *l, const int32_t *row, int64_t R) {
+    if (!l->touched_mark) return;
+    for (int64_t i = 0; i < R; i++) {
+        int32_t r = row[i];
+        if (l->touched_mark[r]) continue;
+        l->touched_mark[r] = 1;
+        l->touched_h[l->n_touched++] = r;
+    }
+    l->touched_ready = 0;
+}
+
 void mp_exchange_backward(mp_exchange *e, mp_retrieval_layer *l, float *dx, const float *dy,
                           const float *x, int N) {
     const mp_backend *be = e->be;
@@ -253,6 +267,9 @@ void mp_exchange_backward(mp_exchange *e, mp_retrieval_layer *l, float *dx, cons
         mp_experts_backward(l, be, part, l->dgate, dy, x, N, e->slot_start.p, e->slot.p, l->sel,
                             l->gate, e->pre.p, e->R);
         be->residual_forward(dx, dx, part, (long)N * C);
+        if (l->touched_mark)   // one rank: a record's row is its selected expert id
+            mark_touched(l, host_view(be, &e->sel_h, &e->cap_sel_h, l->sel,
+                                      (size_t)e->R * sizeof(int32_t)), e->R);
         return;
     }
     const mp_shard_plan *p = &e->plan;
@@ -264,6 +281,7 @@ void mp_exchange_backward(mp_exchange *e, mp_retrieval_layer *l, float *dx, cons
     mp_experts_backward(l, be, xbuf(be, &e->dx_recv, M * C * sizeof(float)),
                         xbuf(be, &e->dgate_recv, R * sizeof(float)), e->y_recv.p, e->x_recv.p,
                         e->M, e->slot_start.p, e->slot.p, e->row.p, e->gate_recv.p, e->pre.p, e->R);
+    mark_touched(l, e->row_h, e->R);   // the forward's received records (host)
     // return: dx parts (into y_back) and gate gradients
     send_f32(e, e->dx_recv.p, e->recv_tok, e->y_back.p, p->tok_count, C);
     send_f32(e, e->dgate_recv.p, e->recv_rec, xbuf(be, &e->dgate_back, (size_t)p->n_rec * sizeof(float)),

@@ -67,6 +67,7 @@ struct mp_model {
     float *dqkv;                  // (N, 3C)
     float *dfch, *dfch_gelu;      // (N, F)
     int usage_on;
+    int lazy_experts;             // train.expert_optimizer = lazy_adamw: track touched rows
     mp_comm *comm;                // NULL: a single process
     // system.precision = bf16: the experts group rounded to bf16, refreshed by the next
     // forward whenever the fp32 masters may have changed (anyone who took the params pointer)
@@ -265,6 +266,13 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         r->sel_b = act_alloc(m, N * S, sizeof(int32_t));
         r->gate = act_alloc(m, N * S, sizeof(float));
         r->dgate = act_alloc(m, N * S, sizeof(float));
+        if (!strcmp(cfg->expert_optimizer, "lazy_adamw")) {
+            size_t rows = r->rows > 0 ? (size_t)r->rows : 1;
+            r->touched_mark = mp_calloc(rows, 1);
+            r->touched_h = mp_malloc(rows * sizeof(int32_t));
+            r->touched_dev = act_alloc(m, rows, sizeof(int32_t));
+            m->lazy_experts = 1;
+        }
         mp_retrieval_exchange_init(r, be, comm);
         m->ret[l] = r;
         m->ret_block[m->n_ret++] = l;
@@ -355,13 +363,15 @@ void mp_model_free(mp_model *m) {
         mp_retrieval_layer *r = m->ret[l];
         if (!r) continue;
         void *rb[] = {r->q, r->qn, r->dq, r->bn_mean, r->bn_rstd, r->sel, r->sel_a, r->sel_b,
-                      r->gate, r->dgate, r->key_counts, r->bn_sums};
+                      r->gate, r->dgate, r->key_counts, r->bn_sums, r->touched_dev};
         for (size_t i = 0; i < sizeof rb / sizeof rb[0]; i++) if (rb[i]) be->free(rb[i]);
         free(r->key_counts_i32);
         free(r->key_counts_host);
         free(r->bn_sums_host);
         free(r->bn_host);
         free(r->key_bias_host);
+        free(r->touched_mark);
+        free(r->touched_h);
         mp_retrieval_exchange_free(r);
         free(r->usage);
         free(r);
@@ -433,9 +443,57 @@ void mp_model_set_tokenizer(mp_model *m, mp_tokenizer *t) {
 const float *mp_model_logits(const mp_model *m) { return m->logits; }
 mp_retrieval_layer *mp_model_retrieval_layer(mp_model *m, int block) { return m->ret[block]; }
 
+static int cmp_i32(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+// The touched list of r sorted (the optimizer then walks the tables in address order, and
+// the gradient-norm sum has an order that does not depend on the records' arrival order)
+// and in backend memory; once per step.
+static void touched_ready(mp_model *m, mp_retrieval_layer *r) {
+    if (r->touched_ready) return;
+    qsort(r->touched_h, (size_t)r->n_touched, sizeof(int32_t), cmp_i32);
+    if (r->n_touched)
+        m->be->from_host(r->touched_dev, r->touched_h, (size_t)r->n_touched * sizeof(int32_t));
+    r->touched_ready = 1;
+}
+
+int64_t mp_model_touched_rows(mp_model *m, const mp_tensor *t, const int32_t **rows) {
+    *rows = NULL;
+    if (!m->lazy_experts || t->group != MP_GROUP_EXPERTS) return -1;
+    const float *p = m->params[MP_GROUP_EXPERTS] + t->offset;
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        mp_retrieval_layer *r = m->ret[l];
+        if (!r || (p != r->u && p != r->v)) continue;
+        touched_ready(m, r);
+        *rows = r->touched_dev;
+        return r->n_touched;
+    }
+    mp_fatal("expert tensor %s belongs to no retrieval layer", t->name);
+}
+
+// Lazy AdamW: only the touched rows of dU, dV were written since the last zeroing (the
+// expert backward writes the rows of its records and nothing else), so zeroing those
+// restores all-zero gradients at a cost proportional to them. Then the list starts over.
+static void zero_touched_grads(mp_model *m) {
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        mp_retrieval_layer *r = m->ret[l];
+        if (!r || !r->n_touched) continue;
+        touched_ready(m, r);
+        if (r->du) m->be->zero_rows(r->du, r->touched_dev, r->n_touched, r->C);
+        m->be->zero_rows(r->dv, r->touched_dev, r->n_touched, r->C);
+        for (int64_t i = 0; i < r->n_touched; i++) r->touched_mark[r->touched_h[i]] = 0;
+        r->n_touched = 0;
+        r->touched_ready = 0;
+    }
+}
+
 void mp_model_zero_grad(mp_model *m) {
-    for (int g = 0; g < MP_N_GROUPS; g++)
-        m->be->zero(m->grads[g], m->group_size[g] * sizeof(float));
+    for (int g = 0; g < MP_N_GROUPS; g++) {
+        if (g == MP_GROUP_EXPERTS && m->lazy_experts) zero_touched_grads(m);
+        else m->be->zero(m->grads[g], m->group_size[g] * sizeof(float));
+    }
 }
 
 void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train) {

@@ -55,6 +55,16 @@ struct mp_retrieval_layer {
 
     double *usage;                    // (N) z_e accumulators when enabled, else NULL
 
+    // train.expert_optimizer = lazy_adamw (docs/model.md, "Lazy AdamW"), else all NULL:
+    // the rows of this shard that received a record in a backward since the last
+    // mp_model_zero_grad, each listed once; the optimizer and the sparse gradient zeroing
+    // read them
+    uint8_t *touched_mark;            // (rows) host: 1 if the row is listed
+    int32_t *touched_h;               // (rows) host: the touched rows, sorted once listed
+    int64_t n_touched;
+    int touched_ready;                // 1: touched_h sorted and uploaded to touched_dev
+    int32_t *touched_dev;             // (rows) backend memory: the sorted list
+
     mp_comm *comm;                    // the transport; NULL: a single process
     mp_exchange ex;
     int32_t *sel_h;                   // (maxN, H, k) host copies of sel and gate for the

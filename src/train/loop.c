@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include "core/agree.h"
 #include "core/fs.h"
 #include "core/log.h"
@@ -83,29 +84,20 @@ static const char *hms(double seconds, char *buf, size_t len) {
     return buf;
 }
 
-// Checks that need the rank count, the same on every rank (so all of them exit together).
-static void check_ranks(const mp_config *cfg, mp_comm *comm) {
+// Each rank's peak resident memory so far (getrusage), beside its analytic share: the
+// expert rows it holds with their gradients and AdamW moments (16 bytes per float).
+static void report_peak_memory(mp_model *m, mp_comm *comm) {
     int P = comm->size;
-    for (int l = 0; l < cfg->n_layers; l++) {
-        const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
-        if (rc && P > rc->n_sub)
-            mp_input_error("%d ranks, but block %d's %ld experts have only n = %d first-half "
-                           "sub-keys to own: use at most %d ranks", P, l, rc->n_experts,
-                           rc->n_sub, rc->n_sub);
-    }
-    if (cfg->batch_size < P)
-        mp_input_error("%d ranks, but train.batch_size = %d: every rank needs at least one "
-                       "sequence of the global batch", P, cfg->batch_size);
-    // every rank must run the same resolved configuration
-    double *hashes = mp_calloc(P, sizeof(double));
-    uint64_t h = mp_config_hash(cfg);
-    hashes[comm->rank] = (double)(h >> 12);   // 52 bits survive the sum of doubles exactly
-    comm->allreduce_f64(comm, hashes, P);
-    for (int r = 1; r < P; r++)
-        if (hashes[r] != hashes[0])
-            mp_input_error("rank %d's resolved configuration differs from rank 0's (config hash "
-                           "mismatch): every rank must get the same CONFIG.ini and --set options", r);
-    free(hashes);
+    double *peak = mp_calloc(2 * (size_t)P, sizeof(double));   // (P) MiB measured, (P) analytic
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0) mp_fatal("getrusage: %s", strerror(errno));
+    peak[comm->rank] = (double)ru.ru_maxrss / 1024.0;   // Linux: KiB
+    peak[P + comm->rank] = (double)mp_model_group_size(m, MP_GROUP_EXPERTS) * 16 / 1048576.0;
+    comm->allreduce_f64(comm, peak, 2 * (size_t)P);
+    for (int r = 0; r < P; r++)
+        mp_log("peak memory rank %-4d %9.1f MiB resident (its expert rows with gradients and "
+               "AdamW moments: %.1f MiB)", r, peak[r], peak[P + r]);
+    free(peak);
 }
 
 static void report_memory(mp_model *m, mp_comm *comm) {
@@ -167,20 +159,15 @@ static void validate(mp_model *m, const mp_shard *val, mp_comm *comm, int j0, in
                      FILE *metrics) {
     const mp_config *c = mp_model_config(m);
     mp_model_usage_enable(m, 1);
-    double sum[2] = {mp_eval_loss_slice(m, val, c->eval_batches, j0, Bl) * Bl, (double)Bl};
-    comm->allreduce_f64(comm, sum, 2);
-    double vl = sum[0] / sum[1];
+    double vl = mp_eval_loss_ranks(m, val, c->eval_batches, j0, Bl, comm);
     char line[1024];
     int len = snprintf(line, sizeof line, "step %6ld/%ld | val loss %.4f", done, c->steps, vl);
     if (metrics) fprintf(metrics, "{\"step\": %ld, \"val_loss\": %.9g", done, vl);
     for (int i = 0; i < mp_model_n_retrieval(m); i++) {
         int block = mp_model_retrieval_block(m, i);
         const mp_retrieval_config *rc = mp_config_retrieval(c, block);
-        long n = 0;
-        const double *z = mp_model_usage(m, i, &n);
-        double *zg = mp_malloc((size_t)n * sizeof(double));   // (N)
-        memcpy(zg, z, (size_t)n * sizeof(double));
-        comm->allreduce_f64(comm, zg, (size_t)n);
+        double *zg = mp_malloc((size_t)rc->n_experts * sizeof(double));   // (N)
+        long n = mp_eval_usage_ranks(m, i, comm, zg);
         double usage, uneven;
         mp_expert_usage(zg, n, &usage, &uneven);
         free(zg);
@@ -258,7 +245,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     mp_preempt_install();   // early: a signal during start-up stops at the first step boundary
     mp_comm *comm = mp_comm_mpi();
     int rank = comm->rank, P = comm->size;
-    check_ranks(cfg, comm);
+    mp_check_ranks(cfg, comm, 1);
     size_t ini_len = mp_config_to_ini(cfg, NULL, 0) + 1;
     char *ini = mp_malloc(ini_len);
     mp_config_to_ini(cfg, ini, ini_len);
@@ -414,6 +401,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
         }
     }
     if (rank == 0) fclose(metrics);
+    report_peak_memory(m, comm);
     free(inputs);
     free(targets);
     mp_adamw_free(&opt, m);

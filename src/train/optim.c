@@ -1,4 +1,5 @@
 #include <math.h>
+#include <string.h>
 #include "core/log.h"
 #include "millipede/train.h"
 
@@ -20,6 +21,8 @@ void mp_adamw_free(mp_adamw *opt, mp_model *m) {
     }
 }
 
+static int lazy_experts(const mp_config *c) { return !strcmp(c->expert_optimizer, "lazy_adamw"); }
+
 float mp_lr_at(const mp_config *c, mp_group g, long step) {
     float peak = g == MP_GROUP_EXPERTS ? c->expert_lr : g == MP_GROUP_KEYS ? c->key_lr : c->lr;
     if (step < c->warmup) return peak * (float)(step + 1) / (float)c->warmup;
@@ -31,10 +34,28 @@ float mp_lr_at(const mp_config *c, mp_group g, long step) {
     return (float)(floor_lr + (peak - floor_lr) * 0.5 * (1.0 + cos(M_PI * progress)));
 }
 
+// Lazy AdamW: the expert part of the squared norm over the touched rows only (the others'
+// gradients are zero), tensor by tensor in table order.
+static double touched_sum_squares(mp_model *m) {
+    const mp_backend *be = mp_model_backend(m);
+    const float *grads = mp_model_grads(m, MP_GROUP_EXPERTS);
+    double ss = 0.0;
+    for (int i = 0; i < mp_model_n_tensors(m); i++) {
+        const mp_tensor *t = mp_model_tensor(m, i);
+        const int32_t *rows;
+        if (t->group != MP_GROUP_EXPERTS) continue;
+        int64_t n = mp_model_touched_rows(m, t, &rows);
+        ss += be->sum_squares_rows(grads + t->offset, rows, n, (int)t->shape[1]);
+    }
+    return ss;
+}
+
 float mp_grad_norm(mp_model *m) {
     const mp_backend *be = mp_model_backend(m);
-    double experts = be->sum_squares(mp_model_grads(m, MP_GROUP_EXPERTS),
-                                     mp_model_group_size(m, MP_GROUP_EXPERTS));
+    double experts = lazy_experts(mp_model_config(m))
+                         ? touched_sum_squares(m)
+                         : be->sum_squares(mp_model_grads(m, MP_GROUP_EXPERTS),
+                                           mp_model_group_size(m, MP_GROUP_EXPERTS));
     mp_comm *comm = mp_model_comm(m);
     if (comm && comm->size > 1) comm->allreduce_f64(comm, &experts, 1);
     double ss = experts;
@@ -57,9 +78,16 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step) {
                    : g == MP_GROUP_EXPERTS ? c->expert_weight_decay
                    : g == MP_GROUP_KEYS    ? c->key_weight_decay
                                            : c->weight_decay;
-        be->adamw(mp_model_params(m, g) + t->offset, mp_model_grads(m, g) + t->offset,
-                  opt->m[g] + t->offset, opt->v[g] + t->offset, t->numel, mp_lr_at(c, g, step),
-                  c->beta1, c->beta2, c->eps, wd, opt->t, scale);
+        float *p = mp_model_params(m, g) + t->offset, *gr = mp_model_grads(m, g) + t->offset;
+        float *mo = opt->m[g] + t->offset, *vo = opt->v[g] + t->offset;
+        float lr = mp_lr_at(c, g, step);
+        const int32_t *rows;
+        int64_t n_rows = g == MP_GROUP_EXPERTS ? mp_model_touched_rows(m, t, &rows) : -1;
+        if (n_rows >= 0)   // lazy AdamW: the touched rows only (docs/model.md, "Lazy AdamW")
+            be->adamw_rows(p, gr, mo, vo, rows, n_rows, (int)t->shape[1], lr, c->beta1,
+                           c->beta2, c->eps, wd, opt->t, scale);
+        else
+            be->adamw(p, gr, mo, vo, t->numel, lr, c->beta1, c->beta2, c->eps, wd, opt->t, scale);
     }
     return norm;
 }

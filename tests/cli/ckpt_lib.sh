@@ -7,7 +7,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yi
 export OMPI_MCA_rmaps_base_oversubscribe=1 OMP_NUM_THREADS=1
 unset SLURM_NTASKS SLURM_JOB_ID   # the tests pick their own rank counts
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/mp_test_ckpt.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+# MP_TEST_KEEP=1 keeps the scratch folder for a look after a failure
+trap "${MP_TEST_KEEP:+:} rm -rf \"$tmp\"" EXIT
 passed=0 failed=0
 ok() { passed=$((passed + 1)); echo "ok   $1"; }
 bad() { failed=$((failed + 1)); echo "FAIL $1"; }

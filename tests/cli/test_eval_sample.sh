@@ -89,6 +89,39 @@ assert abs(u[0] - u[1]) <= 2 / 256, u
 EOF
     ok "trainer's usage on 2 ranks equals 1 rank's" || bad "trainer's usage on 2 ranks: $(tail -3 "$tmp/run2.out")"
 
+# eval on P ranks: the model sharded as in training, each rank reading only its own rows.
+# Of the 2-rank run's checkpoint on 2 ranks: the trainer's own last validation, the same
+# slices through the same exchange in the same order, so the same double.
+mpirun -n 2 "$MILLIPEDE" eval "$cfg" --model "$tmp/run2/checkpoints/latest" "${small[@]}" \
+    > "$tmp/eval2.json" 2> "$tmp/eval2.err"
+python3 - "$tmp/eval2.json" "$tmp/run2/metrics.jsonl" <<'EOF' && ok "eval on 2 ranks equals the 2-rank trainer's last val_loss" || bad "eval on 2 ranks: $(tail -3 "$tmp/eval2.err")"
+import json, sys
+d = json.loads(open(sys.argv[1]).read())
+last = [json.loads(x)["val_loss"] for x in open(sys.argv[2]) if '"val_loss"' in x][-1]
+assert d["ranks"] == 2 and d["val_loss"] == last, (d, last)
+EOF
+# The 1-rank model evaluated on 1, 2 and 3 ranks (6 sequences a batch, so each rank has
+# some): the ranks sum each token's expert parts in another grouping (per owner, then over
+# owners) and run their GEMMs on other row counts, ~1e-7 relative, and a top-k selection
+# can flip on a near-tie: the cross-P tolerance of ckpt_lib.sh (XRUN_LOSS_TOL); a rank that
+# read the wrong rows, or a loss averaged over one rank's slice only, is off by > 1e-2.
+for P in 1 2 3; do
+    mpirun -n $P "$MILLIPEDE" eval "$cfg" --model "$model" "${small[@]}" --set train.batch_size=6 \
+        > "$tmp/evalP$P.json" 2> "$tmp/evalP$P.err" || bad "eval on $P ranks: $(tail -3 "$tmp/evalP$P.err")"
+done
+python3 - "$tmp"/evalP{1,2,3}.json $XRUN_LOSS_TOL <<'EOF' && ok "eval on 1, 2, 3 ranks agrees ($XRUN_LOSS_TOL relative)" || bad "eval on 1, 2, 3 ranks agrees"
+import json, sys
+d = [json.loads(open(p).read()) for p in sys.argv[1:4]]
+tol = float(sys.argv[4])
+print("   eval val_loss on 1, 2, 3 ranks:", [x["val_loss"] for x in d])
+assert [x["ranks"] for x in d] == [1, 2, 3], d
+for x in d[1:]:
+    assert abs(x["val_loss"] - d[0]["val_loss"]) <= tol * d[0]["val_loss"], (x, d[0])
+    # usage counts every rank's selections (z summed over ranks): the same 256 experts up
+    # to the flips allowed above (2 of 256, as for the trainer)
+    assert abs(x["layers"][0]["usage"] - d[0]["layers"][0]["usage"]) <= 2 / 256, (x, d[0])
+EOF
+
 "$MILLIPEDE" eval --help > "$tmp/help.out" 2>&1 && grep -q "usage: millipede eval" "$tmp/help.out" &&
     ok "eval --help" || bad "eval --help"
 
@@ -120,6 +153,17 @@ cmp -s "$tmp/s1.out" "$tmp/s3.out" && bad "sample: another seed, other text" || 
 "$MILLIPEDE" sample "$cfg" --model "$model" "${small[@]}" --prompt "$prompt" --tokens 60 \
     --top-k 1 --seed 9 > "$tmp/k1.out" 2>/dev/null
 cmp -s "$tmp/g1.out" "$tmp/k1.out" && ok "--top-k 1 equals greedy" || bad "--top-k 1 equals greedy"
+# sample on 2 and 3 ranks: rank 0 draws from logits that differ from 1 rank's by rounding
+# (~1e-7), so a draw could differ only where the uniform number lands within that of a
+# boundary of the cumulative distribution (a chance of ~1e-6 per token), or after a top-k
+# flip, which moves that token's logits by ~1e-2 and changes the draw only if it lands that
+# close to a boundary. Rank 0 alone prints.
+for P in 2 3; do
+    mpirun -n $P "$MILLIPEDE" sample "$cfg" --model "$model" "${small[@]}" --prompt "$prompt" \
+        --tokens 40 --seed 5 > "$tmp/sP$P.out" 2> "$tmp/sP$P.err"
+    cmp -s "$tmp/s1.out" "$tmp/sP$P.out" && ok "sample on $P ranks: the 1-rank text" ||
+        bad "sample on $P ranks: the 1-rank text ($(head -c 120 "$tmp/sP$P.out") / $(tail -2 "$tmp/sP$P.err"))"
+done
 "$MILLIPEDE" sample "$cfg" --model "$model" "${small[@]}" --prompt "$prompt" --tokens 0 > "$tmp/t0.out" 2>/dev/null &&
     [ "$(cat "$tmp/t0.out")" = "$prompt" ] && ok "--tokens 0 prints the prompt" || bad "--tokens 0"
 

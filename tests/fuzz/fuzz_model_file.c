@@ -27,7 +27,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     // The intact seed must be accepted, or only the rejecting paths would be fuzzed.
     mp_config mcfg;
     mp_model *m = mp_model_open_file(fz_seed("model.h5"), &run_cfg, "tiny.ini", mp_backend_cpu(),
-                                     1, &mcfg, err, sizeof err);
+                                     1, NULL, &mcfg, err, sizeof err);
     if (!m) {
         fprintf(stderr, "fuzz: the seed model file is rejected (remake it: make_seeds.sh): %s\n",
                 err);
@@ -57,7 +57,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     fz_h5_check_closed("mp_model_file_config");
 
     err[0] = '\0';
-    mp_model *m = mp_model_open_file(path, &run_cfg, "tiny.ini", mp_backend_cpu(), 1, &mcfg, err,
+    mp_model *m = mp_model_open_file(path, &run_cfg, "tiny.ini", mp_backend_cpu(), 1, NULL, &mcfg, err,
                                      sizeof err);
     fz_check("mp_model_open_file", m ? 0 : -1, err);
     fz_h5_check_closed("mp_model_open_file");

@@ -69,6 +69,7 @@ static void test_defaults_validate(void **state) {
     assert_int_equal(c.peer.n_sub * c.peer.n_sub, c.peer.n_experts);
     assert_string_equal(c.backend, "cpu");
     assert_string_equal(c.precision, "fp32");
+    assert_string_equal(c.expert_optimizer, "adamw");
     assert_string_equal(c.transport, "auto");
     // Loading no file gives the defaults, resolved: dense_hidden shows 4*d_model.
     mp_config r;
@@ -270,6 +271,8 @@ static const bad_case BAD[] = {
     {"[system]\nthreads = -1\n", NULL, {"key 'system.threads'"}},
     {"[system]\nbackend = tpu\n", NULL, {"key 'system.backend'", "'tpu'"}},
     {"[system]\nprecision = fp16\n", NULL, {"key 'system.precision'", "'fp16'"}},
+    {"[train]\nexpert_optimizer = sparse_adam\n", NULL,
+     {"key 'train.expert_optimizer'", "adamw or lazy_adamw", "'sparse_adam'"}},
     {"[system]\ntransport = gloo\n", NULL, {"key 'system.transport'", "'gloo'"}},
     {"[system]\nbackend = cuda\ntransport = mpi\n", NULL,
      {"key 'system.transport'", "mpi moves host buffers"}},

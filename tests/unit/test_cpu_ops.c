@@ -121,7 +121,8 @@ static void test_table(void **state) {
         (void *)be->residual_forward, (void *)be->crossentropy_forward,
         (void *)be->crossentropy_backward, (void *)be->retrieval_route,
         (void *)be->retrieval_route_backward, (void *)be->experts_forward,
-        (void *)be->experts_backward, (void *)be->adamw, (void *)be->sum_squares};
+        (void *)be->experts_backward, (void *)be->adamw, (void *)be->sum_squares,
+        (void *)be->adamw_rows, (void *)be->sum_squares_rows, (void *)be->zero_rows};
     for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) assert_non_null(fns[i]);
 #ifndef MP_HAVE_CUDA
     char err[256] = "";

@@ -64,6 +64,9 @@ static const mp_backend cpu_backend = {
     .scatter_add_rows = mp_cpu_scatter_add_rows,
     .adamw = mp_cpu_adamw,
     .sum_squares = mp_cpu_sum_squares,
+    .adamw_rows = mp_cpu_adamw_rows,
+    .sum_squares_rows = mp_cpu_sum_squares_rows,
+    .zero_rows = mp_cpu_zero_rows,
 };
 
 const mp_backend *mp_backend_cpu(void) {

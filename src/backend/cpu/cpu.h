@@ -61,6 +61,11 @@ void mp_cpu_crossentropy_backward(float *dlogits, const float *probs, const int3
 void mp_cpu_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                   float beta2, float eps, float wd, long t, float grad_scale);
 double mp_cpu_sum_squares(const float *x, size_t n);
+void mp_cpu_adamw_rows(float *p, const float *g, float *m, float *v, const int32_t *rows,
+                       int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
+                       float wd, long t, float grad_scale);
+double mp_cpu_sum_squares_rows(const float *x, const int32_t *rows, int64_t n_rows, int C);
+void mp_cpu_zero_rows(float *x, const int32_t *rows, int64_t n_rows, int C);
 
 // PEER / PKM layer on the CPU (src/backend/cpu/retrieval_cpu.c); the table entries of the
 // same names in include/millipede/backend.h say what they do.

@@ -1,6 +1,8 @@
-// CPU optimizer ops: AdamW on one contiguous range, and the sum of squares for clipping.
+// CPU optimizer ops: AdamW on one contiguous range or on a list of rows (lazy AdamW), and
+// the sums of squares for clipping.
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "core/log.h"
 #include "cpu.h"
 
@@ -25,6 +27,37 @@ void mp_cpu_adamw(float *p, const float *g, float *m, float *v, size_t n, float 
     }
 }
 
+void mp_cpu_adamw_rows(float *p, const float *g, float *m, float *v, const int32_t *rows,
+                       int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
+                       float wd, long t, float grad_scale) {
+    // p, g, m, v (*, C); rows (n_rows) distinct. The bias corrections and the element
+    // formula are mp_cpu_adamw's, so a listed row moves exactly as under the dense op.
+    float bc1 = 1.0f - powf(beta1, (float)t);
+    float bc2 = 1.0f - powf(beta2, (float)t);
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n_rows; r++) {   // one row per iteration: no two threads share one
+        size_t o = (size_t)rows[r] * (size_t)C;
+        float *pr = p + o, *mr = m + o, *vr = v + o;
+        const float *gr = g + o;
+        #pragma omp simd
+        for (int i = 0; i < C; i++) {
+            float gi = gr[i] * grad_scale;
+            float mi = beta1 * mr[i] + (1.0f - beta1) * gi;
+            float vi = beta2 * vr[i] + (1.0f - beta2) * gi * gi;
+            mr[i] = mi;
+            vr[i] = vi;
+            float mhat = mi / bc1, vhat = vi / bc2;
+            pr[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * pr[i]);
+        }
+    }
+}
+
+void mp_cpu_zero_rows(float *x, const int32_t *rows, int64_t n_rows, int C) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n_rows; r++)
+        memset(x + (size_t)rows[r] * (size_t)C, 0, (size_t)C * sizeof(float));
+}
+
 static double block_sum_squares(const float *x, size_t n) {
     double acc[4] = {0}, tail = 0.0;
     size_t i = 0;
@@ -46,6 +79,20 @@ double mp_cpu_sum_squares(const float *x, size_t n) {
     }
     double s = 0.0;
     for (size_t k = 0; k < nblk; k++) s += part[k];
+    free(part);
+    return s;
+}
+
+double mp_cpu_sum_squares_rows(const float *x, const int32_t *rows, int64_t n_rows, int C) {
+    if (n_rows <= 0) return 0.0;
+    // one partial per row, written by one thread, added in list order: the sum depends on
+    // the list only, not on the thread count
+    double *part = mp_malloc((size_t)n_rows * sizeof(double));   // (n_rows)
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n_rows; r++)
+        part[r] = block_sum_squares(x + (size_t)rows[r] * (size_t)C, (size_t)C);
+    double s = 0.0;
+    for (int64_t r = 0; r < n_rows; r++) s += part[r];
     free(part);
     return s;
 }

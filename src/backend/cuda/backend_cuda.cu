@@ -252,6 +252,9 @@ static void fill_table(mp_backend *b) {
     b->scatter_add_rows = mp_cuda_scatter_add_rows;
     b->adamw = mp_cuda_adamw;
     b->sum_squares = mp_cuda_sum_squares;
+    b->adamw_rows = mp_cuda_adamw_rows;
+    b->sum_squares_rows = mp_cuda_sum_squares_rows;
+    b->zero_rows = mp_cuda_zero_rows;
     b->to_bf16 = mp_cuda_to_bf16;
 }
 

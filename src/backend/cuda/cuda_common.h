@@ -34,6 +34,7 @@ enum {
     SCR_COLSUM,      // column-sum partials
     SCR_ATT,         // attention backward dP / dS
     SCR_SS,          // sum_squares partials
+    SCR_SS_ROWS,     // sum_squares_rows partials, one per row
     SCR_S1, SCR_S2,  // sub-key scores of a chunk of queries
     SCR_SORT_KEYS, SCR_SORT_VALS, SCR_SORT_TMP, SCR_SORT_IDX, SCR_SORT_OFF,   // mp_cuda_sort_by_key
     SCR_DPRE,        // experts backward: d(pre-activation) per record
@@ -145,6 +146,11 @@ void mp_cuda_crossentropy_backward(float *dlogits, const float *probs, const int
 void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                    float beta2, float eps, float wd, long t, float grad_scale);
 double mp_cuda_sum_squares(const float *x, size_t n);
+void mp_cuda_adamw_rows(float *p, const float *g, float *m, float *v, const int32_t *rows,
+                        int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
+                        float wd, long t, float grad_scale);
+double mp_cuda_sum_squares_rows(const float *x, const int32_t *rows, int64_t n_rows, int C);
+void mp_cuda_zero_rows(float *x, const int32_t *rows, int64_t n_rows, int C);
 void mp_cuda_to_bf16(uint16_t *dst, const float *src, size_t n);
 void mp_cuda_query_bn_stats(double *sums, const float *q, const double *mean, int N, int HD);
 void mp_cuda_query_bn_forward(float *qn, const float *q, const float *w, const float *b,

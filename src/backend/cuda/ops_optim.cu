@@ -1,4 +1,5 @@
-// CUDA optimizer ops: AdamW on one contiguous range and the sum of squares for clipping
+// CUDA optimizer ops: AdamW on one contiguous range or on a list of rows (lazy AdamW) and
+// the sums of squares for clipping
 // (src/backend/cpu/ops_optim.c has the same math and block order), and the bf16 copies of
 // the expert tables that system.precision = bf16 reads.
 #include <math.h>
@@ -34,6 +35,47 @@ void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float
     KERNEL_CHECK();
 }
 
+// one block per listed row, its threads striding over the row's C elements: each row is
+// updated by one block, so the update needs no atomics
+static __global__ void adamw_rows_kernel(float *p, const float *g, float *m, float *v,
+                                         const int32_t *rows, int C, float lr, float beta1,
+                                         float beta2, float eps, float wd, float bc1, float bc2,
+                                         float grad_scale) {
+    size_t o = (size_t)rows[blockIdx.x] * (size_t)C;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        size_t i = o + j;
+        float gi = g[i] * grad_scale;
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        float mhat = mi / bc1, vhat = vi / bc2;
+        p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+    }
+}
+
+void mp_cuda_adamw_rows(float *p, const float *g, float *m, float *v, const int32_t *rows,
+                        int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
+                        float wd, long t, float grad_scale) {
+    if (n_rows <= 0) return;
+    float bc1 = 1.0f - powf(beta1, (float)t);
+    float bc2 = 1.0f - powf(beta2, (float)t);
+    adamw_rows_kernel<<<(unsigned)n_rows, 256>>>(p, g, m, v, rows, C, lr, beta1, beta2, eps, wd,
+                                                 bc1, bc2, grad_scale);
+    KERNEL_CHECK();
+}
+
+static __global__ void zero_rows_kernel(float *x, const int32_t *rows, int C) {
+    size_t o = (size_t)rows[blockIdx.x] * (size_t)C;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) x[o + j] = 0.0f;
+}
+
+void mp_cuda_zero_rows(float *x, const int32_t *rows, int64_t n_rows, int C) {
+    if (n_rows <= 0) return;
+    zero_rows_kernel<<<(unsigned)n_rows, 256>>>(x, rows, C);
+    KERNEL_CHECK();
+}
+
 // one block per SS_BLOCK elements: a double partial, summed in a fixed tree
 static __global__ void sum_squares_kernel(double *part, const float *x, size_t n) {
     __shared__ double sh[SS_THREADS / 32];
@@ -60,6 +102,37 @@ double mp_cuda_sum_squares(const float *x, size_t n) {
     CUDA_CHECK(cudaMemcpy(host, part, nblk * sizeof(double), cudaMemcpyDeviceToHost));
     double s = 0.0;
     for (size_t k = 0; k < nblk; k++) s += host[k];   // in block order
+    free(host);
+    return s;
+}
+
+// one block per listed row: its double partial, summed in the fixed tree of
+// sum_squares_kernel
+static __global__ void sum_squares_rows_kernel(double *part, const float *x, const int32_t *rows,
+                                               int C) {
+    __shared__ double sh[SS_THREADS / 32];
+    const float *xr = x + (size_t)rows[blockIdx.x] * (size_t)C;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < C; i += SS_THREADS) s += (double)xr[i] * xr[i];
+    s = mp_warp_sum_d(s);
+    if (threadIdx.x % 32 == 0) sh[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int w = 0; w < SS_THREADS / 32; w++) t += sh[w];
+        part[blockIdx.x] = t;
+    }
+}
+
+double mp_cuda_sum_squares_rows(const float *x, const int32_t *rows, int64_t n_rows, int C) {
+    if (n_rows <= 0) return 0.0;
+    double *part = (double *)mp_cuda_scratch(SCR_SS_ROWS, (size_t)n_rows * sizeof(double));
+    sum_squares_rows_kernel<<<(unsigned)n_rows, SS_THREADS>>>(part, x, rows, C);
+    KERNEL_CHECK();
+    double *host = (double *)mp_malloc((size_t)n_rows * sizeof(double));   // (n_rows)
+    CUDA_CHECK(cudaMemcpy(host, part, (size_t)n_rows * sizeof(double), cudaMemcpyDeviceToHost));
+    double s = 0.0;
+    for (int64_t r = 0; r < n_rows; r++) s += host[r];   // in list order, as on the CPU
     free(host);
     return s;
 }
