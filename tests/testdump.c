@@ -131,18 +131,40 @@ static int dump_model(mp_model *m, hid_t f, int steps, mp_comm *comm, int j0, in
     memcpy(mp_model_router_state(m), state0, nst * sizeof(float));
     free(state0);
     if (steps > 0) {
+        // train.grad_accum = A micro-batches per step, as the training loop runs them:
+        // micro-batch 0 is the batch above, micro-batch a > 0 draws streams 101 + 2a, 102 + 2a
+        // (written as /train/inputs, /train/targets (A, B, T) when A > 1)
+        int A = c->grad_accum;
+        int32_t *ain = mp_malloc((size_t)A * N * sizeof(int32_t));   // (A, B, T)
+        int32_t *atg = mp_malloc((size_t)A * N * sizeof(int32_t));   // (A, B, T)
+        for (int a = 0; a < A; a++)
+            for (int i = 0; i < N; i++) {
+                ain[(size_t)a * N + i] = a ? (int32_t)(mp_hash3(c->seed, 101 + 2 * a, i) % (uint64_t)V) : inputs[i];
+                atg[(size_t)a * N + i] = a ? (int32_t)(mp_hash3(c->seed, 102 + 2 * a, i) % (uint64_t)V) : targets[i];
+            }
+        if (A > 1) {
+            long abt[3] = {A, B, T};
+            write_array(f, "/train/inputs", H5T_NATIVE_INT32, ain, 3, abt);
+            write_array(f, "/train/targets", H5T_NATIVE_INT32, atg, 3, abt);
+        }
         mp_adamw opt;
         mp_adamw_init(&opt, m);
         float *losses = malloc(steps * sizeof(float)), *norms = malloc(steps * sizeof(float));
         for (int s = 0; s < steps; s++) {
             mp_model_zero_grad(m);
-            double l = mp_model_forward(m, in, tg, Bl, T, 1) * share;
-            mp_model_backward(m, share);
+            double l = 0.0;
+            for (int a = 0; a < A; a++) {
+                size_t o = (size_t)a * N + (size_t)j0 * T;
+                l += mp_model_forward(m, ain + o, atg + o, Bl, T, 1) * share / A;
+                mp_model_backward(m, share / A);
+            }
             mp_model_allreduce_grads(m);
             if (comm) comm->allreduce_f64(comm, &l, 1);
             losses[s] = (float)l;
             norms[s] = mp_adamw_step(&opt, m, s);
         }
+        free(ain);
+        free(atg);
         long sh[1] = {steps};
         write_floats(f, "/train/losses", losses, 1, sh);
         write_floats(f, "/train/grad_norms", norms, 1, sh);

@@ -22,6 +22,10 @@ mp_comm *mp_transport_open(const char *want, mp_comm *host, const mp_backend *be
         snprintf(why, why_len, "mpi_staged (system.transport = mpi_staged)");
         return mp_comm_mpi_staged(host, be);
     }
+    if (!strcmp(want, "auto") && host->size == 1) {   // nothing crosses ranks: no NCCL needed
+        snprintf(why, why_len, "mpi_staged (auto: one rank, nothing to move between ranks)");
+        return mp_comm_mpi_staged(host, be);
+    }
     // nccl or auto: mp_comm_nccl decides the same on every rank (from all-reduced data)
     char err[512] = "";
     mp_comm *c = mp_comm_nccl(host, err, sizeof err);

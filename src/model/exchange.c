@@ -27,14 +27,14 @@ static void *upload(const mp_backend *be, mp_xbuf *b, const void *host, size_t b
     return d;
 }
 
-// A host view of backend memory p: p itself on a host-memory backend, else a copy in *buf.
-static const void *host_view(const mp_backend *be, void *buf, size_t *cap, const void *p,
-                             size_t bytes) {
+// A host view of n indices in backend memory p: p itself on a host-memory backend, else a
+// copy in *buf (grown as needed).
+static const int32_t *host_ids(const mp_backend *be, int32_t **buf, size_t *cap, const int32_t *p,
+                               size_t n) {
     if (be->host_memory) return p;
-    void **slot = buf;
-    *slot = mp_grow(*slot, cap, bytes ? bytes : 1);
-    if (bytes) be->to_host(*slot, p, bytes);
-    return *slot;
+    *buf = mp_grow(*buf, cap, (n ? n : 1) * sizeof(int32_t));
+    if (n) be->to_host(*buf, p, n * sizeof(int32_t));
+    return *buf;
 }
 
 // Counts in elements of `width` per token or record, with displacements.
@@ -106,7 +106,7 @@ static void identity_plan(mp_exchange *e, const mp_retrieval_layer *l, int N) {
 // plan: this rank's selections grouped by owner (host, from the selected ids)
 static void stage_plan(mp_exchange *e, const mp_retrieval_layer *l, int N) {
     size_t NS = (size_t)N * l->rc->heads * l->rc->topk;
-    const int32_t *sel = host_view(e->be, &e->sel_h, &e->cap_sel_h, l->sel, NS * sizeof(int32_t));
+    const int32_t *sel = host_ids(e->be, &e->sel_h, &e->cap_sel_h, l->sel, NS);
     mp_shard_plan_build(&e->plan, sel, N, l->rc->heads * l->rc->topk, l->rc->n_sub);
 }
 
@@ -165,7 +165,7 @@ static void stage_send(mp_exchange *e, int C) {
 static void stage_experts(mp_exchange *e, mp_retrieval_layer *l) {
     const mp_backend *be = e->be;
     size_t M = (size_t)e->M, R = (size_t)e->R;
-    const int32_t *rec = host_view(be, &e->rec_h, &e->cap_rec_h, e->rec_recv.p, R * 2 * sizeof(int32_t));
+    const int32_t *rec = host_ids(be, &e->rec_h, &e->cap_rec_h, e->rec_recv.p, R * 2);
     int32_t *slot = e->slot_h = mp_grow(e->slot_h, &e->cap_slot_h, (R ? R : 1) * sizeof(int32_t));
     int32_t *row = e->row_h = mp_grow(e->row_h, &e->cap_row_h, (R ? R : 1) * sizeof(int32_t));
     int64_t *start = e->slot_start_h = mp_grow(e->slot_start_h, &e->cap_slot_start_h, (M + 1) * sizeof(int64_t));
@@ -255,11 +255,46 @@ static void mark_touched(mp_retrieval_layer *l, const int32_t *row, int64_t R) {
     l->touched_ready = 0;
 }
 
+// pack: dy rows on the forward's plan (x_send is free again)
+static void stage_pack_back(mp_exchange *e, const float *dy, int C) {
+    e->be->gather_rows(e->x_send.p, dy, e->tok_list.p, e->plan.n_tok, C);
+}
+
+// send: dy to the owners, into y_recv (free again)
+static void stage_send_back(mp_exchange *e, int C) {
+    send_f32(e, e->x_send.p, e->plan.tok_count, e->y_recv.p, e->recv_tok, C);
+}
+
+// experts: dx parts, gate gradients, and dU, dV of the owner's rows
+static void stage_experts_back(mp_exchange *e, mp_retrieval_layer *l) {
+    const mp_backend *be = e->be;
+    size_t M = (size_t)e->M, R = (size_t)e->R;
+    mp_experts_backward(l, be, xbuf(be, &e->dx_recv, M * l->C * sizeof(float)),
+                        xbuf(be, &e->dgate_recv, R * sizeof(float)), e->y_recv.p, e->x_recv.p,
+                        e->M, e->slot_start.p, e->slot.p, e->row.p, e->gate_recv.p, e->pre.p, e->R);
+    mark_touched(l, e->row_h, e->R);   // the forward's received records (host)
+}
+
+// return: dx parts (into y_back, free again) and gate gradients
+static void stage_return_back(mp_exchange *e, int C) {
+    const mp_shard_plan *p = &e->plan;
+    send_f32(e, e->dx_recv.p, e->recv_tok, e->y_back.p, p->tok_count, C);
+    send_f32(e, e->dgate_recv.p, e->recv_rec,
+             xbuf(e->be, &e->dgate_back, (size_t)p->n_rec * sizeof(float)), p->rec_count, 1);
+}
+
+// sum: dx parts in rank order; every selection has one record, so its gate gradient is
+// written once
+static void stage_sum_back(mp_exchange *e, mp_retrieval_layer *l, float *dx, int N, int C) {
+    stage_sum(e, dx, e->y_back.p, C);
+    e->be->zero(l->dgate, (size_t)N * l->rc->heads * l->rc->topk * sizeof(float));
+    e->be->scatter_add_rows(l->dgate, e->dgate_back.p, e->rec_sel.p, e->plan.n_rec, 1);
+}
+
 void mp_exchange_backward(mp_exchange *e, mp_retrieval_layer *l, float *dx, const float *dy,
                           const float *x, int N) {
     const mp_backend *be = e->be;
     int C = l->C, P = e->P;
-    size_t M = (size_t)e->M, R = (size_t)e->R;
     if (P == 1) {   // experts' dx into a part, added to the layer's dx; gate gradients in place
         if (e->identity_N != N) mp_fatal("expert backward on %d rows after a forward on %lld", N,
                                          (long long)e->identity_N);
@@ -268,31 +303,17 @@ void mp_exchange_backward(mp_exchange *e, mp_retrieval_layer *l, float *dx, cons
                             l->gate, e->pre.p, e->R);
         be->residual_forward(dx, dx, part, (long)N * C);
         if (l->touched_mark)   // one rank: a record's row is its selected expert id
-            mark_touched(l, host_view(be, &e->sel_h, &e->cap_sel_h, l->sel,
-                                      (size_t)e->R * sizeof(int32_t)), e->R);
+            mark_touched(l, host_ids(be, &e->sel_h, &e->cap_sel_h, l->sel, (size_t)e->R), e->R);
         return;
     }
-    const mp_shard_plan *p = &e->plan;
-    // pack: dy rows on the forward's plan (x_send is free again)
-    be->gather_rows(e->x_send.p, dy, e->tok_list.p, p->n_tok, C);
-    // send: dy to the owners (y_recv now holds dy)
-    send_f32(e, e->x_send.p, p->tok_count, e->y_recv.p, e->recv_tok, C);
-    // experts: dx parts, gate gradients, and dU, dV of the owner's rows
-    mp_experts_backward(l, be, xbuf(be, &e->dx_recv, M * C * sizeof(float)),
-                        xbuf(be, &e->dgate_recv, R * sizeof(float)), e->y_recv.p, e->x_recv.p,
-                        e->M, e->slot_start.p, e->slot.p, e->row.p, e->gate_recv.p, e->pre.p, e->R);
-    mark_touched(l, e->row_h, e->R);   // the forward's received records (host)
-    // return: dx parts (into y_back) and gate gradients
-    send_f32(e, e->dx_recv.p, e->recv_tok, e->y_back.p, p->tok_count, C);
-    send_f32(e, e->dgate_recv.p, e->recv_rec, xbuf(be, &e->dgate_back, (size_t)p->n_rec * sizeof(float)),
-             p->rec_count, 1);
-    // sum: dx parts in rank order; every selection has one record, so its gate gradient is
-    // written once
-    stage_sum(e, dx, e->y_back.p, C);
-    be->zero(l->dgate, (size_t)N * l->rc->heads * l->rc->topk * sizeof(float));
-    be->scatter_add_rows(l->dgate, e->dgate_back.p, e->rec_sel.p, p->n_rec, 1);
+    stage_pack_back(e, dy, C);
+    stage_send_back(e, C);
+    stage_experts_back(e, l);
+    stage_return_back(e, C);
+    stage_sum_back(e, l, dx, N, C);
 
     // dy out; dx parts and gate gradients back
+    const mp_shard_plan *p = &e->plan;
     int me = e->me;
     e->stats.bytes_sent += 4.0 * (C * off_rank(p->tok_count, P, me) + C * off_rank(e->recv_tok, P, me) +
                                   off_rank(e->recv_rec, P, me));

@@ -59,6 +59,14 @@ for P in ${MP_TEST_NCCL_RANKS:-1 2 3}; do
         bad "P=$P nccl: run failed: $(grep -m3 -E 'cuda-emu|error|nccl' "$d.out")"
     fi
 done
+# The exchange's sums have a fixed order whatever moves the bytes (src/model/exchange.c), and
+# both transports sum the gradients with MPI's all-reduce here (the stand-in's is MPI's):
+# nccl and mpi_staged on 2 ranks are the same run, bit for bit. A transport that delivered
+# a segment to the wrong place or out of order would differ by O(1) somewhere.
+if [ -d "$tmp/nccl2/checkpoints/step_00000020" ]; then
+    check "P=2: nccl and mpi_staged give bitwise the same run" \
+        compare_ckpt "$tmp/cuda2/checkpoints/step_00000020" "$tmp/nccl2/checkpoints/step_00000020" exact
+fi
 # transport = nccl where ranks share a GPU: refused on every rank with one line
 d="$tmp/nccl_shared"
 if emu_train 2 "$d" --set system.transport=nccl; then

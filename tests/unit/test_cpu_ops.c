@@ -683,6 +683,48 @@ static void test_adamw(void **state) {
     free(p); free(g); free(m); free(v); free(rp); free(rm); free(rv);
 }
 
+// Lazy AdamW's row ops: adamw_rows over listed rows is adamw on those rows bit for bit (the
+// same element formula; docs/model.md promises a touched row moves exactly as under adamw),
+// unlisted rows are not written; sum_squares_rows and zero_rows on the same list.
+static void test_adamw_rows(void **state) {
+    (void)state;
+    int R = 9, C = 13;
+    size_t n = (size_t)R * C;
+    int32_t rows[4] = {7, 2, 5, 0};   // out of order
+    float *p = fbuf(n), *g = fbuf(n), *m = fbuf(n), *v = fbuf(n);
+    float *q = fbuf(n), *mq = fbuf(n), *vq = fbuf(n);   // the dense op's copy
+    fill(p, n, -1, 1);
+    memcpy(q, p, n * sizeof(float));
+    for (long t = 1; t <= 3; t++) {
+        fill(g, n, -2, 2);
+        be->adamw_rows(p, g, m, v, rows, 4, C, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        for (int i = 0; i < 4; i++) {
+            size_t o = (size_t)rows[i] * C;
+            be->adamw(q + o, g + o, mq + o, vq + o, C, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        }
+    }
+    assert_memory_equal(p, q, n * sizeof(float));   // unlisted rows: both untouched
+    assert_memory_equal(m, mq, n * sizeof(float));
+    assert_memory_equal(v, vq, n * sizeof(float));
+    int moved = 0;
+    for (int r = 0; r < R; r++) moved += m[(size_t)r * C] != 0.0f;
+    assert_int_equal(moved, 4);
+    // one row's squares, then the rows in list order: the exact sum of doubles up to
+    // 4 x 13 roundings of 2^-53
+    double want = 0.0;
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < C; j++) want += (double)p[(size_t)rows[i] * C + j] * p[(size_t)rows[i] * C + j];
+    double got = be->sum_squares_rows(p, rows, 4, C);
+    assert_true(fabs(got - want) <= 1e-14 * want);
+    be->zero_rows(p, rows, 4, C);
+    for (int r = 0; r < R; r++) {
+        int listed = r == 7 || r == 2 || r == 5 || r == 0;
+        for (int j = 0; j < C; j++)
+            assert_true(listed ? p[(size_t)r * C + j] == 0.0f : p[(size_t)r * C + j] == q[(size_t)r * C + j]);
+    }
+    free(p); free(g); free(m); free(v); free(q); free(mq); free(vq);
+}
+
 static void test_sum_squares(void **state) {
     (void)state;
     size_t sizes[] = {0, 5, 16384, 100003};   // one block, exactly one, several
@@ -792,7 +834,7 @@ int main(void) {
         cmocka_unit_test(test_attention),      cmocka_unit_test(test_attention_blocks),
         cmocka_unit_test(test_attention_causal),
         cmocka_unit_test(test_gelu),           cmocka_unit_test(test_residual),
-        cmocka_unit_test(test_crossentropy),   cmocka_unit_test(test_adamw),
+        cmocka_unit_test(test_crossentropy),   cmocka_unit_test(test_adamw), cmocka_unit_test(test_adamw_rows),
         cmocka_unit_test(test_sum_squares),    cmocka_unit_test(test_determinism),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

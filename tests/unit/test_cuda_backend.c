@@ -312,6 +312,62 @@ static void test_optim(void **state) {
     free(p); free(m); free(v); free(x);
 }
 
+static float *fdup(const float *x, size_t n) {
+    float *y = malloc(n * sizeof(float));
+    memcpy(y, x, n * sizeof(float));
+    return y;
+}
+
+// Lazy AdamW's row ops (adamw_rows, sum_squares_rows, zero_rows) against the CPU's: 40 of
+// 97 rows of width C = 300 (more than a block's 256 threads) listed, out of order. The
+// unlisted rows must come back bit for bit (not written), the listed ones within TOL.
+static void test_optim_rows(void **state) {
+    (void)state;
+    int R = 97, C = 300, nr = 40;
+    size_t n = (size_t)R * C;
+    int32_t rows[40];
+    for (int i = 0; i < nr; i++) rows[i] = (int32_t)((i * 37 + 11) % R);   // 37 coprime to 97: distinct
+    float *p = frand(n, -1, 1), *m = frand(n, -0.1f, 0.1f), *v = frand(n, 0, 0.01f);
+    float *p0 = fdup(p, n), *m0 = fdup(m, n), *v0 = fdup(v, n);
+    float *d_p = dev_copy(p, n * 4), *d_m = dev_copy(m, n * 4), *d_v = dev_copy(v, n * 4);
+    int32_t *d_rows = dev_copy(rows, sizeof rows);
+    for (long t = 1; t <= 3; t++) {
+        float *g = frand(n, -1, 1), *d_g = dev_copy(g, n * 4);
+        cpu->adamw_rows(p, g, m, v, rows, nr, C, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        gpu->adamw_rows(d_p, d_g, d_m, d_v, d_rows, nr, C, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        gpu->free(d_g);
+        free(g);
+    }
+    expect_dev("adamw_rows p", d_p, p, n);
+    expect_dev("adamw_rows m", d_m, m, n);
+    expect_dev("adamw_rows v", d_v, v, n);
+    // the CPU left unlisted rows alone, and the GPU's unlisted rows are the CPU's bits
+    float *hp = host_copy(d_p, n * 4);
+    int listed[97] = {0};
+    for (int i = 0; i < nr; i++) listed[rows[i]] = 1;
+    for (int r = 0; r < R; r++) {
+        size_t o = (size_t)r * C;
+        int same = !memcmp(p + o, p0 + o, C * 4) && !memcmp(m + o, m0 + o, C * 4) &&
+                   !memcmp(v + o, v0 + o, C * 4) && !memcmp(hp + o, p0 + o, C * 4);
+        if (listed[r] == same) fail_msg("adamw_rows: row %d %s", r, listed[r] ? "not updated" : "written");
+    }
+    // sums of squares, of the same values (the CPU's p: the updates above agree only to
+    // rounding, e.g. where nvcc contracts to FMA): both exact double squares of C = 300
+    // floats per row, then 40 row partials in list order; each side errs by <= (300 + 40)
+    // 2^-53 of the sum, the two by <= 1e-13; a float accumulation or a missed row is >= 6e-8
+    gpu->from_host(d_p, p, n * 4);
+    double want = cpu->sum_squares_rows(p, rows, nr, C), got = gpu->sum_squares_rows(d_p, d_rows, nr, C);
+    if (fabs(got - want) > 1e-12 * want) fail_msg("sum_squares_rows %.17g, CPU %.17g", got, want);
+    assert_true(gpu->sum_squares_rows(d_p, d_rows, 0, C) == 0.0);
+    cpu->zero_rows(p, rows, nr, C);
+    gpu->zero_rows(d_p, d_rows, nr, C);
+    free(hp);
+    hp = host_copy(d_p, n * 4);
+    if (memcmp(hp, p, n * 4)) fail_msg("zero_rows differs from the CPU's");
+    gpu->free(d_p); gpu->free(d_m); gpu->free(d_v); gpu->free(d_rows);
+    free(p); free(m); free(v); free(p0); free(m0); free(v0); free(hp);
+}
+
 // ---------------------------------------------------------------------------------------
 // product-key top-k
 
@@ -1012,6 +1068,7 @@ int main(void) {
         cmocka_unit_test_setup(test_elementwise, reset_tolerance),
         cmocka_unit_test_setup(test_crossentropy, reset_tolerance),
         cmocka_unit_test_setup(test_optim, reset_tolerance),
+        cmocka_unit_test_setup(test_optim_rows, reset_tolerance),
         cmocka_unit_test_setup(test_topk, reset_tolerance),
         cmocka_unit_test_setup(test_query_bn_ops, reset_tolerance),
         cmocka_unit_test_setup(test_layer_peer, reset_tolerance),

@@ -299,5 +299,6 @@ int main(int argc, char **argv) {
            fwd_bytes, all_bytes, fwd_bytes / (m_fwd * 1e-3) / 1e12,
            all_bytes / (m_all * 1e-3) / 1e12, ideal_all, ideal_all / (m_all * 1e-3) / 1e12, copy,
            ideal_all / (m_all * 1e-3) / 1e12 / copy);
+    mp_exchange_free(&l.ex);   // the tensors above live until the process ends
     return 0;
 }

@@ -73,6 +73,7 @@ class Config:
     expert_weight_decay: float
     key_lr: float
     key_weight_decay: float
+    expert_optimizer: str = "adamw"   # adamw | lazy_adamw (docs/model.md, "Lazy AdamW")
 
     def retrieval(self, layer):
         kind = self.ffn[layer]
@@ -92,7 +93,7 @@ DEFAULTS = {
               "lr": "1e-3", "min_lr_frac": "0.1", "warmup": "100", "weight_decay": "0.1",
               "beta1": "0.9", "beta2": "0.95", "eps": "1e-8", "grad_clip": "1.0",
               "expert_lr": "1e-3", "expert_weight_decay": "0", "key_lr": "1e-3",
-              "key_weight_decay": "0"},
+              "key_weight_decay": "0", "expert_optimizer": "adamw"},
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -162,7 +163,8 @@ def parse_config(text, overrides=()):
         beta1=float(t("beta1")), beta2=float(t("beta2")), eps=float(t("eps")),
         grad_clip=float(t("grad_clip")), expert_lr=float(t("expert_lr")),
         expert_weight_decay=float(t("expert_weight_decay")), key_lr=float(t("key_lr")),
-        key_weight_decay=float(t("key_weight_decay")))
+        key_weight_decay=float(t("key_weight_decay")),
+        expert_optimizer=t("expert_optimizer"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -399,25 +401,31 @@ def ffn(cfg, l, f, p, state, train):
 # model
 
 
-def forward(params, state, inputs, targets, cfg, train=True):
+def forward(params, state, inputs, targets, cfg, train=True, with_experts=False):
     """inputs, targets (B, T) int. Returns (loss, logits (B, T, V), new_state).
     new_state holds the whole router state: BN running statistics and balance biases
-    (unchanged in eval mode)."""
+    (unchanged in eval mode). with_experts: also {layer prefix: selected expert ids
+    (B*T, H, k)} of every retrieval layer, last."""
     p = params
     B, T = inputs.shape
     x = p["wte"][inputs] + p["wpe"][:T]                               # (B, T, C)
     new_state = dict(state)
+    experts = {}
     for l in range(cfg.n_layers):
         h = f"h{l}."
         x = x + attention(layer_norm(x, p[h + "ln1.w"], p[h + "ln1.b"]), p, h + "attn.",
                           cfg.n_heads)
         f = layer_norm(x, p[h + "ln2.w"], p[h + "ln2.b"]).reshape(B * T, -1)
-        y, st, _ = ffn(cfg, l, f, p, state, train)
+        y, st, aux = ffn(cfg, l, f, p, state, train)
+        if aux is not None:
+            experts[f"h{l}.{cfg.ffn[l]}."] = aux[0]
         new_state.update(st)
         x = x + y.reshape(B, T, -1)
     logits = layer_norm(x, p["lnf.w"], p["lnf.b"]) @ p["wte"].T       # (B, T, V), tied head
     logp = jax.nn.log_softmax(logits, axis=-1)
     loss = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    if with_experts:
+        return loss, logits, new_state, experts
     return loss, logits, new_state
 
 
@@ -428,6 +436,24 @@ def loss_and_grads(params, state, inputs, targets, cfg):
         return loss, (logits, new_state)
     (loss, (logits, new_state)), grads = jax.value_and_grad(f, has_aux=True)(params)
     return loss, logits, grads, new_state
+
+
+def loss_grads_touched(params, state, inputs, targets, cfg):
+    """loss_and_grads, and {expert tensor name: touched (rows,) bool}: the rows that at
+    least one selection of this batch chose (docs/model.md, "Lazy AdamW")."""
+    def f(p):
+        loss, logits, new_state, experts = forward(p, state, inputs, targets, cfg, train=True,
+                                                   with_experts=True)
+        return loss, (logits, new_state, experts)
+    (loss, (logits, new_state, experts)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    touched = {}
+    for prefix, ids in experts.items():
+        rows = params[prefix + "v"].shape[0]
+        mask = jnp.zeros((rows,), bool).at[ids.reshape(-1)].set(True)
+        for name in (prefix + "u", prefix + "v"):
+            if name in params:
+                touched[name] = mask
+    return loss, logits, grads, new_state, touched
 
 
 # ----------------------------------------------------------------------------------------
@@ -452,10 +478,11 @@ def lr_schedule(peak, cfg):
     return schedule
 
 
-def make_optimizer(cfg, params):
+def make_optimizer(cfg, params, lazy=False):
     """Global-norm clipping of all gradients together, then AdamW per group.
     optax.adamw is exactly docs/model.md's formula: eps outside the sqrt, bias correction,
-    decoupled decay multiplied by lr, applied only where masked."""
+    decoupled decay multiplied by lr, applied only where masked. lazy: the expert group
+    gets zero updates here (lazy_adamw_rows updates it, make_lazy_train_step)."""
     table = {t.name: t for t in param_table(cfg)}
     labels = {name: table[name].group for name in params}
     groups = {"dense": (cfg.lr, cfg.weight_decay), "keys": (cfg.key_lr, cfg.key_weight_decay),
@@ -466,6 +493,8 @@ def make_optimizer(cfg, params):
         transforms[g] = optax.adamw(learning_rate=lr_schedule(peak, cfg), b1=cfg.beta1,
                                     b2=cfg.beta2, eps=cfg.eps, eps_root=0.0, weight_decay=wd,
                                     mask=mask)
+    if lazy:
+        transforms["experts"] = optax.set_to_zero()
     chain = []
     if cfg.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(cfg.grad_clip))
@@ -501,19 +530,95 @@ def make_train_step(cfg, optimizer):
     return step
 
 
+def lazy_adamw_rows(p, g, m, v, touched, t, lr, wd, cfg):
+    """docs/model.md, "Lazy AdamW", written out with jnp (optax has no such rule): the AdamW
+    step with the global 1-based step count t in the bias corrections, on the rows whose
+    touched (rows,) is set; every other row keeps its value and both moments (no decay
+    either). p, g, m, v (rows, C), g already clipped."""
+    t = jnp.asarray(t, dtype=p.dtype)
+    m1 = cfg.beta1 * m + (1 - cfg.beta1) * g
+    v1 = cfg.beta2 * v + (1 - cfg.beta2) * g * g
+    mhat = m1 / (1 - cfg.beta1 ** t)
+    vhat = v1 / (1 - cfg.beta2 ** t)
+    p1 = p - lr * (mhat / (jnp.sqrt(vhat) + cfg.eps) + wd * p)
+    row = touched[:, None]
+    return jnp.where(row, p1, p), jnp.where(row, m1, m), jnp.where(row, v1, v)
+
+
+def make_lazy_train_step(cfg, optimizer):
+    """make_train_step for train.expert_optimizer = lazy_adamw. optimizer (make_optimizer
+    with lazy) updates the dense and key groups; lazy_adamw_rows the expert tensors, from
+    lazy = (m, v, t): their moments (dicts) and the number of steps done. A row is touched
+    if a selection chose it in any of the step's micro-batches."""
+    table = {t.name: t for t in param_table(cfg)}
+    lr_of = lr_schedule(cfg.expert_lr, cfg)
+
+    def micro(carry, batch):
+        params, state, gsum, tsum, lsum = carry
+        loss, _, grads, state, touched = loss_grads_touched(params, state, batch[0], batch[1], cfg)
+        gsum = jax.tree_util.tree_map(jnp.add, gsum, grads)
+        tsum = {k: tsum[k] | touched[k] for k in tsum}
+        return (params, state, gsum, tsum, lsum + loss), None
+
+    def step(params, opt_state, lazy, state, inputs, targets):
+        m, v, t = lazy
+        A = inputs.shape[0]
+        if A == 1:
+            lsum, _, grads, state, touched = loss_grads_touched(params, state, inputs[0],
+                                                                targets[0], cfg)
+        else:
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            none = {k: jnp.zeros((params[k].shape[0],), bool) for k in m}
+            loss0 = jnp.zeros((), dtype=params["wte"].dtype)
+            (_, state, gsum, touched, lsum), _ = jax.lax.scan(
+                micro, (params, state, zeros, none, loss0), (inputs, targets))
+            grads = jax.tree_util.tree_map(lambda g: g / A, gsum)
+        gnorm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+        scale = 1.0
+        if cfg.grad_clip > 0:   # optax.clip_by_global_norm's rule, for the expert gradients
+            scale = jnp.where(gnorm > cfg.grad_clip, cfg.grad_clip / gnorm, 1.0)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = dict(optax.apply_updates(params, updates))   # experts: + 0
+        t = t + 1
+        lr = lr_of(t - 1)                                     # the 0-based step's rate
+        m, v = dict(m), dict(v)
+        for k in m:
+            wd = cfg.expert_weight_decay if table[k].decay else 0.0
+            params[k], m[k], v[k] = lazy_adamw_rows(params[k], grads[k] * scale, m[k], v[k],
+                                                    touched[k], t, lr, wd, cfg)
+        return params, opt_state, (m, v, t), state, lsum / A, gnorm
+    return step
+
+
 def train(params, state, inputs, targets, cfg, steps, before_step=None):
-    """`steps` AdamW steps on one fixed batch (inputs, targets (B, T), grad_accum 1).
+    """`steps` AdamW steps on one fixed batch (inputs, targets (B, T), grad_accum 1) or on
+    fixed micro-batches (A, B, T) each step; with cfg.expert_optimizer = lazy_adamw the
+    expert tables take lazy AdamW steps (make_lazy_train_step).
     before_step(params, state), if given, sees the values each step starts from.
     Returns (losses (steps,), grad_norms (steps,), final params, final state)."""
-    optimizer = make_optimizer(cfg, params)
-    step = jax.jit(make_train_step(cfg, optimizer))
+    lazy = cfg.expert_optimizer == "lazy_adamw"
+    optimizer = make_optimizer(cfg, params, lazy=lazy)
     opt_state = optimizer.init(params)
-    inputs, targets = jnp.asarray(inputs)[None], jnp.asarray(targets)[None]
+    inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
+    if inputs.ndim == 2:
+        inputs, targets = inputs[None], targets[None]
+    if lazy:
+        step = jax.jit(make_lazy_train_step(cfg, optimizer))
+        experts = [t.name for t in param_table(cfg) if t.group == "experts"]
+        zeros = {k: jnp.zeros_like(params[k]) for k in experts}
+        lz = (zeros, dict(zeros), jnp.zeros((), jnp.int32))
+    else:
+        step = jax.jit(make_train_step(cfg, optimizer))
     losses, norms = [], []
     for _ in range(steps):
         if before_step is not None:
             before_step(params, state)
-        params, opt_state, state, loss, gnorm = step(params, opt_state, state, inputs, targets)
+        if lazy:
+            params, opt_state, lz, state, loss, gnorm = step(params, opt_state, lz, state,
+                                                             inputs, targets)
+        else:
+            params, opt_state, state, loss, gnorm = step(params, opt_state, state, inputs,
+                                                         targets)
         losses.append(float(loss))
         norms.append(float(gnorm))
     return np.array(losses), np.array(norms), params, state

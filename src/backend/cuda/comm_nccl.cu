@@ -42,6 +42,12 @@ typedef struct {
 
 static ncclComm_t nccl_of(mp_comm *c) { return ((nccl_impl *)c->impl)->nccl; }
 
+// A payload call returns when its data is there, as the MPI transports' do: the exchange
+// times its calls (waiting included) and reads received records on the host next. Without
+// this the transfer would be charged to whatever synchronised next. (Overlapping the
+// exchange with compute would remove it: docs/cuda.md.)
+static void arrived(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
+
 // One group of sends and receives: NCCL matches each pair's send with the peer's receive
 // and runs them together. Counts are size_t in NCCL, so no per-peer limit below the memory.
 static void alltoallv(mp_comm *c, const void *send, const int64_t *sc, const int64_t *sd,
@@ -63,6 +69,7 @@ static void alltoallv(mp_comm *c, const void *send, const int64_t *sc, const int
                                 0));
     }
     NCCL_CHECK(ncclGroupEnd());
+    arrived();
 }
 
 static void alltoallv_f32(mp_comm *c, const float *send, const int64_t *sc, const int64_t *sd,
@@ -77,6 +84,7 @@ static void alltoallv_i32(mp_comm *c, const int32_t *send, const int64_t *sc, co
 
 static void allreduce_f32(mp_comm *c, float *buf, size_t n) {
     if (n) NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nccl_of(c), 0));
+    arrived();
 }
 
 static void destroy(mp_comm *c) {
@@ -102,15 +110,24 @@ static int check_one_gpu_per_rank(mp_comm *host, char *err, size_t err_len) {
     int P = host->size;
     double *t = (double *)mp_calloc((size_t)P * NCOL, sizeof(double));
     double *row = t + (size_t)host->rank * NCOL;
-    char name[256] = "";
+    char name[256] = "", key[320];
     if (gethostname(name, sizeof name - 1) != 0) snprintf(name, sizeof name, "(unknown host)");
+    // containers may share a host name; the kernel's boot id tells machines apart (NCCL
+    // does the same)
+    char boot[40] = "";
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (f) {
+        if (!fgets(boot, sizeof boot, f)) boot[0] = '\0';
+        fclose(f);
+    }
+    snprintf(key, sizeof key, "%s/%s", name, boot);
     int dev = -1;
     cudaDeviceProp prop;
     cudaError_t rc = cudaGetDevice(&dev);
     if (rc == cudaSuccess) rc = cudaGetDeviceProperties(&prop, dev);
     if (rc == cudaSuccess) {
         row[COL_OK] = 1;
-        row[COL_HOST] = host_hash(name);
+        row[COL_HOST] = host_hash(key);
         row[COL_PCI] = (double)(((uint64_t)prop.pciDomainID << 16) | ((uint64_t)prop.pciBusID << 8) |
                                 (uint64_t)prop.pciDeviceID);
         row[COL_DEV] = dev;
@@ -143,12 +160,33 @@ static int check_one_gpu_per_rank(mp_comm *host, char *err, size_t err_len) {
 
 extern "C" mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len) {
     if (check_one_gpu_per_rank(host, err, err_len) != 0) return NULL;
-    ncclUniqueId id;
-    memset(&id, 0, sizeof id);
-    if (host->rank == 0) NCCL_CHECK(ncclGetUniqueId(&id));
-    host->broadcast(host, &id, sizeof id, 0);
+    // NCCL may fail to start where it cannot set up its transports (a container without
+    // enough /dev/shm, say): every rank learns whether any failed, and the lowest failing
+    // rank's reason, so that auto can fall back to mpi_staged together
+    struct { int rc; ncclUniqueId id; } hello;
+    memset(&hello, 0, sizeof hello);
+    if (host->rank == 0) hello.rc = (int)ncclGetUniqueId(&hello.id);
+    host->broadcast(host, &hello, sizeof hello, 0);
+    if (hello.rc != ncclSuccess) {
+        mp_errf(err, err_len, "NCCL could not start: ncclGetUniqueId on rank 0: %s",
+                ncclGetErrorString((ncclResult_t)hello.rc));
+        return NULL;
+    }
     nccl_impl *m = (nccl_impl *)mp_calloc(1, sizeof *m);
-    NCCL_CHECK(ncclCommInitRank(&m->nccl, host->size, id, host->rank));
+    ncclResult_t rc = ncclCommInitRank(&m->nccl, host->size, hello.id, host->rank);
+    double *failed = (double *)mp_calloc((size_t)host->size, sizeof(double));   // (P) codes
+    failed[host->rank] = (double)rc;
+    host->allreduce_f64(host, failed, (size_t)host->size);
+    for (int r = 0; r < host->size; r++)
+        if (failed[r] != 0) {
+            mp_errf(err, err_len, "NCCL could not start: ncclCommInitRank on rank %d: %s", r,
+                    ncclGetErrorString((ncclResult_t)(int)failed[r]));
+            if (rc == ncclSuccess) NCCL_CHECK(ncclCommDestroy(m->nccl));
+            free(failed);
+            free(m);
+            return NULL;
+        }
+    free(failed);
     mp_comm *c = (mp_comm *)mp_calloc(1, sizeof *c);
     c->name = "nccl";
     c->device_buffers = 1;

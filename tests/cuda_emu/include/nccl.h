@@ -13,6 +13,7 @@ typedef struct mp_emu_stream *cudaStream_t;   // as cuda_emu.h declares it
 #endif
 
 // the API version this mirrors (not a library version: there is no library)
+#define MP_NCCL_STANDIN 1   // tests/cuda_emu/test_comm_nccl.c checks the stand-in's refusals
 #define NCCL_MAJOR 2
 #define NCCL_MINOR 28
 #define NCCL_PATCH 0
