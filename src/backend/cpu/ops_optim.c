@@ -10,6 +10,18 @@
 // only on n, not on the thread count.
 #define SS_BLOCK 16384
 
+// One element's AdamW step from its scaled gradient gi (docs/model.md, Training); the
+// dense op and the row op both take it, so a listed row moves exactly as under the dense op.
+static inline void adamw_element(float *p, float *m, float *v, float gi, float lr, float beta1,
+                                 float beta2, float eps, float wd, float bc1, float bc2) {
+    float mi = beta1 * *m + (1.0f - beta1) * gi;
+    float vi = beta2 * *v + (1.0f - beta2) * gi * gi;
+    *m = mi;
+    *v = vi;
+    float mhat = mi / bc1, vhat = vi / bc2;
+    *p -= lr * (mhat / (sqrtf(vhat) + eps) + wd * *p);
+}
+
 void mp_cpu_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                   float beta2, float eps, float wd, long t, float grad_scale) {
     // p, g, m, v (n); t is the 1-based step (docs/model.md, Training)
@@ -17,13 +29,7 @@ void mp_cpu_adamw(float *p, const float *g, float *m, float *v, size_t n, float 
     float bc2 = 1.0f - powf(beta2, (float)t);
     #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) {
-        float gi = g[i] * grad_scale;
-        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        float mhat = mi / bc1, vhat = vi / bc2;
-        p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+        adamw_element(p + i, m + i, v + i, g[i] * grad_scale, lr, beta1, beta2, eps, wd, bc1, bc2);
     }
 }
 
@@ -41,13 +47,8 @@ void mp_cpu_adamw_rows(float *p, const float *g, float *m, float *v, const int32
         const float *gr = g + o;
         #pragma omp simd
         for (int i = 0; i < C; i++) {
-            float gi = gr[i] * grad_scale;
-            float mi = beta1 * mr[i] + (1.0f - beta1) * gi;
-            float vi = beta2 * vr[i] + (1.0f - beta2) * gi * gi;
-            mr[i] = mi;
-            vr[i] = vi;
-            float mhat = mi / bc1, vhat = vi / bc2;
-            pr[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * pr[i]);
+            adamw_element(pr + i, mr + i, vr + i, gr[i] * grad_scale, lr, beta1, beta2, eps, wd,
+                          bc1, bc2);
         }
     }
 }

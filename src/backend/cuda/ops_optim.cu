@@ -10,18 +10,25 @@
 #define SS_BLOCK 16384
 #define SS_THREADS 256
 
+// One element's AdamW step from its scaled gradient gi, the CPU's formula; the dense
+// kernel and the row kernel both take it.
+__device__ __forceinline__ void adamw_element(float *p, float *m, float *v, float gi, float lr,
+                                              float beta1, float beta2, float eps, float wd,
+                                              float bc1, float bc2) {
+    float mi = beta1 * *m + (1.0f - beta1) * gi;
+    float vi = beta2 * *v + (1.0f - beta2) * gi * gi;
+    *m = mi;
+    *v = vi;
+    float mhat = mi / bc1, vhat = vi / bc2;
+    *p -= lr * (mhat / (sqrtf(vhat) + eps) + wd * *p);
+}
+
 static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n,
                                     float lr, float beta1, float beta2, float eps, float wd,
                                     float bc1, float bc2, float grad_scale) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float gi = g[i] * grad_scale;
-    float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-    float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    float mhat = mi / bc1, vhat = vi / bc2;
-    p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+    adamw_element(p + i, m + i, v + i, g[i] * grad_scale, lr, beta1, beta2, eps, wd, bc1, bc2);
 }
 
 void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
@@ -44,13 +51,8 @@ static __global__ void adamw_rows_kernel(float *p, const float *g, float *m, flo
     size_t o = (size_t)rows[blockIdx.x] * (size_t)C;
     for (int j = threadIdx.x; j < C; j += blockDim.x) {
         size_t i = o + j;
-        float gi = g[i] * grad_scale;
-        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        float mhat = mi / bc1, vhat = vi / bc2;
-        p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+        adamw_element(p + i, m + i, v + i, g[i] * grad_scale, lr, beta1, beta2, eps, wd, bc1,
+                      bc2);
     }
 }
 
