@@ -78,12 +78,10 @@ void mp_cuda_zero_rows(float *x, const int32_t *rows, int64_t n_rows, int C) {
     KERNEL_CHECK();
 }
 
-// one block per SS_BLOCK elements: a double partial, summed in a fixed tree
-static __global__ void sum_squares_kernel(double *part, const float *x, size_t n) {
+// part[blockIdx.x] = the sum of every thread's s over the block of SS_THREADS threads, in a
+// fixed tree: warp butterflies, then the warps in order
+__device__ __forceinline__ void block_partial(double *part, double s) {
     __shared__ double sh[SS_THREADS / 32];
-    size_t lo = (size_t)blockIdx.x * SS_BLOCK, hi = lo + SS_BLOCK < n ? lo + SS_BLOCK : n;
-    double s = 0.0;
-    for (size_t i = lo + threadIdx.x; i < hi; i += SS_THREADS) s += (double)x[i] * x[i];
     s = mp_warp_sum_d(s);
     if (threadIdx.x % 32 == 0) sh[threadIdx.x / 32] = s;
     __syncthreads();
@@ -92,6 +90,14 @@ static __global__ void sum_squares_kernel(double *part, const float *x, size_t n
         for (int w = 0; w < SS_THREADS / 32; w++) t += sh[w];
         part[blockIdx.x] = t;
     }
+}
+
+// one block per SS_BLOCK elements: a double partial, summed in a fixed tree
+static __global__ void sum_squares_kernel(double *part, const float *x, size_t n) {
+    size_t lo = (size_t)blockIdx.x * SS_BLOCK, hi = lo + SS_BLOCK < n ? lo + SS_BLOCK : n;
+    double s = 0.0;
+    for (size_t i = lo + threadIdx.x; i < hi; i += SS_THREADS) s += (double)x[i] * x[i];
+    block_partial(part, s);
 }
 
 double mp_cuda_sum_squares(const float *x, size_t n) {
@@ -112,18 +118,10 @@ double mp_cuda_sum_squares(const float *x, size_t n) {
 // sum_squares_kernel
 static __global__ void sum_squares_rows_kernel(double *part, const float *x, const int32_t *rows,
                                                int C) {
-    __shared__ double sh[SS_THREADS / 32];
     const float *xr = x + (size_t)rows[blockIdx.x] * (size_t)C;
     double s = 0.0;
     for (int i = threadIdx.x; i < C; i += SS_THREADS) s += (double)xr[i] * xr[i];
-    s = mp_warp_sum_d(s);
-    if (threadIdx.x % 32 == 0) sh[threadIdx.x / 32] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double t = 0.0;
-        for (int w = 0; w < SS_THREADS / 32; w++) t += sh[w];
-        part[blockIdx.x] = t;
-    }
+    block_partial(part, s);
 }
 
 double mp_cuda_sum_squares_rows(const float *x, const int32_t *rows, int64_t n_rows, int C) {
