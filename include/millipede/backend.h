@@ -2,7 +2,8 @@
 // (OpenBLAS + OpenMP, fp32) is the reference; the CUDA backend implements the same table.
 // Conventions (as in llm.c): tensors are row-major, shapes are written next to them,
 // N = B*T rows. Backward ops ACCUMULATE (+=) into every gradient they write (parameter
-// gradients and input gradients alike); the caller zeroes them.
+// gradients and input gradients alike); the caller zeroes them. The exception: the expert
+// tables' gradients, which experts_backward overwrites or accumulates as told.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -12,9 +13,15 @@
 typedef struct {
     const float *u, *v;               // fp32 masters; u NULL: PKM (values only)
     const uint16_t *u_bf16, *v_bf16;  // bf16 copies the kernels read instead, or NULL (fp32)
-    float *du, *dv;                   // gradients, accumulated (du NULL for PKM)
+    float *du, *dv;                   // gradients (du NULL for PKM), written by experts_backward
+    // (rows) backend memory, kept by experts_backward: 1 where a row of du, dv may be
+    // nonzero; a row marked 0 reads zero (so a step's start needs no pass over du, dv)
+    uint8_t *dirty;
     long rows;
 } mp_expert_tables;
+
+// system.precision as the backend's set_precision takes it
+enum { MP_PRECISION_FP32 = 0, MP_PRECISION_BF16 = 1 };
 
 typedef struct mp_backend {
     const char *name;
@@ -46,12 +53,25 @@ typedef struct mp_backend {
                            int N, int C, int OC);
     void (*matmul_backward)(float *dinp, float *dw, float *dbias, const float *dout,
                             const float *inp, const float *w, int N, int C, int OC);
+    // The arithmetic of the GEMMs in the ops that follow, one setting per process:
+    // MP_PRECISION_FP32, fp32 throughout; MP_PRECISION_BF16, matmul's GEMMs (out, dinp, dw)
+    // on bf16-rounded operands with fp32 accumulation and output; the PEER route's sub-key
+    // scores stay fp32, as they pick experts (docs/cuda.md, "Precision"). Returns the previous setting, so that a caller can run
+    // one op in fp32 and restore it (the query projection, src/model/route.c). The model
+    // sets it from system.precision at each entry that runs ops (src/model/model.c), so two
+    // models of different precision may take turns. NULL: fp32 only (the CPU).
+    int (*set_precision)(int precision);
     // causal self-attention: qkv (B,T,3C) as [q|k|v], heads contiguous in C;
-    // out (B,T,C); att (B,NH,T,T) softmax probabilities kept for backward
+    // out (B,T,C); att is the backend's attention state that forward keeps for backward, of
+    // attention_state_floats(B, T, C, NH) floats (CPU: the (B,NH,T,T) softmax probabilities;
+    // CUDA: the (B,NH,T) log-sum-exp of each score row). That call also refuses, with one
+    // input-error line, a head size C / NH the backend cannot run; the model calls it when
+    // it is built. Backward reads out, the forward's output (the CUDA backend needs it).
+    size_t (*attention_state_floats)(int B, int T, int C, int NH);
     void (*attention_forward)(float *out, float *att, const float *qkv, int B, int T, int C,
                               int NH);
     void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
-                               const float *att, int B, int T, int C, int NH);
+                               const float *out, const float *att, int B, int T, int C, int NH);
     // exact (erf) GELU, elementwise over n
     void (*gelu_forward)(float *out, const float *inp, long n);
     void (*gelu_backward)(float *dinp, const float *inp, const float *dout, long n);
@@ -113,11 +133,19 @@ typedef struct mp_backend {
     void (*experts_forward)(const mp_expert_tables *t, float *y, const float *x, int64_t M,
                             const int64_t *slot_start, const int32_t *slot, const int32_t *row,
                             const float *gate, float *pre, int64_t R, int C, int relu);
-    // dx (M,C) and dgate (R) are written (not accumulated); t->du, t->dv += this batch's part.
+    // dx (M,C) and dgate (R) are written (not accumulated). Each row of t->du, t->dv with
+    // records gets their sum: added to it (overwrite 0: a later micro-batch of a step) or in
+    // its place (overwrite 1: the step's first); overwrite 1 also zeroes the rows marked in
+    // t->dirty that have no record, so then every row without one reads zero. t->dirty is
+    // kept (rows with records become 1, zeroed rows 0). row_ss (rows) (backend memory, or
+    // NULL): per row with records, the sum of squares of its du row plus its dv row after
+    // the update (double, a fixed order); overwrite 1 writes 0 for every other row, so after
+    // a step's last micro-batch row_ss holds each row's part of the gradient norm.
     void (*experts_backward)(const mp_expert_tables *t, float *dx, float *dgate, const float *dy,
                              const float *x, int64_t M, const int64_t *slot_start,
                              const int32_t *slot, const int32_t *row, const float *gate,
-                             const float *pre, int64_t R, int C, int relu);
+                             const float *pre, int64_t R, int C, int relu, int overwrite,
+                             double *row_ss);
 
     // The exchange's pack and unpack (src/model/exchange.c), in backend memory:
     // dst (n, C) = src[idx[i]] rows (src (*, C), idx (n))
@@ -128,23 +156,26 @@ typedef struct mp_backend {
 
     // AdamW on one contiguous range: p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)
     // t is the 1-based step for bias correction; g is scaled by grad_scale first.
-    void (*adamw)(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
-                  float beta2, float eps, float wd, long t, float grad_scale);
+    // p_bf16 (n), if not NULL, receives the updated p rounded as to_bf16 rounds it, in the
+    // same pass (the bf16 copy of the expert tables: no second read of p); it must be NULL
+    // on a backend without to_bf16. p, m, v come out the same bits either way.
+    void (*adamw)(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
+                  float lr, float beta1, float beta2, float eps, float wd, long t,
+                  float grad_scale);
     // sum of squares of x (n), accumulated in double
     double (*sum_squares)(const float *x, size_t n);
+    // sum of x (n) in double, in an order that depends only on n (blocks of 16384 elements,
+    // the block sums added in block order)
+    double (*sum_f64)(const double *x, size_t n);
     // train.expert_optimizer = lazy_adamw (docs/model.md, "Lazy AdamW"): the three ops
     // below touch rows rows[i] (i < n_rows, distinct, local row indices) of (*, C) tables
     // and no other byte of them, so their cost is proportional to n_rows. Each row is
     // handled by one thread (group), no atomics. rows is backend memory.
-    // The adamw above, element for element, on those rows of p, g, m, v.
-    void (*adamw_rows)(float *p, const float *g, float *m, float *v, const int32_t *rows,
-                       int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
-                       float wd, long t, float grad_scale);
-    // sum of squares of those rows of x, in double: one partial per row, the partials
-    // added in list order
-    double (*sum_squares_rows)(const float *x, const int32_t *rows, int64_t n_rows, int C);
-    // those rows of x = 0
-    void (*zero_rows)(float *x, const int32_t *rows, int64_t n_rows, int C);
+    // The adamw above, element for element, on those rows of p, g, m, v (and of p_bf16,
+    // when given: then no other row of it is written either).
+    void (*adamw_rows)(float *p, const float *g, float *m, float *v, uint16_t *p_bf16,
+                       const int32_t *rows, int64_t n_rows, int C, float lr, float beta1,
+                       float beta2, float eps, float wd, long t, float grad_scale);
     // dst (n) = src rounded to bfloat16 (to nearest, ties to even), as raw bits; NULL when
     // the backend has no bf16 mode (the CPU)
     void (*to_bf16)(uint16_t *dst, const float *src, size_t n);

@@ -67,7 +67,7 @@ typedef struct {
     // [system]
     int threads;                   // system.threads: OpenMP threads, 0 = OpenMP default
     char backend[16];              // system.backend: cpu | cuda
-    char precision[8];             // system.precision: fp32 | bf16 (expert tables, cuda only)
+    char precision[8];             // system.precision: fp32 | bf16 (cuda only: tables, GEMMs)
     char transport[16];            // system.transport: auto | mpi | nccl | mpi_staged
 } mp_config;
 

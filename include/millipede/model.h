@@ -63,6 +63,18 @@ const mp_tensor *mp_model_find(const mp_model *m, const char *name);
 float *mp_model_params(mp_model *m, mp_group g);   // group buffer (backend memory)
 float *mp_model_grads(mp_model *m, mp_group g);
 size_t mp_model_group_size(const mp_model *m, mp_group g);  // floats
+// system.precision = bf16: the bf16 copy of expert tensor t that the expert kernels read
+// (backend memory, t->numel values in t's layout); NULL in fp32, on the CPU backend and
+// for a tensor outside the experts group. Taking mp_model_params(m, MP_GROUP_EXPERTS)
+// makes the copy stale, and the next forward then rewrites it whole; the optimizer, which
+// writes the copy of every master it changes in the same pass (adamw's p_bf16), marks it
+// fresh instead.
+uint16_t *mp_model_bf16(mp_model *m, const mp_tensor *t);
+// 1: the experts' bf16 copy holds their masters rounded (0 when there is no copy).
+int mp_model_bf16_fresh(const mp_model *m);
+// The caller has rewritten the copy of every master it changed since the copy was last
+// fresh; the next forward reads it as it is (nothing when there is no copy).
+void mp_model_bf16_set_fresh(mp_model *m);
 // The router state, one buffer (backend memory): for each retrieval layer in block order,
 // with query BN its running_mean (H*dk) then running_var (H*dk), then with
 // balance_rate > 0 its sub-key balance biases k1_bias (H, n) then k2_bias (H, n).
@@ -78,9 +90,17 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
                        int train);
 // Logits (B,T,V) of the last forward (backend memory).
 const float *mp_model_logits(const mp_model *m);
-// Zeroes every gradient. With train.expert_optimizer = lazy_adamw the expert gradients
-// are zeroed only in the rows touched since the last call (no other row was written).
+// Zeroes every gradient. The expert gradients (dU, dV) read zero from the next backward
+// on: that backward writes the rows it touches and zeroes the others that hold values,
+// so no pass over the whole tables is made. Write expert gradients only through the
+// backward (a row written from outside may not be zeroed).
 void mp_model_zero_grad(mp_model *m);
+// The per-row squares of the expert gradients of the retrieval layer in block (NULL and
+// *rows = 0 when block has none): (*rows) double, backend memory, row r = dU[r]^2 + dV[r]^2
+// summed, filled by every backward, valid after a step's last micro-batch (see
+// experts_backward in backend.h); a fatal error between mp_model_zero_grad and the next
+// backward, when it still holds the step before's.
+const double *mp_model_expert_row_ss(const mp_model *m, int block, int64_t *rows);
 // train.expert_optimizer = lazy_adamw: the local rows of expert tensor t (sorted, distinct,
 // backend memory, in *rows) that received at least one record (selection) in a backward
 // since the last mp_model_zero_grad; returns their count. -1 (rows NULL) for any other

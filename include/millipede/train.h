@@ -14,7 +14,8 @@ void mp_adamw_free(mp_adamw *opt, mp_model *m);
 // Learning rate of group g at 0-based step `step`.
 float mp_lr_at(const mp_config *c, mp_group g, long step);
 // Global L2 norm of all gradients (before clipping); for a sharded model the expert part
-// is summed over ranks.
+// is summed over ranks. The expert part comes from the backward's per-row squares, so a
+// backward must have run since the last mp_model_zero_grad (checked: a fatal error).
 float mp_grad_norm(mp_model *m);
 // One update at 0-based `step`: clips to train.grad_clip, applies AdamW per tensor.
 // Returns the gradient norm before clipping.

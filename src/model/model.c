@@ -22,7 +22,7 @@ typedef struct {   // what one block keeps for backward
     float *ln1, *ln1_mean, *ln1_rstd;   // (N, C), (N), (N)
     float *qkv;                   // (N, 3C)
     float *atty;                  // (N, C) attention output before the projection
-    float *att;                   // (B, NH, T, T)
+    float *att;                   // the backend's attention state (backend.h)
     float *res_mid;               // (N, C) residual after attention
     float *ln2, *ln2_mean, *ln2_rstd;   // (N, C), (N), (N)
     float *fch, *fch_gelu;        // (N, F) dense FFN only
@@ -71,6 +71,7 @@ struct mp_model {
     mp_comm *comm;                // NULL: a single process
     // system.precision = bf16: the experts group rounded to bf16, refreshed by the next
     // forward whenever the fp32 masters may have changed (anyone who took the params pointer)
+    // unless the optimizer wrote it along with them (mp_model_bf16_set_fresh)
     uint16_t *experts_bf16;       // (group_size[MP_GROUP_EXPERTS])
     int experts_bf16_stale;
 };
@@ -214,7 +215,8 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         a->ln1_rstd = act_alloc(m, N, sizeof(float));
         a->qkv = act_alloc(m, N * 3 * C, sizeof(float));
         a->atty = act_alloc(m, N * C, sizeof(float));
-        a->att = act_alloc(m, (size_t)B * cfg->n_heads * m->T * m->T, sizeof(float));
+        a->att = act_alloc(m, be->attention_state_floats(B, m->T, (int)C, cfg->n_heads),
+                           sizeof(float));
         a->res_mid = act_alloc(m, N * C, sizeof(float));
         a->ln2 = act_alloc(m, N * C, sizeof(float));
         a->ln2_mean = act_alloc(m, N, sizeof(float));
@@ -266,6 +268,8 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         r->sel_b = act_alloc(m, N * S, sizeof(int32_t));
         r->gate = act_alloc(m, N * S, sizeof(float));
         r->dgate = act_alloc(m, N * S, sizeof(float));
+        r->grad_dirty = act_alloc(m, r->rows > 0 ? (size_t)r->rows : 1, 1);   // zero: clean
+        r->row_ss = act_alloc(m, r->rows > 0 ? (size_t)r->rows : 1, sizeof(double));
         if (!strcmp(cfg->expert_optimizer, "lazy_adamw")) {
             size_t rows = r->rows > 0 ? (size_t)r->rows : 1;
             r->touched_mark = mp_calloc(rows, 1);
@@ -363,7 +367,8 @@ void mp_model_free(mp_model *m) {
         mp_retrieval_layer *r = m->ret[l];
         if (!r) continue;
         void *rb[] = {r->q, r->qn, r->dq, r->bn_mean, r->bn_rstd, r->sel, r->sel_a, r->sel_b,
-                      r->gate, r->dgate, r->key_counts, r->bn_sums, r->touched_dev};
+                      r->gate, r->dgate, r->key_counts, r->bn_sums, r->touched_dev,
+                      r->grad_dirty, r->row_ss};
         for (size_t i = 0; i < sizeof rb / sizeof rb[0]; i++) if (rb[i]) be->free(rb[i]);
         free(r->key_counts_i32);
         free(r->key_counts_host);
@@ -428,6 +433,12 @@ float *mp_model_params(mp_model *m, mp_group g) {
     if (g == MP_GROUP_EXPERTS) m->experts_bf16_stale = 1;   // the caller may write the masters
     return m->params[g];
 }
+uint16_t *mp_model_bf16(mp_model *m, const mp_tensor *t) {
+    if (!m->experts_bf16 || t->group != MP_GROUP_EXPERTS) return NULL;
+    return m->experts_bf16 + t->offset;
+}
+int mp_model_bf16_fresh(const mp_model *m) { return m->experts_bf16 && !m->experts_bf16_stale; }
+void mp_model_bf16_set_fresh(mp_model *m) { m->experts_bf16_stale = 0; }
 float *mp_model_grads(mp_model *m, mp_group g) { return m->grads[g]; }
 size_t mp_model_group_size(const mp_model *m, mp_group g) { return m->group_size[g]; }
 float *mp_model_router_state(mp_model *m) { return m->router_state; }
@@ -473,16 +484,16 @@ int64_t mp_model_touched_rows(mp_model *m, const mp_tensor *t, const int32_t **r
     mp_fatal("expert tensor %s belongs to no retrieval layer", t->name);
 }
 
-// Lazy AdamW: only the touched rows of dU, dV were written since the last zeroing (the
-// expert backward writes the rows of its records and nothing else), so zeroing those
-// restores all-zero gradients at a cost proportional to them. Then the list starts over.
-static void zero_touched_grads(mp_model *m) {
+// The expert gradients are not zeroed here: the step's first expert backward overwrites
+// the rows it touches and zeroes the other rows written before (retrieval.h, grad_dirty),
+// which costs the rows touched rather than a pass over the whole tables. Lazy AdamW's
+// touched list starts over.
+static void start_expert_grads(mp_model *m) {
     for (int l = 0; l < m->cfg.n_layers; l++) {
         mp_retrieval_layer *r = m->ret[l];
-        if (!r || !r->n_touched) continue;
-        touched_ready(m, r);
-        if (r->du) m->be->zero_rows(r->du, r->touched_dev, r->n_touched, r->C);
-        m->be->zero_rows(r->dv, r->touched_dev, r->n_touched, r->C);
+        if (!r) continue;
+        r->grad_overwrite = 1;
+        if (!r->touched_mark) continue;
         for (int64_t i = 0; i < r->n_touched; i++) r->touched_mark[r->touched_h[i]] = 0;
         r->n_touched = 0;
         r->touched_ready = 0;
@@ -491,13 +502,33 @@ static void zero_touched_grads(mp_model *m) {
 
 void mp_model_zero_grad(mp_model *m) {
     for (int g = 0; g < MP_N_GROUPS; g++) {
-        if (g == MP_GROUP_EXPERTS && m->lazy_experts) zero_touched_grads(m);
+        if (g == MP_GROUP_EXPERTS) start_expert_grads(m);
         else m->be->zero(m->grads[g], m->group_size[g] * sizeof(float));
     }
 }
 
+const double *mp_model_expert_row_ss(const mp_model *m, int block, int64_t *rows) {
+    mp_retrieval_layer *r = block >= 0 && block < m->cfg.n_layers ? m->ret[block] : NULL;
+    // after mp_model_zero_grad the rows and row_ss still hold the last step's values until
+    // the next backward overwrites them: reading them then would apply that step twice
+    if (r && r->grad_overwrite)
+        mp_fatal("internal: the expert gradients of block %d were read after "
+                 "mp_model_zero_grad and before a backward", block);
+    *rows = r ? r->rows : 0;
+    return r ? r->row_ss : NULL;
+}
+
+// system.precision reaches the backend's GEMMs here, at each entry that runs ops: the
+// backend holds one setting for the process, and models of either precision may take turns.
+static void use_precision(const mp_model *m) {
+    if (m->be->set_precision)
+        m->be->set_precision(strcmp(m->cfg.precision, "bf16") ? MP_PRECISION_FP32
+                                                               : MP_PRECISION_BF16);
+}
+
 void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train) {
     const mp_backend *be = m->be;
+    use_precision(m);
     if (m->ret[l]) {
         if (m->experts_bf16 && m->experts_bf16_stale) {   // one pass over the whole group
             be->to_bf16(m->experts_bf16, m->params[MP_GROUP_EXPERTS],
@@ -517,6 +548,7 @@ void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, i
 
 void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const float *x, int N) {
     const mp_backend *be = m->be;
+    use_precision(m);
     if (m->ret[l]) {
         mp_retrieval_backward(m->ret[l], be, dx, dy, x, N);
         return;
@@ -536,6 +568,7 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
                        int train) {
     const mp_config *c = &m->cfg;
     const mp_backend *be = m->be;
+    use_precision(m);
     if (B > m->B || T > m->T || B < 1 || T < 1)
         mp_fatal("forward on (%d, %d) tokens; the model was built for at most (%d, %d)", B, T, m->B, m->T);
     int N = B * T, C = c->d_model, NH = c->n_heads, V = c->vocab_size;
@@ -574,6 +607,7 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
 void mp_model_backward(mp_model *m, float loss_scale) {
     const mp_config *c = &m->cfg;
     const mp_backend *be = m->be;
+    use_precision(m);
     if (!m->has_targets) mp_fatal("backward without a forward on targets");
     int B = m->last_B, T = m->last_T, N = B * T;
     int C = c->d_model, NH = c->n_heads, V = c->vocab_size;
@@ -598,7 +632,7 @@ void mp_model_backward(mp_model *m, float loss_scale) {
         be->zero(m->datty, NC);
         be->matmul_backward(m->datty, g->projw, g->projb, m->dres, a->atty, p->projw, N, C, C);
         be->zero(m->dqkv, 3 * NC);
-        be->attention_backward(m->dqkv, m->datty, a->qkv, a->att, B, T, C, NH);
+        be->attention_backward(m->dqkv, m->datty, a->qkv, a->atty, a->att, B, T, C, NH);
         be->zero(m->dln, NC);
         be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, N, C, 3 * C);
         be->layernorm_backward(m->dres, g->ln1w, g->ln1b, m->dln, a->res_in, p->ln1w,

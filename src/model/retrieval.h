@@ -55,6 +55,14 @@ struct mp_retrieval_layer {
 
     double *usage;                    // (N) z_e accumulators when enabled, else NULL
 
+    // dU, dV are not zeroed by mp_model_zero_grad: it sets grad_overwrite, and the step's
+    // first expert backward writes the rows it touches and zeroes the other rows that
+    // grad_dirty marks (the backend's experts_backward)
+    uint8_t *grad_dirty;              // (rows) backend memory: 1 where dU, dV may be nonzero
+    int grad_overwrite;               // 1: the next expert backward is the step's first
+    double *row_ss;                   // (rows) backend memory or NULL: per row, dU^2 + dV^2
+                                      // (mp_model_expert_row_ss)
+
     // train.expert_optimizer = lazy_adamw (docs/model.md, "Lazy AdamW"), else all NULL:
     // the rows of this shard that received a record in a backward since the last
     // mp_model_zero_grad, each listed once; the optimizer and the sparse gradient zeroing

@@ -123,7 +123,12 @@ void mp_route_forward(mp_retrieval_layer *l, const mp_backend *be, const float *
     const mp_retrieval_config *rc = l->rc;
     int C = l->C, H = rc->heads, dk = rc->key_dim, HD = H * dk, n = rc->n_sub, k = rc->topk;
     if (N > l->maxN) mp_fatal("retrieval layer: %d rows exceed the %d it was built for", N, l->maxN);
-    be->matmul_forward(l->q, x, l->wq, NULL, N, C, HD);   // q (N, HD) = x (N, C) W_q^T
+    // q (N, HD) = x (N, C) W_q^T, in fp32 also in bf16 mode: with the sub-key scores (fp32
+    // too, retrieval_route.cu) it decides the top-k, which rounding of x and W_q to bf16
+    // (2^-8 each) would change for a few % of the rows. Its backward needs no such care.
+    int precision = be->set_precision ? be->set_precision(MP_PRECISION_FP32) : MP_PRECISION_FP32;
+    be->matmul_forward(l->q, x, l->wq, NULL, N, C, HD);
+    if (be->set_precision) be->set_precision(precision);
     const float *qn = l->q;                                // (N, HD) what the scores read
     if (rc->query_bn) {
         query_bn_forward(l, be, N, train);
@@ -158,6 +163,7 @@ static mp_expert_tables tables(const mp_retrieval_layer *l) {
         .u = peer ? l->u : NULL, .v = l->v,
         .u_bf16 = peer ? l->u_bf16 : NULL, .v_bf16 = l->v_bf16,
         .du = peer ? l->du : NULL, .dv = l->dv,
+        .dirty = l->grad_dirty,
         .rows = l->rows,
     };
     return t;
@@ -177,6 +183,8 @@ void mp_experts_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx,
                          const float *pre, int64_t R) {
     mp_expert_tables t = tables(l);
     int relu = l->rc->activation == MP_ACT_RELU;
+    // the step's first backward writes dU, dV; the later micro-batches add to them
     be->experts_backward(&t, dx, dgate, dy, x, M, slot_start, slot, row, gate, pre, R, l->C,
-                         relu);
+                         relu, l->grad_overwrite, l->row_ss);
+    l->grad_overwrite = 0;
 }

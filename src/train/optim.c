@@ -1,4 +1,5 @@
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 #include "core/log.h"
 #include "millipede/train.h"
@@ -34,28 +35,24 @@ float mp_lr_at(const mp_config *c, mp_group g, long step) {
     return (float)(floor_lr + (peak - floor_lr) * 0.5 * (1.0 + cos(M_PI * progress)));
 }
 
-// Lazy AdamW: the expert part of the squared norm over the touched rows only (the others'
-// gradients are zero), tensor by tensor in table order.
-static double touched_sum_squares(mp_model *m) {
+// The expert part of the squared norm from what the backward left per row (dU[r]^2 +
+// dV[r]^2, mp_model_expert_row_ss): 8 bytes per row, instead of reading dU and dV again
+// (4 bytes per parameter; lazy AdamW: per touched row). The layers in block order, each
+// layer's rows in the backend's fixed order.
+static double row_ss_sum(mp_model *m) {
     const mp_backend *be = mp_model_backend(m);
-    const float *grads = mp_model_grads(m, MP_GROUP_EXPERTS);
     double ss = 0.0;
-    for (int i = 0; i < mp_model_n_tensors(m); i++) {
-        const mp_tensor *t = mp_model_tensor(m, i);
-        const int32_t *rows;
-        if (t->group != MP_GROUP_EXPERTS) continue;
-        int64_t n = mp_model_touched_rows(m, t, &rows);
-        ss += be->sum_squares_rows(grads + t->offset, rows, n, (int)t->shape[1]);
+    for (int i = 0; i < mp_model_n_retrieval(m); i++) {
+        int64_t rows;
+        const double *row_ss = mp_model_expert_row_ss(m, mp_model_retrieval_block(m, i), &rows);
+        ss += be->sum_f64(row_ss, (size_t)rows);
     }
     return ss;
 }
 
 float mp_grad_norm(mp_model *m) {
     const mp_backend *be = mp_model_backend(m);
-    double experts = lazy_experts(mp_model_config(m))
-                         ? touched_sum_squares(m)
-                         : be->sum_squares(mp_model_grads(m, MP_GROUP_EXPERTS),
-                                           mp_model_group_size(m, MP_GROUP_EXPERTS));
+    double experts = row_ss_sum(m);
     mp_comm *comm = mp_model_comm(m);
     if (comm && comm->size > 1) comm->allreduce_f64(comm, &experts, 1);
     double ss = experts;
@@ -71,6 +68,11 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step) {
     float scale = 1.0f;
     if (c->grad_clip > 0.0f && norm > c->grad_clip) scale = c->grad_clip / norm;
     opt->t++;
+    // system.precision = bf16: the experts' bf16 copy is written in the same pass as their
+    // masters, so the next forward need not refresh it. Read before the params pointers
+    // (taking them marks the copy stale): lazy AdamW rewrites the touched rows only, which
+    // leaves the copy fresh only if it was fresh before.
+    int bf16_was_fresh = mp_model_bf16_fresh(m);
     for (int i = 0; i < mp_model_n_tensors(m); i++) {
         const mp_tensor *t = mp_model_tensor(m, i);
         mp_group g = t->group;
@@ -80,14 +82,17 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step) {
                                            : c->weight_decay;
         float *p = mp_model_params(m, g) + t->offset, *gr = mp_model_grads(m, g) + t->offset;
         float *mo = opt->m[g] + t->offset, *vo = opt->v[g] + t->offset;
+        uint16_t *pb = mp_model_bf16(m, t);   // (numel) or NULL: fp32, or not an expert table
         float lr = mp_lr_at(c, g, step);
         const int32_t *rows;
         int64_t n_rows = g == MP_GROUP_EXPERTS ? mp_model_touched_rows(m, t, &rows) : -1;
         if (n_rows >= 0)   // lazy AdamW: the touched rows only (docs/model.md, "Lazy AdamW")
-            be->adamw_rows(p, gr, mo, vo, rows, n_rows, (int)t->shape[1], lr, c->beta1,
+            be->adamw_rows(p, gr, mo, vo, pb, rows, n_rows, (int)t->shape[1], lr, c->beta1,
                            c->beta2, c->eps, wd, opt->t, scale);
         else
-            be->adamw(p, gr, mo, vo, t->numel, lr, c->beta1, c->beta2, c->eps, wd, opt->t, scale);
+            be->adamw(p, gr, mo, vo, pb, t->numel, lr, c->beta1, c->beta2, c->eps, wd, opt->t,
+                      scale);
     }
+    if (bf16_was_fresh || !lazy_experts(c)) mp_model_bf16_set_fresh(m);
     return norm;
 }

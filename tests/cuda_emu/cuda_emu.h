@@ -31,6 +31,21 @@
 struct uint3 {
     unsigned x, y, z;
 };
+// 16-byte vector types. A GPU faults on a 16-byte access that is not 16-byte aligned, where
+// x86 would quietly do it: kernels go through MP_CHECK_ALIGN16 (src/backend/cuda), which
+// here ends the process with the kernel, block and thread (mp_emu::misaligned).
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+namespace mp_emu {
+[[noreturn]] void misaligned(const void *p, unsigned align);
+}
+#define MP_CHECK_ALIGN16(p) \
+    (((uintptr_t)(const void *)(p) & 15u) ? mp_emu::misaligned((const void *)(p), 16) : (void)0)
 struct dim3 {
     unsigned x, y, z;
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}

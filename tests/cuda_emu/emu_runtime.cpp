@@ -39,6 +39,11 @@ size_t g_page;
 cudaError_t g_last_error = cudaSuccess;
 bool g_reverse;    // MP_EMU_ORDER=reverse: threads and blocks in reverse order
 bool g_protect;    // device memory inaccessible outside device work (MP_EMU_PROTECT, default 1)
+// MP_EMU_SPARSE=1: allocations of SPARSE_BYTES and more are not filled with 0xff but left
+// zero (fresh pages), and cudaMemset to 0 gives their whole pages back (MADV_DONTNEED), so
+// a table of tens of GiB commits only the pages that kernels and copies write
+bool g_sparse;
+const size_t SPARSE_BYTES = (size_t)1 << 30;
 int g_devices = 1;
 int g_device;      // what cudaSetDevice chose for this process (each rank is a process)
 bool g_ready;
@@ -86,6 +91,7 @@ struct Alloc {
     size_t map_len;
     char *data;         // what cudaMalloc returned
     size_t size;        // bytes asked for
+    bool sparse;        // MP_EMU_SPARSE and at least SPARSE_BYTES: zero, not 0xff
 };
 std::map<uintptr_t, Alloc> g_allocs;   // by data address
 size_t g_live_bytes;
@@ -216,6 +222,8 @@ void init() {
     g_reverse = order && strcmp(order, "reverse") == 0;
     const char *prot = getenv("MP_EMU_PROTECT");
     g_protect = !(prot && strcmp(prot, "0") == 0);
+    const char *sparse = getenv("MP_EMU_SPARSE");
+    g_sparse = sparse && strcmp(sparse, "1") == 0;
     const char *dev = getenv("MP_EMU_DEVICES");
     if (dev && *dev) g_devices = atoi(dev);
     static char altstack[1 << 16];
@@ -421,6 +429,11 @@ namespace mp_emu {
 
 void *dynamic_shared(void) { return g_dyn_shared; }
 
+void misaligned(const void *p, unsigned align) {
+    kernel_fault("a %u-byte access at %p, which is not %u-byte aligned (a GPU faults)", align,
+                 p, align);
+}
+
 void syncthreads(void) {
     Fiber *f = g_cur;
     if (++g_block_arrived == g_block_live) {
@@ -580,7 +593,10 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int dev) {
     p->sharedMemPerBlock = SHARED_DEFAULT;
     p->sharedMemPerBlockOptin = SHARED_OPTIN;
     p->maxThreadsPerBlock = MAX_THREADS;
-    p->multiProcessorCount = 132;
+    // an H100's or H200's 132, or MP_EMU_SMS: kernels that size their grid by the SM count
+    // (persistent grids) then give each block several rows, as on a GPU with bigger inputs
+    const char *sms = getenv("MP_EMU_SMS");
+    p->multiProcessorCount = sms && atoi(sms) > 0 ? atoi(sms) : 132;
     p->major = 9;
     p->minor = 0;
     p->warpSize = 32;
@@ -635,9 +651,10 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
     char *map = (char *)mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                              -1, 0);
     if (map == MAP_FAILED) return cudaErrorMemoryAllocation;
-    Alloc a = {map, len, map + (pages + 1) * g_page - rounded, bytes};
+    Alloc a = {map, len, map + (pages + 1) * g_page - rounded, bytes,
+               g_sparse && bytes >= SPARSE_BYTES};
     set_access(a, PROT_READ | PROT_WRITE);
-    memset(a.data, 0xff, rounded);   // NaN floats, -1 ints: what nobody wrote shows
+    if (!a.sparse) memset(a.data, 0xff, rounded);   // NaN floats, -1 ints: what nobody wrote shows
     if (g_device_depth == 0 && g_protect) set_access(a, PROT_NONE);
     g_allocs[(uintptr_t)a.data] = a;
     g_live_bytes += bytes;
@@ -668,6 +685,21 @@ cudaError_t cudaMemset(void *p, int value, size_t bytes) {
         return cudaErrorInvalidValue;
     }
     DeviceWork work;
+    const Alloc *a = find_alloc(p);
+    if (value == 0 && a->sparse) {   // the partial pages at the ends written, the rest dropped
+        char *lo = (char *)p, *hi = lo + bytes;
+        char *plo = (char *)(((uintptr_t)lo + g_page - 1) & ~(uintptr_t)(g_page - 1));
+        char *phi = (char *)((uintptr_t)hi & ~(uintptr_t)(g_page - 1));
+        if (plo < phi) {
+            memset(lo, 0, (size_t)(plo - lo));
+            if (madvise(plo, (size_t)(phi - plo), MADV_DONTNEED) != 0) {
+                perror("cuda-emu: madvise");
+                abort();
+            }
+            memset(phi, 0, (size_t)(hi - phi));
+            return cudaSuccess;
+        }
+    }
     memset(p, value, bytes);
     return cudaSuccess;
 }
@@ -749,33 +781,66 @@ cublasStatus_t cublasDestroy(cublasHandle_t h) {
 }
 cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t mode) {
     if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (mode != CUBLAS_DEFAULT_MATH) {   // TF32 and the rest: not emulated
+        report("cublasSetMathMode: math mode %d is not emulated (CUBLAS_DEFAULT_MATH only)",
+               (int)mode);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
     h->math = (int)mode;
     return CUBLAS_STATUS_SUCCESS;
 }
 
 namespace {
 
-// a column-major (rows, cols) operand with leading dimension ld: its last element
-bool gemm_operand(const char *name, const float *p, int rows, int cols, int ld, long long stride,
-                  int batch) {
+size_t type_size(cudaDataType t) {
+    return t == CUDA_R_64F ? 8 : t == CUDA_R_32F ? 4 : 2;
+}
+
+const char *type_name(cudaDataType t) {
+    switch (t) {
+    case CUDA_R_32F: return "CUDA_R_32F";
+    case CUDA_R_64F: return "CUDA_R_64F";
+    case CUDA_R_16F: return "CUDA_R_16F";
+    case CUDA_R_16BF: return "CUDA_R_16BF";
+    default: return "an unknown cudaDataType";
+    }
+}
+
+// a column-major (rows, cols) operand of esize-byte elements with leading dimension ld,
+// `batch` of them `stride` elements apart: inside one device allocation
+bool gemm_operand(const char *call, const char *name, const void *p, size_t esize, int rows,
+                  int cols, int ld, long long stride, int batch) {
     if (ld < std::max(1, rows)) {
-        report("cublasSgemm: ld%s = %d is less than its %d rows", name, ld, rows);
+        report("%s: ld%s = %d is less than its %d rows", call, name, ld, rows);
         return false;
     }
     size_t elems = (size_t)(cols - 1) * ld + rows + (size_t)(batch - 1) * stride;
     char why[200];
-    if (!device_range(p, elems * sizeof(float), why, sizeof why)) {
-        report("cublasSgemm: operand %s (%d x %d, ld %d, batch %d): %s", name, rows, cols, ld,
+    if (!device_range(p, elems * esize, why, sizeof why)) {
+        report("%s: operand %s (%d x %d, ld %d, batch %d): %s", call, name, rows, cols, ld,
                batch, why);
         return false;
     }
     return true;
 }
 
-cublasStatus_t sgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                     int k, const float *alpha, const float *A, int lda, long long sA,
-                     const float *B, int ldb, long long sB, const float *beta, float *C, int ldc,
-                     long long sC, int batch) {
+// a column-major (rows, cols) bf16 operand widened (exactly) to contiguous fp32 (leading
+// dimension rows)
+void widen_bf16(std::vector<float> &out, const uint16_t *p, int rows, int cols, int ld) {
+    out.resize((size_t)rows * cols);
+    for (int j = 0; j < cols; j++)
+        for (int r = 0; r < rows; r++) {
+            uint32_t u = (uint32_t)p[(size_t)j * ld + r] << 16;
+            memcpy(&out[(size_t)j * rows + r], &u, 4);
+        }
+}
+
+// C (fp32) = alpha op(A) op(B) + beta C for each of `batch` products, A and B of type ab
+// (CUDA_R_32F or CUDA_R_16BF)
+cublasStatus_t gemm(const char *call, cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb,
+                    int m, int n, int k, float alpha, const void *A, int lda, long long sA,
+                    const void *B, int ldb, long long sB, cudaDataType ab, float beta,
+                    float *C, int ldc, long long sC, int batch) {
     if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (m < 0 || n < 0 || k < 0 || batch < 0 || (ta != CUBLAS_OP_N && ta != CUBLAS_OP_T) ||
         (tb != CUBLAS_OP_N && tb != CUBLAS_OP_T))
@@ -783,24 +848,39 @@ cublasStatus_t sgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t t
     if (m == 0 || n == 0 || batch == 0) return CUBLAS_STATUS_SUCCESS;
     int ar = ta == CUBLAS_OP_N ? m : k, ac = ta == CUBLAS_OP_N ? k : m;
     int br = tb == CUBLAS_OP_N ? k : n, bc = tb == CUBLAS_OP_N ? n : k;
-    if ((k > 0 && (!gemm_operand("A", A, ar, ac, lda, sA, batch) ||
-                   !gemm_operand("B", B, br, bc, ldb, sB, batch))) ||
-        !gemm_operand("C", C, m, n, ldc, sC, batch))
+    size_t es = type_size(ab);
+    if ((k > 0 && (!gemm_operand(call, "A", A, es, ar, ac, lda, sA, batch) ||
+                   !gemm_operand(call, "B", B, es, br, bc, ldb, sB, batch))) ||
+        !gemm_operand(call, "C", C, 4, m, n, ldc, sC, batch))
         return CUBLAS_STATUS_INVALID_VALUE;
+    bool as_is = ab == CUDA_R_32F;   // fp32: OpenBLAS reads the operands in place
     DeviceWork work;
+    std::vector<float> wa, wb;
     for (int i = 0; i < batch; i++) {
         float *c = C + i * sC;
         if (k == 0) {   // C = beta C, and C is not read when beta is 0
             for (int j = 0; j < n; j++)
                 for (int r = 0; r < m; r++)
-                    c[(size_t)j * ldc + r] = *beta == 0.0f ? 0.0f : *beta * c[(size_t)j * ldc + r];
+                    c[(size_t)j * ldc + r] = beta == 0.0f ? 0.0f : beta * c[(size_t)j * ldc + r];
             continue;
         }
-        if (*beta == 0.0f)   // BLAS leaves C unread then; make sure NaN scratch cannot leak in
+        const char *a = (const char *)A + i * sA * (long long)es;
+        const char *b = (const char *)B + i * sB * (long long)es;
+        const float *pa = (const float *)a, *pb = (const float *)b;
+        int la = lda, lb = ldb;
+        if (!as_is) {
+            widen_bf16(wa, (const uint16_t *)a, ar, ac, lda);
+            widen_bf16(wb, (const uint16_t *)b, br, bc, ldb);
+            pa = wa.data();
+            pb = wb.data();
+            la = ar;
+            lb = br;
+        }
+        if (beta == 0.0f)   // BLAS leaves C unread then; make sure NaN scratch cannot leak in
             for (int j = 0; j < n; j++) memset(c + (size_t)j * ldc, 0, (size_t)m * sizeof(float));
         cblas_sgemm(CblasColMajor, ta == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
-                    tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, *alpha, A + i * sA,
-                    lda, B + i * sB, ldb, *beta, c, ldc);
+                    tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, alpha, pa, la, pb,
+                    lb, beta, c, ldc);
     }
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -810,16 +890,36 @@ cublasStatus_t sgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t t
 cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
                            int n, int k, const float *alpha, const float *A, int lda,
                            const float *B, int ldb, const float *beta, float *C, int ldc) {
-    return sgemm(h, ta, tb, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+    return gemm("cublasSgemm", h, ta, tb, m, n, k, *alpha, A, lda, 0, B, ldb, 0, CUDA_R_32F,
+                *beta, C, ldc, 0, 1);
 }
 
-cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t ta,
-                                         cublasOperation_t tb, int m, int n, int k,
-                                         const float *alpha, const float *A, int lda,
-                                         long long sA, const float *B, int ldb, long long sB,
-                                         const float *beta, float *C, int ldc, long long sC,
-                                         int batch) {
-    return sgemm(h, ta, tb, m, n, k, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch);
+// The types and compute type the backend uses are emulated (bf16 A and B with fp32 C and
+// CUBLAS_COMPUTE_32F); anything else is refused with the reason, as cuBLAS refuses
+// combinations it lacks.
+cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
+                            int n, int k, const void *alpha, const void *A, cudaDataType Atype,
+                            int lda, const void *B, cudaDataType Btype, int ldb,
+                            const void *beta, void *C, cudaDataType Ctype, int ldc,
+                            cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
+    const char *call = "cublasGemmEx";
+    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+    bool bf16 = Atype == CUDA_R_16BF && Btype == CUDA_R_16BF && Ctype == CUDA_R_32F;
+    bool plain = computeType == CUBLAS_COMPUTE_32F || computeType == CUBLAS_COMPUTE_32F_PEDANTIC;
+    if (!(bf16 && plain)) {
+        report("%s: A %s, B %s, C %s with compute type %d: not supported (by cuBLAS, or by "
+               "this emulator)", call, type_name(Atype), type_name(Btype), type_name(Ctype),
+               (int)computeType);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    if (algo != CUBLAS_GEMM_DEFAULT && algo != CUBLAS_GEMM_DEFAULT_TENSOR_OP) {
+        report("%s: algorithm %d is not emulated (CUBLAS_GEMM_DEFAULT only)", call, (int)algo);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    if (!alpha || !beta) return CUBLAS_STATUS_INVALID_VALUE;
+    // CUBLAS_COMPUTE_32F*: alpha and beta are floats, host memory (the default pointer mode)
+    return gemm(call, h, ta, tb, m, n, k, *(const float *)alpha, A, lda, 0, B, ldb, 0, Atype,
+                *(const float *)beta, (float *)C, ldc, 0, 1);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -221,24 +221,280 @@ static void test_matmul(void **state) {
     check_matmul(200, 3, 1, 1);
 }
 
-static void test_attention(void **state) {
+// ---------------------------------------------------------------------------------------
+// bf16 GEMMs (system.precision = bf16), elementwise against error bounds
+//
+// Unit roundoffs. An operand rounded to bf16 (8 significant bits) to nearest errs by at most
+// 2^-8 of itself. Sums: each fp32 addition errs by at most 2^-24 of the partial sum rounded
+// to nearest, 2^-23 if the tensor cores' adders truncate, and the reference's own sums add
+// 2^-24: 2^-22 covers both.
+#define U_BF16 0x1p-8
+#define U_SUM 0x1p-22
+
+// float bits (7 explicit mantissa bits, bf16; 10, TF32) of f rounded to nearest, ties to
+// even, from the definition (the low 16 or 13 bits decide; finite inputs only)
+static float round_bits(float f, int drop) {
+    uint32_t u, half = (1u << (drop - 1)) - 1u;
+    memcpy(&u, &f, 4);
+    u += half + ((u >> drop) & 1u);
+    u &= ~((1u << drop) - 1u);
+    memcpy(&f, &u, 4);
+    return f;
+}
+static float host_bf16(float f) { return round_bits(f, 16); }
+
+// Row-major C (M,N) = op(A) op(B) + C0 (C0 (M,N) or NULL) in double on the host, the
+// operands passed through round (NULL: as they are): ref (M,N), and S (M,N) the sum of the
+// absolute values of its terms, sum_k |a_ik b_kj| + |C0_ij|.
+static void gemm_ref(double *ref, double *S, int ta, int tb, int M, int N, int K, const float *A,
+                     int lda, const float *B, int ldb, const float *C0, float (*round)(float)) {
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double c = C0 ? C0[(size_t)i * N + j] : 0.0, s = fabs(c);
+            for (int k = 0; k < K; k++) {
+                float a = ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+                float b = tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+                if (round) { a = round(a); b = round(b); }
+                c += (double)a * b;
+                s += fabs((double)a * b);
+            }
+            ref[(size_t)i * N + j] = c;
+            S[(size_t)i * N + j] = s;
+        }
+}
+
+// |got[i] - want[i]| <= e S[i] + floor for each of n elements (host arrays), rows of `row`
+static void check_bound(const char *what, const float *got, const double *want, const double *S,
+                        size_t n, size_t row, double e, double floor) {
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs(got[i] - want[i]);
+        if (!(d <= e * S[i] + floor))
+            fail_msg("%s: [%zu][%zu] got %.9g, want %.9g: |error| %.3g > bound %.3g (%.3g x sum "
+                     "of |terms| %.3g + %.3g)", what, i / row, i % row, got[i], want[i], d,
+                     e * S[i] + floor, e, S[i], floor);
+    }
+}
+
+// got (device, `rows` rows of n with leading dimension ld) against want (rows, n)
+// elementwise: |got - want| <= (2u + u^2 + (K + 2) U_SUM) S. A product of two operands that
+// each err by at most u relative errs by at most (2u + u^2) |a b|; each of at most K + 2
+// additions (the K products, C0, a bias) errs by at most U_SUM of a partial sum, itself at
+// most S.
+static void expect_bound(const char *what, const float *dev, int rows, int n, int ld,
+                         const double *want, const double *S, int K, double u) {
+    float *h = host_copy(dev, ((size_t)(rows - 1) * ld + n) * sizeof(float));
+    float *got = malloc((size_t)rows * n * sizeof(float));
+    for (int r = 0; r < rows; r++) memcpy(got + (size_t)r * n, h + (size_t)r * ld, n * sizeof(float));
+    check_bound(what, got, want, S, (size_t)rows * n, n, 2 * u + u * u + (K + 2) * U_SUM, 0.0);
+    free(h);
+    free(got);
+}
+
+static double *to_double(const float *x, size_t n) {
+    double *d = malloc((n ? n : 1) * sizeof(double));
+    for (size_t i = 0; i < n; i++) d[i] = x[i];
+    return d;
+}
+
+// matmul in bf16 mode: out, dinp, dw (each a bf16 GEMM) against the CPU's fp32 op within the
+// operand rounding's bound, and against the exact GEMM of the bf16-rounded operands within
+// the sums' bound alone (which a wrong rounding, truncation say, or none at all, exceeds:
+// it moves the products by up to 2^-7 of themselves, the bound there is (K + 2) 2^-22);
+// dbias (an fp32 column sum in bf16 mode too) within the sums' bound.
+static void check_matmul_bf16(int N, int C, int OC, int with_bias) {
+    size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
+    float *x = frand(nx, -1, 1), *w = frand(nw, -1, 1), *bias = frand(OC, -1, 1);
+    float *dout = frand(no, -1, 1), *dx = frand(nx, -1, 1), *dw = frand(nw, -1, 1), *db = frand(OC, -1, 1);
+    float *out = frand(no, 0, 0), *dx0 = malloc(nx * 4), *dw0 = malloc(nw * 4), *db0 = malloc(OC * 4);
+    memcpy(dx0, dx, nx * 4);   // the gradients' values before the += of backward
+    memcpy(dw0, dw, nw * 4);
+    memcpy(db0, db, OC * 4);
+    float *d_x = dev_copy(x, nx * 4), *d_w = dev_copy(w, nw * 4), *d_bias = dev_copy(bias, OC * 4);
+    float *d_dout = dev_copy(dout, no * 4), *d_dx = dev_copy(dx, nx * 4), *d_dw = dev_copy(dw, nw * 4);
+    float *d_db = dev_copy(db, OC * 4), *d_out = gpu->alloc(no * 4);
+    assert_int_equal(gpu->set_precision(MP_PRECISION_BF16), MP_PRECISION_FP32);
+    gpu->matmul_forward(d_out, d_x, d_w, with_bias ? d_bias : NULL, N, C, OC);
+    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, d_x, d_w, N, C, OC);
+    assert_int_equal(gpu->set_precision(MP_PRECISION_FP32), MP_PRECISION_BF16);
+    cpu->matmul_forward(out, x, w, with_bias ? bias : NULL, N, C, OC);
+    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, x, w, N, C, OC);
+    size_t big = no > nx ? (no > nw ? no : nw) : (nx > nw ? nx : nw);
+    double *ref = malloc(big * sizeof(double)), *S = malloc(big * sizeof(double));
+    double *want = malloc(big * sizeof(double));
+    char what[96];
+    for (int exact = 0; exact < 2; exact++) {   // 0: the CPU op, 1: the rounded operands' GEMM
+        float (*rnd)(float) = exact ? host_bf16 : NULL;
+        double u = exact ? 0.0 : U_BF16;
+        const char *vs = exact ? "vs the bf16 operands' GEMM" : "vs the CPU";
+        gemm_ref(ref, S, 0, 1, N, OC, C, x, C, w, C, NULL, rnd);   // out = x w^T (+ bias)
+        for (size_t i = 0; i < no; i++) {
+            double b = with_bias ? bias[i % OC] : 0.0;
+            want[i] = exact ? ref[i] + b : out[i];
+            S[i] += fabs(b);
+        }
+        snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) out %s", N, C, OC, vs);
+        expect_bound(what, d_out, N, OC, OC, want, S, C, u);
+        gemm_ref(ref, S, 0, 0, N, C, OC, dout, OC, w, C, dx0, rnd);   // dx0 + dout w
+        for (size_t i = 0; i < nx; i++) want[i] = exact ? ref[i] : dx[i];
+        snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) dinp %s", N, C, OC, vs);
+        expect_bound(what, d_dx, N, C, C, want, S, OC, u);
+        gemm_ref(ref, S, 1, 0, OC, C, N, dout, OC, x, C, dw0, rnd);   // dw0 + dout^T x
+        for (size_t i = 0; i < nw; i++) want[i] = exact ? ref[i] : dw[i];
+        snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) dw %s", N, C, OC, vs);
+        expect_bound(what, d_dw, OC, C, C, want, S, N, u);
+    }
+    if (with_bias) {   // db0 + column sums of dout, fp32: the sums' bound
+        float *ones = malloc(N * sizeof(float));
+        for (int i = 0; i < N; i++) ones[i] = 1.0f;
+        gemm_ref(ref, S, 1, 0, OC, 1, N, dout, OC, ones, 1, db0, NULL);
+        double *dbw = to_double(db, OC);
+        snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) dbias", N, C, OC);
+        expect_bound(what, d_db, 1, OC, OC, dbw, S, N, 0.0);
+        free(ones); free(dbw);
+    }
+    void *dev[] = {d_x, d_w, d_bias, d_dout, d_dx, d_dw, d_db, d_out};
+    for (size_t i = 0; i < 8; i++) gpu->free(dev[i]);
+    void *host[] = {x, w, bias, dout, dx, dw, db, out, dx0, dw0, db0, ref, S, want};
+    for (size_t i = 0; i < 14; i++) free(host[i]);
+}
+
+static void test_matmul_bf16(void **state) {
     (void)state;
-    int B = 2, T = 13, C = 24, NH = 3;
-    size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, na = (size_t)B * NH * T * T;
+    check_matmul_bf16(33, 45, 29, 1);
+    check_matmul_bf16(7, 64, 130, 0);
+    check_matmul_bf16(200, 3, 1, 1);
+}
+
+#ifdef MP_HAVE_CUDA
+// One GEMM of each arithmetic through the backend's wrappers, both transposes and leading
+// dimensions beyond the row (the bf16 rounding kernel's strided path): fp32 within the sums'
+// bound, bf16 within the operand rounding's and within the sums' bound of the exact GEMM of
+// the rounded operands.
+static void check_gemm(int ta, int tb, int M, int N, int K) {
+    int ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+    int lda = ac + 3, ldb = bc + 1, ldc = N + 2;
+    float *A = frand((size_t)ar * lda, -1, 1), *B = frand((size_t)br * ldb, -1, 1);
+    float *C0 = frand((size_t)M * N, -1, 1), *Cpad = frand((size_t)M * ldc, -1, 1);
+    for (int i = 0; i < M; i++) memcpy(Cpad + (size_t)i * ldc, C0 + (size_t)i * N, N * sizeof(float));
+    float *d_A = dev_copy(A, (size_t)ar * lda * 4), *d_B = dev_copy(B, (size_t)br * ldb * 4);
+    double *ref = malloc((size_t)M * N * sizeof(double)), *S = malloc((size_t)M * N * sizeof(double));
+    const char *names[2] = {"fp32", "bf16"};
+    const double us[2] = {0.0, U_BF16};
+    char what[96];
+    for (int math = MP_CUDA_GEMM_TEST_FP32; math <= MP_CUDA_GEMM_TEST_BF16; math++)
+        for (int exact = 0; exact < (math == MP_CUDA_GEMM_TEST_BF16 ? 2 : 1); exact++) {
+            float *d_C = dev_copy(Cpad, (size_t)M * ldc * 4);
+            // C = 1 op(A) op(B) + 1 C0: beta reads C (alpha, beta 1: exact scalings)
+            mp_cuda_gemm_test(math, ta, tb, M, N, K, 1.0f, d_A, lda, d_B, ldb, 1.0f, d_C, ldc);
+            gemm_ref(ref, S, ta, tb, M, N, K, A, lda, B, ldb, C0, exact ? host_bf16 : NULL);
+            snprintf(what, sizeof what, "%s gemm ta %d tb %d (%d, %d, %d)%s", names[math], ta, tb,
+                     M, N, K, exact ? " vs the bf16 operands' GEMM" : "");
+            expect_bound(what, d_C, M, N, ldc, ref, S, K, exact ? 0.0 : us[math]);
+            gpu->free(d_C);
+        }
+    gpu->free(d_A); gpu->free(d_B);
+    free(A); free(B); free(C0); free(Cpad); free(ref); free(S);
+}
+
+#endif
+
+static void test_gemm_precision(void **state) {
+    (void)state;
+#ifdef MP_HAVE_CUDA
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) check_gemm(ta, tb, 19, 23, 70);
+    check_gemm(0, 1, 5, 3, 1);
+#endif
+}
+
+// Attention against the CPU at one shape; head size hs = C / NH.
+//
+// Tolerance, from the arithmetic (u = 2^-24). Both backends are fp32; they differ in
+// summation order, FMA contraction and how the softmax is formed: the CPU normalises each
+// score row with its maximum over all keys, the CUDA kernels use an online softmax over key
+// tiles of 32 (the running sum and output rescaled by exp(m_old - m_new) up to T/32 times)
+// and the backward recomputes P = exp(S - L) from the log-sum-exp L rather than reading it.
+// Per element each result is within K u of the exact one relative to the sum of the
+// absolute values of its terms (recursive summation, Higham), K the roundings on the
+// longest chain:
+// - a score is a dot product of hs terms, |q|, |k| <= 1 here, times 1/sqrt(hs): its
+//   absolute error is <= hs u * hs / sqrt(hs) = hs^1.5 u, which is also the relative
+//   error it gives p = exp(s - L) (and the same holds for dP = dO . v and D = dO . out,
+//   relative to their sums of |terms| <= hs);
+// - then sums over <= T keys or queries, <= T / 32 rescalings and a few ulps for exp, log
+//   and the division (16 below).
+// Every term here is O(1) (inputs in [-1, 1]) and the outputs are averages or sums of them
+// that cancel at most to the inputs' scale over sqrt(T) or so: so the relative error of
+// the whole tensor is bounded by 2 (two backends) * (hs^1.5 + 2 T + T / 32 + 16) u times a
+// factor for that cancellation, 4 below (so tol = 8 (...) u: 3.3e-4 at T = 150, hs = 64; a
+// wrong mask, a skipped key tile, a lost rescaling or a missed += give errors of 1e-2..1).
+// It is never below TOL, the file's general tolerance.
+//
+// The state is not compared: the CPU's is the (B,NH,T,T) probabilities, the CUDA one the
+// (B,NH,T) log-sum-exp of each score row, each sized by its own attention_state_floats.
+static void check_attention(int B, int T, int NH, int hs) {
+    int C = NH * hs;
+    size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
+    size_t na = cpu->attention_state_floats(B, T, C, NH);
+    size_t ng = gpu->attention_state_floats(B, T, C, NH);
+    assert_true(na == (size_t)B * NH * T * T);
+    assert_true(ng == (size_t)B * NH * T);
+    double tol = 8.0 * (pow(hs, 1.5) + 2.0 * T + T / 32.0 + 16.0) * 0x1p-24;
+    g_tol = tol > TOL ? tol : TOL;
+    double worst = 0.0;
+    g_track = &worst;
+    char what[96];
     float *qkv = frand(nq, -1, 1), *out = frand(no, 0, 0), *att = frand(na, 0, 0);
     cpu->attention_forward(out, att, qkv, B, T, C, NH);
-    float *d_qkv = dev_copy(qkv, nq * 4), *d_out = gpu->alloc(no * 4), *d_att = gpu->alloc(na * 4);
+    float *d_qkv = dev_copy(qkv, nq * 4), *d_out = gpu->alloc(no * 4), *d_att = gpu->alloc(ng * 4);
     gpu->attention_forward(d_out, d_att, d_qkv, B, T, C, NH);
-    expect_dev("attention out", d_out, out, no);
-    expect_dev("attention att", d_att, att, na);
-    float *dout = frand(no, -1, 1), *dqkv = frand(nq, -1, 1);
+    snprintf(what, sizeof what, "attention B %d T %d NH %d hs %d: out", B, T, NH, hs);
+    expect_dev(what, d_out, out, no);
+    // gradients start from small random values (accumulation), small so that they do not
+    // hide the gradient's own error in the norm
+    float *dout = frand(no, -1, 1), *dqkv = frand(nq, -0.01f, 0.01f);
     float *d_dout = dev_copy(dout, no * 4), *d_dqkv = dev_copy(dqkv, nq * 4);
-    cpu->attention_backward(dqkv, dout, qkv, att, B, T, C, NH);
-    gpu->attention_backward(d_dqkv, d_dout, d_qkv, d_att, B, T, C, NH);
-    expect_dev("attention dqkv", d_dqkv, dqkv, nq);
+    cpu->attention_backward(dqkv, dout, qkv, out, att, B, T, C, NH);
+    gpu->attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
+    // dq, dk and dv compared one by one: their scales differ
+    float *got = host_copy(d_dqkv, nq * 4), *g = malloc(no * 4), *w = malloc(no * 4);
+    const char *part[3] = {"dq", "dk", "dv"};
+    for (int p = 0; p < 3; p++) {
+        for (size_t r = 0; r < (size_t)B * T; r++) {
+            memcpy(g + r * C, got + r * 3 * C + p * C, (size_t)C * 4);
+            memcpy(w + r * C, dqkv + r * 3 * C + p * C, (size_t)C * 4);
+        }
+        snprintf(what, sizeof what, "attention B %d T %d NH %d hs %d: %s", B, T, NH, hs, part[p]);
+        expect_close(what, g, w, no, g_tol);
+    }
+    g_track = &g_worst;
+    if (worst > g_worst) g_worst = worst;
+    printf("attention B %d T %d NH %d hs %d: largest relative error %.2g (tolerance %.2g)\n", B,
+           T, NH, hs, worst, g_tol);
     void *dev[] = {d_qkv, d_out, d_att, d_dout, d_dqkv};
     for (size_t i = 0; i < 5; i++) gpu->free(dev[i]);
-    free(qkv); free(out); free(att); free(dout); free(dqkv);
+    free(qkv); free(out); free(att); free(dout); free(dqkv); free(got); free(g); free(w);
+}
+
+// shapes: T below one tile, T = 150 over three 64-row tiles (the last partial) and five
+// 32-key tiles; hs 64 (GPT-2), a small odd hs, hs 128 (the largest) and one between the
+// kernels' instantiations (37 runs the 64-wide one)
+static void test_attention(void **state) {
+    (void)state;
+    check_attention(2, 13, 3, 8);
+    check_attention(2, 5, 3, 64);
+    check_attention(2, 150, 3, 64);
+    check_attention(2, 150, 3, 5);
+    check_attention(1, 70, 1, 128);
+    check_attention(1, 33, 2, 37);
+}
+
+// emu_large: GPT-2's context and head size (16 query tiles, 32 key tiles per head), and a
+// head size the 128-wide kernels pad (96)
+static void test_attention_large(void **state) {
+    (void)state;
+    check_attention(1, 1024, 2, 64);
+    check_attention(2, 200, 2, 96);
 }
 
 static void test_elementwise(void **state) {
@@ -284,21 +540,53 @@ static void test_crossentropy(void **state) {
     free(logits); free(probs); free(losses); free(dl);
 }
 
+// The fused op (adamw with a bf16 destination) against the separate ops on the same
+// backend, bit for bit: p, m, v as adamw without one, and the copy as to_bf16 of that p.
+// d_pb must hold p rounded where a row was updated (mask NULL: everywhere) and its old
+// bits (pb0) elsewhere.
+static void expect_fused(const char *what, const float *d_p, const float *d_m, const float *d_v,
+                         const float *d_p2, const float *d_m2, const float *d_v2,
+                         const uint16_t *d_pb, const uint16_t *pb0, const int *mask, int C,
+                         size_t n) {
+    const float *d1[3] = {d_p, d_m, d_v}, *d2[3] = {d_p2, d_m2, d_v2};
+    const char *name[3] = {"p", "m", "v"};
+    for (int k = 0; k < 3; k++) {
+        float *a = host_copy(d1[k], n * 4), *b = host_copy(d2[k], n * 4);
+        if (memcmp(a, b, n * 4)) fail_msg("%s: %s differs from the op without bf16", what, name[k]);
+        free(a); free(b);
+    }
+    uint16_t *d_want = gpu->alloc(n * 2);
+    gpu->to_bf16(d_want, d_p, n);
+    uint16_t *want = host_copy(d_want, n * 2), *got = host_copy(d_pb, n * 2);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t w = !mask || mask[i / C] ? want[i] : pb0[i];
+        if (got[i] != w) fail_msg("%s: bf16 copy [%zu] 0x%04x, want 0x%04x", what, i, got[i], w);
+    }
+    gpu->free(d_want);
+    free(want); free(got);
+}
+
 static void test_optim(void **state) {
     (void)state;
     size_t n = 5000;
     float *p = frand(n, -1, 1), *m = frand(n, 0, 0), *v = frand(n, 0, 0);
     float *d_p = dev_copy(p, n * 4), *d_m = gpu->alloc(n * 4), *d_v = gpu->alloc(n * 4);
+    // the fused op's copy of the state, and its bf16 destination
+    float *d_p2 = dev_copy(p, n * 4), *d_m2 = gpu->alloc(n * 4), *d_v2 = gpu->alloc(n * 4);
+    uint16_t *d_pb = gpu->alloc(n * 2);
     for (long t = 1; t <= 3; t++) {
         float *g = frand(n, -1, 1), *d_g = dev_copy(g, n * 4);
-        cpu->adamw(p, g, m, v, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
-        gpu->adamw(d_p, d_g, d_m, d_v, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        cpu->adamw(p, g, m, v, NULL, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        gpu->adamw(d_p, d_g, d_m, d_v, NULL, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        gpu->adamw(d_p2, d_g, d_m2, d_v2, d_pb, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
         gpu->free(d_g);
         free(g);
     }
     expect_dev("adamw p", d_p, p, n);
     expect_dev("adamw m", d_m, m, n);
     expect_dev("adamw v", d_v, v, n);
+    expect_fused("adamw with bf16", d_p, d_m, d_v, d_p2, d_m2, d_v2, d_pb, NULL, NULL, 1, n);
+    gpu->free(d_p2); gpu->free(d_m2); gpu->free(d_v2); gpu->free(d_pb);
     size_t big = 70001;   // several partial-sum blocks and a tail
     float *x = frand(big, -3, 3), *d_x = dev_copy(x, big * 4);
     double want = cpu->sum_squares(x, big), got = gpu->sum_squares(d_x, big);
@@ -308,8 +596,18 @@ static void test_optim(void **state) {
     // the two differ by <= 4.6e-13 of the sum; a float accumulation or a lost block is >= 6e-8.
     if (fabs(got - want) > 1e-12 * want) fail_msg("sum_squares %.17g, CPU %.17g", got, want);
     assert_true(gpu->sum_squares(d_x, 0) == 0.0);
-    gpu->free(d_p); gpu->free(d_m); gpu->free(d_v); gpu->free(d_x);
-    free(p); free(m); free(v); free(x);
+    // sum_f64 over nonnegative doubles (per-row sums of squares): the same bound, CPU
+    // <= 16384 + 5 terms per value (a block in order, the blocks), GPU <= 64 + 5 + 8 + 5:
+    // <= 2e-12 of the sum apart; a float accumulation or a lost block is >= 6e-8
+    double *xd = malloc(big * sizeof(double));
+    for (size_t i = 0; i < big; i++) xd[i] = (double)x[i] * x[i] + (double)x[(i * 7) % big] * 0x1p-30;
+    double *d_xd = dev_copy(xd, big * sizeof(double));
+    want = cpu->sum_f64(xd, big);
+    got = gpu->sum_f64(d_xd, big);
+    if (fabs(got - want) > 1e-11 * want) fail_msg("sum_f64 %.17g, CPU %.17g", got, want);
+    assert_true(gpu->sum_f64(d_xd, 0) == 0.0);
+    gpu->free(d_p); gpu->free(d_m); gpu->free(d_v); gpu->free(d_x); gpu->free(d_xd);
+    free(p); free(m); free(v); free(x); free(xd);
 }
 
 static float *fdup(const float *x, size_t n) {
@@ -318,7 +616,7 @@ static float *fdup(const float *x, size_t n) {
     return y;
 }
 
-// Lazy AdamW's row ops (adamw_rows, sum_squares_rows, zero_rows) against the CPU's: 40 of
+// Lazy AdamW's row op (adamw_rows) against the CPU's: 40 of
 // 97 rows of width C = 300 (more than a block's 256 threads) listed, out of order. The
 // unlisted rows must come back bit for bit (not written), the listed ones within TOL.
 static void test_optim_rows(void **state) {
@@ -330,40 +628,39 @@ static void test_optim_rows(void **state) {
     float *p = frand(n, -1, 1), *m = frand(n, -0.1f, 0.1f), *v = frand(n, 0, 0.01f);
     float *p0 = fdup(p, n), *m0 = fdup(m, n), *v0 = fdup(v, n);
     float *d_p = dev_copy(p, n * 4), *d_m = dev_copy(m, n * 4), *d_v = dev_copy(v, n * 4);
+    // the fused op's copy of the state; its bf16 destination starts as a marker that the
+    // unlisted rows must keep
+    float *d_p2 = dev_copy(p, n * 4), *d_m2 = dev_copy(m, n * 4), *d_v2 = dev_copy(v, n * 4);
+    uint16_t *pb0 = malloc(n * 2);
+    for (size_t i = 0; i < n; i++) pb0[i] = (uint16_t)(0xa5c3u ^ i);
+    uint16_t *d_pb = dev_copy(pb0, n * 2);
     int32_t *d_rows = dev_copy(rows, sizeof rows);
     for (long t = 1; t <= 3; t++) {
         float *g = frand(n, -1, 1), *d_g = dev_copy(g, n * 4);
-        cpu->adamw_rows(p, g, m, v, rows, nr, C, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
-        gpu->adamw_rows(d_p, d_g, d_m, d_v, d_rows, nr, C, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        cpu->adamw_rows(p, g, m, v, NULL, rows, nr, C, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        gpu->adamw_rows(d_p, d_g, d_m, d_v, NULL, d_rows, nr, C, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f,
+                        t, 0.5f);
+        gpu->adamw_rows(d_p2, d_g, d_m2, d_v2, d_pb, d_rows, nr, C, 1e-2f, 0.9f, 0.95f, 1e-8f,
+                        0.1f, t, 0.5f);
         gpu->free(d_g);
         free(g);
     }
     expect_dev("adamw_rows p", d_p, p, n);
     expect_dev("adamw_rows m", d_m, m, n);
     expect_dev("adamw_rows v", d_v, v, n);
-    // the CPU left unlisted rows alone, and the GPU's unlisted rows are the CPU's bits
-    float *hp = host_copy(d_p, n * 4);
     int listed[97] = {0};
     for (int i = 0; i < nr; i++) listed[rows[i]] = 1;
+    expect_fused("adamw_rows with bf16", d_p, d_m, d_v, d_p2, d_m2, d_v2, d_pb, pb0, listed, C, n);
+    gpu->free(d_p2); gpu->free(d_m2); gpu->free(d_v2); gpu->free(d_pb);
+    free(pb0);
+    // the CPU left unlisted rows alone, and the GPU's unlisted rows are the CPU's bits
+    float *hp = host_copy(d_p, n * 4);
     for (int r = 0; r < R; r++) {
         size_t o = (size_t)r * C;
         int same = !memcmp(p + o, p0 + o, C * 4) && !memcmp(m + o, m0 + o, C * 4) &&
                    !memcmp(v + o, v0 + o, C * 4) && !memcmp(hp + o, p0 + o, C * 4);
         if (listed[r] == same) fail_msg("adamw_rows: row %d %s", r, listed[r] ? "not updated" : "written");
     }
-    // sums of squares, of the same values (the CPU's p: the updates above agree only to
-    // rounding, e.g. where nvcc contracts to FMA): both exact double squares of C = 300
-    // floats per row, then 40 row partials in list order; each side errs by <= (300 + 40)
-    // 2^-53 of the sum, the two by <= 1e-13; a float accumulation or a missed row is >= 6e-8
-    gpu->from_host(d_p, p, n * 4);
-    double want = cpu->sum_squares_rows(p, rows, nr, C), got = gpu->sum_squares_rows(d_p, d_rows, nr, C);
-    if (fabs(got - want) > 1e-12 * want) fail_msg("sum_squares_rows %.17g, CPU %.17g", got, want);
-    assert_true(gpu->sum_squares_rows(d_p, d_rows, 0, C) == 0.0);
-    cpu->zero_rows(p, rows, nr, C);
-    gpu->zero_rows(d_p, d_rows, nr, C);
-    free(hp);
-    hp = host_copy(d_p, n * 4);
-    if (memcmp(hp, p, n * 4)) fail_msg("zero_rows differs from the CPU's");
     gpu->free(d_p); gpu->free(d_m); gpu->free(d_v); gpu->free(d_rows);
     free(p); free(m); free(v); free(p0); free(m0); free(v0); free(hp);
 }
@@ -389,18 +686,20 @@ static void brute_topk(const float *s1, const float *s2, int n, int k, long *bes
 }
 
 // grid = 1: values on a 2^-20 grid in [1, 1 + 8*2^-20): exact ties and near-ties whose sums
-// are exact in float; grid = 0: uniform random floats
+// are exact in float; grid = 0: uniform random floats; grid = 2: uniform, with the columns of
+// lane 0 (i % 32 == 0) raised by 1, so that the pruned top-k keeps about n / 32 entries
+// instead of about k (its worst case)
 static void check_topk(long rows, int n, int k, int grid) {
     size_t ns = (size_t)rows * n, nk = (size_t)rows * k;
     float *s1 = malloc(ns * 4), *s2 = malloc(ns * 4);
     uint64_t st = g_stream++;
     for (size_t i = 0; i < ns; i++) {
-        if (grid) {
+        if (grid == 1) {
             s1[i] = 1.0f + (float)(mp_hash3(9, st, i) % 8) * 0x1p-20f;
             s2[i] = 1.0f + (float)(mp_hash3(9, st + 1000, i) % 8) * 0x1p-20f;
         } else {
-            s1[i] = mp_uniform(9, st, i);
-            s2[i] = mp_uniform(9, st + 1000, i);
+            s1[i] = mp_uniform(9, st, i) + (grid == 2 && i % n % 32 == 0);
+            s2[i] = mp_uniform(9, st + 1000, i) + (grid == 2 && i % n % 32 == 0);
         }
     }
     float *d_s1 = dev_copy(s1, ns * 4), *d_s2 = dev_copy(s2, ns * 4);
@@ -415,7 +714,7 @@ static void check_topk(long rows, int n, int k, int grid) {
     for (long r = 0; r < rows; r++) {
         const float *r1 = s1 + r * n, *r2 = s2 + r * n;
         const int32_t *got = sel + r * k;
-        if (grid) brute_topk(r1, r2, n, k, best);
+        if (grid == 1) brute_topk(r1, r2, n, k, best);
         else mp_product_topk(r1, r2, n, k, vals, best, ca, cb);
         double mx = r1[best[0] / n] + r2[best[0] % n], z = 0.0;
         for (int j = 0; j < k; j++) z += exp((double)(r1[best[j] / n] + r2[best[j] % n]) - mx);
@@ -509,6 +808,9 @@ static void test_topk(void **state) {
     check_topk(64, 512, 32, 0);
     check_topk(64, 1024, 32, 0);
     check_topk(400, 1100, 32, 0); // enough rows that the last column is among the picks
+    // the pruned rounds (NPL >= 2) when one lane holds the best entries: n / 32 survivors
+    check_topk(8, 1024, 16, 2);
+    check_topk(8, 300, 4, 2);
     // balance biases per head: registers (NPL 1, 4) and the n > 1024 fallback
     check_topk_bias(30, 32, 8, 3);
     check_topk_bias(64, 100, 8, 4);
@@ -521,6 +823,9 @@ static void test_topk(void **state) {
         float *s = malloc(2 * ns * 4), *inf = malloc(2 * ns * 4);   // (2, rows, n)
         for (size_t i = 0; i < 2 * ns; i++) {
             s[i] = mp_hash3(11, n, i) % 3 ? 1.0f + (float)(mp_hash3(10, n, i) % 8) * 0x1p-20f : NAN;
+            // n = 100, row 1: numbers only in lanes 0-3 (16 per half, fewer lanes than k)
+            if (n == 100 && i % ns / n == 1)
+                s[i] = i % n % 32 < 4 ? 1.0f + (float)(mp_hash3(10, n, i) % 8) * 0x1p-20f : NAN;
             inf[i] = isnan(s[i]) ? -INFINITY : s[i];
         }
         float *d_s = dev_copy(s, 2 * ns * 4), *d_gate = gpu->alloc(nk * 4);
@@ -612,7 +917,7 @@ static void small_config(mp_config *c, mp_ffn_kind kind, int query_bn, mp_activa
     c->context = 8;
     c->d_model = C;
     c->n_layers = 2;
-    c->n_heads = 2;
+    c->n_heads = C > 256 ? 4 : 2;   // head size <= 128: the CUDA attention refuses more
     c->dense_hidden = 2 * C;
     c->batch_size = 4;
     c->ffn[0] = MP_FFN_DENSE;
@@ -632,6 +937,10 @@ static void small_config(mp_config *c, mp_ffn_kind kind, int query_bn, mp_activa
 }
 
 // Sets every gradient (and the given extra tensors) to the same random values on both models.
+// Both models' gradients set to the same random values, so that the backward's += is
+// checked. For the expert tables this writes rows from outside the backward, which training
+// must not do (model.h, mp_model_zero_grad: such a row may not be zeroed later); it is
+// sound here because a new model's backward accumulates and no mp_model_zero_grad follows.
 static void same_random_grads(mp_model *a, mp_model *b) {
     for (int g = 0; g < MP_N_GROUPS; g++) {
         size_t n = mp_model_group_size(a, g);
@@ -643,9 +952,11 @@ static void same_random_grads(mp_model *a, mp_model *b) {
 }
 
 // Every gradient tensor of the GPU model against the CPU model's.
-static void expect_grads(mp_model *mg, mp_model *mc, const char *ctx) {
+// (skip: tensors whose name contains it are left out; NULL: none)
+static void expect_grads(mp_model *mg, mp_model *mc, const char *ctx, const char *skip) {
     for (int i = 0; i < mp_model_n_tensors(mc); i++) {
         const mp_tensor *t = mp_model_tensor(mc, i);
+        if (skip && strstr(t->name, skip)) continue;
         char what[160];
         snprintf(what, sizeof what, "%s: grad %s", ctx, t->name);
         expect_dev(what, mp_model_grads(mg, t->group) + t->offset,
@@ -719,16 +1030,19 @@ static double decision_margin(mp_retrieval_layer *l, const float *x, int N) {
 // system.precision = bf16 in check_layer: FP32 (off); BF16_EXACT: the expert tables, x and
 // dy hold bf16-representable values (low 16 bits cleared), so what the GPU rounds (the
 // tables; x and dy for the gradient sums) equals the CPU's fp32 and only summation order
-// differs (TOL); BF16: ordinary values, which the GPU rounds, against the CPU's unrounded
-// fp32 (BF16_TOL).
+// differs (TOL), except in the query projection's backward, a bf16 GEMM on dq
+// (expect_route_backward_bf16); BF16: ordinary values, which the GPU rounds, against the
+// CPU's unrounded fp32 (BF16_TOL).
 enum { FP32, BF16_EXACT, BF16 };
-// Each table element is rounded to nearest with 8 significant bits: relative error at most
-// 2^-9 ~ 2e-3, and sums of such errors with random signs stay near 2^-9/sqrt(3) ~ 1e-3 of
-// the result's norm per rounded table, ~2e-3 with U and V both rounded (PEER), 4e-3 if every
-// error had one sign. Measured (emulator, two input draws): y 2.2e-3 and 2.6e-3, the worst
-// gradient 3.1e-3 (dBN_w) and 5.6e-3 (dK1: the gate softmax backward subtracts nearly equal
-// terms, which raises the relative error). 1e-2 bounds that; a wrong row, a stale copy or a
-// missing term is O(1e-1) and more.
+// Each rounded element (the tables; x and dy in the expert gradient sums; dq, W_q and x in
+// the query projection's backward GEMMs) is rounded to nearest with 8 significant bits:
+// relative error at most 2^-8 ~ 3.9e-3, spread evenly over [-2^-8, 2^-8] for ordinary
+// values, so sums of such errors with random signs stay near 2^-8/sqrt(3) ~ 2.3e-3 of the
+// result's norm per rounded operand, ~3.2e-3 with two (U and V; a GEMM's two operands),
+// 7.8e-3 if every error had one sign. Measured (emulator, two input draws): the worst of y,
+// dx and every gradient 3.6e-3 and 4.6e-3 (with the tables alone rounded, earlier draws: y
+// 2.2e-3 and 2.6e-3, dK1 5.6e-3, where the gate softmax backward subtracts nearly equal
+// terms). 1e-2 bounds that; a wrong row, a stale copy or a missing term is O(1e-1) and more.
 #define BF16_TOL 1e-2
 
 // Clears the low 16 bits of x (n): bf16-representable values.
@@ -775,10 +1089,85 @@ static void same_random_biases(mp_model *a, mp_model *b) {
 
 // The FFN branch of block 1 (the retrieval layer) on both backends: y, dx and every gradient.
 // balance > 0: sub-key balance biases at that rate, starting from random values.
+// The shape check_layer_at builds: C, n, H, k, dk, batch, context. exact_router: W_q, the
+// sub-keys and x multiples of powers of two small enough that every query and score is exact
+// in fp32 whatever the summation order (see dyadic_router), so CPU and GPU select the same
+// experts, ties included (both rank ties by the lower index), and no input needs rejecting:
+// at 1024 tokens x 8 heads near-ties at the top-k boundary are certain.
+typedef struct { int C, n, H, k, dk, B, T, exact_router; } layer_shape;
+static const layer_shape small_shape = {48, 16, 2, 4, 8, 4, 8, 0};
+static const layer_shape *g_shape = &small_shape;
+
+// W_q entries in {-1, 0, 1} 2^-5, x in {-1, 0, 1} 2^-1: q sums C <= 2^10 products that are
+// multiples of 2^-6, |q| <= C 2^-6 <= 16, exact. Sub-keys in {-1, 0, 1} 2^-3: a score sums
+// dk/2 <= 64 products, multiples of 2^-9 of size <= 2, so |score| <= 128 = 2^16 units of
+// 2^-9, and s1 + s2 doubles that: 2^17 < 2^24, exact.
+static float trit(uint64_t a, uint64_t b, size_t i, float scale) {
+    return scale * (float)((int)(mp_hash3(a, b, i) % 3) - 1);
+}
+static void dyadic_router(mp_model *m) {
+    mp_retrieval_layer *l = mp_model_retrieval_layer(m, 1);
+    const mp_backend *be = mp_model_backend(m);
+    const mp_retrieval_config *rc = l->rc;
+    size_t nq = (size_t)rc->heads * rc->key_dim * l->C, nk = (size_t)rc->n_sub * (rc->key_dim / 2);
+    float *h = malloc((nq > nk ? nq : nk) * sizeof(float));
+    for (size_t i = 0; i < nq; i++) h[i] = trit(31, 1, i, 0x1p-5f);
+    be->from_host(l->wq, h, nq * sizeof(float));
+    for (size_t i = 0; i < nk; i++) h[i] = trit(31, 2, i, 0x1p-3f);
+    be->from_host(l->k1, h, nk * sizeof(float));
+    for (size_t i = 0; i < nk; i++) h[i] = trit(31, 3, i, 0x1p-3f);
+    be->from_host(l->k2, h, nk * sizeof(float));
+    free(h);
+}
+
+// BF16_EXACT: the query projection's backward (dx += dq W_q, dW_q += dq^T x) is a bf16 GEMM
+// whose operand dq is not bf16-representable (nor are W_q's entries). dx and dW_q against the
+// CPU elementwise: |got - want| <= (2 U_BF16 + U_BF16^2 + (K + 2) U_SUM) S + TOL max|want|,
+// S the element's sum of |dq w| (|dq x|) terms: that GEMM's bound (expect_bound) on top of
+// the summation-order tolerance the rest of the layer, exact in bf16, is held to (TOL).
+static void expect_route_backward_bf16(const char *ctx, mp_model *mg, mp_model *mc,
+                                       const float *d_dx, const float *dx, const float *x, int N) {
+    mp_retrieval_layer *l = mp_model_retrieval_layer(mc, 1);   // CPU: l->dq holds d(q) (N, HD)
+    int C = l->C, HD = l->rc->heads * l->rc->key_dim;
+    size_t NC = (size_t)N * C, nw = (size_t)HD * C, big = NC > nw ? NC : nw;
+    double *ref = malloc(big * sizeof(double)), *S = malloc(big * sizeof(double));
+    double *want = malloc(big * sizeof(double)), e = 2 * U_BF16 + U_BF16 * U_BF16, wmax = 0.0;
+    char what[200];
+    gemm_ref(ref, S, 0, 0, N, C, HD, l->dq, HD, l->wq, C, NULL, NULL);   // dq (N,HD) W_q (HD,C)
+    float *got = host_copy(d_dx, NC * 4);
+    for (size_t i = 0; i < NC; i++) {
+        want[i] = dx[i];
+        if (fabs(dx[i]) > wmax) wmax = fabs(dx[i]);
+    }
+    snprintf(what, sizeof what, "%s: dx", ctx);
+    check_bound(what, got, want, S, NC, C, e + (HD + 2) * U_SUM, TOL * wmax);
+    free(got);
+    const mp_tensor *t = NULL;
+    for (int i = 0; i < mp_model_n_tensors(mc) && !t; i++)
+        if (strstr(mp_model_tensor(mc, i)->name, ".wq")) t = mp_model_tensor(mc, i);
+    assert_non_null(t);
+    gemm_ref(ref, S, 1, 0, HD, C, N, l->dq, HD, x, C, NULL, NULL);   // dq^T (HD,N) x (N,C)
+    const float *gc = mp_model_grads(mc, t->group) + t->offset;
+    got = host_copy(mp_model_grads(mg, t->group) + t->offset, nw * 4);
+    wmax = 0.0;
+    for (size_t i = 0; i < nw; i++) {
+        want[i] = gc[i];
+        S[i] = 2 * S[i] + fabs(gc[i]);   // |before the +=| <= |after| + the terms' sum
+        if (fabs(gc[i]) > wmax) wmax = fabs(gc[i]);
+    }
+    snprintf(what, sizeof what, "%s: grad %s", ctx, t->name);
+    check_bound(what, got, want, S, nw, C, e + (N + 2) * U_SUM, TOL * wmax);
+    free(got); free(ref); free(S); free(want);
+}
+
 static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, int train,
                            int precision, float balance) {
     mp_config c;
-    small_config(&c, kind, query_bn, act, 48, 16, 2, 4, 8);
+    const layer_shape *sh = g_shape;
+    small_config(&c, kind, query_bn, act, sh->C, sh->n, sh->H, sh->k, sh->dk);
+    c.batch_size = sh->B;
+    c.context = sh->T;
+    if (c.d_model / c.n_heads > 64) c.n_heads = c.d_model / 64;   // CUDA attention's head limit
     c.peer.balance_rate = c.pkm.balance_rate = balance;
     int N = c.batch_size * c.context, C = c.d_model;
     size_t NC = (size_t)N * C;
@@ -801,16 +1190,23 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
     mp_retrieval_layer *lc = mp_model_retrieval_layer(mc, 1);
     float *x = NULL, *yc = malloc(NC * 4);
     int rejected = 0;
+    if (sh->exact_router) {
+        dyadic_router(mc);
+        dyadic_router(mg);
+    }
     for (;; rejected++) {   // inputs without near-ties at the top-k boundary (see the top)
         free(x);
         x = frand(NC, -1.5, 1.5);
+        if (sh->exact_router)
+            for (size_t i = 0; i < NC; i++) x[i] = trit(32, rejected, i, 0.5f);
         if (precision == BF16_EXACT) truncate_bf16(x, NC);
         mp_model_ffn_forward(mc, 1, yc, x, N, train);
-        if (decision_margin(lc, x, N) > 1e-4) break;
+        if (sh->exact_router || decision_margin(lc, x, N) > 1e-4) break;
         if (rejected == 50) fail_msg("no input without near-ties in 50 tries");
     }
     // running statistics and biases back to their start (the rejected tries moved them)
     mp_model_init(mc);
+    if (sh->exact_router) dyadic_router(mc);
     if (precision == BF16_EXACT) truncate_tables_bf16(mc);
     same_random_biases(mc, mg);
     same_random_grads(mc, mg);
@@ -827,6 +1223,12 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
     expect_dev(what, d_y, yc, NC);
     // the selections, gates and running statistics the forward left
     mp_retrieval_layer *lg = mp_model_retrieval_layer(mg, 1);
+    // the query projection stays fp32 in bf16 mode (route.c): q to the fp32 tolerance
+    size_t NQ = (size_t)N * c.peer.heads * c.peer.key_dim;
+    float *q = host_copy(lg->q, NQ * 4);
+    snprintf(what, sizeof what, "%s: q", ctx);
+    expect_close(what, q, lc->q, NQ, TOL);
+    free(q);
     size_t NS = (size_t)N * c.peer.heads * c.peer.topk;
     int32_t *sel = host_copy(lg->sel, NS * 4);
     assert_memory_equal(sel, lc->sel, NS * 4);
@@ -842,9 +1244,14 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
     float *d_dy = dev_copy(dy, NC * 4), *d_dx = dev_copy(dx, NC * 4);
     mp_model_ffn_backward(mc, 1, dx, dy, x, N);
     mp_model_ffn_backward(mg, 1, d_dx, d_dy, d_x, N);
-    snprintf(what, sizeof what, "%s: dx", ctx);
-    expect_dev(what, d_dx, dx, NC);
-    expect_grads(mg, mc, ctx);
+    if (precision == BF16_EXACT) {
+        expect_route_backward_bf16(ctx, mg, mc, d_dx, dx, x, N);
+        expect_grads(mg, mc, ctx, ".wq");   // checked there
+    } else {
+        snprintf(what, sizeof what, "%s: dx", ctx);
+        expect_dev(what, d_dx, dx, NC);
+        expect_grads(mg, mc, ctx, NULL);
+    }
     if (precision == BF16_EXACT) {
         // new masters (what an optimizer step does): the next forward must read their copies
         new_tables_bf16(mc, mg);
@@ -864,6 +1271,18 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
 
 static void check_layer(mp_ffn_kind kind, int query_bn, mp_activation act, int train) {
     check_layer_at(kind, query_bn, act, train, FP32, 0.0f);
+}
+
+// emu_large: the paper's heads and top-k (H k = 128 records per token, two EXP_CHUNKs),
+// C = 320 (blocks of 256 threads, columns wrapping), N = 1024 experts, 1024 tokens. Query
+// BN off: its statistics are not exact, the router below is (see layer_shape).
+static void test_layer_mid(void **s) {
+    (void)s;
+    static const layer_shape mid = {320, 32, 8, 16, 32, 16, 64, 1};
+    g_shape = &mid;
+    check_layer(MP_FFN_PEER, 0, MP_ACT_GELU, 1);
+    check_layer(MP_FFN_PKM, 0, MP_ACT_GELU, 1);
+    g_shape = &small_shape;
 }
 
 static void test_layer_peer(void **s) { (void)s; check_layer(MP_FFN_PEER, 1, MP_ACT_GELU, 1); }
@@ -927,6 +1346,261 @@ static void test_to_bf16(void **state) {
     free(src); free(dst);
 }
 
+// experts_backward's gradient modes against the CPU's (tests/unit/test_experts.c checks the
+// CPU's against double sums): a step of (overwrite, accumulate), a step whose overwrite
+// zeroes the earlier rows it does not touch, one with no records at all. C = 40 (16-byte
+// loads: 4 floats or 8 bf16 per thread) and C = 42 (scalar): one row gets 80 records, more than a chunk of EXP_CHUNK = 64, so the overwrite
+// must start from zero in the first chunk only. dU, dV to TOL (fp32 sums of the same terms
+// in the same record order; the dot products dy . v differ in order), rows without records
+// exactly zero, the dirty flags equal, and row_ss against the double sum of squares of the
+// GPU's own rows: squares are exact in double, two orders of 2C nonnegative terms differ by
+// at most 2 (2C) 2^-53 relative. bf16: tables, x and dy bf16-representable (see BF16_EXACT).
+typedef struct {
+    int M;
+    int64_t R;
+    int64_t *start;
+    int32_t *slot, *row;
+    float *x, *dy, *gate, *pre;
+} grad_batch;
+
+static grad_batch grad_batch_make(int M, int S, int C, const int32_t *set, int n_set, int bf16) {
+    grad_batch b = {.M = M, .R = (int64_t)M * S};
+    size_t R = (size_t)(b.R ? b.R : 1), MC = (size_t)(M ? M : 1) * C;
+    b.start = malloc((size_t)(M + 1) * sizeof(int64_t));
+    b.slot = malloc(R * sizeof(int32_t));
+    b.row = malloc(R * sizeof(int32_t));
+    for (int m = 0; m <= M; m++) b.start[m] = (int64_t)m * S;
+    for (int64_t i = 0; i < b.R; i++) {   // even records: one heavy row; odd: the set in turn
+        b.slot[i] = (int32_t)(i / S);
+        b.row[i] = i % 2 == 0 ? set[0] : set[(i / 2) % n_set];
+    }
+    b.x = frand(MC, -1, 1);
+    b.dy = frand(MC, -1, 1);
+    if (bf16) { truncate_bf16(b.x, MC); truncate_bf16(b.dy, MC); }
+    b.gate = frand(R, 0, 1);
+    b.pre = frand(R, 0.1f, 1);   // ReLU: away from the kink
+    for (int64_t i = 0; i < b.R; i += 3) b.pre[i] = -b.pre[i];
+    return b;
+}
+
+static void grad_batch_free(grad_batch *b) {
+    free(b->start); free(b->slot); free(b->row); free(b->x); free(b->dy); free(b->gate); free(b->pre);
+}
+
+static void check_grad_modes(int peer, int bf16, int C) {
+    int S = 4;
+    long rows = 12;
+    size_t n = (size_t)rows * C;
+    float *U = frand(n, -1, 1), *V = frand(n, -1, 1), *du = frand(n, -1, 1), *dv = frand(n, -1, 1);
+    if (bf16) { truncate_bf16(U, n); truncate_bf16(V, n); }
+    uint8_t *dirty = malloc((size_t)rows);
+    memset(dirty, 1, (size_t)rows);   // garbage everywhere, as after an earlier step
+    double *row_ss = calloc((size_t)rows, sizeof(double));
+    mp_expert_tables tc = {.u = peer ? U : NULL, .v = V, .du = peer ? du : NULL, .dv = dv,
+                           .dirty = dirty, .rows = rows};
+    float *d_U = dev_copy(U, n * 4), *d_V = dev_copy(V, n * 4);
+    float *d_du = dev_copy(du, n * 4), *d_dv = dev_copy(dv, n * 4);
+    uint8_t *d_dirty = dev_copy(dirty, (size_t)rows);
+    double *d_ss = dev_copy(row_ss, (size_t)rows * sizeof(double));
+    uint16_t *d_Ub = NULL, *d_Vb = NULL;
+    if (bf16) {
+        d_Ub = gpu->alloc(n * 2);
+        d_Vb = gpu->alloc(n * 2);
+        gpu->to_bf16(d_Ub, d_U, n);
+        gpu->to_bf16(d_Vb, d_V, n);
+    }
+    mp_expert_tables tg = {.u = peer ? d_U : NULL, .v = d_V, .u_bf16 = peer ? d_Ub : NULL,
+                           .v_bf16 = d_Vb, .du = peer ? d_du : NULL, .dv = d_dv,
+                           .dirty = d_dirty, .rows = rows};
+    static const int32_t A[] = {0, 1, 2, 5}, B[] = {2, 3, 7}, Cs[] = {1, 3, 11};
+    struct { const int32_t *set; int n_set, M, overwrite; const char *name; } plan[] = {
+        {A, 4, 40, 1, "step 1, overwrite"},
+        {B, 3, 10, 0, "step 1, accumulate"},
+        {Cs, 3, 12, 1, "step 2, overwrite"},
+        {Cs, 3, 0, 1, "step 3, overwrite, no records"},
+    };
+    for (int p = 0; p < 4; p++) {
+        grad_batch b = grad_batch_make(plan[p].M, S, C, plan[p].set, plan[p].n_set, bf16);
+        size_t MC = (size_t)(b.M ? b.M : 1) * C, R = (size_t)(b.R ? b.R : 1);
+        float *dx = malloc(MC * 4), *dgate = malloc(R * 4);
+        cpu->experts_backward(&tc, dx, dgate, b.dy, b.x, b.M, b.start, b.slot, b.row, b.gate,
+                              b.pre, b.R, C, 1, plan[p].overwrite, row_ss);
+        void *d_start = dev_copy(b.start, (size_t)(b.M + 1) * 8), *d_slot = dev_copy(b.slot, R * 4),
+             *d_row = dev_copy(b.row, R * 4), *d_x = dev_copy(b.x, MC * 4),
+             *d_dy = dev_copy(b.dy, MC * 4), *d_gate = dev_copy(b.gate, R * 4),
+             *d_pre = dev_copy(b.pre, R * 4), *d_dx = gpu->alloc(MC * 4), *d_dg = gpu->alloc(R * 4);
+        gpu->experts_backward(&tg, d_dx, d_dg, d_dy, d_x, b.M, d_start, d_slot, d_row, d_gate,
+                              d_pre, b.R, C, 1, plan[p].overwrite, d_ss);
+        char what[160];
+        if (b.M > 0) {   // the forward too: its 16-byte (C = 40) and scalar (C = 42) passes
+            float *y = malloc(MC * 4), *pre = malloc(R * 4);
+            cpu->experts_forward(&tc, y, b.x, b.M, b.start, b.slot, b.row, b.gate, pre, b.R, C, 1);
+            gpu->experts_forward(&tg, d_dx, d_x, b.M, d_start, d_slot, d_row, d_gate, d_pre, b.R,
+                                 C, 1);
+            snprintf(what, sizeof what, "grad modes %s%s C %d, %s: forward y", peer ? "peer" : "pkm",
+                     bf16 ? " bf16" : "", C, plan[p].name);
+            expect_dev(what, d_dx, y, MC);
+            if (peer) {
+                snprintf(what, sizeof what, "grad modes %s%s C %d, %s: forward pre",
+                         peer ? "peer" : "pkm", bf16 ? " bf16" : "", C, plan[p].name);
+                expect_dev(what, d_pre, pre, R);
+            }
+            free(y); free(pre);
+        }
+        snprintf(what, sizeof what, "grad modes %s%s C %d, %s: dv", peer ? "peer" : "pkm",
+                 bf16 ? " bf16" : "", C, plan[p].name);
+        expect_dev(what, d_dv, dv, n);
+        if (peer) {
+            what[strlen(what) - 1] = 'u';
+            expect_dev(what, d_du, du, n);
+        }
+        uint8_t *gd = host_copy(d_dirty, (size_t)rows);
+        assert_memory_equal(gd, dirty, (size_t)rows);
+        float *gu = peer ? host_copy(d_du, n * 4) : NULL, *gv = host_copy(d_dv, n * 4);
+        double *gs = host_copy(d_ss, (size_t)rows * sizeof(double));
+        for (long r = 0; r < rows; r++) {
+            double ss = 0.0;
+            for (int c = 0; c < C; c++) {
+                size_t o = (size_t)r * C + c;
+                float a = gu ? gu[o] : 0.0f, v = gv[o];
+                if (!gd[r] && (a != 0.0f || v != 0.0f))
+                    fail_msg("%s: row %ld is clean but reads %g, %g", what, r, a, v);
+                ss += (double)a * a + (double)v * v;
+            }
+            if (!(fabs(gs[r] - ss) <= 4.0 * C * ldexp(1.0, -53) * ss))
+                fail_msg("%s: row_ss[%ld] = %.17g, the row's sum of squares %.17g", what, r, gs[r], ss);
+            if (!gd[r] && gs[r] != 0.0) fail_msg("%s: row_ss[%ld] of a clean row %g", what, r, gs[r]);
+        }
+        free(gd); free(gu); free(gv); free(gs); free(dx); free(dgate);
+        void *dev[] = {d_start, d_slot, d_row, d_x, d_dy, d_gate, d_pre, d_dx, d_dg};
+        for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+        grad_batch_free(&b);
+    }
+    gpu->free(d_U); gpu->free(d_V); gpu->free(d_du); gpu->free(d_dv); gpu->free(d_dirty);
+    gpu->free(d_ss);
+    if (bf16) { gpu->free(d_Ub); gpu->free(d_Vb); }
+    free(U); free(V); free(du); free(dv); free(dirty); free(row_ss);
+}
+
+static void test_expert_grad_modes(void **state) {
+    (void)state;
+    for (int C = 40; C <= 42; C += 2) {   // 16-byte loads (C % 8 == 0), and scalar ones
+        check_grad_modes(1, 0, C);
+        check_grad_modes(0, 0, C);
+        check_grad_modes(1, 1, C);
+        check_grad_modes(0, 1, C);
+    }
+}
+
+// "huge": element offsets past 2^31, checked by value. Expert tables of C = 1024 and
+// 2^21 + 64 rows (2^31 + 2^16 elements, 8 GiB each of U, V, dU, dV: on the emulator with
+// MP_EMU_SPARSE=1 only the pages written are committed), records on rows on both sides of
+// the 2^31-element mark and on the last row. y, pre, dx, dgate, the touched rows of dU, dV
+// and their row_ss, and the dirty flags (the touched rows and no other) against a host
+// computation of just those rows in double. Tolerance TOL: fp32 sums of C = 1024 products of
+// values in [-1, 1] (and of <= 48 record terms) whose rounding errors, 2^-24 relative each,
+// add up like a random walk, ~sqrt(C) 2^-24 ~ 2e-6 of the result's norm; an offset computed
+// in 32 bits reads another row, an O(1) error.
+static double gelu_d(double x) { return 0.5 * x * (1.0 + erf(x * M_SQRT1_2)); }
+static double gelu_grad_d(double x) {
+    return 0.5 * (1.0 + erf(x * M_SQRT1_2)) + x * exp(-0.5 * x * x) * 0.3989422804014327;
+}
+
+static void test_experts_huge(void **state) {
+    (void)state;
+    int C = 1024, M = 8, S = 6, R = M * S;
+    long rows = (1L << 21) + 64;
+    size_t n = (size_t)rows * C;   // 2^31 + 2^16 elements
+    static const int32_t set[] = {3, (1 << 20) + 7, (1 << 21) - 1, 1 << 21, (1 << 21) + 1,
+                                  (1 << 21) + 63};
+    enum { NSET = 6 };
+    float *Uh = frand((size_t)NSET * C, -1, 1), *Vh = frand((size_t)NSET * C, -1, 1);
+    float *x = frand((size_t)M * C, -1, 1), *dy = frand((size_t)M * C, -1, 1);
+    float *gate = frand(R, 0, 1);
+    int64_t start[9];
+    int32_t slot[48], row[48], which[48];   // which: the record's row as an index into set
+    for (int m = 0; m <= M; m++) start[m] = (int64_t)m * S;
+    for (int i = 0; i < R; i++) {
+        slot[i] = i / S;
+        which[i] = (i + i / S) % NSET;
+        row[i] = set[which[i]];
+    }
+    float *d_U = gpu->alloc(n * 4), *d_V = gpu->alloc(n * 4), *d_du = gpu->alloc(n * 4),
+          *d_dv = gpu->alloc(n * 4);
+    uint8_t *d_dirty = gpu->alloc((size_t)rows);
+    double *d_ss = gpu->alloc((size_t)rows * sizeof(double));
+    for (int j = 0; j < NSET; j++) {
+        gpu->from_host(d_U + (size_t)set[j] * C, Uh + (size_t)j * C, (size_t)C * 4);
+        gpu->from_host(d_V + (size_t)set[j] * C, Vh + (size_t)j * C, (size_t)C * 4);
+    }
+    void *d_start = dev_copy(start, sizeof start), *d_slot = dev_copy(slot, sizeof slot),
+         *d_row = dev_copy(row, sizeof row), *d_gate = dev_copy(gate, (size_t)R * 4),
+         *d_x = dev_copy(x, (size_t)M * C * 4), *d_dy = dev_copy(dy, (size_t)M * C * 4);
+    float *d_y = gpu->alloc((size_t)M * C * 4), *d_pre = gpu->alloc((size_t)R * 4),
+          *d_dx = gpu->alloc((size_t)M * C * 4), *d_dg = gpu->alloc((size_t)R * 4);
+    mp_expert_tables t = {.u = d_U, .v = d_V, .du = d_du, .dv = d_dv, .dirty = d_dirty,
+                          .rows = rows};
+    gpu->experts_forward(&t, d_y, d_x, M, d_start, d_slot, d_row, d_gate, d_pre, R, C, 0);
+    gpu->experts_backward(&t, d_dx, d_dg, d_dy, d_x, M, d_start, d_slot, d_row, d_gate, d_pre, R,
+                          C, 0, 1, d_ss);
+    float *pre = host_copy(d_pre, (size_t)R * 4);
+    // the host's: forward from the tables, backward from the GPU's pre (as the op takes it)
+    size_t MC = (size_t)M * C, SC = (size_t)NSET * C;
+    float *y_r = calloc(MC, 4), *dx_r = calloc(MC, 4), *du_r = calloc(SC, 4), *dv_r = calloc(SC, 4);
+    float *pre_r = malloc((size_t)R * 4), *dg_r = malloc((size_t)R * 4);
+    double *acc = calloc(MC + 2 * SC, sizeof(double));   // y, dx (M, C); du, dv sums (NSET, C)
+    double *y_a = acc, *du_a = acc + MC, *dv_a = acc + MC + SC, *dx_a = calloc(MC, sizeof(double));
+    for (int i = 0; i < R; i++) {
+        const float *u = Uh + (size_t)which[i] * C, *v = Vh + (size_t)which[i] * C;
+        const float *xm = x + (size_t)slot[i] * C, *dym = dy + (size_t)slot[i] * C;
+        double h = 0.0, dot = 0.0;
+        for (int c = 0; c < C; c++) { h += (double)u[c] * xm[c]; dot += (double)dym[c] * v[c]; }
+        pre_r[i] = (float)h;
+        double w = gate[i] * gelu_d(h), hp = pre[i];
+        double dpre = gate[i] * dot * gelu_grad_d(hp);
+        dg_r[i] = (float)(gelu_d(hp) * dot);
+        for (int c = 0; c < C; c++) {
+            y_a[(size_t)slot[i] * C + c] += w * v[c];
+            dx_a[(size_t)slot[i] * C + c] += dpre * u[c];
+            dv_a[(size_t)which[i] * C + c] += gate[i] * gelu_d(hp) * dym[c];
+            du_a[(size_t)which[i] * C + c] += dpre * xm[c];
+        }
+    }
+    for (size_t i = 0; i < MC; i++) { y_r[i] = (float)y_a[i]; dx_r[i] = (float)dx_a[i]; }
+    for (size_t i = 0; i < SC; i++) { du_r[i] = (float)du_a[i]; dv_r[i] = (float)dv_a[i]; }
+    expect_dev("huge: y", d_y, y_r, MC);
+    expect_close("huge: pre", pre, pre_r, (size_t)R, TOL);
+    expect_dev("huge: dx", d_dx, dx_r, MC);
+    expect_dev("huge: dgate", d_dg, dg_r, (size_t)R);
+    float *gu = malloc(SC * 4), *gv = malloc(SC * 4);
+    double *gs = host_copy(d_ss, (size_t)rows * sizeof(double));
+    for (int j = 0; j < NSET; j++) {
+        gpu->to_host(gu + (size_t)j * C, d_du + (size_t)set[j] * C, (size_t)C * 4);
+        gpu->to_host(gv + (size_t)j * C, d_dv + (size_t)set[j] * C, (size_t)C * 4);
+        double ss = 0.0;
+        for (int c = 0; c < C; c++)
+            ss += (double)gu[(size_t)j * C + c] * gu[(size_t)j * C + c] +
+                  (double)gv[(size_t)j * C + c] * gv[(size_t)j * C + c];
+        // squares exact in double; two orders of 2C terms: 2 (2C) 2^-53 relative
+        if (!(fabs(gs[set[j]] - ss) <= 4.0 * C * ldexp(1.0, -53) * ss))
+            fail_msg("huge: row_ss[%d] = %.17g, the row's sum of squares %.17g", set[j], gs[set[j]], ss);
+    }
+    expect_close("huge: du rows", gu, du_r, SC, TOL);
+    expect_close("huge: dv rows", gv, dv_r, SC, TOL);
+    uint8_t *dirty = host_copy(d_dirty, (size_t)rows);
+    long n_dirty = 0;
+    for (long r = 0; r < rows; r++) n_dirty += dirty[r];
+    for (int j = 0; j < NSET; j++) assert_int_equal(dirty[set[j]], 1);
+    assert_int_equal(n_dirty, NSET);
+    printf("huge: %ld rows x %d (%zu elements), rows up to %d: ok\n", rows, C, n, set[NSET - 1]);
+    void *dev[] = {d_U, d_V, d_du, d_dv, d_dirty, d_ss, d_start, d_slot, d_row, d_gate, d_x,
+                   d_dy, d_y, d_pre, d_dx, d_dg};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+    free(Uh); free(Vh); free(x); free(dy); free(gate); free(pre); free(y_r); free(dx_r);
+    free(du_r); free(dv_r); free(pre_r); free(dg_r); free(acc); free(dx_a); free(gu); free(gv);
+    free(gs); free(dirty);
+}
+
 // A whole model (dense block, PEER block): loss, every gradient, the gradient norm.
 static void test_model(void **state) {
     (void)state;
@@ -950,6 +1624,9 @@ static void test_model(void **state) {
         if (rejected == 50) fail_msg("no input without near-ties in 50 tries");
     }
     mp_model_init(mc);
+    mp_adamw oc, og;
+    mp_adamw_init(&oc, mc);
+    mp_adamw_init(&og, mg);
     mp_model_zero_grad(mc);
     mp_model_zero_grad(mg);
     lc = mp_model_forward(mc, in, tg, B, T, 1);
@@ -957,10 +1634,20 @@ static void test_model(void **state) {
     expect_close("model loss", &lg, &lc, 1, TOL);
     mp_model_backward(mc, 1.0f);
     mp_model_backward(mg, 1.0f);
-    expect_grads(mg, mc, "model");
-    mp_adamw oc, og;
-    mp_adamw_init(&oc, mc);
-    mp_adamw_init(&og, mg);
+    expect_grads(mg, mc, "model", NULL);
+    // the norm from the experts' row norms against the gradients' own squares (CPU model,
+    // host memory): sums of positive doubles in two orders, <= 1e-12 apart, then sqrt and
+    // rounding to float, so the two floats are at most 1 ulp (2^-23) apart; without the
+    // expert part the norm falls by expert_ss / (2 total) (checked to be >= 1e-3 here)
+    double ss_all = 0.0, ss_exp = 0.0;
+    for (int g = 0; g < MP_N_GROUPS; g++) {
+        double s = cpu->sum_squares(mp_model_grads(mc, g), mp_model_group_size(mc, g));
+        ss_all += s;
+        if (g == MP_GROUP_EXPERTS) ss_exp = s;
+    }
+    if (ss_exp < 2e-3 * ss_all) fail_msg("expert gradients too small to test: %g of %g", ss_exp, ss_all);
+    float want_norm = (float)sqrt(ss_all), got_norm = mp_grad_norm(mc);
+    expect_close("model grad norm from expert row norms", &got_norm, &want_norm, 1, 0x1p-22);
     // the step's gradient norm (device sum_squares over every group). The parameters after
     // the step are not compared: AdamW's first step moves each parameter by about lr *
     // sign(g), and gradients that are zero up to rounding (the attention key bias) have
@@ -1043,12 +1730,17 @@ static void test_determinism(void **state) {
 // every test starts at the fp32 tolerance, also after one that failed inside check_layer_at
 static int reset_tolerance(void **state) {
     (void)state;
+    gpu->set_precision(MP_PRECISION_FP32);   // and fp32 GEMMs, also after a bf16 test
     g_tol = TOL;
     g_track = &g_worst;
     return 0;
 }
 
-int main(void) {
+// argv[1]: "large" runs the emu_large tests (tests/CMakeLists.txt) instead of the default
+// suite (argv[2]: a name filter), "huge" the test of offsets past 2^31 (32 GiB of device
+// memory; the emulator needs MP_EMU_SPARSE=1); any other word is a cmocka name filter on the
+// default suite (e.g. "test_layer*").
+int main(int argc, char **argv) {
     char err[512];
     gpu = mp_backend_cuda(err, sizeof err);
     if (!gpu) {
@@ -1064,6 +1756,8 @@ int main(void) {
         cmocka_unit_test_setup(test_encoder, reset_tolerance),
         cmocka_unit_test_setup(test_layernorm, reset_tolerance),
         cmocka_unit_test_setup(test_matmul, reset_tolerance),
+        cmocka_unit_test_setup(test_matmul_bf16, reset_tolerance),
+        cmocka_unit_test_setup(test_gemm_precision, reset_tolerance),
         cmocka_unit_test_setup(test_attention, reset_tolerance),
         cmocka_unit_test_setup(test_elementwise, reset_tolerance),
         cmocka_unit_test_setup(test_crossentropy, reset_tolerance),
@@ -1080,10 +1774,27 @@ int main(void) {
         cmocka_unit_test_setup(test_layer_peer_bf16_exact, reset_tolerance),
         cmocka_unit_test_setup(test_layer_pkm_bf16_exact, reset_tolerance),
         cmocka_unit_test_setup(test_layer_peer_bf16, reset_tolerance),
+        cmocka_unit_test_setup(test_expert_grad_modes, reset_tolerance),
         cmocka_unit_test_setup(test_model, reset_tolerance),
         cmocka_unit_test_setup(test_determinism, reset_tolerance),
     };
-    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    const struct CMUnitTest large_tests[] = {
+        cmocka_unit_test_setup(test_layer_mid, reset_tolerance),
+        cmocka_unit_test_setup(test_attention_large, reset_tolerance),
+    };
+    const struct CMUnitTest huge_tests[] = {
+        cmocka_unit_test_setup(test_experts_huge, reset_tolerance),
+    };
+    int rc;
+    if (argc > 1 && !strcmp(argv[1], "large")) {
+        if (argc > 2) cmocka_set_test_filter(argv[2]);
+        rc = cmocka_run_group_tests(large_tests, NULL, NULL);
+    } else if (argc > 1 && !strcmp(argv[1], "huge")) {
+        rc = cmocka_run_group_tests(huge_tests, NULL, NULL);
+    } else {
+        if (argc > 1) cmocka_set_test_filter(argv[1]);
+        rc = cmocka_run_group_tests(tests, NULL, NULL);
+    }
     printf("largest relative error against the CPU: %.3g (fp32, and bf16 copies of "
            "bf16-representable tables)\n", g_worst);
     printf("largest relative error of bf16 tables against the CPU's fp32: %.3g\n", g_worst_bf16);

@@ -13,11 +13,17 @@
 //
 //   bench_peer_cuda [--d 1024] [--n 1024] [--heads 8] [--topk 16] [--dk 128]
 //                   [--tokens 16384] [--iters 20] [--warmup 5] [--pkm] [--no-bn]
-//                   [--precision fp32|bf16]
+//                   [--precision fp32|bf16] [--no-check]
 //
-// --precision bf16: the expert tables U, V exist only as bf16 (what system.precision = bf16
-// reads; the fp32 masters belong to the optimizer, which is not part of the layer), their
-// gradients are fp32.
+// After the timing it checks the layer's values (check_layer below: a few tokens' y and a
+// few touched rows of dU and dV recomputed in double on the host) and prints a second JSON
+// line, "check": "ok" or "FAILED: ..."; a failure makes the exit status 1. --no-check
+// skips it.
+//
+// --precision bf16: the expert tables U, V are read only as bf16 (what system.precision =
+// bf16 reads; the fp32 masters belong to the optimizer, which is not part of the layer),
+// their gradients are fp32. (PEER still holds an fp32 U, all NaN and not counted: the
+// backend tells PEER from PKM by it; see main.)
 //
 // Exits 77 (and says why) when no GPU is usable.
 #include <math.h>
@@ -113,9 +119,246 @@ static int cmp_i32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+// ---------------------------------------------------------------------------------------
+// The value check (on unless --no-check): after the timing, one more forward and backward
+// with fresh expert gradients; then a few tokens' y and all of a few touched rows' dU and
+// dV are recomputed in double on the host from host copies of what the kernels read (x,
+// dy, the selected ids and gates, the expert rows of U and V at their precision) and
+// compared element by element with a bound on the fp32 rounding of that arithmetic. The
+// route (query, BN, scores, top-k) is checked by unit.test_cuda_backend against the CPU;
+// here its outputs are inputs, checked only for what holds exactly: ids in range, distinct
+// within a head, gates in [0, 1].
+
+typedef struct {
+    double y, du, dv;             // largest |got - ref| / bound (<= 1 passes)
+    double y_rel, du_rel, dv_rel; // largest |got - ref| / largest |ref| (for the log)
+    int tokens, rows;             // how many were checked
+    char what[160];               // the first failure, "" if none
+} check_result;
+
+static const double U32 = 1.0 / 16777216.0;   // fp32 unit roundoff 2^-24
+static const double U16 = 1.0 / 256.0;        // bf16 unit roundoff 2^-8
+
+// gamma_n = n u / (1 - n u): the relative bound of n fp32 roundings in a row (Higham)
+static double gamma32(double n) { return n * U32 / (1.0 - n * U32); }
+
+static double bf16_value(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+// Expert row `row` (d values) of a table, as the kernels read it (fp32 or bf16), in double.
+static void table_row(double *out, const float *f32, const uint16_t *b16, long row, int d) {
+    if (b16) {
+        uint16_t *h = mp_malloc((size_t)d * sizeof(uint16_t));
+        be->to_host(h, b16 + (size_t)row * d, (size_t)d * sizeof(uint16_t));
+        for (int c = 0; c < d; c++) out[c] = bf16_value(h[c]);
+        free(h);
+    } else {
+        float *h = mp_malloc((size_t)d * sizeof(float));
+        be->to_host(h, f32 + (size_t)row * d, (size_t)d * sizeof(float));
+        for (int c = 0; c < d; c++) out[c] = h[c];
+        free(h);
+    }
+}
+
+// One record (token t selected row e with gate g) in double, with the fp32 error bounds of
+// what the kernels compute from it. PEER with GELU (exact, erf), what this benchmark builds:
+//   p = u_e . x_t (d products summed in fp32): |error| <= gamma_d P, P = sum |u_i x_i|;
+//   a = gelu(p): |gelu'| <= 1.13, so p's error moves a by <= 1.13 gamma_d P; evaluating it
+//     (erff to 2 ulp, 0.5 p + 0.5 p erf: terms of size <= |p|/2) adds <= 8 u (|a| + |p|);
+//   s = dy_t . v_e (backward, fp32 dy): |error| <= gamma_d S, S = sum |dy_i v_i|;
+//   a' = gelu'(p) from the stored fp32 p: |gelu''| <= 0.8, so <= 0.8 gamma_d P, plus 16 u
+//     for its evaluation (terms 0.5 (1 + erf) <= 1 and p phi(p) <= 0.25).
+// PKM: a = 1 exactly (values only).
+typedef struct {
+    double g, a, da, ad, dad, s, ds;
+} record;
+
+static record eval_record(const double *urow, const double *vrow, const float *x, const float *dy,
+                          float g, int d, int pkm) {
+    record r = {.g = g, .a = 1.0, .ad = 0.0};
+    double p = 0, P = 0, s = 0, S = 0;
+    for (int c = 0; c < d; c++) {
+        if (!pkm) {
+            p += urow[c] * x[c];
+            P += fabs(urow[c] * x[c]);
+        }
+        s += (double)dy[c] * vrow[c];
+        S += fabs((double)dy[c] * vrow[c]);
+    }
+    if (!pkm) {
+        double cdf = 0.5 * (1.0 + erf(p / sqrt(2.0))), pdf = exp(-0.5 * p * p) / sqrt(2.0 * M_PI);
+        r.a = p * cdf;
+        r.ad = cdf + p * pdf;
+        r.da = 1.13 * gamma32(d) * P + 8.0 * U32 * (fabs(r.a) + fabs(p));
+        r.dad = 0.8 * gamma32(d) * P + 16.0 * U32;
+    }
+    r.s = s;
+    r.ds = gamma32(d) * S;
+    return r;
+}
+
+// |got - ref| against bound, recorded into *worst (ratio) and *rel; the first failure named.
+static void compare(check_result *cr, double *worst, double *rel, double *refmax, double got,
+                    double ref, double bound, const char *what, long i, int c) {
+    double err = fabs(got - ref);
+    // NaN (an element not written: y starts as NaN) fails: !(x <= b) is true for NaN
+    if (!(err <= bound) && !cr->what[0])
+        snprintf(cr->what, sizeof cr->what, "%s[%ld][%d] = %.9g, expected %.9g (bound %.3g)",
+                 what, i, c, got, ref, bound);
+    double ratio = bound > 0 ? err / bound : (err > 0 ? INFINITY : 0);
+    if (!(ratio <= *worst)) *worst = ratio;
+    if (fabs(ref) > *refmax) *refmax = fabs(ref);
+    if (!(err <= *rel)) *rel = err;
+}
+
+// Runs the layer once more (y poisoned with NaN first, dU and dV zeroed by the caller),
+// then checks as above. Returns 0 when every checked element is within its bound.
+static int check_layer(mp_retrieval_layer *l, const float *x, const float *dy, float *y,
+                       float *dx, int N, int d, int bf16, int pkm, check_result *cr) {
+    const mp_retrieval_config *rc = l->rc;
+    int H = rc->heads, k = rc->topk, S = H * k;
+    size_t NC = (size_t)N * d, NS = (size_t)N * S;
+    memset(cr, 0, sizeof *cr);
+    float *hy = mp_malloc(NC * sizeof(float));
+    for (size_t i = 0; i < NC; i++) hy[i] = NAN;
+    be->from_host(y, hy, NC * sizeof(float));
+    mp_route_forward(l, be, x, N, 1);
+    mp_exchange_forward(&l->ex, l, y, x, N);
+    l->grad_overwrite = 1;   // a training step's first backward: the rows written afresh
+    mp_exchange_backward(&l->ex, l, dx, dy, x, N);
+
+    float *hx = mp_malloc(NC * sizeof(float)), *hdy = mp_malloc(NC * sizeof(float));
+    float *hgate = mp_malloc(NS * sizeof(float));
+    int32_t *hsel = mp_malloc(NS * sizeof(int32_t));
+    be->to_host(hy, y, NC * sizeof(float));
+    be->to_host(hx, x, NC * sizeof(float));
+    be->to_host(hdy, dy, NC * sizeof(float));
+    be->to_host(hgate, l->gate, NS * sizeof(float));
+    be->to_host(hsel, l->sel, NS * sizeof(int32_t));
+
+    // the route's outputs: exact properties only
+    for (size_t th = 0; th < (size_t)N * H && !cr->what[0]; th++) {
+        const int32_t *id = hsel + th * k;
+        const float *g = hgate + th * k;
+        for (int j = 0; j < k && !cr->what[0]; j++) {
+            if (id[j] < 0 || id[j] >= rc->n_experts || !(g[j] >= 0.0f && g[j] <= 1.0f))
+                snprintf(cr->what, sizeof cr->what, "route: token %zu head %zu: id %d gate %g",
+                         th / H, th % H, id[j], g[j]);
+            for (int j2 = 0; j2 < j && !cr->what[0]; j2++)
+                if (id[j2] == id[j])
+                    snprintf(cr->what, sizeof cr->what, "route: token %zu head %zu: id %d twice",
+                             th / H, th % H, id[j]);
+        }
+    }
+
+    double *urow = mp_calloc((size_t)d, sizeof(double)), *vrow = mp_calloc((size_t)d, sizeof(double));
+    double *ref = mp_malloc((size_t)d * sizeof(double)), *bnd = mp_malloc((size_t)d * sizeof(double));
+    double *ref2 = mp_malloc((size_t)d * sizeof(double)), *bnd2 = mp_malloc((size_t)d * sizeof(double));
+    const float *U = pkm ? NULL : l->u, *V = l->v;
+    const uint16_t *U16b = pkm ? NULL : l->u_bf16, *V16b = l->v_bf16;
+    double y_max = 0, du_max = 0, dv_max = 0;
+
+    // y of a few tokens: y_t = sum over its S records of g a v_e, summed in fp32
+    int toks[6] = {0, 1, N / 4, N / 2, (3 * N) / 4, N - 1};
+    for (int ti = 0; ti < 6; ti++) toks[ti] = toks[ti] < N ? toks[ti] : N - 1;   // N = 1
+    for (int ti = 0; ti < 6 && !cr->what[0]; ti++) {
+        int t = toks[ti];
+        int dup = 0;   // tiny N: the same token again
+        for (int t2 = 0; t2 < ti; t2++) dup |= toks[t2] == t;
+        if (dup) continue;
+        for (int c = 0; c < d; c++) ref[c] = bnd[c] = 0;
+        double *mag = ref2;   // sum |g a v_c|, for the summation's rounding
+        for (int c = 0; c < d; c++) mag[c] = 0;
+        for (int j = 0; j < S; j++) {
+            long e = hsel[(size_t)t * S + j];
+            if (!pkm) table_row(urow, U, U16b, e, d);
+            table_row(vrow, V, V16b, e, d);
+            record r = eval_record(urow, vrow, hx + (size_t)t * d, hdy + (size_t)t * d,
+                                   hgate[(size_t)t * S + j], d, pkm);
+            for (int c = 0; c < d; c++) {
+                ref[c] += r.g * r.a * vrow[c];
+                bnd[c] += fabs(r.g * vrow[c]) * r.da;
+                mag[c] += fabs(r.g * r.a * vrow[c]);
+            }
+        }
+        // the product g a v (2 roundings) and a sum of S terms: gamma_{S+2} of the magnitudes;
+        // x2 for the second-order terms the first-order bounds above leave out
+        for (int c = 0; c < d; c++)
+            compare(cr, &cr->y, &cr->y_rel, &y_max, hy[(size_t)t * d + c], ref[c],
+                    2.0 * (bnd[c] + gamma32(S + 2) * mag[c]), "y", t, c);
+        cr->tokens++;
+    }
+
+    // dU, dV of a few touched rows: the rows of the checked tokens' first records and the
+    // largest id touched (the far end of the table, where 32-bit offsets would wrap)
+    long rows_chk[7];
+    int nrows = 0;
+    int32_t emax = 0;
+    for (size_t i = 0; i < NS; i++) emax = hsel[i] > emax ? hsel[i] : emax;
+    for (int ti = 0; ti < 6; ti++) rows_chk[nrows++] = hsel[(size_t)toks[ti] * S];
+    rows_chk[nrows++] = emax;
+    float *hdu = mp_malloc((size_t)d * sizeof(float)), *hdv = mp_malloc((size_t)d * sizeof(float));
+    // bf16: the dU / dV sums read x and dy rounded to bf16 (docs/cuda.md): 2^-8 relative
+    // per term; the dx side (s = dy . v) and the forward keep fp32 activations
+    double eps_act = bf16 ? U16 : 0.0;
+    for (int ri = 0; ri < nrows && !cr->what[0]; ri++) {
+        long e = rows_chk[ri];
+        int dup = 0;
+        for (int r2 = 0; r2 < ri; r2++) dup |= rows_chk[r2] == e;
+        if (dup) continue;
+        if (!pkm) table_row(urow, U, U16b, e, d);
+        table_row(vrow, V, V16b, e, d);
+        double *mu = mp_calloc((size_t)d, sizeof(double)), *mv = mp_calloc((size_t)d, sizeof(double));
+        for (int c = 0; c < d; c++) ref[c] = bnd[c] = ref2[c] = bnd2[c] = 0;
+        long R = 0;
+        for (size_t i = 0; i < NS; i++) {
+            if (hsel[i] != e) continue;
+            size_t t = i / S;
+            const float *xt = hx + t * d, *dyt = hdy + t * d;
+            record r = eval_record(urow, vrow, xt, dyt, hgate[i], d, pkm);
+            // dpre = g a' s and its error: |g| (|a'| ds + |s| da' + ds da' + 4 u |a' s|)
+            double dpre = r.g * r.ad * r.s;
+            double ddpre = fabs(r.g) * (fabs(r.ad) * r.ds + fabs(r.s) * r.dad + r.ds * r.dad +
+                                        4.0 * U32 * fabs(r.ad * r.s));
+            for (int c = 0; c < d; c++) {
+                ref[c] += dpre * xt[c];                       // dU
+                bnd[c] += fabs((double)xt[c]) * ddpre;
+                mu[c] += fabs(dpre * xt[c]);
+                ref2[c] += r.g * r.a * dyt[c];                // dV
+                bnd2[c] += fabs(r.g * (double)dyt[c]) * r.da;
+                mv[c] += fabs(r.g * r.a * dyt[c]);
+            }
+            R++;
+        }
+        if (!pkm) be->to_host(hdu, l->du + (size_t)e * d, (size_t)d * sizeof(float));
+        be->to_host(hdv, l->dv + (size_t)e * d, (size_t)d * sizeof(float));
+        // R terms summed (and each a product of 2 or 3 roundings), x2 as for y
+        for (int c = 0; c < d; c++) {
+            if (!pkm)
+                compare(cr, &cr->du, &cr->du_rel, &du_max, hdu[c], ref[c],
+                        2.0 * (bnd[c] + (eps_act + gamma32((double)R + 3)) * mu[c]), "dU", e, c);
+            compare(cr, &cr->dv, &cr->dv_rel, &dv_max, hdv[c], ref2[c],
+                    2.0 * (bnd2[c] + (eps_act + gamma32((double)R + 3)) * mv[c]), "dV", e, c);
+        }
+        free(mu);
+        free(mv);
+        cr->rows++;
+    }
+    cr->y_rel = y_max > 0 ? cr->y_rel / y_max : cr->y_rel;
+    cr->du_rel = du_max > 0 ? cr->du_rel / du_max : cr->du_rel;
+    cr->dv_rel = dv_max > 0 ? cr->dv_rel / dv_max : cr->dv_rel;
+    free(hy); free(hx); free(hdy); free(hgate); free(hsel); free(urow); free(vrow);
+    free(ref); free(bnd); free(ref2); free(bnd2); free(hdu); free(hdv);
+    return cr->what[0] != 0;
+}
+
 int main(int argc, char **argv) {
     int d = 1024, n = 1024, H = 8, k = 16, dk = 128, N = 16384, iters = 20, warmup = 5;
-    int pkm = 0, bn = 1, bf16 = 0;
+    int pkm = 0, bn = 1, bf16 = 0, check = 1;
     for (int i = 1; i < argc; i++) {
         int *dst = NULL;
         if (!strcmp(argv[i], "--d")) dst = &d;
@@ -128,6 +371,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--warmup")) dst = &warmup;
         else if (!strcmp(argv[i], "--pkm")) pkm = 1;
         else if (!strcmp(argv[i], "--no-bn")) bn = 0;
+        else if (!strcmp(argv[i], "--no-check")) check = 0;
         else if (!strcmp(argv[i], "--precision") && i + 1 < argc) {
             const char *p = argv[++i];
             if (strcmp(p, "fp32") && strcmp(p, "bf16"))
@@ -136,8 +380,10 @@ int main(int argc, char **argv) {
         }
         else mp_input_error("bench_peer_cuda: unknown option '%s'", argv[i]);
         if (dst) {
-            if (i + 1 >= argc || (*dst = atoi(argv[++i])) <= 0)
-                mp_input_error("bench_peer_cuda: %s needs a positive integer", argv[i - 1]);
+            // --warmup 0: one iteration in all (what ncu profiles in tools/gpu_check.sh)
+            if (i + 1 >= argc || (*dst = atoi(argv[++i])) < (dst == &warmup ? 0 : 1))
+                mp_input_error("bench_peer_cuda: %s needs a %s integer", argv[i - 1],
+                               dst == &warmup ? "non-negative" : "positive");
         }
     }
     if (dk % 2 || k > n || k > 32) mp_input_error("bench_peer_cuda: need dk even and k <= min(n, 32)");
@@ -169,6 +415,9 @@ int main(int argc, char **argv) {
     l.rows = (long)n * n;
     int HD = H * dk, S = H * k, half = dk / 2;
     size_t rows = (size_t)l.rows, NC = (size_t)N * d, NS = (size_t)N * S;
+    // bf16: the GEMMs as system.precision = bf16 runs them (the W_q backward on tensor
+    // cores; the route keeps its forward GEMMs fp32 itself), as the model sets it
+    if (bf16 && be->set_precision) be->set_precision(MP_PRECISION_BF16);
     // parameters (the initialisation of docs/model.md) and their gradients
     l.wq = dtensor((size_t)HD * d, 0, 0.02f, 1, &g_bytes_params);
     l.bn_w = dtensor(HD, 2, 1.0f, 2, &g_bytes_params);
@@ -178,6 +427,12 @@ int main(int argc, char **argv) {
     if (bf16) {
         if (!pkm) l.u_bf16 = bf16_table(rows * d, 1.0f / sqrtf((float)d), 6);
         l.v_bf16 = bf16_table(rows * d, 1.0f / sqrtf((float)d), 7);
+        // The backend tells PEER from PKM by u != NULL (mp_expert_tables: "u NULL: PKM"), so
+        // PEER needs an fp32 u even where the kernels read only u_bf16. NaN: a kernel that
+        // read it would fail the value check. Not counted: the optimizer's, not the layer's.
+        // (Before this, the bf16 PEER benchmark ran the PKM kernels: the check found it.)
+        size_t unused = 0;
+        if (!pkm) l.u = dtensor(rows * d, 2, NAN, 12, &unused);
     } else {
         if (!pkm) l.u = dtensor(rows * d, 0, 1.0f / sqrtf((float)d), 6, &g_bytes_params);
         l.v = dtensor(rows * d, 0, 1.0f / sqrtf((float)d), 7, &g_bytes_params);
@@ -191,6 +446,9 @@ int main(int argc, char **argv) {
     l.dk2 = dalloc((size_t)n * half * 4, &g_bytes_grads);
     if (!pkm) l.du = dalloc(rows * d * 4, &g_bytes_grads);
     l.dv = dalloc(rows * d * 4, &g_bytes_grads);
+    // which rows of dU, dV may be nonzero (retrieval.h), as the model keeps it: all clean
+    l.grad_dirty = dalloc(rows, &g_bytes_grads);
+    be->zero(l.grad_dirty, rows);
     // activations kept for backward, inputs and outputs (the records, pre-activations and
     // the experts' dx are the single-process path's own buffers: counted in extra_gib)
     l.q = dalloc((size_t)N * HD * 4, &g_bytes_acts);
@@ -242,6 +500,9 @@ int main(int argc, char **argv) {
     t_zero = mp_cuda_event_ms(ev[0], ev[1]);
     for (int i = 0; i <= P_N; i++) mp_cuda_event_free(ev[i]);
     size_t mem2 = mp_cuda_memory_used();
+    // the value check, on the zeroed expert gradients (outside the timing and the memory)
+    check_result ck;
+    int check_failed = check ? check_layer(&l, x, dy, y, dx, N, d, bf16, pkm, &ck) : 0;
 
     // expert rows the batch touched (outside the timing)
     int32_t *hsel = mp_malloc(NS * 4);
@@ -299,6 +560,14 @@ int main(int argc, char **argv) {
            fwd_bytes, all_bytes, fwd_bytes / (m_fwd * 1e-3) / 1e12,
            all_bytes / (m_all * 1e-3) / 1e12, ideal_all, ideal_all / (m_all * 1e-3) / 1e12, copy,
            ideal_all / (m_all * 1e-3) / 1e12 / copy);
+    if (check)   // the check's own line: a failure must not hide among the numbers above
+        printf("{\"impl\": \"millipede-cuda\", \"precision\": \"%s\", \"d\": %d, "
+               "\"n_experts\": %ld, \"check\": \"%s%s\", \"check_tokens\": %d, "
+               "\"check_rows\": %d, \"y_err_over_bound\": %.3g, \"du_err_over_bound\": %.3g, "
+               "\"dv_err_over_bound\": %.3g, \"y_rel_err\": %.3g, \"du_rel_err\": %.3g, "
+               "\"dv_rel_err\": %.3g}\n",
+               bf16 ? "bf16" : "fp32", d, rc.n_experts, check_failed ? "FAILED: " : "ok",
+               ck.what, ck.tokens, ck.rows, ck.y, ck.du, ck.dv, ck.y_rel, ck.du_rel, ck.dv_rel);
     mp_exchange_free(&l.ex);   // the tensors above live until the process ends
-    return 0;
+    return check_failed;
 }

@@ -101,7 +101,8 @@ def run_one(torch, args, mode, dtype_name):
     if cuda:
         torch.cuda.empty_cache()
     torch.manual_seed(0)
-    layer = build_layer(torch, args, dtype)
+    with torch.device(args.device):   # the tables made on the device, not on the host first
+        layer = build_layer(torch, args, dtype)
     fn = torch.compile(layer) if mode == "compile" else layer
     x = torch.randn(args.tokens, args.d, device=args.device, dtype=dtype, requires_grad=True)
     dy = torch.randn(args.tokens, args.d, device=args.device, dtype=dtype)

@@ -44,6 +44,7 @@ static const mp_backend cpu_backend = {
     .layernorm_backward = mp_cpu_layernorm_backward,
     .matmul_forward = mp_cpu_matmul_forward,
     .matmul_backward = mp_cpu_matmul_backward,
+    .attention_state_floats = mp_cpu_attention_state_floats,
     .attention_forward = mp_cpu_attention_forward,
     .attention_backward = mp_cpu_attention_backward,
     .gelu_forward = mp_cpu_gelu_forward,
@@ -64,9 +65,8 @@ static const mp_backend cpu_backend = {
     .scatter_add_rows = mp_cpu_scatter_add_rows,
     .adamw = mp_cpu_adamw,
     .sum_squares = mp_cpu_sum_squares,
+    .sum_f64 = mp_cpu_sum_f64,
     .adamw_rows = mp_cpu_adamw_rows,
-    .sum_squares_rows = mp_cpu_sum_squares_rows,
-    .zero_rows = mp_cpu_zero_rows,
 };
 
 const mp_backend *mp_backend_cpu(void) {

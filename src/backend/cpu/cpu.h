@@ -45,10 +45,11 @@ void mp_cpu_matmul_forward(float *out, const float *inp, const float *w, const f
                            int N, int C, int OC);
 void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                             const float *inp, const float *w, int N, int C, int OC);
+size_t mp_cpu_attention_state_floats(int B, int T, int C, int NH);
 void mp_cpu_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
                               int NH);
 void mp_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                               const float *att, int B, int T, int C, int NH);
+                               const float *out, const float *att, int B, int T, int C, int NH);
 void mp_cpu_gelu_forward(float *out, const float *inp, long n);
 void mp_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
 void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n);
@@ -58,14 +59,14 @@ void mp_cpu_crossentropy_forward(float *losses, float *probs, const float *logit
                                  const int32_t *targets, int N, int V);
 void mp_cpu_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
                                   float dloss, int N, int V);
-void mp_cpu_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
-                  float beta2, float eps, float wd, long t, float grad_scale);
+void mp_cpu_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
+                  float lr, float beta1, float beta2, float eps, float wd, long t,
+                  float grad_scale);
 double mp_cpu_sum_squares(const float *x, size_t n);
-void mp_cpu_adamw_rows(float *p, const float *g, float *m, float *v, const int32_t *rows,
-                       int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
-                       float wd, long t, float grad_scale);
-double mp_cpu_sum_squares_rows(const float *x, const int32_t *rows, int64_t n_rows, int C);
-void mp_cpu_zero_rows(float *x, const int32_t *rows, int64_t n_rows, int C);
+double mp_cpu_sum_f64(const double *x, size_t n);
+void mp_cpu_adamw_rows(float *p, const float *g, float *m, float *v, uint16_t *p_bf16,
+                       const int32_t *rows, int64_t n_rows, int C, float lr, float beta1,
+                       float beta2, float eps, float wd, long t, float grad_scale);
 
 // PEER / PKM layer on the CPU (src/backend/cpu/retrieval_cpu.c); the table entries of the
 // same names in include/millipede/backend.h say what they do.
@@ -93,7 +94,8 @@ void mp_cpu_experts_forward(const mp_expert_tables *t, float *y, const float *x,
 void mp_cpu_experts_backward(const mp_expert_tables *t, float *dx, float *dgate, const float *dy,
                              const float *x, int64_t M, const int64_t *slot_start,
                              const int32_t *slot, const int32_t *row, const float *gate,
-                             const float *pre, int64_t R, int C, int relu);
+                             const float *pre, int64_t R, int C, int relu, int overwrite,
+                             double *row_ss);
 // Top-k of s (n) by score, ties to the lower index: vals (k) descending, idxs (k).
 void mp_topk(const float *s, int n, int k, float *vals, long *idxs);
 // Product-key top-k of one query: the k best of s1[a] + s2[b] over all n*n pairs, from the

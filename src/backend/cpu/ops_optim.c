@@ -22,9 +22,17 @@ static inline void adamw_element(float *p, float *m, float *v, float gi, float l
     *p -= lr * (mhat / (sqrtf(vhat) + eps) + wd * *p);
 }
 
-void mp_cpu_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
-                  float beta2, float eps, float wd, long t, float grad_scale) {
+// The CPU keeps no bf16 copies (its backend has no to_bf16), so a bf16 destination is a
+// caller's mistake, not something to round here.
+static void no_bf16(const uint16_t *p_bf16) {
+    if (p_bf16) mp_fatal("the CPU backend has no bf16 copies: adamw takes p_bf16 = NULL");
+}
+
+void mp_cpu_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
+                  float lr, float beta1, float beta2, float eps, float wd, long t,
+                  float grad_scale) {
     // p, g, m, v (n); t is the 1-based step (docs/model.md, Training)
+    no_bf16(p_bf16);
     float bc1 = 1.0f - powf(beta1, (float)t);
     float bc2 = 1.0f - powf(beta2, (float)t);
     #pragma omp parallel for simd schedule(static)
@@ -33,11 +41,12 @@ void mp_cpu_adamw(float *p, const float *g, float *m, float *v, size_t n, float 
     }
 }
 
-void mp_cpu_adamw_rows(float *p, const float *g, float *m, float *v, const int32_t *rows,
-                       int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
-                       float wd, long t, float grad_scale) {
+void mp_cpu_adamw_rows(float *p, const float *g, float *m, float *v, uint16_t *p_bf16,
+                       const int32_t *rows, int64_t n_rows, int C, float lr, float beta1,
+                       float beta2, float eps, float wd, long t, float grad_scale) {
     // p, g, m, v (*, C); rows (n_rows) distinct. The bias corrections and the element
     // formula are mp_cpu_adamw's, so a listed row moves exactly as under the dense op.
+    no_bf16(p_bf16);
     float bc1 = 1.0f - powf(beta1, (float)t);
     float bc2 = 1.0f - powf(beta2, (float)t);
     #pragma omp parallel for schedule(static)
@@ -51,12 +60,6 @@ void mp_cpu_adamw_rows(float *p, const float *g, float *m, float *v, const int32
                           bc1, bc2);
         }
     }
-}
-
-void mp_cpu_zero_rows(float *x, const int32_t *rows, int64_t n_rows, int C) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < n_rows; r++)
-        memset(x + (size_t)rows[r] * (size_t)C, 0, (size_t)C * sizeof(float));
 }
 
 static double block_sum_squares(const float *x, size_t n) {
@@ -84,16 +87,21 @@ double mp_cpu_sum_squares(const float *x, size_t n) {
     return s;
 }
 
-double mp_cpu_sum_squares_rows(const float *x, const int32_t *rows, int64_t n_rows, int C) {
-    if (n_rows <= 0) return 0.0;
-    // one partial per row, written by one thread, added in list order: the sum depends on
-    // the list only, not on the thread count
-    double *part = mp_malloc((size_t)n_rows * sizeof(double));   // (n_rows)
+double mp_cpu_sum_f64(const double *x, size_t n) {
+    // x (n): one partial per SS_BLOCK elements, each added in element order by one thread,
+    // the partials in block order; the CUDA op adds in another fixed order
+    size_t nblk = (n + SS_BLOCK - 1) / SS_BLOCK;
+    double *part = mp_malloc((nblk ? nblk : 1) * sizeof(double));   // (nblk)
     #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < n_rows; r++)
-        part[r] = block_sum_squares(x + (size_t)rows[r] * (size_t)C, (size_t)C);
+    for (size_t k = 0; k < nblk; k++) {
+        size_t lo = k * SS_BLOCK, hi = n - lo < SS_BLOCK ? n : lo + SS_BLOCK;
+        double s = 0.0;
+        for (size_t i = lo; i < hi; i++) s += x[i];
+        part[k] = s;
+    }
     double s = 0.0;
-    for (int64_t r = 0; r < n_rows; r++) s += part[r];
+    for (size_t k = 0; k < nblk; k++) s += part[k];
     free(part);
     return s;
 }
+

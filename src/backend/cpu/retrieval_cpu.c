@@ -317,12 +317,23 @@ static int cmp_i32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+// sum of squares of x (n) in double, in element order (each product is exact in double)
+static double row_sum_squares(const float *x, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
 // dU and dV, one expert row at a time: records are bucketed by row (a stable counting
-// sort over the touched rows), so each row sums its records in arrival order.
+// sort over the touched rows), so each row sums its records in arrival order. overwrite:
+// a touched row starts from zero (0 + a == a: the same bits as zeroing first), and a dirty
+// row without records is zeroed.
 static void expert_grads(const mp_expert_tables *t, const float *dy, const float *x,
                          const int32_t *slot, const int32_t *row, const float *gate,
-                         const float *pre, const float *dpre, int64_t R, int C, int relu) {
+                         const float *pre, const float *dpre, int64_t R, int C, int relu,
+                         int overwrite, double *row_ss) {
     int peer = t->u != NULL;
+    uint8_t *dirty = t->dirty;   // (rows)
     size_t nr = (size_t)(R ? R : 1);
     int64_t *cnt = g_count = mp_grow(g_count, &g_cap_count, (size_t)(t->rows ? t->rows : 1) * sizeof(int64_t));   // (rows)
     int64_t *begin = g_begin = mp_grow(g_begin, &g_cap_begin, (nr + 1) * sizeof(int64_t));   // (touched+1)
@@ -343,11 +354,28 @@ static void expert_grads(const mp_expert_tables *t, const float *dy, const float
     }
     begin[n_touched] = acc;
     for (int64_t i = 0; i < R; i++) items[cnt[row[i]]++] = i;
+    if (overwrite) {   // the rows without records: one pass over the flags, touched ones 2
+        for (long k = 0; k < n_touched; k++) dirty[touched[k]] = 2;
+#pragma omp parallel for schedule(static)
+        for (long r = 0; r < t->rows; r++) {
+            if (dirty[r] == 2) continue;
+            if (dirty[r]) {
+                if (peer) memset(t->du + (size_t)r * C, 0, (size_t)C * sizeof(float));
+                memset(t->dv + (size_t)r * C, 0, (size_t)C * sizeof(float));
+                dirty[r] = 0;
+            }
+            if (row_ss) row_ss[r] = 0.0;
+        }
+    }
 #pragma omp parallel for schedule(dynamic, 16)
     for (long k = 0; k < n_touched; k++) {
         long r = touched[k];
         float *dv = t->dv + r * C;
         float *du = peer ? t->du + r * C : NULL;
+        if (overwrite) {
+            memset(dv, 0, (size_t)C * sizeof(float));
+            if (peer) memset(du, 0, (size_t)C * sizeof(float));
+        }
         for (int64_t p = begin[k]; p < begin[k + 1]; p++) {
             int64_t i = items[p], m = slot[i];
             float g = gate[i];
@@ -357,13 +385,16 @@ static void expert_grads(const mp_expert_tables *t, const float *dy, const float
             }
             axpy(dv, g, dy + m * C, C);
         }
+        dirty[r] = 1;
+        if (row_ss) row_ss[r] = (peer ? row_sum_squares(du, C) : 0.0) + row_sum_squares(dv, C);
     }
 }
 
 void mp_cpu_experts_backward(const mp_expert_tables *t, float *dx, float *dgate, const float *dy,
                              const float *x, int64_t M, const int64_t *slot_start,
                              const int32_t *slot, const int32_t *row, const float *gate,
-                             const float *pre, int64_t R, int C, int relu) {
+                             const float *pre, int64_t R, int C, int relu, int overwrite,
+                             double *row_ss) {
     const float *U = t->u, *V = t->v;   // (rows, C)
     int peer = U != NULL;
     float *dpre = g_dpre = mp_grow(g_dpre, &g_cap_dpre, (size_t)(R ? R : 1) * sizeof(float));   // (R)
@@ -385,5 +416,5 @@ void mp_cpu_experts_backward(const mp_expert_tables *t, float *dx, float *dgate,
             }
         }
     }
-    expert_grads(t, dy, x, slot, row, gate, pre, dpre, R, C, relu);
+    expert_grads(t, dy, x, slot, row, gate, pre, dpre, R, C, relu, overwrite, row_ss);
 }

@@ -95,7 +95,19 @@ void *mp_cuda_scratch(int slot, size_t bytes) {
 }
 
 // ---------------------------------------------------------------------------------------
-// GEMMs
+// GEMMs (the arithmetic of each: cuda_common.h)
+
+static int g_precision = MP_PRECISION_FP32;
+
+int mp_cuda_precision(void) { return g_precision; }
+
+static int cuda_set_precision(int precision) {
+    if (precision != MP_PRECISION_FP32 && precision != MP_PRECISION_BF16)
+        mp_fatal("set_precision: unknown precision %d", precision);
+    int old = g_precision;
+    g_precision = precision;
+    return old;
+}
 
 static __global__ void scale_rows_kernel(float *C, int M, int N, int ldc, float beta) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
@@ -104,29 +116,66 @@ static __global__ void scale_rows_kernel(float *C, int M, int N, int ldc, float 
     *c = beta == 0.0f ? 0.0f : beta * *c;   // beta = 0: C is not read (BLAS rule)
 }
 
+// An empty sum (K = 0) is C = beta C, which cuBLAS does not promise for k = 0: done here.
+// Returns 1 when nothing is left for cuBLAS.
+static int gemm_trivial(int M, int N, int K, float beta, float *C, int ldc) {
+    if (M <= 0 || N <= 0) return 1;
+    if (K > 0) return 0;
+    if (beta != 1.0f) {
+        scale_rows_kernel<<<mp_blocks((size_t)M * N, 256), 256>>>(C, M, N, ldc, beta);
+        KERNEL_CHECK();
+    }
+    return 1;
+}
+
 void mp_cuda_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                    int lda, const float *B, int ldb, float beta, float *C, int ldc) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {   // empty sum: C = beta C
-        if (beta != 1.0f) {
-            scale_rows_kernel<<<mp_blocks((size_t)M * N, 256), 256>>>(C, M, N, ldc, beta);
-            KERNEL_CHECK();
-        }
-        return;
-    }
+    if (gemm_trivial(M, N, K, beta, C, ldc)) return;
     cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasOperation_t tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasSgemm(g_blas, tb, ta, N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc));
 }
 
-void mp_cuda_sgemm_batched(int trans_a, int trans_b, int M, int N, int K, float alpha,
-                           const float *A, int lda, long long sA, const float *B, int ldb,
-                           long long sB, float beta, float *C, int ldc, long long sC, int batch) {
-    if (M <= 0 || N <= 0 || K <= 0 || batch <= 0) return;   // callers never have K = 0
+static __global__ void round_bf16_kernel(uint16_t *dst, const float *src, size_t n, int cols,
+                                         int ld) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    dst[i] = mp_float_to_bf16(src[ld == cols ? i : i / cols * ld + i % cols]);
+}
+
+void mp_cuda_round_bf16(uint16_t *dst, const float *src, int rows, int cols, int ld) {
+    size_t n = (size_t)(rows > 0 ? rows : 0) * (cols > 0 ? cols : 0);
+    if (!n) return;
+    round_bf16_kernel<<<mp_blocks(n, 256), 256>>>(dst, src, n, cols, ld);
+    KERNEL_CHECK();
+}
+
+void mp_cuda_gemm_bf16(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                       const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta,
+                       float *C, int ldc) {
+    if (gemm_trivial(M, N, K, beta, C, ldc)) return;
     cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasOperation_t tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    CUBLAS_CHECK(cublasSgemmStridedBatched(g_blas, tb, ta, N, M, K, &alpha, B, ldb, sB, A, lda,
-                                           sA, &beta, C, ldc, sC, batch));
+    CUBLAS_CHECK(cublasGemmEx(g_blas, tb, ta, N, M, K, &alpha, B, CUDA_R_16BF, ldb, A,
+                              CUDA_R_16BF, lda, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT));
+}
+
+// for the tests (cuda.h): one GEMM in the given arithmetic, the operands rounded here in bf16
+extern "C" void mp_cuda_gemm_test(int math, int trans_a, int trans_b, int M, int N, int K,
+                                  float alpha, const float *A, int lda, const float *B, int ldb,
+                                  float beta, float *C, int ldc) {
+    if (math != MP_CUDA_GEMM_TEST_BF16) {
+        mp_cuda_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    // stored shapes: A (M,K) or, transposed, (K,M); B (K,N) or (N,K)
+    int ar = trans_a ? K : M, ac = trans_a ? M : K, br = trans_b ? N : K, bc = trans_b ? K : N;
+    uint16_t *a = (uint16_t *)mp_cuda_scratch(SCR_GEMM_A, (size_t)ar * ac * sizeof(uint16_t));
+    uint16_t *b = (uint16_t *)mp_cuda_scratch(SCR_GEMM_B, (size_t)br * bc * sizeof(uint16_t));
+    mp_cuda_round_bf16(a, A, ar, ac, lda);
+    mp_cuda_round_bf16(b, B, br, bc, ldb);
+    mp_cuda_gemm_bf16(trans_a, trans_b, M, N, K, alpha, a, ac, b, bc, beta, C, ldc);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -232,6 +281,8 @@ static void fill_table(mp_backend *b) {
     b->layernorm_backward = mp_cuda_layernorm_backward;
     b->matmul_forward = mp_cuda_matmul_forward;
     b->matmul_backward = mp_cuda_matmul_backward;
+    b->set_precision = cuda_set_precision;
+    b->attention_state_floats = mp_cuda_attention_state_floats;
     b->attention_forward = mp_cuda_attention_forward;
     b->attention_backward = mp_cuda_attention_backward;
     b->gelu_forward = mp_cuda_gelu_forward;
@@ -252,9 +303,8 @@ static void fill_table(mp_backend *b) {
     b->scatter_add_rows = mp_cuda_scatter_add_rows;
     b->adamw = mp_cuda_adamw;
     b->sum_squares = mp_cuda_sum_squares;
+    b->sum_f64 = mp_cuda_sum_f64;
     b->adamw_rows = mp_cuda_adamw_rows;
-    b->sum_squares_rows = mp_cuda_sum_squares_rows;
-    b->zero_rows = mp_cuda_zero_rows;
     b->to_bf16 = mp_cuda_to_bf16;
 }
 
@@ -293,7 +343,7 @@ extern "C" const mp_backend *mp_backend_cuda(char *err, size_t err_len) {
         return NULL;
     }
     // plain fp32 GEMMs (no TF32 tensor-core rounding): fp32 mode must match the CPU
-    // backend to 1e-4
+    // backend to 1e-4; bf16 mode's GEMMs ask for bf16 per call, by data type
     CUBLAS_CHECK(cublasSetMathMode(g_blas, CUBLAS_DEFAULT_MATH));
     snprintf(g_device_name, sizeof g_device_name, "%.200s (GPU %d of %d, sm_%d%d)", prop.name, dev,
              count, prop.major, prop.minor);

@@ -30,6 +30,13 @@ size_t mp_cuda_memory_used(void);
 void mp_cuda_product_topk(const float *s1, const float *s2, const float *bias, int H, long rows,
                           int n, int k, int32_t *sel, int32_t *sel_a, int32_t *sel_b,
                           float *gate);
+// Row-major C (M,N) = alpha op(A) op(B) + beta C (as mp_cpu_sgemm) in the arithmetic `math`
+// of the backend's GEMMs: fp32 (cublasSgemm), or bf16 (A and B rounded to bf16 into
+// scratch, then the bf16 GEMM with fp32 accumulation). Exposed for the GEMM test.
+enum { MP_CUDA_GEMM_TEST_FP32, MP_CUDA_GEMM_TEST_BF16 };
+void mp_cuda_gemm_test(int math, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                       const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                       int ldc);
 
 #ifdef __cplusplus
 }

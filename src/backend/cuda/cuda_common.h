@@ -32,13 +32,13 @@ cublasHandle_t mp_cuda_blas(void);
 // slot. An op and the helpers it calls use distinct slots.
 enum {
     SCR_COLSUM,      // column-sum partials
-    SCR_ATT,         // attention backward dP / dS
+    SCR_ATT_D,       // attention backward: D = rowsum(dO * out) per row
     SCR_SS,          // sum_squares partials
-    SCR_SS_ROWS,     // sum_squares_rows partials, one per row
     SCR_S1, SCR_S2,  // sub-key scores of a chunk of queries
     SCR_SORT_KEYS, SCR_SORT_VALS, SCR_SORT_TMP, SCR_SORT_IDX, SCR_SORT_OFF,   // mp_cuda_sort_by_key
     SCR_DPRE,        // experts backward: d(pre-activation) per record
     SCR_XB, SCR_DYB, // experts backward, bf16 mode: x and dy rounded to bf16
+    SCR_GEMM_A, SCR_GEMM_B,   // matmul, bf16 mode: GEMM operands rounded to bf16
     SCR_COUNT
 };
 void *mp_cuda_scratch(int slot, size_t bytes);
@@ -55,15 +55,31 @@ static inline int mp_rows_per_block(int N, int want) {
     return need > want ? need : want;
 }
 
+// GEMMs. The backend's precision setting (backend.h set_precision, system.precision) picks
+// the arithmetic:
+// - MP_PRECISION_FP32: every GEMM is cublasSgemm in the default math mode (no TF32).
+// - MP_PRECISION_BF16: matmul rounds its operands to bf16 (mp_cuda_round_bf16) and runs
+//   mp_cuda_gemm_bf16 (tensor cores, fp32 accumulation and output). The only GEMMs that
+//   keep fp32 operands are the PEER route's (the query forward, src/model/route.c, and the
+//   sub-key scores, retrieval_route.cu), and they stay plain fp32 rather than TF32: they
+//   pick experts (docs/cuda.md, "Precision"). Attention has its own kernels.
+int mp_cuda_precision(void);   // MP_PRECISION_FP32 or MP_PRECISION_BF16
+
 // Row-major C (M,N) = alpha op(A) op(B) + beta C, like mp_cpu_sgemm: op = transpose when
 // trans_x is non-zero (A is then stored (K,M), B (N,K)). cuBLAS is column-major, so this is
-// C^T = op(B)^T op(A)^T with the operands swapped and the same transpose flags.
+// C^T = op(B)^T op(A)^T with the operands swapped and the same transpose flags. fp32
+// (cublasSgemm, CUBLAS_DEFAULT_MATH: no TF32).
 void mp_cuda_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                    int lda, const float *B, int ldb, float beta, float *C, int ldc);
-// The same for `batch` products, operand i at A + i*sA, B + i*sB, C + i*sC.
-void mp_cuda_sgemm_batched(int trans_a, int trans_b, int M, int N, int K, float alpha,
-                           const float *A, int lda, long long sA, const float *B, int ldb,
-                           long long sB, float beta, float *C, int ldc, long long sC, int batch);
+// dst (rows, cols), contiguous = src (rows, cols, leading dimension ld >= cols) rounded to
+// bf16 (to nearest, ties to even: mp_float_to_bf16).
+void mp_cuda_round_bf16(uint16_t *dst, const float *src, int rows, int cols, int ld);
+// mp_cuda_gemm on bf16 operands (raw bits, e.g. from mp_cuda_round_bf16): the products of
+// two bf16 values are exact in fp32, the sums fp32 (cublasGemmEx: CUDA_R_16BF A and B,
+// CUDA_R_32F C, CUBLAS_COMPUTE_32F). C, alpha and beta stay fp32.
+void mp_cuda_gemm_bf16(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                       const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta,
+                       float *C, int ldc);
 
 // out (C) += column sums of in (N, C), in a fixed order (row blocks, then blocks in order).
 void mp_cuda_colsum_add(float *out, const float *in, int N, int C);
@@ -74,6 +90,20 @@ void mp_cuda_colsum_add(float *out, const float *in, int N, int C);
 // run starts in idx. The results live in scratch (SCR_SORT_*) until the next sort.
 void mp_cuda_sort_by_key(const int32_t *key, int64_t R, int64_t key_bound, const int32_t **idx,
                          const int32_t **skey, const int32_t **off);
+
+// 16-byte accesses (float4, uint4) must be 16-byte aligned: a GPU faults on one that is not,
+// x86 does it quietly, so the emulator (tests/cuda_emu) defines this check; here it is free.
+#ifndef MP_CHECK_ALIGN16
+#define MP_CHECK_ALIGN16(p) ((void)0)
+#endif
+
+// Loops over register arrays with compile-time trip counts: nvcc unrolls them, so the
+// arrays stay in registers; the CPU emulator's C++ compiler has no such pragma.
+#ifdef __CUDACC__
+#define UNROLL _Pragma("unroll")
+#else
+#define UNROLL
+#endif
 
 // warp sums (every lane gets the total); the butterfly order is fixed
 __device__ __forceinline__ float mp_warp_sum(float v) {
@@ -130,10 +160,12 @@ void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const 
                             int N, int C, int OC);
 void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                              const float *inp, const float *w, int N, int C, int OC);
+size_t mp_cuda_attention_state_floats(int B, int T, int C, int NH);
 void mp_cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
                                int NH);
 void mp_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                                const float *att, int B, int T, int C, int NH);
+                                const float *out, const float *att, int B, int T, int C,
+                                int NH);
 void mp_cuda_gelu_forward(float *out, const float *inp, long n);
 void mp_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
 void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n);
@@ -143,14 +175,14 @@ void mp_cuda_crossentropy_forward(float *losses, float *probs, const float *logi
                                   const int32_t *targets, int N, int V);
 void mp_cuda_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
                                    float dloss, int N, int V);
-void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
-                   float beta2, float eps, float wd, long t, float grad_scale);
+void mp_cuda_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
+                   float lr, float beta1, float beta2, float eps, float wd, long t,
+                   float grad_scale);
 double mp_cuda_sum_squares(const float *x, size_t n);
-void mp_cuda_adamw_rows(float *p, const float *g, float *m, float *v, const int32_t *rows,
-                        int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
-                        float wd, long t, float grad_scale);
-double mp_cuda_sum_squares_rows(const float *x, const int32_t *rows, int64_t n_rows, int C);
-void mp_cuda_zero_rows(float *x, const int32_t *rows, int64_t n_rows, int C);
+double mp_cuda_sum_f64(const double *x, size_t n);
+void mp_cuda_adamw_rows(float *p, const float *g, float *m, float *v, uint16_t *p_bf16,
+                        const int32_t *rows, int64_t n_rows, int C, float lr, float beta1,
+                        float beta2, float eps, float wd, long t, float grad_scale);
 void mp_cuda_to_bf16(uint16_t *dst, const float *src, size_t n);
 void mp_cuda_query_bn_stats(double *sums, const float *q, const double *mean, int N, int HD);
 void mp_cuda_query_bn_forward(float *qn, const float *q, const float *w, const float *b,
@@ -176,4 +208,5 @@ void mp_cuda_experts_forward(const mp_expert_tables *t, float *y, const float *x
 void mp_cuda_experts_backward(const mp_expert_tables *t, float *dx, float *dgate, const float *dy,
                               const float *x, int64_t M, const int64_t *slot_start,
                               const int32_t *slot, const int32_t *row, const float *gate,
-                              const float *pre, int64_t R, int C, int relu);
+                              const float *pre, int64_t R, int C, int relu, int overwrite,
+                              double *row_ss);

@@ -175,10 +175,24 @@ static __global__ void add_bias_kernel(float *out, const float *bias, int N, int
     if (i < (size_t)N * OC) out[i] += bias[i % OC];
 }
 
+// bf16 mode: each GEMM's operands are rounded to bf16 into scratch (one pass of 4 + 2 bytes
+// per element) and the GEMM runs on tensor cores with fp32 sums; out, dinp, dw and the bias
+// stay fp32. dout is rounded once for both backward GEMMs.
+static uint16_t *bf16_copy(int slot, const float *x, int rows, int cols) {
+    uint16_t *b = (uint16_t *)mp_cuda_scratch(slot, (size_t)rows * cols * sizeof(uint16_t));
+    mp_cuda_round_bf16(b, x, rows, cols, cols);
+    return b;
+}
+
 void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
                             int N, int C, int OC) {
     if (N <= 0 || OC <= 0) return;
-    mp_cuda_sgemm(0, 1, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
+    if (mp_cuda_precision() == MP_PRECISION_BF16 && C > 0) {
+        const uint16_t *ib = bf16_copy(SCR_GEMM_A, inp, N, C), *wb = bf16_copy(SCR_GEMM_B, w, OC, C);
+        mp_cuda_gemm_bf16(0, 1, N, OC, C, 1.0f, ib, C, wb, C, 0.0f, out, OC);
+    } else {
+        mp_cuda_sgemm(0, 1, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
+    }
     if (bias) {
         add_bias_kernel<<<mp_blocks((size_t)N * OC, 256), 256>>>(out, bias, N, OC);
         KERNEL_CHECK();
@@ -188,8 +202,20 @@ void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const 
 void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                              const float *inp, const float *w, int N, int C, int OC) {
     if (N <= 0 || OC <= 0 || C <= 0) return;
-    if (dinp) mp_cuda_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, 1.0f, dinp, C);
-    if (dw) mp_cuda_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
+    if (mp_cuda_precision() == MP_PRECISION_BF16 && (dinp || dw)) {
+        const uint16_t *db = bf16_copy(SCR_GEMM_A, dout, N, OC);   // (N, OC)
+        if (dinp) {
+            const uint16_t *wb = bf16_copy(SCR_GEMM_B, w, OC, C);   // (OC, C)
+            mp_cuda_gemm_bf16(0, 0, N, C, OC, 1.0f, db, OC, wb, C, 1.0f, dinp, C);
+        }
+        if (dw) {
+            const uint16_t *ib = bf16_copy(SCR_GEMM_B, inp, N, C);  // (N, C)
+            mp_cuda_gemm_bf16(1, 0, OC, C, N, 1.0f, db, OC, ib, C, 1.0f, dw, C);
+        }
+    } else {
+        if (dinp) mp_cuda_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, 1.0f, dinp, C);
+        if (dw) mp_cuda_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
+    }
     if (dbias) mp_cuda_colsum_add(dbias, dout, N, OC);
 }
 

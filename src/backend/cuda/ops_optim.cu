@@ -1,5 +1,6 @@
-// CUDA optimizer ops: AdamW on one contiguous range or on a list of rows (lazy AdamW) and
-// the sums of squares for clipping
+// CUDA optimizer ops: AdamW on one contiguous range or on a list of rows (lazy AdamW),
+// writing the bf16 copy of what they update in the same pass when asked, and the sums of
+// squares for clipping
 // (src/backend/cpu/ops_optim.c has the same math and block order), and the bf16 copies of
 // the expert tables that system.precision = bf16 reads.
 #include <math.h>
@@ -23,58 +24,53 @@ __device__ __forceinline__ void adamw_element(float *p, float *m, float *v, floa
     *p -= lr * (mhat / (sqrtf(vhat) + eps) + wd * *p);
 }
 
-static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n,
-                                    float lr, float beta1, float beta2, float eps, float wd,
-                                    float bc1, float bc2, float grad_scale) {
+// The bf16 copy (pb, or NULL) of the p just written, rounded as to_bf16 rounds: p is
+// still in a register, so the copy costs a 2-byte store instead of to_bf16's second pass
+// over p (4-byte read, 2-byte store).
+static __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, uint16_t *pb,
+                                    size_t n, float lr, float beta1, float beta2, float eps,
+                                    float wd, float bc1, float bc2, float grad_scale) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= n) return;
     adamw_element(p + i, m + i, v + i, g[i] * grad_scale, lr, beta1, beta2, eps, wd, bc1, bc2);
+    if (pb) pb[i] = mp_float_to_bf16(p[i]);
 }
 
-void mp_cuda_adamw(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
-                   float beta2, float eps, float wd, long t, float grad_scale) {
+void mp_cuda_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
+                   float lr, float beta1, float beta2, float eps, float wd, long t,
+                   float grad_scale) {
     if (!n) return;
     // bias corrections on the host, exactly as the CPU computes them
     float bc1 = 1.0f - powf(beta1, (float)t);
     float bc2 = 1.0f - powf(beta2, (float)t);
-    adamw_kernel<<<mp_blocks(n, 256), 256>>>(p, g, m, v, n, lr, beta1, beta2, eps, wd, bc1, bc2,
-                                             grad_scale);
+    adamw_kernel<<<mp_blocks(n, 256), 256>>>(p, g, m, v, p_bf16, n, lr, beta1, beta2, eps, wd,
+                                             bc1, bc2, grad_scale);
     KERNEL_CHECK();
 }
 
 // one block per listed row, its threads striding over the row's C elements: each row is
-// updated by one block, so the update needs no atomics
+// updated by one block, so the update needs no atomics; pb (or NULL) as in adamw_kernel
 static __global__ void adamw_rows_kernel(float *p, const float *g, float *m, float *v,
-                                         const int32_t *rows, int C, float lr, float beta1,
-                                         float beta2, float eps, float wd, float bc1, float bc2,
-                                         float grad_scale) {
+                                         uint16_t *pb, const int32_t *rows, int C, float lr,
+                                         float beta1, float beta2, float eps, float wd,
+                                         float bc1, float bc2, float grad_scale) {
     size_t o = (size_t)rows[blockIdx.x] * (size_t)C;
     for (int j = threadIdx.x; j < C; j += blockDim.x) {
         size_t i = o + j;
         adamw_element(p + i, m + i, v + i, g[i] * grad_scale, lr, beta1, beta2, eps, wd, bc1,
                       bc2);
+        if (pb) pb[i] = mp_float_to_bf16(p[i]);
     }
 }
 
-void mp_cuda_adamw_rows(float *p, const float *g, float *m, float *v, const int32_t *rows,
-                        int64_t n_rows, int C, float lr, float beta1, float beta2, float eps,
-                        float wd, long t, float grad_scale) {
+void mp_cuda_adamw_rows(float *p, const float *g, float *m, float *v, uint16_t *p_bf16,
+                        const int32_t *rows, int64_t n_rows, int C, float lr, float beta1,
+                        float beta2, float eps, float wd, long t, float grad_scale) {
     if (n_rows <= 0) return;
     float bc1 = 1.0f - powf(beta1, (float)t);
     float bc2 = 1.0f - powf(beta2, (float)t);
-    adamw_rows_kernel<<<(unsigned)n_rows, 256>>>(p, g, m, v, rows, C, lr, beta1, beta2, eps, wd,
-                                                 bc1, bc2, grad_scale);
-    KERNEL_CHECK();
-}
-
-static __global__ void zero_rows_kernel(float *x, const int32_t *rows, int C) {
-    size_t o = (size_t)rows[blockIdx.x] * (size_t)C;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) x[o + j] = 0.0f;
-}
-
-void mp_cuda_zero_rows(float *x, const int32_t *rows, int64_t n_rows, int C) {
-    if (n_rows <= 0) return;
-    zero_rows_kernel<<<(unsigned)n_rows, 256>>>(x, rows, C);
+    adamw_rows_kernel<<<(unsigned)n_rows, 256>>>(p, g, m, v, p_bf16, rows, C, lr, beta1, beta2,
+                                                 eps, wd, bc1, bc2, grad_scale);
     KERNEL_CHECK();
 }
 
@@ -114,25 +110,25 @@ double mp_cuda_sum_squares(const float *x, size_t n) {
     return s;
 }
 
-// one block per listed row: its double partial, summed in the fixed tree of
-// sum_squares_kernel
-static __global__ void sum_squares_rows_kernel(double *part, const float *x, const int32_t *rows,
-                                               int C) {
-    const float *xr = x + (size_t)rows[blockIdx.x] * (size_t)C;
+// one block per SS_BLOCK doubles, as sum_squares_kernel: the block's sum in a fixed tree
+static __global__ void sum_f64_kernel(double *part, const double *x, size_t n) {
+    size_t lo = (size_t)blockIdx.x * SS_BLOCK, hi = lo + SS_BLOCK < n ? lo + SS_BLOCK : n;
     double s = 0.0;
-    for (int i = threadIdx.x; i < C; i += SS_THREADS) s += (double)xr[i] * xr[i];
+    for (size_t i = lo + threadIdx.x; i < hi; i += SS_THREADS) s += x[i];
     block_partial(part, s);
 }
 
-double mp_cuda_sum_squares_rows(const float *x, const int32_t *rows, int64_t n_rows, int C) {
-    if (n_rows <= 0) return 0.0;
-    double *part = (double *)mp_cuda_scratch(SCR_SS_ROWS, (size_t)n_rows * sizeof(double));
-    sum_squares_rows_kernel<<<(unsigned)n_rows, SS_THREADS>>>(part, x, rows, C);
+double mp_cuda_sum_f64(const double *x, size_t n) {
+    if (!n) return 0.0;
+    size_t nblk = (n + SS_BLOCK - 1) / SS_BLOCK;
+    // SCR_SS: sum_squares's partials, free again once either op has returned
+    double *part = (double *)mp_cuda_scratch(SCR_SS, nblk * sizeof(double));   // (nblk)
+    sum_f64_kernel<<<(unsigned)nblk, SS_THREADS>>>(part, x, n);
     KERNEL_CHECK();
-    double *host = (double *)mp_malloc((size_t)n_rows * sizeof(double));   // (n_rows)
-    CUDA_CHECK(cudaMemcpy(host, part, (size_t)n_rows * sizeof(double), cudaMemcpyDeviceToHost));
+    double *host = (double *)mp_malloc(nblk * sizeof(double));
+    CUDA_CHECK(cudaMemcpy(host, part, nblk * sizeof(double), cudaMemcpyDeviceToHost));
     double s = 0.0;
-    for (int64_t r = 0; r < n_rows; r++) s += host[r];   // in list order, as on the CPU
+    for (size_t k = 0; k < nblk; k++) s += host[k];   // in block order
     free(host);
     return s;
 }

@@ -6,11 +6,15 @@
 // Forward and the input side of backward run one block per slot (received token): its x
 // (or dy) row is staged in shared memory, one warp per record computes u_row . x (or
 // dy . v_row), then every thread owns a set of columns and sums its records' rows in record
-// order. The expert gradients run one block per expert row over the records sorted by row
-// (a stable radix sort, sort.cu): each touched row of dU and dV is read and written once per
-// batch, its value a sum over its records in record order, without atomics, so gradients are
-// bitwise repeatable. Nothing of shape (tokens, H, k, d) is ever stored: per record only the
-// pre-activation (forward) and its gradient (backward) are kept.
+// order. The expert gradients run a persistent grid over the expert rows, the records sorted
+// by row (a stable radix sort, sort.cu): each touched row of dU and dV is written once per
+// batch (read too when a later micro-batch adds to it), its value a sum over its records in
+// record order, without atomics, so gradients are bitwise repeatable. The step's first
+// micro-batch overwrites instead of adding and zeroes the rows written before that it does
+// not touch (mp_expert_tables.dirty), so no pass over the whole tables is needed. Table,
+// x and dy rows are read 16 bytes at a time when C and the bases allow. Nothing of shape
+// (tokens, H, k, d) is ever stored: per record only the pre-activation (forward) and its
+// gradient (backward) are kept.
 #include "backend/cuda/cuda_common.h"
 
 #define EXP_THREADS 256
@@ -27,10 +31,50 @@ static void check_width(int C) {
     if (C > EXP_MAX_C) mp_fatal("CUDA experts support d_model <= %d, got %d", EXP_MAX_C, C);
 }
 
+// V consecutive elements at p as floats: V = 1, or 16-byte loads (4 floats, 8 bf16 whose
+// element 2i is the low half of word i: little-endian)
+template <int V>
+__device__ __forceinline__ void load_vals(float *o, const float *p) {
+    if (V == 1)
+        o[0] = *p;
+    else
+        for (int k = 0; k < V; k += 4) {
+            MP_CHECK_ALIGN16(p + k);
+            float4 f = *(const float4 *)(p + k);
+            o[k] = f.x; o[k + 1] = f.y; o[k + 2] = f.z; o[k + 3] = f.w;
+        }
+}
+template <int V>
+__device__ __forceinline__ void load_vals(float *o, const uint16_t *p) {
+    if (V == 1)
+        o[0] = mp_bf16_to_float(*p);
+    else
+        for (int k = 0; k < V; k += 8) {
+            MP_CHECK_ALIGN16(p + k);
+            uint4 u = *(const uint4 *)(p + k);
+            unsigned w[4] = {u.x, u.y, u.z, u.w};
+            for (int i = 0; i < 4; i++) {
+                o[k + 2 * i] = __uint_as_float(w[i] << 16);
+                o[k + 2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+            }
+        }
+}
+template <int V>
+__device__ __forceinline__ void store_vals(float *p, const float *o) {
+    if (V == 1)
+        *p = o[0];
+    else
+        for (int k = 0; k < V; k += 4) {
+            MP_CHECK_ALIGN16(p + k);
+            *(float4 *)(p + k) = make_float4(o[k], o[k + 1], o[k + 2], o[k + 3]);
+        }
+}
+
 // y[m] = sum over the slot's records of w_i v_row, w_i = gate_i act(u_row . x[m]) (PEER) or
 // gate_i (PKM); pre_i = u_row . x[m]. T: the tables' element type, float (fp32) or uint16_t
-// (bf16 bits); sums in fp32 either way.
-template <bool PEER, class T>
+// (bf16 bits); sums in fp32 either way. W: table elements per 16-byte load (4 fp32, 8
+// bf16), or 1 (scalar); y's sums do not depend on W, pre's order does (each lane's columns).
+template <bool PEER, class T, int W>
 static __global__ void experts_forward_kernel(float *y, const float *x, const int64_t *slot_start,
                                               const int32_t *row, const float *gate, float *pre,
                                               const T *U, const T *V, int C, int relu) {
@@ -51,8 +95,11 @@ static __global__ void experts_forward_kernel(float *y, const float *x, const in
             for (int j = wid; j < cnt; j += nw) {
                 int64_t i = base + j;
                 const T *u = U + (size_t)row[i] * C;
-                float s = 0.0f;
-                for (int c = lane; c < C; c += 32) s += mp_table_load(u + c) * xs[c];
+                float s = 0.0f, a[W];
+                for (int c = lane * W; c < C; c += 32 * W) {
+                    load_vals<W>(a, u + c);
+                    for (int k = 0; k < W; k++) s += a[k] * xs[c + k];
+                }
                 s = mp_warp_sum(s);
                 if (lane == 0) {
                     pre[i] = s;
@@ -67,27 +114,52 @@ static __global__ void experts_forward_kernel(float *y, const float *x, const in
             }
         }
         __syncthreads();
-        for (int c = tid; c < C; c += nthr) {
-            float acc = ys[c];
-            for (int j = 0; j < cnt; j++) acc += ws[j] * mp_table_load(V + (size_t)rs[j] * C + c);
-            ys[c] = acc;
+        for (int c = tid * W; c < C; c += nthr * W) {
+            float acc[W], a[W];
+            for (int k = 0; k < W; k++) acc[k] = ys[c + k];
+            for (int j = 0; j < cnt; j++) {
+                load_vals<W>(a, V + (size_t)rs[j] * C + c);
+                for (int k = 0; k < W; k++) acc[k] += ws[j] * a[k];
+            }
+            for (int k = 0; k < W; k++) ys[c + k] = acc[k];
         }
         __syncthreads();
     }
     for (int c = tid; c < C; c += nthr) y[m * C + c] = ys[c];
 }
 
-// one launch per (kind, table type); above 48 KiB of shared memory a kernel has to opt in
+static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+// 16-byte loads of table rows when every row starts 16-byte aligned: C a multiple of the
+// elements per load and the tables' bases aligned (a table inside a group may not be)
+template <class T>
+static bool rows_vec(const T *U, const T *V, int C) {
+    return C % (int)(16 / sizeof(T)) == 0 && aligned16(U) && aligned16(V);
+}
+
+// one launch per (kind, table type, load width); above 48 KiB of shared memory a kernel has
+// to opt in
+template <bool PEER, class T, int W>
+static void forward_launch_w(float *y, const float *x, int64_t M, const int64_t *slot_start,
+                             const int32_t *row, const float *gate, float *pre, const T *U,
+                             const T *V, int C, int relu) {
+    size_t shb = shared_bytes(C);
+    CUDA_CHECK(cudaFuncSetAttribute(experts_forward_kernel<PEER, T, W>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
+    experts_forward_kernel<PEER, T, W><<<(unsigned)M, threads_for(C), shb>>>(
+        y, x, slot_start, row, gate, pre, U, V, C, relu);
+    KERNEL_CHECK();
+}
+
 template <bool PEER, class T>
 static void forward_launch(float *y, const float *x, int64_t M, const int64_t *slot_start,
                            const int32_t *row, const float *gate, float *pre, const T *U,
                            const T *V, int C, int relu) {
-    size_t shb = shared_bytes(C);
-    CUDA_CHECK(cudaFuncSetAttribute(experts_forward_kernel<PEER, T>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
-    experts_forward_kernel<PEER, T><<<(unsigned)M, threads_for(C), shb>>>(
-        y, x, slot_start, row, gate, pre, U, V, C, relu);
-    KERNEL_CHECK();
+    if (rows_vec(U, V, C))
+        forward_launch_w<PEER, T, 16 / sizeof(T)>(y, x, M, slot_start, row, gate, pre, U, V, C,
+                                                  relu);
+    else
+        forward_launch_w<PEER, T, 1>(y, x, M, slot_start, row, gate, pre, U, V, C, relu);
 }
 
 void mp_cuda_experts_forward(const mp_expert_tables *t, float *y, const float *x, int64_t M,
@@ -111,8 +183,9 @@ void mp_cuda_experts_forward(const mp_expert_tables *t, float *y, const float *x
 }
 
 // Per slot: dv_dot_i = dy[m] . v_row; dgate_i = act(pre_i) dv_dot (PEER) or dv_dot (PKM);
-// dpre_i = gate_i dv_dot act'(pre_i); dx[m] = sum of dpre_i u_row (written; 0 for PKM)
-template <bool PEER, class T>
+// dpre_i = gate_i dv_dot act'(pre_i); dx[m] = sum of dpre_i u_row (written; 0 for PKM).
+// W as in the forward: dx's sums do not depend on it, dv_dot's order does.
+template <bool PEER, class T, int W>
 static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, const float *dy,
                                          const int64_t *slot_start, const int32_t *row,
                                          const float *gate, const float *pre, const T *U,
@@ -133,8 +206,11 @@ static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, c
         for (int j = wid; j < cnt; j += nw) {
             int64_t i = base + j;
             const T *v = V + (size_t)row[i] * C;
-            float s = 0.0f;
-            for (int c = lane; c < C; c += 32) s += dys[c] * mp_table_load(v + c);
+            float s = 0.0f, a[W];
+            for (int c = lane * W; c < C; c += 32 * W) {
+                load_vals<W>(a, v + c);
+                for (int k = 0; k < W; k++) s += dys[c + k] * a[k];
+            }
             s = mp_warp_sum(s);
             if (lane == 0) {
                 if (PEER) {
@@ -151,10 +227,14 @@ static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, c
         }
         __syncthreads();
         if (PEER) {
-            for (int c = tid; c < C; c += nthr) {
-                float acc = dxs[c];
-                for (int j = 0; j < cnt; j++) acc += ws[j] * mp_table_load(U + (size_t)rs[j] * C + c);
-                dxs[c] = acc;
+            for (int c = tid * W; c < C; c += nthr * W) {
+                float acc[W], a[W];
+                for (int k = 0; k < W; k++) acc[k] = dxs[c + k];
+                for (int j = 0; j < cnt; j++) {
+                    load_vals<W>(a, U + (size_t)rs[j] * C + c);
+                    for (int k = 0; k < W; k++) acc[k] += ws[j] * a[k];
+                }
+                for (int k = 0; k < W; k++) dxs[c + k] = acc[k];
             }
         }
         __syncthreads();
@@ -162,102 +242,203 @@ static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, c
     for (int c = tid; c < C; c += nthr) dx[m * C + c] = dxs[c];
 }
 
-// One block per expert row: dv_row += sum of gate_i act(pre_i) dy[slot_i] and du_row +=
-// sum of dpre_i x[slot_i] over the row's records in record order (idx, off from the sort).
-// A: the activations' element type. Here x and dy rows are read once per record (not once
-// per token), so in bf16 mode they are read as bf16 copies.
-template <bool PEER, class A>
-static __global__ void experts_grad_kernel(float *du, float *dv, const int32_t *idx,
-                                           const int32_t *off, const int32_t *slot,
-                                           const float *gate, const float *pre,
-                                           const float *dpre, const A *x, const A *dy,
-                                           int C, int relu) {
+// The expert gradients, per row r of the table: dv_row (+)= sum of gate_i act(pre_i)
+// dy[slot_i] and du_row (+)= sum of dpre_i x[slot_i] over the row's records in record order
+// (idx, off from the sort; off NULL: no records). overwrite: the sums start from zero (0 + a
+// == a, the bits of zeroing first) and a row without records that dirty marks is zeroed.
+// A persistent grid: block b takes rows b, b + gridDim.x, ..., one row at a time, so a
+// row's every element has one writer and no atomics are needed. A: the activations'
+// element type; x and dy rows are read once per record (not once per token), so in bf16
+// mode they are read as bf16 copies. Each thread owns V consecutive columns at a time
+// (16-byte loads when V > 1); every element's sum is the same whichever V. row_ss (or
+// NULL): the row's sum of squares after the update, each thread's columns in order, then
+// warp butterflies, then warps in order.
+template <bool PEER, class A, int V>
+static __global__ void experts_grad_kernel(float *du, float *dv, uint8_t *dirty, double *row_ss,
+                                           const int32_t *idx, const int32_t *off,
+                                           const int32_t *slot, const float *gate,
+                                           const float *pre, const float *dpre, const A *x,
+                                           const A *dy, int64_t rows, int C, int relu,
+                                           int overwrite) {
     __shared__ float gs[EXP_CHUNK], ds[EXP_CHUNK];
     __shared__ int32_t ms[EXP_CHUNK];
-    int64_t r = blockIdx.x;
-    int p0 = off[r], p1 = off[r + 1];
-    if (p0 == p1) return;   // untouched row: no read, no write
+    __shared__ double ssw[EXP_THREADS / 32];
     int tid = threadIdx.x, nthr = blockDim.x;
-    float *dvr = dv + r * C, *dur = PEER ? du + r * C : NULL;
-    for (int base = p0; base < p1; base += EXP_CHUNK) {
-        int cnt = min(EXP_CHUNK, p1 - base);
-        for (int j = tid; j < cnt; j += nthr) {
-            int i = idx[base + j];
-            ms[j] = slot[i];
-            gs[j] = PEER ? gate[i] * mp_act_fwd(relu, pre[i]) : gate[i];
-            ds[j] = PEER ? dpre[i] : 0.0f;
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        int p0 = off ? off[r] : 0, p1 = off ? off[r + 1] : 0;
+        float *dvr = dv + (size_t)r * C, *dur = PEER ? du + (size_t)r * C : NULL;
+        if (p0 == p1) {   // no record: kept, or in overwrite mode zero
+            if (!overwrite) continue;
+            if (dirty[r]) {   // every thread reads the flag before thread 0 clears it
+                for (int c = tid; c < C; c += nthr) {
+                    dvr[c] = 0.0f;
+                    if (PEER) dur[c] = 0.0f;
+                }
+                __syncthreads();
+                if (tid == 0) dirty[r] = 0;
+            }
+            if (tid == 0 && row_ss) row_ss[r] = 0.0;
+            continue;
         }
+        double ss = 0.0;
+        for (int base = p0; base < p1; base += EXP_CHUNK) {
+            int cnt = min(EXP_CHUNK, p1 - base);
+            int first = overwrite && base == p0, last = base + cnt == p1;
+            for (int j = tid; j < cnt; j += nthr) {
+                int i = idx[base + j];
+                ms[j] = slot[i];
+                gs[j] = PEER ? gate[i] * mp_act_fwd(relu, pre[i]) : gate[i];
+                ds[j] = PEER ? dpre[i] : 0.0f;
+            }
+            __syncthreads();
+            for (int c = tid * V; c < C; c += nthr * V) {
+                float av[V], au[V], a[V];
+                if (first) for (int k = 0; k < V; k++) av[k] = 0.0f;
+                else load_vals<V>(av, dvr + c);
+                for (int j = 0; j < cnt; j++) {
+                    load_vals<V>(a, dy + (size_t)ms[j] * C + c);
+                    for (int k = 0; k < V; k++) av[k] += gs[j] * a[k];
+                }
+                store_vals<V>(dvr + c, av);
+                for (int k = 0; k < V; k++) au[k] = 0.0f;
+                if (PEER) {
+                    if (!first) load_vals<V>(au, dur + c);
+                    for (int j = 0; j < cnt; j++) {
+                        load_vals<V>(a, x + (size_t)ms[j] * C + c);
+                        for (int k = 0; k < V; k++) au[k] += ds[j] * a[k];
+                    }
+                    store_vals<V>(dur + c, au);
+                }
+                if (last)
+                    for (int k = 0; k < V; k++) ss += (double)au[k] * au[k] + (double)av[k] * av[k];
+            }
+            __syncthreads();
+        }
+        ss = mp_warp_sum_d(ss);
+        if (tid % 32 == 0) ssw[tid / 32] = ss;
         __syncthreads();
-        for (int c = tid; c < C; c += nthr) {
-            float av = dvr[c];
-            for (int j = 0; j < cnt; j++) av += gs[j] * mp_table_load(dy + (size_t)ms[j] * C + c);
-            dvr[c] = av;
-            if (PEER) {
-                float au = dur[c];
-                for (int j = 0; j < cnt; j++) au += ds[j] * mp_table_load(x + (size_t)ms[j] * C + c);
-                dur[c] = au;
+        if (tid == 0) {
+            dirty[r] = 1;
+            if (row_ss) {
+                double t = 0.0;
+                for (int w = 0; w < nthr / 32; w++) t += ssw[w];
+                row_ss[r] = t;
             }
         }
-        __syncthreads();
     }
+}
+
+template <bool PEER, class T, int W>
+static void dx_launch_w(float *dx, float *dgate, float *dpre, const float *dy, int64_t M,
+                        const int64_t *slot_start, const int32_t *row, const float *gate,
+                        const float *pre, const T *U, const T *V, int C, int relu) {
+    size_t shb = shared_bytes(C);
+    CUDA_CHECK(cudaFuncSetAttribute(experts_dx_kernel<PEER, T, W>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
+    experts_dx_kernel<PEER, T, W><<<(unsigned)M, threads_for(C), shb>>>(
+        dx, dgate, dpre, dy, slot_start, row, gate, pre, U, V, C, relu);
+    KERNEL_CHECK();
 }
 
 template <bool PEER, class T>
 static void dx_launch(float *dx, float *dgate, float *dpre, const float *dy, int64_t M,
                       const int64_t *slot_start, const int32_t *row, const float *gate,
                       const float *pre, const T *U, const T *V, int C, int relu) {
-    size_t shb = shared_bytes(C);
-    CUDA_CHECK(cudaFuncSetAttribute(experts_dx_kernel<PEER, T>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
-    experts_dx_kernel<PEER, T><<<(unsigned)M, threads_for(C), shb>>>(
-        dx, dgate, dpre, dy, slot_start, row, gate, pre, U, V, C, relu);
-    KERNEL_CHECK();
+    if (rows_vec(U, V, C))
+        dx_launch_w<PEER, T, 16 / sizeof(T)>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre,
+                                             U, V, C, relu);
+    else
+        dx_launch_w<PEER, T, 1>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, U, V, C,
+                                relu);
 }
 
-template <class A>
+// A few blocks per SM, each looping over rows: 1M rows take no 1M-block launch, and a
+// block's shared staging is set up once.
+static unsigned grad_blocks(int64_t rows) {
+    static int sms;
+    if (!sms) {
+        int dev;
+        cudaDeviceProp prop;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+        sms = prop.multiProcessorCount;
+    }
+    int64_t want = (int64_t)sms * 8;
+    return (unsigned)(rows < want ? rows : want);
+}
+
+template <class A, int V>
 static void grad_launch(const mp_expert_tables *t, int peer, const int32_t *idx,
                         const int32_t *off, const int32_t *slot, const float *gate,
                         const float *pre, const float *dpre, const A *x, const A *dy, int C,
-                        int relu) {
+                        int relu, int overwrite, double *row_ss) {
+    unsigned nb = grad_blocks(t->rows);
+    int nthr = threads_for((C + V - 1) / V);
     if (peer)
-        experts_grad_kernel<true, A><<<(unsigned)t->rows, threads_for(C)>>>(
-            t->du, t->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+        experts_grad_kernel<true, A, V><<<nb, nthr>>>(
+            t->du, t->dv, t->dirty, row_ss, idx, off, slot, gate, pre, dpre, x, dy, t->rows, C,
+            relu, overwrite);
     else
-        experts_grad_kernel<false, A><<<(unsigned)t->rows, threads_for(C)>>>(
-            NULL, t->dv, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+        experts_grad_kernel<false, A, V><<<nb, nthr>>>(
+            NULL, t->dv, t->dirty, row_ss, idx, off, slot, gate, pre, dpre, x, dy, t->rows, C,
+            relu, overwrite);
     KERNEL_CHECK();
+}
+
+// 16-byte loads when every row starts 16-byte aligned: C a multiple of the vector width and
+// the bases aligned (cudaMalloc's are; a pointer into a buffer may not be); else scalar
+template <class A>
+static void grad_launch_any(const mp_expert_tables *t, int peer, const int32_t *idx,
+                            const int32_t *off, const int32_t *slot, const float *gate,
+                            const float *pre, const float *dpre, const A *x, const A *dy, int C,
+                            int relu, int overwrite, double *row_ss) {
+    const int V = 16 / sizeof(A);   // 4 floats, 8 bf16
+    bool vec = C % V == 0 && aligned16(dy) && aligned16(t->dv) &&
+               (!peer || (aligned16(x) && aligned16(t->du)));
+    if (vec)
+        grad_launch<A, 16 / sizeof(A)>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu,
+                                       overwrite, row_ss);
+    else
+        grad_launch<A, 1>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu, overwrite,
+                          row_ss);
 }
 
 void mp_cuda_experts_backward(const mp_expert_tables *t, float *dx, float *dgate, const float *dy,
                               const float *x, int64_t M, const int64_t *slot_start,
                               const int32_t *slot, const int32_t *row, const float *gate,
-                              const float *pre, int64_t R, int C, int relu) {
+                              const float *pre, int64_t R, int C, int relu, int overwrite,
+                              double *row_ss) {
     int peer = t->u != NULL;   // PKM: values only
-    if (M <= 0) return;
     check_width(C);
     float *dpre = (float *)mp_cuda_scratch(SCR_DPRE, (size_t)(R ? R : 1) * sizeof(float));   // (R)
-    if (peer && t->v_bf16)
-        dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, t->u_bf16, t->v_bf16,
-                        C, relu);
-    else if (peer)
-        dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, t->u, t->v, C, relu);
-    else if (t->v_bf16)
-        dx_launch<false>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre,
-                         (const uint16_t *)NULL, t->v_bf16, C, relu);
-    else
-        dx_launch<false>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, (const float *)NULL,
-                         t->v, C, relu);
-    if (R <= 0 || t->rows <= 0) return;
-    const int32_t *idx, *off;
-    mp_cuda_sort_by_key(row, R, t->rows, &idx, NULL, &off);
+    if (M > 0) {
+        if (peer && t->v_bf16)
+            dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, t->u_bf16,
+                            t->v_bf16, C, relu);
+        else if (peer)
+            dx_launch<true>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre, t->u, t->v, C,
+                            relu);
+        else if (t->v_bf16)
+            dx_launch<false>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre,
+                             (const uint16_t *)NULL, t->v_bf16, C, relu);
+        else
+            dx_launch<false>(dx, dgate, dpre, dy, M, slot_start, row, gate, pre,
+                             (const float *)NULL, t->v, C, relu);
+    }
+    // no records: nothing to add, but the step's first backward still zeroes dirty rows
+    if (t->rows <= 0 || (R <= 0 && !overwrite)) return;
+    const int32_t *idx = NULL, *off = NULL;
+    if (R > 0) mp_cuda_sort_by_key(row, R, t->rows, &idx, NULL, &off);
     if (t->v_bf16) {   // bf16 mode: x and dy rounded once, then read once per record
         size_t MC = (size_t)M * C;
-        uint16_t *xb = (uint16_t *)mp_cuda_scratch(SCR_XB, MC * sizeof(uint16_t));   // (M, C)
-        uint16_t *dyb = (uint16_t *)mp_cuda_scratch(SCR_DYB, MC * sizeof(uint16_t)); // (M, C)
-        if (peer) mp_cuda_to_bf16(xb, x, MC);
-        mp_cuda_to_bf16(dyb, dy, MC);
-        grad_launch<uint16_t>(t, peer, idx, off, slot, gate, pre, dpre, xb, dyb, C, relu);
+        uint16_t *xb = (uint16_t *)mp_cuda_scratch(SCR_XB, (MC ? MC : 1) * sizeof(uint16_t));   // (M, C)
+        uint16_t *dyb = (uint16_t *)mp_cuda_scratch(SCR_DYB, (MC ? MC : 1) * sizeof(uint16_t)); // (M, C)
+        if (peer && MC) mp_cuda_to_bf16(xb, x, MC);
+        if (MC) mp_cuda_to_bf16(dyb, dy, MC);
+        grad_launch_any<uint16_t>(t, peer, idx, off, slot, gate, pre, dpre, xb, dyb, C, relu,
+                                  overwrite, row_ss);
     } else {
-        grad_launch<float>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+        grad_launch_any<float>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu,
+                               overwrite, row_ss);
     }
 }
