@@ -1727,6 +1727,81 @@ static void test_determinism(void **state) {
     check_determinism(1);
 }
 
+// system.precision = bf16: after an optimizer step the model says its bf16 copy of the
+// experts is fresh, and it is: every element equals its master rounded to bf16, bit for
+// bit (the forward that follows reads the copy as it is). Under lazy AdamW the step
+// rewrites only the touched rows' copy, so that holds only while the untouched rows'
+// masters did not move otherwise: before the second step every master is halved through
+// mp_model_params (as a load would), and then the copy must be refreshed by the next
+// forward, not trusted. Two steps each, adamw and lazy_adamw, two micro-batches.
+static void check_bf16_copy_after_steps(const char *optimizer) {
+    mp_config c;
+    small_config(&c, MP_FFN_PEER, 1, MP_ACT_GELU, 64, 32, 4, 8, 16);
+    snprintf(c.backend, sizeof c.backend, "cuda");
+    snprintf(c.precision, sizeof c.precision, "bf16");
+    snprintf(c.expert_optimizer, sizeof c.expert_optimizer, "%s", optimizer);
+    int B = c.batch_size, T = c.context, N = B * T;
+    int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
+    mp_model *m = mp_model_create(&c, gpu, B);
+    mp_model_init(m);
+    mp_adamw opt;
+    mp_adamw_init(&opt, m);
+    for (int step = 0; step < 2; step++) {
+        mp_model_zero_grad(m);
+        for (int micro = 0; micro < 2; micro++) {
+            for (int i = 0; i < N; i++) {
+                in[i] = (int32_t)(mp_hash3(21 + step, micro, i) % c.vocab_size);
+                tg[i] = (int32_t)(mp_hash3(22 + step, micro, i) % c.vocab_size);
+            }
+            mp_model_forward(m, in, tg, B, T, 1);
+            mp_model_backward(m, 0.5f);
+        }
+        if (step == 1) {
+            size_t n = mp_model_group_size(m, MP_GROUP_EXPERTS);
+            float *d = mp_model_params(m, MP_GROUP_EXPERTS), *h = host_copy(d, n * 4);
+            for (size_t e = 0; e < n; e++) h[e] *= 0.5f;
+            gpu->from_host(d, h, n * 4);
+            free(h);
+        }
+        mp_adamw_step(&opt, m, step);
+        if (step == 0 && !mp_model_bf16_fresh(m))
+            fail_msg("%s: the bf16 copy is stale after a step", optimizer);
+    }
+    mp_model_forward(m, in, tg, B, T, 1);   // refreshes the copy if it is stale
+    if (!mp_model_bf16_fresh(m)) fail_msg("%s: the bf16 copy is stale after a forward", optimizer);
+    int checked = 0;
+    for (int i = 0; i < mp_model_n_tensors(m); i++) {
+        const mp_tensor *t = mp_model_tensor(m, i);
+        const uint16_t *copy = mp_model_bf16(m, t);
+        if (!copy) continue;
+        uint16_t *hc = host_copy(copy, t->numel * 2);
+        // (taking the masters marks the copy stale: read after the freshness check above)
+        float *hp = host_copy(mp_model_params(m, MP_GROUP_EXPERTS) + t->offset, t->numel * 4);
+        for (size_t e = 0; e < t->numel; e++) {
+            float want = host_bf16(hp[e]);
+            uint32_t bits;
+            memcpy(&bits, &want, 4);
+            if (hc[e] != (uint16_t)(bits >> 16))
+                fail_msg("%s: %s[%zu]: bf16 copy 0x%04x, master %.9g rounds to 0x%04x", optimizer,
+                         t->name, e, hc[e], hp[e], (unsigned)(bits >> 16));
+        }
+        free(hc);
+        free(hp);
+        checked++;
+    }
+    assert_int_equal(checked, 2);   // U and V
+    mp_adamw_free(&opt, m);
+    mp_model_free(m);
+    free(in);
+    free(tg);
+}
+
+static void test_bf16_copy_after_steps(void **state) {
+    (void)state;
+    check_bf16_copy_after_steps("adamw");
+    check_bf16_copy_after_steps("lazy_adamw");
+}
+
 // every test starts at the fp32 tolerance, also after one that failed inside check_layer_at
 static int reset_tolerance(void **state) {
     (void)state;
@@ -1777,6 +1852,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup(test_expert_grad_modes, reset_tolerance),
         cmocka_unit_test_setup(test_model, reset_tolerance),
         cmocka_unit_test_setup(test_determinism, reset_tolerance),
+        cmocka_unit_test_setup(test_bf16_copy_after_steps, reset_tolerance),
     };
     const struct CMUnitTest large_tests[] = {
         cmocka_unit_test_setup(test_layer_mid, reset_tolerance),
