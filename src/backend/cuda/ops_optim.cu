@@ -96,18 +96,23 @@ static __global__ void sum_squares_kernel(double *part, const float *x, size_t n
     block_partial(part, s);
 }
 
+// the sum of the blocks' partials (device), on the host in block order
+static double sum_partials(const double *part, size_t nblk) {
+    double *host = (double *)mp_malloc(nblk * sizeof(double));
+    CUDA_CHECK(cudaMemcpy(host, part, nblk * sizeof(double), cudaMemcpyDeviceToHost));
+    double s = 0.0;
+    for (size_t k = 0; k < nblk; k++) s += host[k];
+    free(host);
+    return s;
+}
+
 double mp_cuda_sum_squares(const float *x, size_t n) {
     if (!n) return 0.0;
     size_t nblk = (n + SS_BLOCK - 1) / SS_BLOCK;
     double *part = (double *)mp_cuda_scratch(SCR_SS, nblk * sizeof(double));
     sum_squares_kernel<<<(unsigned)nblk, SS_THREADS>>>(part, x, n);
     KERNEL_CHECK();
-    double *host = (double *)mp_malloc(nblk * sizeof(double));
-    CUDA_CHECK(cudaMemcpy(host, part, nblk * sizeof(double), cudaMemcpyDeviceToHost));
-    double s = 0.0;
-    for (size_t k = 0; k < nblk; k++) s += host[k];   // in block order
-    free(host);
-    return s;
+    return sum_partials(part, nblk);
 }
 
 // one block per SS_BLOCK doubles, as sum_squares_kernel: the block's sum in a fixed tree
@@ -125,12 +130,7 @@ double mp_cuda_sum_f64(const double *x, size_t n) {
     double *part = (double *)mp_cuda_scratch(SCR_SS, nblk * sizeof(double));   // (nblk)
     sum_f64_kernel<<<(unsigned)nblk, SS_THREADS>>>(part, x, n);
     KERNEL_CHECK();
-    double *host = (double *)mp_malloc(nblk * sizeof(double));
-    CUDA_CHECK(cudaMemcpy(host, part, nblk * sizeof(double), cudaMemcpyDeviceToHost));
-    double s = 0.0;
-    for (size_t k = 0; k < nblk; k++) s += host[k];   // in block order
-    free(host);
-    return s;
+    return sum_partials(part, nblk);
 }
 
 static __global__ void to_bf16_kernel(uint16_t *dst, const float *src, size_t n) {
