@@ -164,6 +164,20 @@ def run_one(torch, args, mode, dtype_name):
     return rec
 
 
+def import_torch(device):
+    """torch, or None after printing the JSON line that says why it cannot run (exit 77):
+    not installed, or no CUDA device for device 'cuda'."""
+    try:
+        import torch
+    except ImportError:
+        print(json.dumps({"impl": "torch", "skipped": "PyTorch is not installed"}))
+        return None
+    if device == "cuda" and not torch.cuda.is_available():
+        print(json.dumps({"impl": "torch", "skipped": "no CUDA device visible to PyTorch"}))
+        return None
+    return torch
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=1024)
@@ -181,13 +195,8 @@ def main():
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: host timing, no memory statistics (checks, not the benchmark)")
     args = ap.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print(json.dumps({"impl": "torch", "skipped": "PyTorch is not installed"}))
-        return 77
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(json.dumps({"impl": "torch", "skipped": "no CUDA device visible to PyTorch"}))
+    torch = import_torch(args.device)
+    if torch is None:
         return 77
     for mode in args.mode.split(","):
         for dt in args.dtype.split(","):

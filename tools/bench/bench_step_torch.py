@@ -214,13 +214,9 @@ def main():
     args = ap.parse_args()
     if not 0 <= args.peer_block < args.layers or args.d % args.attn_heads:
         ap.error("need 0 <= --peer-block < --layers and --d divisible by --attn-heads")
-    try:
-        import torch
-    except ImportError:
-        print(json.dumps({"impl": "torch", "skipped": "PyTorch is not installed"}))
-        return 77
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(json.dumps({"impl": "torch", "skipped": "no CUDA device visible to PyTorch"}))
+    import bench_peer_torch
+    torch = bench_peer_torch.import_torch(args.device)
+    if torch is None:
         return 77
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
