@@ -61,6 +61,9 @@ typedef struct mp_backend {
     // sets it from system.precision at each entry that runs ops (src/model/model.c), so two
     // models of different precision may take turns. NULL: fp32 only (the CPU).
     int (*set_precision)(int precision);
+    // Waits until the work queued so far is done (phase timing, train.profile). NULL: the
+    // ops run synchronously (the CPU).
+    void (*synchronize)(void);
     // causal self-attention: qkv (B,T,3C) as [q|k|v], heads contiguous in C;
     // out (B,T,C); att is the backend's attention state that forward keeps for backward, of
     // attention_state_floats(B, T, C, NH) floats (CPU: the (B,NH,T,T) softmax probabilities;

@@ -58,6 +58,7 @@ typedef struct {
     long log_every;                // train.log_every
     long eval_every;               // train.eval_every (0 = only at the end)
     int eval_batches;              // train.eval_batches: validation micro-batches per eval
+    int profile;                   // train.profile: time the step's phases (slower steps)
     // [data]
     char train_path[MP_PATH_MAX];  // data.train: token shard (.bin)
     char val_path[MP_PATH_MAX];    // data.val

@@ -112,6 +112,36 @@ void mp_model_backward(mp_model *m, float loss_scale);
 // nothing for a single process. Expert gradients never cross ranks.
 void mp_model_allreduce_grads(mp_model *m);
 
+// Phase timing (train.profile): when enabled, the model synchronizes the backend at each
+// boundary between phases of a step and adds the wall time since the previous boundary to
+// the phase that ran; the device's queue is drained at every boundary, so the steps run
+// slower, and each phase's time is its own. Forward and backward phases are kinds
+// (MP_PHASE_EMBED .. MP_PHASE_LOSS) offset by MP_PHASE_KINDS in backward; the training loop
+// marks the all-reduce and the optimizer.
+typedef enum {
+    MP_PHASE_EMBED,        // token and position embeddings
+    MP_PHASE_NORM,         // LayerNorms and residual adds
+    MP_PHASE_ATTN_MATMUL,  // the attention's qkv and output projections
+    MP_PHASE_ATTENTION,    // the attention itself
+    MP_PHASE_MLP,          // dense MLPs (both matmuls and the activation)
+    MP_PHASE_PEER,         // PEER / PKM layers (route, exchange, experts)
+    MP_PHASE_LM_HEAD,      // the output projection to the vocabulary
+    MP_PHASE_LOSS,         // cross-entropy (forward: and the loss to the host)
+    MP_PHASE_KINDS,
+    MP_PHASE_ALLREDUCE = 2 * MP_PHASE_KINDS,
+    MP_PHASE_OPTIMIZER,    // gradient norm, clipping, AdamW (and the bf16 copy)
+    MP_PHASE_N
+} mp_phase;
+#define MP_PHASE_NONE (-1)
+void mp_model_profile_enable(mp_model *m, int on);
+// Ends the phase running (if any) and starts `phase` (MP_PHASE_NONE: none); nothing unless
+// profiling is enabled.
+void mp_model_phase(mp_model *m, int phase);
+// Seconds per phase (MP_PHASE_N) since the last reset; the reset also ends any phase.
+const double *mp_model_phase_seconds(const mp_model *m);
+void mp_model_phase_reset(mp_model *m);
+const char *mp_phase_name(int phase);   // "fwd.attention", "bwd.peer", "optimizer", ...
+
 // Expert usage (paper Table 2): when enabled, every forward adds each selected expert's
 // gate to z_e of its layer. usage = fraction with z_e > 0; unevenness = KL(z/|z| || uniform).
 void mp_model_usage_enable(mp_model *m, int on);

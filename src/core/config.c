@@ -96,6 +96,7 @@ static const key_spec KEYS[] = {
     KEY("train", "log_every", K_LONG, log_every),
     KEY("train", "eval_every", K_LONG, eval_every),
     KEY("train", "eval_batches", K_INT, eval_batches),
+    KEY("train", "profile", K_BOOL, profile),
     STR("data", "train", train_path),
     STR("data", "val", val_path),
     KEY("checkpoint", "every", K_LONG, ckpt_every),

@@ -74,6 +74,9 @@ struct mp_model {
     // unless the optimizer wrote it along with them (mp_model_bf16_set_fresh)
     uint16_t *experts_bf16;       // (group_size[MP_GROUP_EXPERTS])
     int experts_bf16_stale;
+    // phase timing (mp_model_phase): on, in backward, the running phase and its start
+    int profile, in_backward, phase;
+    double phase_t0, phase_s[MP_PHASE_N];
 };
 
 static uint64_t name_stream(const char *s) {   // FNV-1a of the tensor name
@@ -520,6 +523,49 @@ const double *mp_model_expert_row_ss(const mp_model *m, int block, int64_t *rows
 
 // system.precision reaches the backend's GEMMs here, at each entry that runs ops: the
 // backend holds one setting for the process, and models of either precision may take turns.
+// ---------------------------------------------------------------------------------------
+// phase timing
+
+void mp_model_profile_enable(mp_model *m, int on) {
+    m->profile = on;
+    mp_model_phase_reset(m);
+}
+
+void mp_model_phase(mp_model *m, int phase) {
+    if (!m->profile) return;
+    if (m->be->synchronize) m->be->synchronize();
+    double now = mp_now();
+    if (m->phase >= 0) m->phase_s[m->phase] += now - m->phase_t0;
+    m->phase = phase;
+    m->phase_t0 = now;
+}
+
+const double *mp_model_phase_seconds(const mp_model *m) { return m->phase_s; }
+
+void mp_model_phase_reset(mp_model *m) {
+    memset(m->phase_s, 0, sizeof m->phase_s);
+    m->phase = MP_PHASE_NONE;
+}
+
+const char *mp_phase_name(int phase) {
+    static const char *fwd[MP_PHASE_KINDS] = {"fwd.embed", "fwd.norm", "fwd.attn_matmul",
+                                              "fwd.attention", "fwd.mlp", "fwd.peer",
+                                              "fwd.lm_head", "fwd.loss"};
+    static const char *bwd[MP_PHASE_KINDS] = {"bwd.embed", "bwd.norm", "bwd.attn_matmul",
+                                              "bwd.attention", "bwd.mlp", "bwd.peer",
+                                              "bwd.lm_head", "bwd.loss"};
+    if (phase >= 0 && phase < MP_PHASE_KINDS) return fwd[phase];
+    if (phase >= MP_PHASE_KINDS && phase < 2 * MP_PHASE_KINDS) return bwd[phase - MP_PHASE_KINDS];
+    if (phase == MP_PHASE_ALLREDUCE) return "allreduce";
+    if (phase == MP_PHASE_OPTIMIZER) return "optimizer";
+    return "?";
+}
+
+// the kind of work that starts now, in the direction the model is running
+static void enter_phase(mp_model *m, mp_phase kind) {
+    mp_model_phase(m, (int)kind + (m->in_backward ? MP_PHASE_KINDS : 0));
+}
+
 static void use_precision(const mp_model *m) {
     if (m->be->set_precision)
         m->be->set_precision(strcmp(m->cfg.precision, "bf16") ? MP_PRECISION_FP32
@@ -529,6 +575,7 @@ static void use_precision(const mp_model *m) {
 void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train) {
     const mp_backend *be = m->be;
     use_precision(m);
+    enter_phase(m, m->ret[l] ? MP_PHASE_PEER : MP_PHASE_MLP);
     if (m->ret[l]) {
         if (m->experts_bf16 && m->experts_bf16_stale) {   // one pass over the whole group
             be->to_bf16(m->experts_bf16, m->params[MP_GROUP_EXPERTS],
@@ -549,6 +596,7 @@ void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, i
 void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const float *x, int N) {
     const mp_backend *be = m->be;
     use_precision(m);
+    enter_phase(m, m->ret[l] ? MP_PHASE_PEER : MP_PHASE_MLP);
     if (m->ret[l]) {
         mp_retrieval_backward(m->ret[l], be, dx, dy, x, N);
         return;
@@ -575,6 +623,8 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
     m->last_B = B;
     m->last_T = T;
     m->has_targets = targets != NULL;
+    m->in_backward = 0;
+    enter_phase(m, MP_PHASE_EMBED);
     be->from_host(m->inputs, inputs, (size_t)N * sizeof(int32_t));
     if (targets) be->from_host(m->targets, targets, (size_t)N * sizeof(int32_t));
 
@@ -583,24 +633,36 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
         block_params *p = &m->p[l];
         block_acts *a = &m->a[l];
         float *res_out = l + 1 < c->n_layers ? m->a[l + 1].res_in : m->res_out;
+        enter_phase(m, MP_PHASE_NORM);
         be->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, a->res_in, p->ln1w, p->ln1b, N, C);
+        enter_phase(m, MP_PHASE_ATTN_MATMUL);
         be->matmul_forward(a->qkv, a->ln1, p->qkvw, p->qkvb, N, C, 3 * C);
+        enter_phase(m, MP_PHASE_ATTENTION);
         be->attention_forward(a->atty, a->att, a->qkv, B, T, C, NH);
+        enter_phase(m, MP_PHASE_ATTN_MATMUL);
         be->matmul_forward(m->ffn_out, a->atty, p->projw, p->projb, N, C, C);
+        enter_phase(m, MP_PHASE_NORM);
         be->residual_forward(a->res_mid, a->res_in, m->ffn_out, (long)N * C);
         be->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, p->ln2w, p->ln2b, N, C);
         mp_model_ffn_forward(m, l, m->ffn_out, a->ln2, N, train);
+        enter_phase(m, MP_PHASE_NORM);
         be->residual_forward(res_out, a->res_mid, m->ffn_out, (long)N * C);
     }
     be->layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, m->res_out, m->lnfw, m->lnfb, N, C);
+    enter_phase(m, MP_PHASE_LM_HEAD);
     be->matmul_forward(m->logits, m->lnf, m->wte, NULL, N, C, V);
-    if (!targets) return 0.0f;
+    if (!targets) {
+        mp_model_phase(m, MP_PHASE_NONE);
+        return 0.0f;
+    }
+    enter_phase(m, MP_PHASE_LOSS);
     be->crossentropy_forward(m->losses, m->probs, m->logits, m->targets, N, V);
     float *losses = mp_malloc((size_t)N * sizeof(float));
     be->to_host(losses, m->losses, (size_t)N * sizeof(float));
     double sum = 0.0;
     for (int i = 0; i < N; i++) sum += losses[i];
     free(losses);
+    mp_model_phase(m, MP_PHASE_NONE);
     return (float)(sum / N);
 }
 
@@ -613,10 +675,14 @@ void mp_model_backward(mp_model *m, float loss_scale) {
     int C = c->d_model, NH = c->n_heads, V = c->vocab_size;
     size_t NC = (size_t)N * C * sizeof(float);
 
+    m->in_backward = 1;
+    enter_phase(m, MP_PHASE_LOSS);
     be->zero(m->dlogits, (size_t)N * V * sizeof(float));
     be->crossentropy_backward(m->dlogits, m->probs, m->targets, loss_scale / N, N, V);
+    enter_phase(m, MP_PHASE_LM_HEAD);
     be->zero(m->dln, NC);
     be->matmul_backward(m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, N, C, V);
+    enter_phase(m, MP_PHASE_NORM);
     be->zero(m->dres, NC);
     be->layernorm_backward(m->dres, m->dlnfw, m->dlnfb, m->dln, m->res_out, m->lnfw,
                            m->lnf_mean, m->lnf_rstd, N, C);
@@ -626,19 +692,26 @@ void mp_model_backward(mp_model *m, float loss_scale) {
         // dres holds d(block output): the FFN branch, then LN2 adds into dres
         be->zero(m->dln, NC);
         mp_model_ffn_backward(m, l, m->dln, m->dres, a->ln2, N);
+        enter_phase(m, MP_PHASE_NORM);
         be->layernorm_backward(m->dres, g->ln2w, g->ln2b, m->dln, a->res_mid, p->ln2w,
                                a->ln2_mean, a->ln2_rstd, N, C);
         // dres now holds d(res_mid): the attention branch, then LN1 adds into dres
+        enter_phase(m, MP_PHASE_ATTN_MATMUL);
         be->zero(m->datty, NC);
         be->matmul_backward(m->datty, g->projw, g->projb, m->dres, a->atty, p->projw, N, C, C);
+        enter_phase(m, MP_PHASE_ATTENTION);
         be->zero(m->dqkv, 3 * NC);
         be->attention_backward(m->dqkv, m->datty, a->qkv, a->atty, a->att, B, T, C, NH);
+        enter_phase(m, MP_PHASE_ATTN_MATMUL);
         be->zero(m->dln, NC);
         be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, N, C, 3 * C);
+        enter_phase(m, MP_PHASE_NORM);
         be->layernorm_backward(m->dres, g->ln1w, g->ln1b, m->dln, a->res_in, p->ln1w,
                                a->ln1_mean, a->ln1_rstd, N, C);
     }
+    enter_phase(m, MP_PHASE_EMBED);
     be->encoder_backward(m->dwte, m->dwpe, m->dres, m->inputs, B, T, C);
+    mp_model_phase(m, MP_PHASE_NONE);
 }
 
 void mp_model_usage_enable(mp_model *m, int on) {

@@ -84,6 +84,39 @@ static const char *hms(double seconds, char *buf, size_t len) {
     return buf;
 }
 
+// train.profile: this rank's time per phase of the step just done, in ms, as the metrics
+// line's "phase_ms" object; "other" is the rest of the step (the batch, zeroing the
+// gradients, the statistics' all-reduce)
+static void write_phases(FILE *f, const mp_model *m, double step_ms) {
+    const double *s = mp_model_phase_seconds(m);
+    double sum = 0.0;
+    fprintf(f, ", \"phase_ms\": {");
+    for (int p = 0; p < MP_PHASE_N; p++) {
+        fprintf(f, "%s\"%s\": %.3f", p ? ", " : "", mp_phase_name(p), s[p] * 1e3);
+        sum += s[p] * 1e3;
+    }
+    fprintf(f, ", \"other\": %.3f}", step_ms - sum);
+}
+
+// the same on the log: the six longest phases
+static void log_phases(const mp_model *m) {
+    const double *s = mp_model_phase_seconds(m);
+    int order[MP_PHASE_N];
+    for (int p = 0; p < MP_PHASE_N; p++) order[p] = p;
+    for (int i = 1; i < MP_PHASE_N; i++)   // insertion sort, longest first
+        for (int j = i; j > 0 && s[order[j]] > s[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    char line[512];
+    int n = 0;
+    for (int i = 0; i < 6 && i < MP_PHASE_N; i++)
+        n += snprintf(line + n, sizeof line - (size_t)n, "%s%s %.1f", i ? ", " : "",
+                      mp_phase_name(order[i]), s[order[i]] * 1e3);
+    mp_log("  phases (ms, rank 0, synchronized): %s", line);
+}
+
 // Each rank's peak resident memory so far (getrusage), beside its analytic share: the
 // expert rows it holds with their gradients and AdamW moments (16 bytes per float).
 static void report_peak_memory(mp_model *m, mp_comm *comm) {
@@ -270,6 +303,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     mp_log("transport: %s", why);
     mp_model *m = mp_model_create_sharded(cfg, be, Bl, xfer);
     mp_model_set_tokenizer(m, data_tk);   // the model owns it now
+    mp_model_profile_enable(m, cfg->profile);
     mp_adamw opt;
     mp_adamw_init(&opt, m);
     mp_log("model: %ld parameters, %.3g forward FLOPs per token, backend %s, %d rank%s",
@@ -321,6 +355,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     for (long step = start; step < cfg->steps; step++) {
         maybe_die(rank, step);
         double t0 = mp_now();
+        mp_model_phase_reset(m);
         mp_model_zero_grad(m);
         double loss = 0.0;
         for (int micro = 0; micro < A; micro++) {
@@ -329,8 +364,11 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
             loss += mp_model_forward(m, inputs, targets, Bl, T, 1) * share / A;
             mp_model_backward(m, share / A);
         }
+        mp_model_phase(m, MP_PHASE_ALLREDUCE);
         mp_model_allreduce_grads(m);
+        mp_model_phase(m, MP_PHASE_OPTIMIZER);
         float norm = mp_adamw_step(&opt, m, step);
+        mp_model_phase(m, MP_PHASE_NONE);
         // the step's global numbers: loss, exchange traffic and balance over ranks
         mp_exchange_stats ex = take_exchange_stats(m);
         double *g = mp_calloc(2 * (size_t)P + 4, sizeof(double));   // (P) selections, (P) seconds, 4 totals
@@ -368,6 +406,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
                 fprintf(metrics, "%s%.0f", r ? ", " : "", g[r]);
             if (mp_model_n_retrieval(m) > 0)
                 fprintf(metrics, "], \"load_imbalance\": %.4f", sel_sum > 0 ? sel_max / (sel_sum / P) : 1.0);
+            if (cfg->profile) write_phases(metrics, m, ms);
             fprintf(metrics, "}\n");
         }
         free(g);
@@ -376,6 +415,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
             mp_log("step %6ld/%ld | loss %.4f | lr %.3e | grad norm %.4f | %.1f ms | %.0f tok/s | "
                    "%.3g M tokens | %s elapsed, %s left", step + 1, cfg->steps, loss, lr, norm, ms,
                    tok_s, tokens / 1e6, hms(elapsed, el, sizeof el), hms(left, lf, sizeof lf));
+            if (cfg->profile && rank == 0) log_phases(m);
         }
         if ((step + 1) % eval_every == 0 || step + 1 == cfg->steps) {
             validate(m, &val, comm, j0, Bl, step + 1, metrics);

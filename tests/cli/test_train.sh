@@ -26,6 +26,7 @@ run() { "$MILLIPEDE" train "$MP_SOURCE_DIR/configs/tiny.ini" "${small[@]}" "$@";
 if run --set "run.dir=$tmp/a" >"$tmp/a.out" 2>&1; then ok "train runs"; else bad "train runs"; cat "$tmp/a.out"; fi
 run --set "run.dir=$tmp/b" >/dev/null 2>&1
 run --set "run.dir=$tmp/c" --set train.seed=7 >/dev/null 2>&1
+run --set "run.dir=$tmp/p" --set train.profile=true >"$tmp/p.out" 2>&1
 
 losses() { python3 -c '
 import json, sys
@@ -44,6 +45,29 @@ cmp -s <(losses "$tmp/a/metrics.jsonl") <(losses "$tmp/b/metrics.jsonl") &&
 cmp -s <(losses "$tmp/a/metrics.jsonl") <(losses "$tmp/c/metrics.jsonl") &&
     bad "another seed gives other losses" || ok "another seed gives other losses"
 [ -s "$tmp/a/checkpoints/latest/index.h5" ] && ok "final checkpoint written" || bad "final checkpoint written"
+# train.profile: the same numbers, plus each step's time by phase, which covers the step
+cmp -s <(losses "$tmp/a/metrics.jsonl") <(losses "$tmp/p/metrics.jsonl") &&
+    ok "train.profile: bitwise the same losses" || bad "train.profile: bitwise the same losses"
+python3 - "$tmp/p/metrics.jsonl" <<'EOF' && ok "train.profile: phase_ms in every step line" || bad "train.profile: phase_ms"
+import json, sys
+kinds = ["embed", "norm", "attn_matmul", "attention", "mlp", "peer", "lm_head", "loss"]
+names = ["fwd." + k for k in kinds] + ["bwd." + k for k in kinds] + ["allreduce", "optimizer", "other"]
+L = [json.loads(x) for x in open(sys.argv[1]) if '"loss"' in x]
+assert len(L) == 12
+for d in L:
+    p = d["phase_ms"]
+    assert list(p) == names, list(p)
+    # the phases lie inside the step: none is negative ("other", the step's time outside
+    # them, down to printing), the forward, the backward and the optimizer took time, and
+    # all of them add up to the step's "ms"; each figure is printed to 5e-4 ms (19 of them)
+    # and "ms" to 5e-3
+    assert all(v >= 0 for k, v in p.items() if k != "other") and p["other"] >= -5e-4, p
+    assert sum(p["fwd." + k] for k in kinds) > 0 and sum(p["bwd." + k] for k in kinds) > 0, p
+    assert p["optimizer"] > 0, p
+    assert abs(sum(p.values()) - d["ms"]) <= 19 * 5e-4 + 5e-3, (sum(p.values()), d["ms"])
+EOF
+grep -q "phases (ms, rank 0, synchronized): " "$tmp/p.out" && ok "train.profile: the log names the longest phases" ||
+    bad "train.profile: the log names the longest phases"
 grep -q "^context = 32" "$tmp/a/config.ini" && grep -q "^ffn = dense,peer" "$tmp/a/config.ini" &&
     ok "resolved config.ini saved" || bad "resolved config.ini saved"
 grep -q "resolved configuration" "$tmp/a.out" && ok "config printed at start" || bad "config printed at start"

@@ -220,6 +220,7 @@ inline int __float_as_int(float f) { int x; memcpy(&x, &f, 4); return x; }
 inline float __uint_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned x; memcpy(&x, &f, 4); return x; }
 template <class T> inline T __ldg(const T *p) { return *p; }
+template <class T> inline void __stcs(T *p, T v) { *p = v; }   // the cache hint has no effect here
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline double rsqrt(double x) { return 1.0 / sqrt(x); }
 inline float __expf(float x) { return expf(x); }

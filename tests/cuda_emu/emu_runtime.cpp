@@ -434,6 +434,8 @@ void misaligned(const void *p, unsigned align) {
                  p, align);
 }
 
+void misused(const char *what) { kernel_fault("%s", what); }
+
 void syncthreads(void) {
     Fiber *f = g_cur;
     if (++g_block_arrived == g_block_live) {

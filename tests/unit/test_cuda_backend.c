@@ -489,12 +489,185 @@ static void test_attention(void **state) {
     check_attention(1, 33, 2, 37);
 }
 
+// Attention in bf16 mode (tensor cores, ops_attention_tc.cu) element by element against a
+// host reference in double computed from the bf16-rounded q, k, v and dO (the values the
+// kernels multiply), within bounds built from the arithmetic, per element, to first order
+// (u = U_BF16 for a rounding to bf16, U_SUM per fp32 addition; every product of two bf16
+// values is exact in fp32):
+// - a score s = scale sum_d q k errs by at most eS = (hs + 4) U_SUM max_c sigma_rc, sigma
+//   the scaled sum of |q k|; the softmax weights p_c / l then err relatively by at most
+//   dW = 3 eS + (T + 8) U_SUM (2 eS from the scores in numerator and normaliser, exp, the
+//   running sum and its T/64 rescalings in the rest). The backward's P = exp(s - L) errs by
+//   the same, L carrying the forward's error.
+// - out: P is rounded to bf16 for P V (u) and the sums add (T + 2) U_SUM, each relative to
+//   sum_c P |v|.
+// - dV = P^T dO: as out, relative to sum_r P |dO|.
+// - dS = P (dP - D) scale, rounded to bf16 (u |dS|): P's dW relative to P |dP - D|; dP's
+//   (hs + 2) U_SUM relative to sum |dO v|; D = dO . out (fp32, from the unrounded dO and the
+//   kernel's out) errs by sum_d |dO| ((u + (hs + 2) U_SUM) |out| + the out bound).
+// - dK = dS^T q, dQ = dS k: each dS's bound times |q| or |k|, plus (T + 2) U_SUM sum |dS q|;
+//   the += into dqkv adds U_SUM of the result.
+// Second-order terms are below 2^-6 of these (every relative error here is below 2^-6), so
+// the bounds are taken 1.25 times. A wrong mask, a lost rescaling or a missing tile breaks
+// them (checked by breaking the kernels on purpose). Smaller terms are left to the slack in
+// U_SUM (4 x 2^-24 per operation): the three roundings of p (dp - D) scale and the error of
+// the rescaling factor exp(m_old - m_new).
+typedef struct {
+    int B, T, NH, hs, C;
+    const float *qkv, *dout;
+} att_case;
+
+static float att_in(const att_case *a, int b, int t, int part, int h, int d) {
+    return host_bf16(a->qkv[((size_t)b * a->T + t) * 3 * a->C + part * a->C + h * a->hs + d]);
+}
+
+static void check_attention_bf16(int B, int T, int NH, int hs) {
+    int C = NH * hs;
+    size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
+    assert_int_equal(gpu->set_precision(MP_PRECISION_BF16), MP_PRECISION_FP32);
+    float *qkv = frand(nq, -1, 1), *dout = frand(no, -1, 1), *dq0 = frand(nq, -0.01f, 0.01f);
+    size_t ng = gpu->attention_state_floats(B, T, C, NH);
+    float *d_qkv = dev_copy(qkv, nq * 4), *d_out = gpu->alloc(no * 4), *d_att = gpu->alloc(ng * 4);
+    float *d_dout = dev_copy(dout, no * 4), *d_dqkv = dev_copy(dq0, nq * 4);
+    gpu->attention_forward(d_out, d_att, d_qkv, B, T, C, NH);
+    gpu->attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
+    assert_int_equal(gpu->set_precision(MP_PRECISION_FP32), MP_PRECISION_BF16);
+    float *out = host_copy(d_out, no * 4), *dqkv = host_copy(d_dqkv, nq * 4);
+    att_case a = {B, T, NH, hs, C, qkv, dout};
+    double scale = 1.0 / sqrt((double)hs), u = U_BF16, us = U_SUM, worst = 0.0;
+    double *P = malloc((size_t)T * T * sizeof(double)), *dS = malloc((size_t)T * T * sizeof(double));
+    double *E = malloc((size_t)T * T * sizeof(double)), *dW = malloc((size_t)T * sizeof(double));
+    double *ob = malloc((size_t)T * hs * sizeof(double)), *oref = malloc((size_t)T * hs * sizeof(double));
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            // forward: P, out and its bound
+            for (int r = 0; r < T; r++) {
+                double mx = -INFINITY, smax = 0.0, l = 0.0;
+                for (int c = 0; c <= r; c++) {
+                    double s = 0.0, sg = 0.0;
+                    for (int d = 0; d < hs; d++) {
+                        double t = (double)att_in(&a, b, r, 0, h, d) * att_in(&a, b, c, 1, h, d);
+                        s += t;
+                        sg += fabs(t);
+                    }
+                    P[(size_t)r * T + c] = s * scale;
+                    if (s * scale > mx) mx = s * scale;
+                    if (sg * scale > smax) smax = sg * scale;
+                }
+                for (int c = 0; c <= r; c++) l += exp(P[(size_t)r * T + c] - mx);
+                for (int c = 0; c < T; c++)
+                    P[(size_t)r * T + c] = c <= r ? exp(P[(size_t)r * T + c] - mx) / l : 0.0;
+                dW[r] = 3.0 * (hs + 4) * us * smax + (T + 8) * us;
+                for (int d = 0; d < hs; d++) {
+                    double o = 0.0, sa = 0.0;
+                    for (int c = 0; c <= r; c++) {
+                        double v = att_in(&a, b, c, 2, h, d);
+                        o += P[(size_t)r * T + c] * v;
+                        sa += P[(size_t)r * T + c] * fabs(v);
+                    }
+                    oref[(size_t)r * hs + d] = o;
+                    ob[(size_t)r * hs + d] = (dW[r] + u + (T + 2) * us) * sa;
+                    double g = out[((size_t)b * T + r) * C + h * hs + d], e = fabs(g - o);
+                    double bound = 1.25 * ob[(size_t)r * hs + d];
+                    if (!(e <= bound))
+                        fail_msg("bf16 attention B %d T %d NH %d hs %d: out [%d][%d][%d][%d] got "
+                                 "%.9g, want %.9g: |error| %.3g > bound %.3g", B, T, NH, hs, b, r,
+                                 h, d, g, o, e, bound);
+                    if (e > worst * bound) worst = e / bound;
+                }
+            }
+            // backward: dS and its bound E
+            for (int r = 0; r < T; r++) {
+                double D = 0.0, dD = 0.0;
+                for (int d = 0; d < hs; d++) {
+                    double go = fabs((double)host_bf16(dout[((size_t)b * T + r) * C + h * hs + d]));
+                    D += (double)host_bf16(dout[((size_t)b * T + r) * C + h * hs + d]) * oref[(size_t)r * hs + d];
+                    dD += go * ((u + (hs + 2) * us) * fabs(oref[(size_t)r * hs + d]) + 1.25 * ob[(size_t)r * hs + d]);
+                }
+                for (int c = 0; c < T; c++) {
+                    double p = P[(size_t)r * T + c];
+                    if (c > r) {
+                        dS[(size_t)r * T + c] = E[(size_t)r * T + c] = 0.0;
+                        continue;
+                    }
+                    double dp = 0.0, tau = 0.0;
+                    for (int d = 0; d < hs; d++) {
+                        double t = (double)host_bf16(dout[((size_t)b * T + r) * C + h * hs + d]) *
+                                   att_in(&a, b, c, 2, h, d);
+                        dp += t;
+                        tau += fabs(t);
+                    }
+                    double ds = p * (dp - D) * scale;
+                    dS[(size_t)r * T + c] = ds;
+                    E[(size_t)r * T + c] = scale * ((dW[r] + 2 * us) * p * fabs(dp - D) +
+                                                    p * ((hs + 2) * us * tau + dD)) + u * fabs(ds);
+                }
+            }
+            // dq (part 0), dk (1), dv (2), each element against its bound
+            for (int part = 0; part < 3; part++)
+                for (int x = 0; x < T; x++)
+                    for (int d = 0; d < hs; d++) {
+                        size_t at = ((size_t)b * T + x) * 3 * C + part * C + h * hs + d;
+                        double s = 0.0, err = 0.0, sa = 0.0;
+                        for (int y = 0; y < T; y++) {
+                            if (part == 0) {   // dQ_x = sum_c dS[x][c] k_c
+                                double kk = att_in(&a, b, y, 1, h, d);
+                                s += dS[(size_t)x * T + y] * kk;
+                                err += E[(size_t)x * T + y] * fabs(kk);
+                                sa += fabs(dS[(size_t)x * T + y] * kk);
+                            } else if (part == 1) {   // dK_x = sum_r dS[r][x] q_r
+                                double qq = att_in(&a, b, y, 0, h, d);
+                                s += dS[(size_t)y * T + x] * qq;
+                                err += E[(size_t)y * T + x] * fabs(qq);
+                                sa += fabs(dS[(size_t)y * T + x] * qq);
+                            } else {   // dV_x = sum_r P[r][x] dO_r
+                                double g = host_bf16(dout[((size_t)b * T + y) * C + h * hs + d]);
+                                double p = P[(size_t)y * T + x];
+                                s += p * g;
+                                err += (y >= x ? dW[y] + u : 0.0) * p * fabs(g);
+                                sa += p * fabs(g);
+                            }
+                        }
+                        double want = dq0[at] + s;
+                        double bound = 1.25 * (err + (T + 2) * us * sa + us * (fabs(dq0[at]) + fabs(s)));
+                        double e = fabs(dqkv[at] - want);
+                        if (!(e <= bound))
+                            fail_msg("bf16 attention B %d T %d NH %d hs %d: %s [%d][%d][%d][%d] got "
+                                     "%.9g, want %.9g: |error| %.3g > bound %.3g", B, T, NH, hs,
+                                     part == 0 ? "dq" : part == 1 ? "dk" : "dv", b, x, h, d,
+                                     dqkv[at], want, e, bound);
+                        if (e > worst * bound) worst = e / bound;
+                    }
+        }
+    printf("bf16 attention B %d T %d NH %d hs %d: largest error %.2f of its bound\n", B, T, NH,
+           hs, worst);
+    void *dev[] = {d_qkv, d_out, d_att, d_dout, d_dqkv};
+    for (size_t i = 0; i < 5; i++) gpu->free(dev[i]);
+    free(qkv); free(dout); free(dq0); free(out); free(dqkv);
+    free(P); free(dS); free(E); free(dW); free(ob); free(oref);
+}
+
+// the fp32 test's shapes in bf16 mode: 64-row tiles, so T = 150 has three of them, the last
+// partial, and every instantiation (hs 5 and 8: 16 columns; 37 and 64: 64; 128)
+static void test_attention_bf16(void **state) {
+    (void)state;
+    check_attention_bf16(2, 13, 3, 8);
+    check_attention_bf16(2, 5, 3, 64);
+    check_attention_bf16(2, 150, 3, 64);
+    check_attention_bf16(2, 150, 3, 5);
+    check_attention_bf16(1, 70, 1, 128);
+    check_attention_bf16(1, 33, 2, 37);
+    check_attention_bf16(1, 40, 2, 24);
+}
+
 // emu_large: GPT-2's context and head size (16 query tiles, 32 key tiles per head), and a
 // head size the 128-wide kernels pad (96)
 static void test_attention_large(void **state) {
     (void)state;
     check_attention(1, 1024, 2, 64);
     check_attention(2, 200, 2, 96);
+    check_attention_bf16(1, 1024, 1, 64);
+    check_attention_bf16(1, 200, 1, 96);
 }
 
 static void test_elementwise(void **state) {
@@ -1834,6 +2007,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup(test_matmul_bf16, reset_tolerance),
         cmocka_unit_test_setup(test_gemm_precision, reset_tolerance),
         cmocka_unit_test_setup(test_attention, reset_tolerance),
+        cmocka_unit_test_setup(test_attention_bf16, reset_tolerance),
         cmocka_unit_test_setup(test_elementwise, reset_tolerance),
         cmocka_unit_test_setup(test_crossentropy, reset_tolerance),
         cmocka_unit_test_setup(test_optim, reset_tolerance),

@@ -17,6 +17,9 @@
 #   MP_STEP_PRECISIONS   millipede's system.precision values (default "fp32 bf16")
 #   MP_STEP_STEPS        steps per millipede run (default 6), MP_STEP_RUN_TIMEOUT (s, 90)
 #   MP_STEP_SET          extra --set arguments for millipede (e.g. a small shape)
+#   MP_STEP_PROFILE      1: one more millipede run, at the last precision, with train.profile
+#                        = true (its row "millipede-profile": synchronized, so slower; the
+#                        median time of each phase of the step is printed after the table)
 #   MP_STEP_TORCH_MODES  eager, compile, eager,compile or none (default eager)
 #   MP_STEP_TORCH_ARGS   extra arguments for bench_step_torch.py (the same shape, if changed)
 #   MP_STEP_JSONL        where this run's JSON lines go, emptied first (default
@@ -52,13 +55,16 @@ for name, n in (("train.bin", 1 << 21), ("val.bin", 1 << 16)):
         f.write(b"MPTOKENS" + struct.pack("<IIQII", 1, vocab, n, 2, 0) + tok.astype("<u2").tobytes())
 EOF
 
-# millipede_run PRECISION: train until $steps step lines, then SIGKILL; one JSON line
+# millipede_run PRECISION [profile]: train until $steps step lines, then SIGKILL; one JSON line
 millipede_run() {
-    local prec=$1 run=$work/run-$1 log=$work/train-$1.log pid t0=$SECONDS peak=0 m done_steps
-    # shellcheck disable=SC2086,SC2046
+    local prec=$1 prof=${2:-} run=$work/run-$1${2:-} log=$work/train-$1${2:-}.log pid t0=$SECONDS peak=0
+    local m done_steps kv extra=()   # an array: printf over an empty MP_STEP_SET would still print "--set"
+    # shellcheck disable=SC2086
+    for kv in ${MP_STEP_SET:-}; do extra+=(--set "$kv"); done
+    [ -n "$prof" ] && extra+=(--set train.profile=true)
     "$bin" train "$root/configs/gpt2-small-peer.ini" --no-resume \
         --set run.dir="$run" --set data.train="$work/train.bin" --set data.val="$work/val.bin" \
-        --set system.precision="$prec" $(printf -- '--set %s ' ${MP_STEP_SET:-}) >"$log" 2>&1 &
+        --set system.precision="$prec" ${extra[@]+"${extra[@]}"} >"$log" 2>&1 &
     pid=$!
     while kill -0 "$pid" 2>/dev/null; do
         done_steps=$(grep -c '"ms"' "$run/metrics.jsonl" 2>/dev/null)
@@ -77,15 +83,16 @@ millipede_run() {
     echo "--- millipede train, precision $prec: the log's first and last lines" >&2
     grep -E "memory|error|backend|transport" "$log" | head -8 >&2
     tail -3 "$log" >&2
-    python3 - "$run/metrics.jsonl" "$prec" "$peak" "$steps" "$log" <<'EOF'
+    python3 - "$run/metrics.jsonl" "$prec" "$peak" "$steps" "$log" "$prof" <<'EOF'
 import json, sys
 path, prec, peak_mib, want, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+profiled = sys.argv[6] == "profile"
 try:
     lines = [json.loads(l) for l in open(path) if '"ms"' in l]
 except OSError:
     lines = []
 ms = [l["ms"] for l in lines]
-rec = {"impl": "millipede-cuda", "model": "peer", "precision": prec}
+rec = {"impl": "millipede-profile" if profiled else "millipede-cuda", "model": "peer", "precision": prec}
 if len(ms) < 3:
     last = [l.strip() for l in open(log, errors="replace") if l.strip()][-1:] or ["(no output)"]
     rec["error"] = f"{len(ms)} step(s) done, need 3: {last[0][:300]}"
@@ -97,6 +104,13 @@ else:
                 "tokens_per_s": round(lines[0]["tokens_per_s"] * lines[0]["ms"] / med, 1)})
     if len(ms) < want:
         rec["note"] = f"stopped at the run timeout after {len(ms)} steps"
+    if profiled:   # each phase's median over the timed steps
+        phases = [l["phase_ms"] for l in lines[2:] if "phase_ms" in l]
+        if phases:
+            rec["phase_ms"] = {k: round(sorted(p[k] for p in phases)[len(phases) // 2], 3)
+                               for k in phases[0]}
+        else:
+            rec["error"] = "train.profile = true, but the metrics lines have no phase_ms"
 for line in open(log, errors="replace"):   # "model: 124439808 parameters, ..."
     if line.startswith("model: ") and " parameters" in line:
         rec["params"] = int(line.split()[1])
@@ -116,6 +130,10 @@ if [ -n "$bin" ]; then
             millipede_run "$prec" | tee -a "$out"
             [ "${PIPESTATUS[0]}" -eq 0 ] || fails=$((fails + 1))
         done
+        if [ "${MP_STEP_PROFILE:-0}" = 1 ]; then
+            millipede_run "$prec" profile | tee -a "$out"
+            [ "${PIPESTATUS[0]}" -eq 0 ] || fails=$((fails + 1))
+        fi
     fi
 fi
 modes=${MP_STEP_TORCH_MODES:-eager}
@@ -145,11 +163,11 @@ for path in sys.argv[1:]:
 if not rows:
     sys.exit(0)
 ours = {r["precision"]: r for r in rows if r["impl"] == "millipede-cuda" and "step_ms" in r}
-print(f"\n{'impl':<16}{'model':<7}{'precision':<10}{'ms/step':>10}{'tokens/s':>11}{'peak GiB':>10}"
+print(f"\n{'impl':<18}{'model':<7}{'precision':<10}{'ms/step':>10}{'tokens/s':>11}{'peak GiB':>10}"
       f"{'vs ours':>9}")
 for r in sorted(rows, key=lambda r: (r.get("model", ""), r["impl"] != "millipede-cuda",
                                      r["impl"], r.get("precision", ""))):
-    head = f"{r['impl']:<16}{r.get('model', ''):<7}{r.get('precision', ''):<10}"
+    head = f"{r['impl']:<18}{r.get('model', ''):<7}{r.get('precision', ''):<10}"
     if "step_ms" not in r:
         print(head + "  " + str(r.get("error", r.get("skipped", "")))[:100])
         continue
@@ -159,8 +177,18 @@ for r in sorted(rows, key=lambda r: (r.get("model", ""), r["impl"] != "millipede
     print(f"{head}{r['step_ms']:>10.1f}{r['tokens_per_s']:>11.0f}{peak:>10}{ratio:>9}")
 print("\n'vs ours': that row's ms per step over millipede's at the same precision (>1: ours is")
 print("faster); on a dense row, what the PEER model costs against GPT-2 small's dense MLP is")
-print("1 over it. millipede bf16 = bf16 expert tables, everything else fp32; torch bf16 =")
-print("autocast (bf16 matrix products, fp32 weights). millipede's peak: nvidia-smi's use of")
-print("the process (CUDA context included); torch's: max_memory_allocated.")
+print("1 over it. millipede bf16 = system.precision bf16 (bf16 expert tables, dense GEMMs and")
+print("attention on tensor cores, fp32 masters and routing); torch bf16 = autocast (bf16 matrix")
+print("products, fp32 weights). millipede's peak: nvidia-smi's use of the process (CUDA context")
+print("included); torch's: max_memory_allocated. millipede-profile: train.profile = true, the")
+print("device synchronized at each phase boundary (so slower than the plain run).")
+for r in rows:
+    if "phase_ms" in r:
+        ph = sorted(r["phase_ms"].items(), key=lambda kv: -kv[1])
+        total = sum(v for _, v in ph)
+        print(f"\nmillipede {r['precision']} step by phase (median ms of the timed steps, "
+              f"synchronized; {total:.1f} ms in all):")
+        for k, v in ph:
+            print(f"  {k:<18}{v:>9.2f}{100 * v / total if total else 0:>7.1f} %")
 EOF
 exit "$fails"

@@ -98,12 +98,18 @@ void *mp_cuda_scratch(int slot, size_t bytes) {
 // GEMMs (the arithmetic of each: cuda_common.h)
 
 static int g_precision = MP_PRECISION_FP32;
+static int g_cc_major;   // the GPU's compute capability (major)
 
 int mp_cuda_precision(void) { return g_precision; }
+
+static void cuda_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
 
 static int cuda_set_precision(int precision) {
     if (precision != MP_PRECISION_FP32 && precision != MP_PRECISION_BF16)
         mp_fatal("set_precision: unknown precision %d", precision);
+    if (precision == MP_PRECISION_BF16 && g_cc_major < 8)
+        mp_input_error("system.precision = bf16 needs bf16 tensor cores (compute capability 8.0 "
+                       "or later); this GPU is %s: use fp32", g_device_name);
     int old = g_precision;
     g_precision = precision;
     return old;
@@ -282,6 +288,7 @@ static void fill_table(mp_backend *b) {
     b->matmul_forward = mp_cuda_matmul_forward;
     b->matmul_backward = mp_cuda_matmul_backward;
     b->set_precision = cuda_set_precision;
+    b->synchronize = cuda_synchronize;
     b->attention_state_floats = mp_cuda_attention_state_floats;
     b->attention_forward = mp_cuda_attention_forward;
     b->attention_backward = mp_cuda_attention_backward;
@@ -347,6 +354,7 @@ extern "C" const mp_backend *mp_backend_cuda(char *err, size_t err_len) {
     CUBLAS_CHECK(cublasSetMathMode(g_blas, CUBLAS_DEFAULT_MATH));
     snprintf(g_device_name, sizeof g_device_name, "%.200s (GPU %d of %d, sm_%d%d)", prop.name, dev,
              count, prop.major, prop.minor);
+    g_cc_major = prop.major;
     fill_table(&g_backend);
     g_ready = 1;
     return &g_backend;

@@ -99,10 +99,14 @@ void mp_cuda_sort_by_key(const int32_t *key, int64_t R, int64_t key_bound, const
 
 // Loops over register arrays with compile-time trip counts: nvcc unrolls them, so the
 // arrays stay in registers; the CPU emulator's C++ compiler has no such pragma.
+// UNROLL4: a loop with a run-time trip count unrolled by 4, so that 4 iterations' loads are
+// in flight at once.
 #ifdef __CUDACC__
 #define UNROLL _Pragma("unroll")
+#define UNROLL4 _Pragma("unroll 4")
 #else
 #define UNROLL
+#define UNROLL4
 #endif
 
 // warp sums (every lane gets the total); the butterfly order is fixed
@@ -166,6 +170,13 @@ void mp_cuda_attention_forward(float *out, float *att, const float *qkv, int B, 
 void mp_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv,
                                 const float *out, const float *att, int B, int T, int C,
                                 int NH);
+// the tensor-core kernels that bf16 mode runs (ops_attention_tc.cu); nf: the head's columns
+// over 16, rounded up to 1, 2, 4 or 8; D (B, NH, T) = rowsum(dO * out)
+void mp_cuda_attention_forward_tc(float *out, float *lse, const float *qkv, int B, int T, int C,
+                                  int NH, float scale, int nf);
+void mp_cuda_attention_backward_tc(float *dqkv, const float *dout, const float *qkv,
+                                   const float *lse, const float *D, int B, int T, int C, int NH,
+                                   float scale, int nf);
 void mp_cuda_gelu_forward(float *out, const float *inp, long n);
 void mp_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
 void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n);

@@ -59,14 +59,16 @@ __device__ __forceinline__ void load_vals(float *o, const uint16_t *p) {
             }
         }
 }
+// Streaming stores (st.global.cs, evict first): the gradient rows are written once and not
+// read again in the pass, so they should not push the per-record x and dy rows out of L2
 template <int V>
 __device__ __forceinline__ void store_vals(float *p, const float *o) {
     if (V == 1)
-        *p = o[0];
+        __stcs(p, o[0]);
     else
         for (int k = 0; k < V; k += 4) {
             MP_CHECK_ALIGN16(p + k);
-            *(float4 *)(p + k) = make_float4(o[k], o[k + 1], o[k + 2], o[k + 3]);
+            __stcs((float4 *)(p + k), make_float4(o[k], o[k + 1], o[k + 2], o[k + 3]));
         }
 }
 

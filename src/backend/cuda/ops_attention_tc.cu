@@ -1,0 +1,407 @@
+// CUDA causal self-attention on tensor cores (system.precision = bf16): the same FlashAttention-
+// 2 scheme as ops_attention.cu (online softmax forward storing L = m + log l per row; backward
+// as D, a dK/dV kernel over query tiles and a dQ kernel over key tiles, no atomics, bitwise
+// repeatable), with every tile product a bf16 x bf16 -> fp32 WMMA (16 x 16 x 16) product:
+// S = Q K^T, O += P V, dP = dO V^T, dV += P^T dO, dK += dS^T Q, dQ += dS K. The scores, the
+// softmax statistics, P and dS are formed in fp32; Q, K, V, dO are rounded to bf16 as they
+// are loaded into shared memory, and P and dS as they are written there for the next
+// product. The products of two bf16 values are exact in fp32, so the rounding of those six
+// operands is the only difference from fp32 arithmetic beyond the order of the sums
+// (tests/unit/test_cuda_backend.c, check_attention_bf16, bounds it element by element).
+//
+// Blocks of 4 warps own a tile of 64 rows (queries; keys in the dK/dV kernel), 16 per warp,
+// and stream tiles of 64 rows of the other side through shared memory. A warp's tile
+// products land in its own fp32 scratch (16 x 64, or 16 x head size), where its lanes do the
+// elementwise work: lane l takes row l / 2 and half l % 2 of the columns, so a row's max and
+// sum are one shuffle between a lane pair. The forward's running output stays in registers
+// in that same layout (rescaled by exp(m_old - m_new) there), as the fragments' own layout is
+// unspecified; the backward's sums over the streamed tiles stay in accumulator fragments.
+// Head sizes up to 128 (DP = 16 NF columns, NF a power of two, zero-padded past hs).
+//
+// Checked against a host reference on the CUDA emulator, whose WMMA (tests/cuda_emu/include/
+// mma.h) keeps the API's rules, and on an H200 (the same bounds hold; not yet run under
+// compute-sanitizer there).
+#include <cuda_bf16.h>
+#include <math.h>
+#include <mma.h>
+#include "backend/cuda/cuda_common.h"
+
+#define TC_WARPS 4
+#define TC_THREADS (32 * TC_WARPS)
+#define TC_ROWS 64     // rows of a block's own tile: 16 per warp
+#define TC_COLS 64     // rows of a streamed tile
+#define TC_PLD (TC_COLS + 8)   // bf16 row stride of a warp's P or dS tile (16, TC_COLS)
+#define TC_SLD (TC_COLS + 4)   // float row stride of a warp's score scratch (16, TC_COLS)
+
+// bf16 WMMA exists from sm_80 on. A build that also targets older GPUs gets kernels there
+// that trap; bf16 mode refuses such a GPU before any of them runs (backend_cuda.cu).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+namespace wmma = nvcuda::wmma;
+
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> frag_a;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> frag_b_row;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> frag_b_col;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_acc;
+
+// Strides: a bf16 tile row of the head is DP + 8 elements, a scratch row of the head DP + 4
+// floats (or TC_SLD when wider). WMMA wants 32-byte aligned tile pointers and ldm a multiple
+// of 8 bf16 / 4 floats: every tile below starts at a multiple of 16 rows and 16 columns of
+// these, and every array's size is a multiple of 32 bytes.
+template <int NF> struct tc_dims {
+    static constexpr int DP = 16 * NF, LD = DP + 8, OW = (DP > TC_COLS ? DP : TC_COLS) + 4;
+};
+
+static __device__ __forceinline__ const __nv_bfloat16 *bf(const uint16_t *p) {
+    return reinterpret_cast<const __nv_bfloat16 *>(p);
+}
+
+// dst (n, LD) bf16 = rows [r0, r0 + n) of one head's (T, hs) slice of src (row stride ld),
+// rounded to nearest; zero past T and past hs (exact zeros in every product)
+template <int NF>
+static __device__ void load_tile_bf16(uint16_t *dst, const float *src, long ld, int r0, int n,
+                                      int T, int hs) {
+    constexpr int DP = tc_dims<NF>::DP, LD = tc_dims<NF>::LD;
+    for (int e = threadIdx.x; e < n * DP; e += TC_THREADS) {
+        int r = e / DP, d = e % DP, t = r0 + r;
+        dst[r * LD + d] = t < T && d < hs ? mp_float_to_bf16(src[(size_t)t * ld + d]) : 0;
+    }
+}
+
+// out (16, TC_COLS) fp32 at ldm TC_SLD = A (16, DP) . B^T, B (TC_COLS, DP): the rows of A
+// against the rows of B (B^T read as a column-major matrix_b)
+template <int NF>
+static __device__ __forceinline__ void rows_dot_rows(float *out, const uint16_t *A,
+                                                     const uint16_t *B) {
+    constexpr int LD = tc_dims<NF>::LD;
+    frag_a a[NF];
+    for (int f = 0; f < NF; f++) wmma::load_matrix_sync(a[f], bf(A + 16 * f), LD);
+    for (int j = 0; j < TC_COLS / 16; j++) {
+        frag_acc acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int f = 0; f < NF; f++) {
+            frag_b_col b;
+            wmma::load_matrix_sync(b, bf(B + 16 * j * LD + 16 * f), LD);
+            wmma::mma_sync(acc, a[f], b, acc);
+        }
+        wmma::store_matrix_sync(out + 16 * j, acc, TC_SLD, wmma::mem_row_major);
+    }
+}
+
+// acc[f] (+)= P (16, TC_COLS; ldm TC_PLD) . M (TC_COLS, DP), column block f of 16
+template <int NF>
+static __device__ __forceinline__ void tile_times_rows(frag_acc *acc, const uint16_t *P,
+                                                       const uint16_t *M) {
+    constexpr int LD = tc_dims<NF>::LD;
+    for (int j = 0; j < TC_COLS / 16; j++) {
+        frag_a p;
+        wmma::load_matrix_sync(p, bf(P + 16 * j), TC_PLD);
+        for (int f = 0; f < NF; f++) {
+            frag_b_row m;
+            wmma::load_matrix_sync(m, bf(M + 16 * j * LD + 16 * f), LD);
+            wmma::mma_sync(acc[f], p, m, acc[f]);
+        }
+    }
+}
+
+// grid (query tiles, NH, B), the longest tiles (last queries, most keys) first
+template <int NF>
+static __global__ void __launch_bounds__(TC_THREADS)
+attention_forward_tc_kernel(float *out, float *lse, const float *qkv, int T, int C, int NH,
+                            float scale) {
+    constexpr int DP = tc_dims<NF>::DP, LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
+    constexpr int HALF = DP / 2;   // output columns per lane
+    extern __shared__ __align__(128) uint16_t smem[];
+    uint16_t *Qs = smem;              // (TC_ROWS, LD) this block's queries
+    uint16_t *Ks = Qs + TC_ROWS * LD;             // (TC_COLS, LD) a key tile
+    uint16_t *Vs = Ks + TC_COLS * LD;             // (TC_COLS, LD) its values
+    uint16_t *Ps = Vs + TC_COLS * LD;             // (TC_WARPS, 16, TC_PLD) P per warp
+    float *Ws = (float *)(Ps + TC_WARPS * 16 * TC_PLD);   // (TC_WARPS, 16, OW) scratch
+    int hs = C / NH, C3 = 3 * C, h = blockIdx.y, b = blockIdx.z;
+    int r0 = ((T + TC_ROWS - 1) / TC_ROWS - 1 - (int)blockIdx.x) * TC_ROWS;
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32, i = lane / 2, hf = lane % 2;
+    int r = r0 + 16 * w + i;   // this lane's query row
+    uint16_t *Pw = Ps + w * 16 * TC_PLD;
+    float *Sw = Ws + w * 16 * OW;
+    const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;   // (T,hs)
+    load_tile_bf16<NF>(Qs, q, C3, r0, TC_ROWS, T, hs);
+    float o[HALF], m = -INFINITY, l = 0.0f;
+    UNROLL
+    for (int t = 0; t < HALF; t++) o[t] = 0.0f;
+    int kend = min(r0 + TC_ROWS, T);   // keys [0, kend) reach some row of the tile
+    for (int c0 = 0; c0 < kend; c0 += TC_COLS) {
+        __syncthreads();   // the previous key tile is read
+        load_tile_bf16<NF>(Ks, k, C3, c0, TC_COLS, T, hs);
+        load_tile_bf16<NF>(Vs, v, C3, c0, TC_COLS, T, hs);
+        __syncthreads();
+        rows_dot_rows<NF>(Sw, Qs + 16 * w * LD, Ks);   // S (16, TC_COLS)
+        __syncwarp();
+        // key 0 is in the first tile and unmasked for every row, so m is finite from then
+        // on; columns masked for this lane's half alone are covered by its partner's max
+        float s[TC_COLS / 2], mx = -INFINITY;
+        UNROLL
+        for (int t = 0; t < TC_COLS / 2; t++) {
+            int c = c0 + hf * (TC_COLS / 2) + t;
+            s[t] = c <= r ? Sw[i * TC_SLD + hf * (TC_COLS / 2) + t] * scale : -INFINITY;
+            mx = fmaxf(mx, s[t]);
+        }
+        float mnew = fmaxf(m, fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)));
+        float alpha = expf(m - mnew), ps = 0.0f;   // alpha = 0 on the first tile (m = -inf)
+        UNROLL
+        for (int t = 0; t < TC_COLS / 2; t++) {
+            float p = expf(s[t] - mnew);   // masked: exp(-inf) = 0
+            Pw[i * TC_PLD + hf * (TC_COLS / 2) + t] = mp_float_to_bf16(p);
+            ps += p;
+        }
+        l = l * alpha + ps + __shfl_xor_sync(0xffffffffu, ps, 1);
+        m = mnew;
+        __syncwarp();   // P written, S read: the scratch takes P V next
+        frag_acc acc[NF];
+        for (int f = 0; f < NF; f++) wmma::fill_fragment(acc[f], 0.0f);
+        tile_times_rows<NF>(acc, Pw, Vs);
+        for (int f = 0; f < NF; f++)
+            wmma::store_matrix_sync(Sw + 16 * f, acc[f], OW, wmma::mem_row_major);
+        __syncwarp();
+        UNROLL
+        for (int t = 0; t < HALF; t++) o[t] = o[t] * alpha + Sw[i * OW + hf * HALF + t];
+    }
+    if (r < T) {
+        float *orow = out + ((size_t)b * T + r) * C + h * hs, inv = 1.0f / l;
+        UNROLL
+        for (int t = 0; t < HALF; t++) {
+            int d = hf * HALF + t;
+            if (d < hs) orow[d] = o[t] * inv;
+        }
+        if (hf == 0) lse[((size_t)b * NH + h) * T + r] = m + logf(l);
+    }
+}
+
+// This lane's P and dS of one score pair (row-major scratch S, dP at ldm TC_SLD) into the
+// warp's bf16 tiles: p = exp(s scale - L) where `keep`, else 0; ds = p (dp - D) scale.
+static __device__ __forceinline__ void p_ds(uint16_t *P, uint16_t *dS, int at, float s, float dp,
+                                            float L, float D, bool keep, float scale) {
+    float p = keep ? expf(s * scale - L) : 0.0f;
+    if (P) P[at] = mp_float_to_bf16(p);
+    dS[at] = mp_float_to_bf16(p * (dp - D) * scale);
+}
+
+// the warp's accumulators (16, DP) added to rows [rw, rw + 16) of one head's slice of dqkv
+// (column offset col of the head's q, k or v part), through the scratch
+template <int NF>
+static __device__ void add_rows(float *dqkv, const frag_acc *acc, float *Sw, int rw, int T,
+                                int C3, int col, int hs) {
+    constexpr int OW = tc_dims<NF>::OW;
+    for (int f = 0; f < NF; f++) wmma::store_matrix_sync(Sw + 16 * f, acc[f], OW, wmma::mem_row_major);
+    __syncwarp();
+    int lane = threadIdx.x % 32;
+    for (int e = lane; e < 16 * hs; e += 32) {
+        int i = e / hs, d = e % hs;
+        if (rw + i < T) dqkv[(size_t)(rw + i) * C3 + col + d] += Sw[i * OW + d];
+    }
+    __syncwarp();   // the scratch is read before the next store into it
+}
+
+// dK, dV: grid (key tiles, NH, B), a block per tile of TC_ROWS keys (the first keys, which
+// the most queries see, first), walking the query tiles from the diagonal to T in order
+template <int NF>
+static __global__ void __launch_bounds__(TC_THREADS)
+attention_dkv_tc_kernel(float *dqkv, const float *dout, const float *qkv, const float *lse,
+                        const float *D, int T, int C, int NH, float scale) {
+    constexpr int LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
+    extern __shared__ __align__(128) uint16_t smem[];
+    uint16_t *Ks = smem;              // (TC_ROWS, LD) this block's keys
+    uint16_t *Vs = Ks + TC_ROWS * LD;             // (TC_ROWS, LD) and values
+    uint16_t *Qs = Vs + TC_ROWS * LD;             // (TC_COLS, LD) a query tile
+    uint16_t *dOs = Qs + TC_COLS * LD;            // (TC_COLS, LD) its output gradients
+    uint16_t *Ps = dOs + TC_COLS * LD;            // (TC_WARPS, 16, TC_PLD) P^T per warp
+    uint16_t *dSs = Ps + TC_WARPS * 16 * TC_PLD;  // (TC_WARPS, 16, TC_PLD) dS^T per warp
+    float *Ws = (float *)(dSs + TC_WARPS * 16 * TC_PLD);   // (TC_WARPS, 16, OW) S^T scratch
+    float *dPs = Ws + TC_WARPS * 16 * OW;                 // (TC_WARPS, 16, TC_SLD) dP^T
+    float *Ls = dPs + TC_WARPS * 16 * TC_SLD;             // (TC_COLS) L of the query tile
+    float *Ds = Ls + TC_COLS;                             // (TC_COLS) D of the query tile
+    int hs = C / NH, C3 = 3 * C, h = blockIdx.y, b = blockIdx.z;
+    int c0 = (int)blockIdx.x * TC_ROWS;
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32, i = lane / 2, hf = lane % 2;
+    int c = c0 + 16 * w + i;   // this lane's key
+    uint16_t *Pw = Ps + w * 16 * TC_PLD, *dSw = dSs + w * 16 * TC_PLD;
+    float *Sw = Ws + w * 16 * OW, *dPw = dPs + w * 16 * TC_SLD;
+    const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;   // (T,hs)
+    const float *dO = dout + (size_t)b * T * C + h * hs;                            // (T,hs)
+    const float *Lh = lse + ((size_t)b * NH + h) * T, *Dh = D + ((size_t)b * NH + h) * T;
+    load_tile_bf16<NF>(Ks, k, C3, c0, TC_ROWS, T, hs);
+    load_tile_bf16<NF>(Vs, v, C3, c0, TC_ROWS, T, hs);
+    frag_acc dk[NF], dv[NF];
+    for (int f = 0; f < NF; f++) {
+        wmma::fill_fragment(dk[f], 0.0f);
+        wmma::fill_fragment(dv[f], 0.0f);
+    }
+    // queries before c0 see none of these keys; TC_ROWS is a multiple of TC_COLS
+    for (int r0 = c0; r0 < T; r0 += TC_COLS) {
+        __syncthreads();   // the previous query tile is read
+        load_tile_bf16<NF>(Qs, q, C3, r0, TC_COLS, T, hs);
+        load_tile_bf16<NF>(dOs, dO, C, r0, TC_COLS, T, hs);
+        for (int e = threadIdx.x; e < TC_COLS; e += TC_THREADS) {
+            Ls[e] = r0 + e < T ? Lh[r0 + e] : 0.0f;
+            Ds[e] = r0 + e < T ? Dh[r0 + e] : 0.0f;
+        }
+        __syncthreads();
+        rows_dot_rows<NF>(Sw, Ks + 16 * w * LD, Qs);    // S^T = k_c . q_r
+        rows_dot_rows<NF>(dPw, Vs + 16 * w * LD, dOs);  // dP^T = v_c . dO_r
+        __syncwarp();
+        UNROLL
+        for (int t = 0; t < TC_COLS / 2; t++) {
+            int rr = hf * (TC_COLS / 2) + t, r = r0 + rr;
+            p_ds(Pw, dSw, i * TC_PLD + rr, Sw[i * TC_SLD + rr], dPw[i * TC_SLD + rr], Ls[rr],
+                 Ds[rr], r >= c && r < T, scale);
+        }
+        __syncwarp();   // P^T, dS^T written by the warp's lanes, read by its fragments
+        tile_times_rows<NF>(dv, Pw, dOs);   // dV += P^T dO
+        tile_times_rows<NF>(dk, dSw, Qs);   // dK += dS^T q
+    }
+    add_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dk, Sw, c0 + 16 * w, T, C3, C, hs);
+    add_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dv, Sw, c0 + 16 * w, T, C3, 2 * C, hs);
+}
+
+// dQ: grid (query tiles, NH, B), a block per tile of TC_ROWS queries (the longest first),
+// walking the key tiles up to the diagonal in order
+template <int NF>
+static __global__ void __launch_bounds__(TC_THREADS)
+attention_dq_tc_kernel(float *dqkv, const float *dout, const float *qkv, const float *lse,
+                       const float *D, int T, int C, int NH, float scale) {
+    constexpr int LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
+    extern __shared__ __align__(128) uint16_t smem[];
+    uint16_t *Qs = smem;              // (TC_ROWS, LD) this block's queries
+    uint16_t *dOs = Qs + TC_ROWS * LD;            // (TC_ROWS, LD) and output gradients
+    uint16_t *Ks = dOs + TC_ROWS * LD;            // (TC_COLS, LD) a key tile
+    uint16_t *Vs = Ks + TC_COLS * LD;             // (TC_COLS, LD) its values
+    uint16_t *dSs = Vs + TC_COLS * LD;            // (TC_WARPS, 16, TC_PLD) dS per warp
+    float *Ws = (float *)(dSs + TC_WARPS * 16 * TC_PLD);   // (TC_WARPS, 16, OW) S scratch
+    float *dPs = Ws + TC_WARPS * 16 * OW;                 // (TC_WARPS, 16, TC_SLD) dP
+    int hs = C / NH, C3 = 3 * C, h = blockIdx.y, b = blockIdx.z;
+    int r0 = ((T + TC_ROWS - 1) / TC_ROWS - 1 - (int)blockIdx.x) * TC_ROWS;
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32, i = lane / 2, hf = lane % 2;
+    int r = r0 + 16 * w + i;   // this lane's query row
+    uint16_t *dSw = dSs + w * 16 * TC_PLD;
+    float *Sw = Ws + w * 16 * OW, *dPw = dPs + w * 16 * TC_SLD;
+    const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;   // (T,hs)
+    const float *dO = dout + (size_t)b * T * C + h * hs;                            // (T,hs)
+    const float *Lh = lse + ((size_t)b * NH + h) * T, *Dh = D + ((size_t)b * NH + h) * T;
+    load_tile_bf16<NF>(Qs, q, C3, r0, TC_ROWS, T, hs);
+    load_tile_bf16<NF>(dOs, dO, C, r0, TC_ROWS, T, hs);
+    float L = r < T ? Lh[r] : 0.0f, Dr = r < T ? Dh[r] : 0.0f;
+    frag_acc dq[NF];
+    for (int f = 0; f < NF; f++) wmma::fill_fragment(dq[f], 0.0f);
+    int kend = min(r0 + TC_ROWS, T);
+    for (int c0 = 0; c0 < kend; c0 += TC_COLS) {
+        __syncthreads();   // the previous key tile is read
+        load_tile_bf16<NF>(Ks, k, C3, c0, TC_COLS, T, hs);
+        load_tile_bf16<NF>(Vs, v, C3, c0, TC_COLS, T, hs);
+        __syncthreads();
+        rows_dot_rows<NF>(Sw, Qs + 16 * w * LD, Ks);    // S = q_r . k_c
+        rows_dot_rows<NF>(dPw, dOs + 16 * w * LD, Vs);  // dP = dO_r . v_c
+        __syncwarp();
+        UNROLL
+        for (int t = 0; t < TC_COLS / 2; t++) {
+            int cc = hf * (TC_COLS / 2) + t, c = c0 + cc;
+            p_ds(NULL, dSw, i * TC_PLD + cc, Sw[i * TC_SLD + cc], dPw[i * TC_SLD + cc], L, Dr,
+                 c <= r && r < T, scale);
+        }
+        __syncwarp();   // dS written by the warp's lanes, read by its fragments
+        tile_times_rows<NF>(dq, dSw, Ks);   // dQ += dS k
+    }
+    add_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dq, Sw, r0 + 16 * w, T, C3, 0, hs);
+}
+
+#else
+template <int NF>
+static __global__ void attention_forward_tc_kernel(float *, float *, const float *, int, int, int,
+                                                   float) {
+    __trap();
+}
+template <int NF>
+static __global__ void attention_dkv_tc_kernel(float *, const float *, const float *,
+                                               const float *, const float *, int, int, int,
+                                               float) {
+    __trap();
+}
+template <int NF>
+static __global__ void attention_dq_tc_kernel(float *, const float *, const float *,
+                                              const float *, const float *, int, int, int,
+                                              float) {
+    __trap();
+}
+#endif
+
+// the kernels' shared memory, as they lay it out
+static size_t tc_forward_shared(int NF) {
+    size_t LD = 16 * NF + 8, OW = (16 * NF > TC_COLS ? 16 * NF : TC_COLS) + 4;
+    return 2 * (TC_ROWS * LD + 2 * TC_COLS * LD + TC_WARPS * 16 * TC_PLD) + 4 * TC_WARPS * 16 * OW;
+}
+static size_t tc_dkv_shared(int NF) {
+    size_t LD = 16 * NF + 8, OW = (16 * NF > TC_COLS ? 16 * NF : TC_COLS) + 4;
+    return 2 * (2 * TC_ROWS * LD + 2 * TC_COLS * LD + 2 * TC_WARPS * 16 * TC_PLD) +
+           4 * (TC_WARPS * 16 * (OW + TC_SLD) + 2 * TC_COLS);
+}
+static size_t tc_dq_shared(int NF) {
+    size_t LD = 16 * NF + 8, OW = (16 * NF > TC_COLS ? 16 * NF : TC_COLS) + 4;
+    return 2 * (2 * TC_ROWS * LD + 2 * TC_COLS * LD + TC_WARPS * 16 * TC_PLD) +
+           4 * TC_WARPS * 16 * (OW + TC_SLD);
+}
+
+// set once per instantiation: the dynamic shared memory above 48 KiB that the launch needs
+template <class F> static void tc_allow_shared(F *kernel, size_t bytes, int *done) {
+    if (*done) return;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    *done = 1;
+}
+
+template <int NF>
+static void tc_forward_launch(float *out, float *lse, const float *qkv, int B, int T, int C,
+                              int NH, float scale) {
+    static int ready;
+    size_t shb = tc_forward_shared(NF);
+    tc_allow_shared(attention_forward_tc_kernel<NF>, shb, &ready);
+    dim3 grid((unsigned)((T + TC_ROWS - 1) / TC_ROWS), (unsigned)NH, (unsigned)B);
+    attention_forward_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(out, lse, qkv, T, C, NH, scale);
+    KERNEL_CHECK();
+}
+
+template <int NF>
+static void tc_backward_launch(float *dqkv, const float *dout, const float *qkv,
+                               const float *lse, const float *D, int B, int T, int C, int NH,
+                               float scale) {
+    static int ready_kv, ready_q;
+    dim3 grid((unsigned)((T + TC_ROWS - 1) / TC_ROWS), (unsigned)NH, (unsigned)B);
+    size_t shb = tc_dkv_shared(NF);
+    tc_allow_shared(attention_dkv_tc_kernel<NF>, shb, &ready_kv);
+    attention_dkv_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dout, qkv, lse, D, T, C, NH,
+                                                           scale);
+    KERNEL_CHECK();
+    shb = tc_dq_shared(NF);
+    tc_allow_shared(attention_dq_tc_kernel<NF>, shb, &ready_q);
+    attention_dq_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dout, qkv, lse, D, T, C, NH,
+                                                          scale);
+    KERNEL_CHECK();
+}
+
+// nf: the head's 16-column blocks, rounded up to a power of two (ops_attention.cu checked
+// hs <= 128 when the model was built)
+void mp_cuda_attention_forward_tc(float *out, float *lse, const float *qkv, int B, int T, int C,
+                                  int NH, float scale, int nf) {
+    switch (nf) {
+    case 1: tc_forward_launch<1>(out, lse, qkv, B, T, C, NH, scale); break;
+    case 2: tc_forward_launch<2>(out, lse, qkv, B, T, C, NH, scale); break;
+    case 4: tc_forward_launch<4>(out, lse, qkv, B, T, C, NH, scale); break;
+    default: tc_forward_launch<8>(out, lse, qkv, B, T, C, NH, scale); break;
+    }
+}
+
+void mp_cuda_attention_backward_tc(float *dqkv, const float *dout, const float *qkv,
+                                   const float *lse, const float *D, int B, int T, int C, int NH,
+                                   float scale, int nf) {
+    switch (nf) {
+    case 1: tc_backward_launch<1>(dqkv, dout, qkv, lse, D, B, T, C, NH, scale); break;
+    case 2: tc_backward_launch<2>(dqkv, dout, qkv, lse, D, B, T, C, NH, scale); break;
+    case 4: tc_backward_launch<4>(dqkv, dout, qkv, lse, D, B, T, C, NH, scale); break;
+    default: tc_backward_launch<8>(dqkv, dout, qkv, lse, D, B, T, C, NH, scale); break;
+    }
+}
