@@ -102,8 +102,6 @@ static int g_cc_major;   // the GPU's compute capability (major)
 
 int mp_cuda_precision(void) { return g_precision; }
 
-static void cuda_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
-
 static int cuda_set_precision(int precision) {
     if (precision != MP_PRECISION_FP32 && precision != MP_PRECISION_BF16)
         mp_fatal("set_precision: unknown precision %d", precision);
@@ -288,7 +286,7 @@ static void fill_table(mp_backend *b) {
     b->matmul_forward = mp_cuda_matmul_forward;
     b->matmul_backward = mp_cuda_matmul_backward;
     b->set_precision = cuda_set_precision;
-    b->synchronize = cuda_synchronize;
+    b->synchronize = mp_cuda_synchronize;
     b->attention_state_floats = mp_cuda_attention_state_floats;
     b->attention_forward = mp_cuda_attention_forward;
     b->attention_backward = mp_cuda_attention_backward;
