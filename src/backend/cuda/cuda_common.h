@@ -39,6 +39,7 @@ enum {
     SCR_DPRE,        // experts backward: d(pre-activation) per record
     SCR_XB, SCR_DYB, // experts backward, bf16 mode: x and dy rounded to bf16
     SCR_GEMM_A, SCR_GEMM_B,   // matmul, bf16 mode: GEMM operands rounded to bf16
+    SCR_ROW_SS,      // experts backward: sums of squares per (column block, row)
     SCR_COUNT
 };
 void *mp_cuda_scratch(int slot, size_t bytes);

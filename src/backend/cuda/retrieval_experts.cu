@@ -6,12 +6,13 @@
 // Forward and the input side of backward run one block per slot (received token): its x
 // (or dy) row is staged in shared memory, one warp per record computes u_row . x (or
 // dy . v_row), then every thread owns a set of columns and sums its records' rows in record
-// order. The expert gradients run a persistent grid over the expert rows, the records sorted
-// by row (a stable radix sort, sort.cu): each touched row of dU and dV is written once per
-// batch (read too when a later micro-batch adds to it), its value a sum over its records in
-// record order, without atomics, so gradients are bitwise repeatable. The step's first
-// micro-batch overwrites instead of adding and zeroes the rows written before that it does
-// not touch (mp_expert_tables.dirty), so no pass over the whole tables is needed. Table,
+// order. The expert gradients run a persistent grid over (column block, row) items, the
+// records sorted by row (a stable radix sort, sort.cu): each touched row of dU and dV is
+// written once per batch (read too when a later micro-batch adds to it), its value a sum
+// over its records in record order, without atomics, so gradients are bitwise repeatable.
+// The step's first micro-batch overwrites instead of adding and zeroes the rows written
+// before that it does not touch (mp_expert_tables.dirty), so no pass over the whole tables
+// is needed. Table,
 // x and dy rows are read 16 bytes at a time when C and the bases allow. Nothing of shape
 // (tokens, H, k, d) is ever stored: per record only the pre-activation (forward) and its
 // gradient (backward) are kept.
@@ -248,85 +249,101 @@ static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, c
 // dy[slot_i] and du_row (+)= sum of dpre_i x[slot_i] over the row's records in record order
 // (idx, off from the sort; off NULL: no records). overwrite: the sums start from zero (0 + a
 // == a, the bits of zeroing first) and a row without records that dirty marks is zeroed.
-// A persistent grid: block b takes rows b, b + gridDim.x, ..., one row at a time, so a
-// row's every element has one writer and no atomics are needed. A: the activations'
-// element type; x and dy rows are read once per record (not once per token), so in bf16
-// mode they are read as bf16 copies. Each thread owns V consecutive columns at a time
-// (16-byte loads when V > 1); every element's sum is the same whichever V. row_ss (or
-// NULL): the row's sum of squares after the update, each thread's columns in order, then
-// warp butterflies, then warps in order.
+// A: the activations' element type; x and dy rows are read once per record (not once per
+// token), so in bf16 mode they are read as bf16 copies.
+//
+// Work items are (column block, row) pairs, one per warp at a time: a block of WC = 32 V
+// columns (each lane V consecutive ones, 16-byte loads when V > 1) of one row. A persistent
+// grid takes them column block by column block (item = cb * rows + r), so that while it
+// works through the rows, the x and dy rows it reads are those of one column block only:
+// 16384 tokens x 256 bf16 columns x 2 = 16 MB at the paper's shape, which L2 keeps, where
+// the whole rows (64 MB) did not (12 GB read from memory per backward, measured). Every
+// element has one writer and its sum the same order whatever V and the grid: bitwise
+// repeatable. ss_part (or NULL): the item's sum of squares after the update (the lane's
+// columns in order, then warp butterflies), item-indexed; grad_rows_done folds it per row
+// and updates dirty, after this kernel, which only reads dirty.
+#define GRAD_WARPS 8
 template <bool PEER, class A, int V>
-static __global__ void experts_grad_kernel(float *du, float *dv, uint8_t *dirty, double *row_ss,
-                                           const int32_t *idx, const int32_t *off,
-                                           const int32_t *slot, const float *gate,
-                                           const float *pre, const float *dpre, const A *x,
-                                           const A *dy, int64_t rows, int C, int relu,
-                                           int overwrite) {
-    __shared__ float gs[EXP_CHUNK], ds[EXP_CHUNK];
-    __shared__ int32_t ms[EXP_CHUNK];
-    __shared__ double ssw[EXP_THREADS / 32];
-    int tid = threadIdx.x, nthr = blockDim.x;
-    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+static __global__ void __launch_bounds__(32 * GRAD_WARPS)
+experts_grad_kernel(float *du, float *dv, const uint8_t *dirty, double *ss_part,
+                    const int32_t *idx, const int32_t *off, const int32_t *slot,
+                    const float *gate, const float *pre, const float *dpre, const A *x,
+                    const A *dy, int64_t rows, int C, int relu, int overwrite) {
+    __shared__ float gs[GRAD_WARPS][EXP_CHUNK], ds[GRAD_WARPS][EXP_CHUNK];
+    __shared__ int32_t ms[GRAD_WARPS][EXP_CHUNK];
+    constexpr int WC = 32 * V;
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32, nblk = (C + WC - 1) / WC;
+    int64_t items = rows * nblk, stride = (int64_t)gridDim.x * GRAD_WARPS;
+    for (int64_t it = (int64_t)blockIdx.x * GRAD_WARPS + w; it < items; it += stride) {
+        int64_t r = it % rows;
+        int c = (int)(it / rows) * WC + lane * V;   // this lane's first column
+        bool has = c < C;   // V > 1 only when V divides C: then c < C means c + V <= C
         int p0 = off ? off[r] : 0, p1 = off ? off[r + 1] : 0;
         float *dvr = dv + (size_t)r * C, *dur = PEER ? du + (size_t)r * C : NULL;
-        if (p0 == p1) {   // no record: kept, or in overwrite mode zero
-            if (!overwrite) continue;
-            if (dirty[r]) {   // every thread reads the flag before thread 0 clears it
-                for (int c = tid; c < C; c += nthr) {
-                    dvr[c] = 0.0f;
-                    if (PEER) dur[c] = 0.0f;
-                }
-                __syncthreads();
-                if (tid == 0) dirty[r] = 0;
+        float av[V], au[V];
+        for (int k = 0; k < V; k++) av[k] = au[k] = 0.0f;
+        if (p0 == p1) {   // no record: kept, or in overwrite mode zeroed if written before
+            if (overwrite && dirty[r] && has) {
+                store_vals<V>(dvr + c, av);
+                if (PEER) store_vals<V>(dur + c, au);
             }
-            if (tid == 0 && row_ss) row_ss[r] = 0.0;
             continue;
         }
-        double ss = 0.0;
+        if (!overwrite && has) {
+            load_vals<V>(av, dvr + c);
+            if (PEER) load_vals<V>(au, dur + c);
+        }
         for (int base = p0; base < p1; base += EXP_CHUNK) {
             int cnt = min(EXP_CHUNK, p1 - base);
-            int first = overwrite && base == p0, last = base + cnt == p1;
-            for (int j = tid; j < cnt; j += nthr) {
+            __syncwarp();   // the previous chunk's scalars are read
+            for (int j = lane; j < cnt; j += 32) {
                 int i = idx[base + j];
-                ms[j] = slot[i];
-                gs[j] = PEER ? gate[i] * mp_act_fwd(relu, pre[i]) : gate[i];
-                ds[j] = PEER ? dpre[i] : 0.0f;
+                ms[w][j] = slot[i];
+                gs[w][j] = PEER ? gate[i] * mp_act_fwd(relu, pre[i]) : gate[i];
+                ds[w][j] = PEER ? dpre[i] : 0.0f;
             }
-            __syncthreads();
-            for (int c = tid * V; c < C; c += nthr * V) {
-                float av[V], au[V], a[V];
-                if (first) for (int k = 0; k < V; k++) av[k] = 0.0f;
-                else load_vals<V>(av, dvr + c);
+            __syncwarp();
+            if (!has) continue;
+            float a[V];
+            for (int j = 0; j < cnt; j++) {
+                load_vals<V>(a, dy + (size_t)ms[w][j] * C + c);
+                for (int k = 0; k < V; k++) av[k] += gs[w][j] * a[k];
+            }
+            if (PEER)
                 for (int j = 0; j < cnt; j++) {
-                    load_vals<V>(a, dy + (size_t)ms[j] * C + c);
-                    for (int k = 0; k < V; k++) av[k] += gs[j] * a[k];
+                    load_vals<V>(a, x + (size_t)ms[w][j] * C + c);
+                    for (int k = 0; k < V; k++) au[k] += ds[w][j] * a[k];
                 }
-                store_vals<V>(dvr + c, av);
-                for (int k = 0; k < V; k++) au[k] = 0.0f;
-                if (PEER) {
-                    if (!first) load_vals<V>(au, dur + c);
-                    for (int j = 0; j < cnt; j++) {
-                        load_vals<V>(a, x + (size_t)ms[j] * C + c);
-                        for (int k = 0; k < V; k++) au[k] += ds[j] * a[k];
-                    }
-                    store_vals<V>(dur + c, au);
-                }
-                if (last)
-                    for (int k = 0; k < V; k++) ss += (double)au[k] * au[k] + (double)av[k] * av[k];
-            }
-            __syncthreads();
+        }
+        double ss = 0.0;
+        if (has) {
+            store_vals<V>(dvr + c, av);
+            if (PEER) store_vals<V>(dur + c, au);
+            for (int k = 0; k < V; k++) ss += (double)au[k] * au[k] + (double)av[k] * av[k];
         }
         ss = mp_warp_sum_d(ss);
-        if (tid % 32 == 0) ssw[tid / 32] = ss;
-        __syncthreads();
-        if (tid == 0) {
-            dirty[r] = 1;
-            if (row_ss) {
-                double t = 0.0;
-                for (int w = 0; w < nthr / 32; w++) t += ssw[w];
-                row_ss[r] = t;
-            }
+        if (lane == 0 && ss_part) ss_part[it] = ss;
+    }
+}
+
+// After experts_grad_kernel, per row: row_ss (or NULL) = the row's item sums in column-block
+// order for a row with records, 0 for a row the overwrite pass left zero, kept otherwise; and
+// dirty = whether the row may be nonzero now.
+static __global__ void grad_rows_done_kernel(uint8_t *dirty, double *row_ss, const double *ss_part,
+                                             const int32_t *off, int64_t rows, int nblk,
+                                             int overwrite) {
+    int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    if (off && off[r + 1] > off[r]) {
+        if (row_ss) {
+            double t = 0.0;
+            for (int cb = 0; cb < nblk; cb++) t += ss_part[(size_t)cb * rows + r];
+            row_ss[r] = t;
         }
+        dirty[r] = 1;
+    } else if (overwrite) {
+        if (row_ss) row_ss[r] = 0.0;
+        dirty[r] = 0;
     }
 }
 
@@ -354,9 +371,9 @@ static void dx_launch(float *dx, float *dgate, float *dpre, const float *dy, int
                                 relu);
 }
 
-// A few blocks per SM, each looping over rows: 1M rows take no 1M-block launch, and a
-// block's shared staging is set up once.
-static unsigned grad_blocks(int64_t rows) {
+// A few blocks per SM, each looping over (column block, row) items: 1M rows take no
+// 1M-block launch.
+static unsigned grad_blocks(int64_t items) {
     static int sms;
     if (!sms) {
         int dev;
@@ -365,8 +382,8 @@ static unsigned grad_blocks(int64_t rows) {
         CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
         sms = prop.multiProcessorCount;
     }
-    int64_t want = (int64_t)sms * 8;
-    return (unsigned)(rows < want ? rows : want);
+    int64_t want = (int64_t)sms * 8, need = (items + GRAD_WARPS - 1) / GRAD_WARPS;
+    return (unsigned)(need < want ? need : want);
 }
 
 template <class A, int V>
@@ -374,16 +391,22 @@ static void grad_launch(const mp_expert_tables *t, int peer, const int32_t *idx,
                         const int32_t *off, const int32_t *slot, const float *gate,
                         const float *pre, const float *dpre, const A *x, const A *dy, int C,
                         int relu, int overwrite, double *row_ss) {
-    unsigned nb = grad_blocks(t->rows);
-    int nthr = threads_for((C + V - 1) / V);
+    int nblk = (C + 32 * V - 1) / (32 * V);
+    int64_t items = t->rows * nblk;
+    double *ss_part = row_ss ? (double *)mp_cuda_scratch(SCR_ROW_SS, (size_t)items * sizeof(double))
+                             : NULL;   // (nblk, rows)
+    unsigned nb = grad_blocks(items);
     if (peer)
-        experts_grad_kernel<true, A, V><<<nb, nthr>>>(
-            t->du, t->dv, t->dirty, row_ss, idx, off, slot, gate, pre, dpre, x, dy, t->rows, C,
+        experts_grad_kernel<true, A, V><<<nb, 32 * GRAD_WARPS>>>(
+            t->du, t->dv, t->dirty, ss_part, idx, off, slot, gate, pre, dpre, x, dy, t->rows, C,
             relu, overwrite);
     else
-        experts_grad_kernel<false, A, V><<<nb, nthr>>>(
-            NULL, t->dv, t->dirty, row_ss, idx, off, slot, gate, pre, dpre, x, dy, t->rows, C,
+        experts_grad_kernel<false, A, V><<<nb, 32 * GRAD_WARPS>>>(
+            NULL, t->dv, t->dirty, ss_part, idx, off, slot, gate, pre, dpre, x, dy, t->rows, C,
             relu, overwrite);
+    KERNEL_CHECK();
+    grad_rows_done_kernel<<<mp_blocks((size_t)t->rows, 256), 256>>>(t->dirty, row_ss, ss_part, off,
+                                                                    t->rows, nblk, overwrite);
     KERNEL_CHECK();
 }
 
