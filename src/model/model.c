@@ -521,8 +521,6 @@ const double *mp_model_expert_row_ss(const mp_model *m, int block, int64_t *rows
     return r ? r->row_ss : NULL;
 }
 
-// system.precision reaches the backend's GEMMs here, at each entry that runs ops: the
-// backend holds one setting for the process, and models of either precision may take turns.
 // ---------------------------------------------------------------------------------------
 // phase timing
 
@@ -566,6 +564,8 @@ static void enter_phase(mp_model *m, mp_phase kind) {
     mp_model_phase(m, (int)kind + (m->in_backward ? MP_PHASE_KINDS : 0));
 }
 
+// system.precision reaches the backend's GEMMs here, at each entry that runs ops: the
+// backend holds one setting for the process, and models of either precision may take turns.
 static void use_precision(const mp_model *m) {
     if (m->be->set_precision)
         m->be->set_precision(strcmp(m->cfg.precision, "bf16") ? MP_PRECISION_FP32
