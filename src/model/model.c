@@ -546,17 +546,11 @@ void mp_model_phase_reset(mp_model *m) {
 }
 
 const char *mp_phase_name(int phase) {
-    static const char *fwd[MP_PHASE_KINDS] = {"fwd.embed", "fwd.norm", "fwd.attn_matmul",
-                                              "fwd.attention", "fwd.mlp", "fwd.peer",
-                                              "fwd.lm_head", "fwd.loss"};
-    static const char *bwd[MP_PHASE_KINDS] = {"bwd.embed", "bwd.norm", "bwd.attn_matmul",
-                                              "bwd.attention", "bwd.mlp", "bwd.peer",
-                                              "bwd.lm_head", "bwd.loss"};
-    if (phase >= 0 && phase < MP_PHASE_KINDS) return fwd[phase];
-    if (phase >= MP_PHASE_KINDS && phase < 2 * MP_PHASE_KINDS) return bwd[phase - MP_PHASE_KINDS];
-    if (phase == MP_PHASE_ALLREDUCE) return "allreduce";
-    if (phase == MP_PHASE_OPTIMIZER) return "optimizer";
-    return "?";
+    static const char *name[MP_PHASE_N] = {
+        "fwd.embed", "fwd.norm", "fwd.attn_matmul", "fwd.attention", "fwd.mlp", "fwd.peer",
+        "fwd.lm_head", "fwd.loss", "bwd.embed", "bwd.norm", "bwd.attn_matmul", "bwd.attention",
+        "bwd.mlp", "bwd.peer", "bwd.lm_head", "bwd.loss", "allreduce", "optimizer"};
+    return phase >= 0 && phase < MP_PHASE_N ? name[phase] : "?";
 }
 
 // the kind of work that starts now, in the direction the model is running
