@@ -21,8 +21,11 @@ grid > "$tmp/first.log" 2>&1 || { cat "$tmp/first.log"; bad "grid.py runs"; exit
 ok "grid.py runs"
 q=$tmp/quality.md
 # Table 1: dense, PKM and PEER for 2 seeds on the demo corpus; Table 2: 2 N x 3 routers
-check "6 Table 1 runs and 6 Table 2 runs trained and evaluated" \
-    test "$(grep -c '^grid: t[12]-.*: train' "$tmp/first.log")" -eq 12
+if [ "$(grep -c '^grid: t[12]-.*: train' "$tmp/first.log")" -eq 12 ]; then
+    ok "6 Table 1 runs and 6 Table 2 runs trained and evaluated"
+else
+    cat "$tmp/first.log"; bad "6 Table 1 runs and 6 Table 2 runs trained and evaluated"
+fi
 check "Table 1 row with mean ± sd of two seeds" grep -q '^| demo | [0-9.]* ± [0-9.]* |' "$q"
 check "Table 2: one row per N and router" \
     test "$(grep -c '^| [0-9,]* ([0-9]*²) | \(yes\|no\) | \(yes\|no\) |' "$q")" -eq 6

@@ -33,6 +33,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -120,6 +121,9 @@ def t2_name(n_exp, bn, bal):
     return f"t2-n{n_exp}-bn{int(bn)}-bal{int(bal)}"
 
 
+PRINT_LOCK = threading.Lock()
+
+
 def run_one(r, a):
     d = r.dir(a.runs)
     d.mkdir(parents=True, exist_ok=True)
@@ -144,7 +148,10 @@ def run_one(r, a):
             fail(f"{r.name}: millipede eval failed")
         ev.write_text(out.stdout)
     t2 = time.time()
-    print(f"grid: {r.name}: train {t1 - t0:.0f} s, eval {t2 - t1:.0f} s", flush=True)
+    # print() writes the text and its newline separately, so two runs finishing together
+    # could share a line without the lock
+    with PRINT_LOCK:
+        print(f"grid: {r.name}: train {t1 - t0:.0f} s, eval {t2 - t1:.0f} s", flush=True)
     return r.name, t2 - t0
 
 
