@@ -80,12 +80,15 @@ typedef struct mp_backend {
     void (*gelu_backward)(float *dinp, const float *inp, const float *dout, long n);
     // out = a + b, elementwise (out may alias a)
     void (*residual_forward)(float *out, const float *a, const float *b, long n);
-    // probs (N,V) = softmax(logits); losses (N) = -log probs[target]
-    void (*crossentropy_forward)(float *losses, float *probs, const float *logits,
+    // losses (N) = -log softmax(logits)[target]; stats (N, 2) = each row's (max, 1 / sum of
+    // exp(logit - max)), all the backward needs: no (N, V) probabilities are kept
+    void (*crossentropy_forward)(float *losses, float *stats, const float *logits,
                                  const int32_t *targets, int N, int V);
-    // dlogits (N,V) += dloss * (probs - onehot(target))
-    void (*crossentropy_backward)(float *dlogits, const float *probs, const int32_t *targets,
-                                  float dloss, int N, int V);
+    // dlogits (N,V) = dloss * (softmax(logits) - onehot(target)), the softmax recomputed
+    // from logits and stats as exp(logit - max) * (1 / sum). Written, not added: dlogits is
+    // the first gradient of a backward, so nothing needs zeroing before it.
+    void (*crossentropy_backward)(float *dlogits, const float *logits, const float *stats,
+                                  const int32_t *targets, float dloss, int N, int V);
 
     // PEER / PKM layer (docs/model.md), op by op. src/model/route.c strings these together
     // with the all-reduces between them; no op here talks to other ranks. Shapes: H heads,

@@ -54,7 +54,8 @@ struct mp_model {
     block_acts a[MP_MAX_LAYERS];
     float *res_out;               // (N, C) residual after the last block
     float *lnf, *lnf_mean, *lnf_rstd;   // (N, C), (N), (N)
-    float *logits, *probs;        // (N, V)
+    float *logits;                // (N, V)
+    float *ce_stats;              // (N, 2) each row's softmax (max, 1 / sum)
     float *losses;                // (N)
     float *ffn_out;               // (N, C) scratch
     int last_B, last_T, has_targets;
@@ -323,7 +324,7 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
     m->lnf_mean = act_alloc(m, N, sizeof(float));
     m->lnf_rstd = act_alloc(m, N, sizeof(float));
     m->logits = act_alloc(m, N * V, sizeof(float));
-    m->probs = act_alloc(m, N * V, sizeof(float));
+    m->ce_stats = act_alloc(m, 2 * N, sizeof(float));
     m->losses = act_alloc(m, N, sizeof(float));
     m->ffn_out = act_alloc(m, N * C, sizeof(float));
     m->dlogits = act_alloc(m, N * V, sizeof(float));
@@ -385,7 +386,7 @@ void mp_model_free(mp_model *m) {
         free(r);
     }
     void *bufs[] = {m->inputs, m->targets, m->res_out, m->lnf, m->lnf_mean, m->lnf_rstd,
-                    m->logits, m->probs, m->losses, m->ffn_out, m->dlogits, m->dres, m->dln,
+                    m->logits, m->ce_stats, m->losses, m->ffn_out, m->dlogits, m->dres, m->dln,
                     m->datty, m->dqkv, m->dfch, m->dfch_gelu};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(bufs[i]);
     free(m);
@@ -650,7 +651,7 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
         return 0.0f;
     }
     enter_phase(m, MP_PHASE_LOSS);
-    be->crossentropy_forward(m->losses, m->probs, m->logits, m->targets, N, V);
+    be->crossentropy_forward(m->losses, m->ce_stats, m->logits, m->targets, N, V);
     float *losses = mp_malloc((size_t)N * sizeof(float));
     be->to_host(losses, m->losses, (size_t)N * sizeof(float));
     double sum = 0.0;
@@ -671,8 +672,8 @@ void mp_model_backward(mp_model *m, float loss_scale) {
 
     m->in_backward = 1;
     enter_phase(m, MP_PHASE_LOSS);
-    be->zero(m->dlogits, (size_t)N * V * sizeof(float));
-    be->crossentropy_backward(m->dlogits, m->probs, m->targets, loss_scale / N, N, V);
+    be->crossentropy_backward(m->dlogits, m->logits, m->ce_stats, m->targets, loss_scale / N, N,
+                              V);
     enter_phase(m, MP_PHASE_LM_HEAD);
     be->zero(m->dln, NC);
     be->matmul_backward(m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, N, C, V);

@@ -10,7 +10,8 @@
 // 2e-7..4e-5 on every OpenBLAS kernel family; a wrong formula (a missing term, a sign, a
 // factor, overwriting instead of accumulating) gives O(0.01..1).
 // Gradient buffers are pre-filled with random values before backward and those values are
-// subtracted afterwards, which also checks that backward ACCUMULATES (+=).
+// subtracted afterwards, which also checks that backward ACCUMULATES (+=). The one op that
+// writes instead (crossentropy_backward, the first gradient of a backward) gets NaN there.
 //
 // Forward values: compared with naive double-precision implementations written here, on the
 // same float inputs, FWD_TOL = 1e-5 on ||got - ref|| / ||ref||. The float side rounds each
@@ -609,14 +610,14 @@ static void test_residual(void **state) {
 // cross-entropy
 
 typedef struct {
-    float *losses, *probs, *logits;
+    float *losses, *stats, *logits;
     int32_t *targets;
     int N, V;
 } ce_ctx;
 
 static double ce_obj(void *p) {   // the mean loss
     ce_ctx *c = p;
-    be->crossentropy_forward(c->losses, c->probs, c->logits, c->targets, c->N, c->V);
+    be->crossentropy_forward(c->losses, c->stats, c->logits, c->targets, c->N, c->V);
     double s = 0;
     for (int i = 0; i < c->N; i++) s += c->losses[i];
     return s / c->N;
@@ -627,32 +628,35 @@ static void test_crossentropy(void **state) {
     int N = 5, V = 13;
     int32_t targets[] = {0, 12, 5, 7, 3};
     size_t n = (size_t)N * V;
-    ce_ctx c = {fbuf(N), fbuf(n), fbuf(n), targets, N, V};
+    ce_ctx c = {fbuf(N), fbuf(2 * N), fbuf(n), targets, N, V};
     fill(c.logits, n, -3, 3);
     for (int v = 0; v < V; v++) c.logits[4 * V + v] += 1000.0f;   // needs the max shift
     ce_obj(&c);
 
-    double *rl = dbuf(N), *rp = dbuf(n);
+    // the reference in double: losses, and dloss (softmax - onehot) with dloss = 1 / N
+    double *rl = dbuf(N), *rd = dbuf(n), *rs = dbuf(2 * N);
     for (int r = 0; r < N; r++) {
         const float *x = c.logits + (size_t)r * V;
         double mx = -INFINITY, s = 0;
         for (int v = 0; v < V; v++) mx = x[v] > mx ? x[v] : mx;
         for (int v = 0; v < V; v++) s += exp(x[v] - mx);
-        for (int v = 0; v < V; v++) rp[(size_t)r * V + v] = exp(x[v] - mx) / s;
+        for (int v = 0; v < V; v++)
+            rd[(size_t)r * V + v] = (exp(x[v] - mx) / s - (v == targets[r])) / N;
         rl[r] = -(x[targets[r]] - mx - log(s));
+        rs[2 * r] = mx;
+        rs[2 * r + 1] = 1.0 / s;
     }
     for (int r = 0; r < N; r++) assert_true(isfinite(c.losses[r]));
     check("crossentropy forward losses", rel_err(c.losses, rl, N), FWD_TOL);
-    check("crossentropy forward probs", rel_err(c.probs, rp, n), FWD_TOL);
+    check("crossentropy forward (max, 1 / sum)", rel_err(c.stats, rs, 2 * N), FWD_TOL);
 
-    float *dl = fbuf(n), *g0 = fbuf(n);
-    fill(g0, n, -1, 1);
-    memcpy(dl, g0, n * sizeof(float));
-    be->crossentropy_backward(dl, c.probs, targets, 1.0f / N, N, V);
-    sub_prefill(dl, g0, n);
+    float *dl = fbuf(n);
+    for (size_t i = 0; i < n; i++) dl[i] = NAN;   // written, not added to
+    be->crossentropy_backward(dl, c.logits, c.stats, targets, 1.0f / N, N, V);
+    check("crossentropy dlogits", rel_err(dl, rd, n), FWD_TOL);
     check("crossentropy dlogits vs FD", fd_rel_error(ce_obj, &c, c.logits, n, dl, 1e-2f),
           FD_TOL);
-    free(c.losses); free(c.probs); free(c.logits); free(rl); free(rp); free(dl); free(g0);
+    free(c.losses); free(c.stats); free(c.logits); free(rl); free(rd); free(rs); free(dl);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -695,22 +695,23 @@ static void test_crossentropy(void **state) {
     (void)state;
     int N = 7, V = 300;
     size_t nv = (size_t)N * V;
-    float *logits = frand(nv, -5, 5), *probs = frand(nv, 0, 0), *losses = frand(N, 0, 0);
+    float *logits = frand(nv, -5, 5), *stats = frand(2 * N, 0, 0), *losses = frand(N, 0, 0);
     int32_t tg[7];
     for (int i = 0; i < N; i++) tg[i] = (int32_t)(mp_hash3(3, 4, i) % V);
-    cpu->crossentropy_forward(losses, probs, logits, tg, N, V);
-    float *d_logits = dev_copy(logits, nv * 4), *d_probs = gpu->alloc(nv * 4);
+    cpu->crossentropy_forward(losses, stats, logits, tg, N, V);
+    float *d_logits = dev_copy(logits, nv * 4), *d_stats = gpu->alloc(2 * N * 4);
     float *d_losses = gpu->alloc(N * 4);
     int32_t *d_tg = dev_copy(tg, sizeof tg);
-    gpu->crossentropy_forward(d_losses, d_probs, d_logits, d_tg, N, V);
+    gpu->crossentropy_forward(d_losses, d_stats, d_logits, d_tg, N, V);
     expect_dev("crossentropy losses", d_losses, losses, N);
-    expect_dev("crossentropy probs", d_probs, probs, nv);
-    float *dl = frand(nv, -1, 1), *d_dl = dev_copy(dl, nv * 4);
-    cpu->crossentropy_backward(dl, probs, tg, 0.37f, N, V);
-    gpu->crossentropy_backward(d_dl, d_probs, d_tg, 0.37f, N, V);
+    expect_dev("crossentropy (max, 1 / sum)", d_stats, stats, 2 * N);
+    // dlogits is written: both sides start from NaN, which any += would keep
+    float *dl = frand(nv, NAN, NAN), *d_dl = dev_copy(dl, nv * 4);
+    cpu->crossentropy_backward(dl, logits, stats, tg, 0.37f, N, V);
+    gpu->crossentropy_backward(d_dl, d_logits, d_stats, d_tg, 0.37f, N, V);
     expect_dev("crossentropy dlogits", d_dl, dl, nv);
-    gpu->free(d_logits); gpu->free(d_probs); gpu->free(d_losses); gpu->free(d_tg); gpu->free(d_dl);
-    free(logits); free(probs); free(losses); free(dl);
+    gpu->free(d_logits); gpu->free(d_stats); gpu->free(d_losses); gpu->free(d_tg); gpu->free(d_dl);
+    free(logits); free(stats); free(losses); free(dl);
 }
 
 // The fused op (adamw with a bf16 destination) against the separate ops on the same

@@ -289,39 +289,36 @@ void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n)
 // ---------------------------------------------------------------------------------------
 // softmax cross-entropy
 
-void mp_cpu_crossentropy_forward(float *losses, float *probs, const float *logits,
+void mp_cpu_crossentropy_forward(float *losses, float *stats, const float *logits,
                                  const int32_t *targets, int N, int V) {
-    // losses (N), probs (N,V), logits (N,V), targets (N)
+    // losses (N), stats (N, 2), logits (N,V), targets (N)
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float *x = logits + (size_t)n * V;
-        float *p = probs + (size_t)n * V;
         float mx = mp_max8(x, V);
-        for (int v = 0; v < V; v++) p[v] = expf(x[v] - mx);
         // the normaliser over a large vocabulary is summed in double, in fixed lanes
         double acc[4] = {0}, tail = 0.0;
         int v = 0;
         for (; v + 4 <= V; v += 4)
-            for (int j = 0; j < 4; j++) acc[j] += p[v + j];
-        for (; v < V; v++) tail += p[v];
+            for (int j = 0; j < 4; j++) acc[j] += expf(x[v + j] - mx);
+        for (; v < V; v++) tail += expf(x[v] - mx);
         double sum = ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail;
-        float inv = (float)(1.0 / sum);
-        #pragma omp simd
-        for (int i = 0; i < V; i++) p[i] *= inv;
+        stats[2 * (size_t)n] = mx;
+        stats[2 * (size_t)n + 1] = (float)(1.0 / sum);
         // -log softmax[target] = log(sum) - (x[target] - max): no log of an underflowed 0
         losses[n] = (float)(log(sum) - (double)(x[targets[n]] - mx));
     }
 }
 
-void mp_cpu_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
-                                  float dloss, int N, int V) {
-    // dlogits (N,V) += dloss * (probs - onehot(target))
+void mp_cpu_crossentropy_backward(float *dlogits, const float *logits, const float *stats,
+                                  const int32_t *targets, float dloss, int N, int V) {
+    // dlogits (N,V) = dloss * (softmax - onehot(target)), written
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        const float *p = probs + (size_t)n * V;
+        const float *x = logits + (size_t)n * V;
         float *d = dlogits + (size_t)n * V;
+        float mx = stats[2 * (size_t)n], inv = stats[2 * (size_t)n + 1];
         int32_t tg = targets[n];
-        #pragma omp simd
-        for (int v = 0; v < V; v++) d[v] += dloss * (p[v] - (v == tg ? 1.0f : 0.0f));
+        for (int v = 0; v < V; v++) d[v] = dloss * (expf(x[v] - mx) * inv - (v == tg ? 1.0f : 0.0f));
     }
 }

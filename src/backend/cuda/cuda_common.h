@@ -183,9 +183,10 @@ void mp_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, lon
 void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n);
 void mp_cuda_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cuda_scatter_add_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
-void mp_cuda_crossentropy_forward(float *losses, float *probs, const float *logits,
+void mp_cuda_crossentropy_forward(float *losses, float *stats, const float *logits,
                                   const int32_t *targets, int N, int V);
-void mp_cuda_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
+void mp_cuda_crossentropy_backward(float *dlogits, const float *logits, const float *stats,
+                                   const int32_t *targets,
                                    float dloss, int N, int V);
 void mp_cuda_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
                    float lr, float beta1, float beta2, float eps, float wd, long t,

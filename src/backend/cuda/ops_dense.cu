@@ -267,14 +267,15 @@ void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n
 
 #define CE_THREADS 256
 
-static __global__ void crossentropy_forward_kernel(float *losses, float *probs,
+// two reads of the row (its max, then the sum of exponentials) and no (N, V) write: the
+// backward recomputes the probabilities from the row's (max, 1 / sum)
+static __global__ void crossentropy_forward_kernel(float *losses, float *stats,
                                                    const float *logits, const int32_t *targets,
                                                    int V) {
     __shared__ float smax[CE_THREADS / 32];
     __shared__ double ssum[CE_THREADS / 32];
     int n = blockIdx.x, tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
     const float *x = logits + (size_t)n * V;
-    float *p = probs + (size_t)n * V;
     float mx = -INFINITY;
     for (int v = tid; v < V; v += CE_THREADS) mx = fmaxf(mx, x[v]);
     mx = mp_warp_max(mx);
@@ -284,41 +285,41 @@ static __global__ void crossentropy_forward_kernel(float *losses, float *probs,
     for (int w = 1; w < CE_THREADS / 32; w++) mx = fmaxf(mx, smax[w]);
     // the normaliser over a large vocabulary is summed in double, as on the CPU
     double s = 0.0;
-    for (int v = tid; v < V; v += CE_THREADS) {
-        float e = expf(x[v] - mx);
-        p[v] = e;
-        s += e;
-    }
+    for (int v = tid; v < V; v += CE_THREADS) s += expf(x[v] - mx);
     s = mp_warp_sum_d(s);
     if (lane == 0) ssum[wid] = s;
     __syncthreads();
     double sum = 0.0;
     for (int w = 0; w < CE_THREADS / 32; w++) sum += ssum[w];
-    float inv = (float)(1.0 / sum);
-    for (int v = tid; v < V; v += CE_THREADS) p[v] *= inv;
-    if (tid == 0) losses[n] = (float)(log(sum) - (double)(x[targets[n]] - mx));
+    if (tid == 0) {
+        stats[2 * (size_t)n] = mx;
+        stats[2 * (size_t)n + 1] = (float)(1.0 / sum);
+        losses[n] = (float)(log(sum) - (double)(x[targets[n]] - mx));
+    }
 }
 
-static __global__ void crossentropy_backward_kernel(float *dlogits, const float *probs,
-                                                    const int32_t *targets, float dloss, int N,
-                                                    int V) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)N * V) return;
-    int v = (int)(i % V);
-    dlogits[i] += dloss * (probs[i] - (v == targets[i / V] ? 1.0f : 0.0f));
+// one block per row: a read of logits and a write of dlogits, no read-modify-write
+static __global__ void crossentropy_backward_kernel(float *dlogits, const float *logits,
+                                                    const float *stats, const int32_t *targets,
+                                                    float dloss, int V) {
+    int n = blockIdx.x, tg = targets[n];
+    const float *x = logits + (size_t)n * V;
+    float *d = dlogits + (size_t)n * V;
+    float mx = stats[2 * (size_t)n], inv = stats[2 * (size_t)n + 1];
+    for (int v = threadIdx.x; v < V; v += CE_THREADS)
+        d[v] = dloss * (expf(x[v] - mx) * inv - (v == tg ? 1.0f : 0.0f));
 }
 
-void mp_cuda_crossentropy_forward(float *losses, float *probs, const float *logits,
+void mp_cuda_crossentropy_forward(float *losses, float *stats, const float *logits,
                                   const int32_t *targets, int N, int V) {
     if (N <= 0) return;
-    crossentropy_forward_kernel<<<N, CE_THREADS>>>(losses, probs, logits, targets, V);
+    crossentropy_forward_kernel<<<N, CE_THREADS>>>(losses, stats, logits, targets, V);
     KERNEL_CHECK();
 }
 
-void mp_cuda_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
-                                   float dloss, int N, int V) {
+void mp_cuda_crossentropy_backward(float *dlogits, const float *logits, const float *stats,
+                                   const int32_t *targets, float dloss, int N, int V) {
     if (N <= 0) return;
-    crossentropy_backward_kernel<<<mp_blocks((size_t)N * V, 256), 256>>>(dlogits, probs, targets,
-                                                                         dloss, N, V);
+    crossentropy_backward_kernel<<<N, CE_THREADS>>>(dlogits, logits, stats, targets, dloss, V);
     KERNEL_CHECK();
 }
