@@ -149,6 +149,19 @@ static __device__ void warp_sort_best_first(float *v, int *i) {
         }
 }
 
+// (v, i): at most one entry per lane (i < 0: none), at least k of them. Sorted across the
+// warp, lane r < k writes the r-th best: the top k in one bitonic network (15 steps) instead
+// of k rounds of warp_best (5 steps each).
+static __device__ __forceinline__ void warp_sort_write(float v, int i, int k, float *out_v,
+                                                       int *out_i) {
+    warp_sort_best_first(&v, &i);
+    int lane = threadIdx.x % 32;
+    if (lane < k) {
+        out_v[lane] = v;
+        out_i[lane] = i;
+    }
+}
+
 // The top k of the score row s[0..n), n <= 32 * NPL, best first into out_v / out_i (lane 0
 // writes): warp_next's rounds on registers. Each lane loads its strided slice s[lane + 32 t]
 // once, so the row is read from memory once instead of k times. The slots past n hold NaN,
@@ -157,8 +170,10 @@ static __device__ void warp_sort_best_first(float *v, int *i) {
 // Pruned (NPL >= 2): the lanes' own best entries are 32 distinct entries, so the k-th best of
 // them, B, has at least k entries ranked at or before it, and nothing ranked after B can be
 // in the top k. The entries at or before B (at least k, usually about k) are compacted into
-// `list` (shared, 32 * NPL entries) and the k rounds run over them instead of over all
-// 32 * NPL slots: the same picks, ties included, in about a quarter of the work at n = 1024.
+// `list` (shared, 32 * NPL entries). When they are at most 32 (about 23 on average for
+// random scores at n = 1024, k = 16), one per lane, one sort gives the top k
+// (warp_sort_write); else the k rounds run over the list instead of over all 32 * NPL
+// slots. Either way the picks are those of the rounds on all slots, ties included.
 // When fewer than k lanes hold a number (NaN scores), there is no B: the rounds run on the
 // registers. With bias (n), the row ranked is s + bias.
 template <int NPL>
@@ -197,6 +212,11 @@ static __device__ void row_topk(const float *s, const float *bias, int n, int k,
                 m += __popc(votes);
             }
             __syncwarp();
+            if (m <= 32) {   // warp-uniform
+                warp_sort_write(lane < m ? list_v[lane] : 0.0f, lane < m ? list_i[lane] : -1, k,
+                                out_v, out_i);
+                return;
+            }
             for (int r = 0; r < k; r++) {
                 warp_next(list_v, NULL, list_i, m, pv, pi, &pv, &pi);
                 if (lane == 0) {
@@ -237,6 +257,72 @@ __device__ void row_topk<0>(const float *s, const float *bias, int n, int k, flo
     }
 }
 
+// Where candidate (i, j) of the k x k grid (the i-th best of the first half with the j-th
+// of the second) is kept: in the order of the anti-diagonals d = i + j, then i. Lane l
+// looks at positions l, l + 32, ..., so the lanes' own best candidates are those of the
+// first anti-diagonals, among which the top k mostly lies.
+static __device__ __forceinline__ int diagonal_pos(int i, int j, int k) {
+    int d = i + j;
+    int before = d < k ? d * (d + 1) / 2 : k * k - (2 * k - 1 - d) * (2 * k - d) / 2;
+    return before + i - max(0, d - k + 1);
+}
+
+// The top k of the k*k candidate sums in cand / cand_id (ids distinct, any order), best
+// first: lane j < k returns the j-th in (v, e). Pruned as row_topk: the lanes' best
+// candidates give the bound B, and when at most 32 candidates rank at or before it they
+// are compacted into top_v / top_i (32 entries) and sorted once; else k rounds over all k*k.
+// With the diagonal order above and scores without structure that is at most 19 at k = 16
+// (16.2 on average; kept row by row it would be 42, past 32 in 68 % of the rows), and k = 32
+// nearly always takes the rounds (tools/bench/topk_prune_sim.py simulates it).
+static __device__ void candidates_topk(const float *cand, const int *cand_id, int k,
+                                       float *top_v, int *top_i, float *v, int *e) {
+    int lane = threadIdx.x % 32, kk = k * k;
+    float bv = -INFINITY;
+    int bi = -1;
+    for (int c = lane; c < kk; c += 32) lane_consider(cand[c], cand_id[c], INFINITY, -1, &bv, &bi);
+    warp_sort_best_first(&bv, &bi);
+    bv = __shfl_sync(0xffffffffu, bv, k - 1);
+    bi = __shfl_sync(0xffffffffu, bi, k - 1);
+    if (bi >= 0) {   // warp-uniform; always so unless NaN scores left a half short
+        int m = 0;
+        for (int c0 = 0; c0 < kk; c0 += 32) {   // the same trip count on every lane
+            int c = c0 + lane;
+            bool keep = c < kk && (cand_id[c] == bi || ranks_before(cand[c], cand_id[c], bv, bi));
+            unsigned votes = __ballot_sync(0xffffffffu, keep);
+            int at = m + __popc(votes & ((1u << lane) - 1u));
+            if (keep && at < 32) {
+                top_v[at] = cand[c];
+                top_i[at] = cand_id[c];
+            }
+            m += __popc(votes);
+        }
+        __syncwarp();
+        if (m <= 32) {   // warp-uniform
+            float sv = lane < m ? top_v[lane] : 0.0f;
+            int si = lane < m ? top_i[lane] : -1;
+            warp_sort_best_first(&sv, &si);
+            if (lane < k) {   // m >= k: a candidate
+                *v = sv;
+                *e = si;
+            }
+            return;
+        }
+    }
+    float pv = INFINITY;
+    int pi = -1;
+    for (int j = 0; j < k; j++) {
+        float rv;
+        int ri;
+        warp_next(cand, NULL, cand_id, kk, pv, pi, &rv, &ri);
+        if (lane == j) {
+            *v = rv;
+            *e = ri;
+        }
+        pv = rv;
+        pi = ri;
+    }
+}
+
 // bias: NULL, or (2, H, n) sub-key balance biases, ranked with the scores; the gates are the
 // softmax of the plain scores s1[a] + s2[b].
 template <int NPL>
@@ -247,6 +333,8 @@ static __global__ void product_topk_kernel(const float *s1, const float *s2, con
     __shared__ int cand_id[TOPK_WARPS][TOPK_MAX * TOPK_MAX];
     __shared__ float half_v[TOPK_WARPS][2][TOPK_MAX];
     __shared__ int half_i[TOPK_WARPS][2][TOPK_MAX];
+    __shared__ float top_v[TOPK_WARPS][32];
+    __shared__ int top_i[TOPK_WARPS][32];
     int w = threadIdx.x / 32, lane = threadIdx.x % 32;
     long row = (long)blockIdx.x * TOPK_WARPS + w;   // = token * H + head
     if (row >= rows) return;                         // the whole warp leaves together
@@ -257,24 +345,16 @@ static __global__ void product_topk_kernel(const float *s1, const float *s2, con
                       cand[w], cand_id[w]);
     }
     __syncwarp();
-    // the k*k candidate sums, expert id a*n + b
+    // the k*k candidate sums, expert id a*n + b, in the diagonal order
     for (int c = lane; c < k * k; c += 32) {
-        int i = c / k, j = c % k;
-        cand[w][c] = half_v[w][0][i] + half_v[w][1][j];
-        cand_id[w][c] = half_i[w][0][i] * n + half_i[w][1][j];
+        int i = c / k, j = c % k, p = diagonal_pos(i, j, k);
+        cand[w][p] = half_v[w][0][i] + half_v[w][1][j];
+        cand_id[w][p] = half_i[w][0][i] * n + half_i[w][1][j];
     }
     __syncwarp();
-    float pv = INFINITY, v = 0.0f, bv;
-    int pi = -1, e = 0, bi;
-    for (int j = 0; j < k; j++) {
-        warp_next(cand[w], NULL, cand_id[w], k * k, pv, pi, &bv, &bi);
-        if (lane == j) {
-            v = bv;
-            e = bi;
-        }
-        pv = bv;
-        pi = bi;
-    }
+    float v = 0.0f;
+    int e = 0;
+    candidates_topk(cand[w], cand_id[w], k, top_v[w], top_i[w], &v, &e);
     if (bias && lane < k) v = s1[(size_t)row * n + e / n] + s2[(size_t)row * n + e % n];
     // gates: softmax over the k selected plain scores, summed in order as on the CPU
     float mx = lane < k ? v : -INFINITY;
