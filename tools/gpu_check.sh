@@ -17,7 +17,7 @@
 #   5 step        one whole training step, GPT-2 small with a PEER layer in block 6:
 #                 millipede fp32 and bf16 beside PyTorch eager, and PyTorch's all-dense
 #                 model (tools/bench/bench_step.sh); then millipede bf16 once more with
-#                 train.profile = true: the step's time by phase                       100 s
+#                 train.profile = true: the step's time by phase and by kernel         100 s
 #   6 sanitizers  compute-sanitizer memcheck and racecheck over test_cuda_backend       70 s
 #   7 ncu         per-kernel time and DRAM bytes of one bf16 iteration of the layer     40 s
 #   8 compile     torch.compile: the layer, then the whole step, as far as time allows 45 s

@@ -2,8 +2,9 @@
 // (OpenBLAS + OpenMP, fp32) is the reference; the CUDA backend implements the same table.
 // Conventions (as in llm.c): tensors are row-major, shapes are written next to them,
 // N = B*T rows. Backward ops ACCUMULATE (+=) into every gradient they write (parameter
-// gradients and input gradients alike); the caller zeroes them. The exception: the expert
-// tables' gradients, which experts_backward overwrites or accumulates as told.
+// gradients and input gradients alike); the caller zeroes them. The exceptions: the expert
+// tables' gradients, which experts_backward overwrites or accumulates as told, and dlogits,
+// which crossentropy_backward writes.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -22,6 +23,17 @@ typedef struct {
 
 // system.precision as the backend's set_precision takes it
 enum { MP_PRECISION_FP32 = 0, MP_PRECISION_BF16 = 1 };
+
+// One row of the kernel timer (kernel_times): the GPU work queued at one site under one
+// label, in all since the last read. The strings are static (valid for the process).
+typedef struct {
+    const char *label;   // the model's phase when it was queued ("fwd.attention", ...)
+    const char *what;    // the launching function, or the library call ("cublasSgemm")
+    const char *file;    // the site: source file name and line
+    int line;
+    long calls;
+    double ms;           // device time, the GPU's idle time before each call included
+} mp_kernel_time;
 
 typedef struct mp_backend {
     const char *name;
@@ -64,6 +76,14 @@ typedef struct mp_backend {
     // Waits until the work queued so far is done (phase timing, train.profile). NULL: the
     // ops run synchronously (the CPU).
     void (*synchronize)(void);
+    // The kernel timer (train.profile). kernel_timer(label): from now on each kernel, GEMM,
+    // sort, memset, copy and collective the backend queues is timed on the device and
+    // counted under (label, its launch site) until the label changes; NULL stops it.
+    // kernel_times: the totals since the last call, which resets them, longest first, at
+    // most max rows into out (NULL: only the reset); returns the rows written. NULL ops: no
+    // timer (the CPU, whose ops the phase times already separate).
+    void (*kernel_timer)(const char *label);
+    int (*kernel_times)(mp_kernel_time *out, int max);
     // causal self-attention: qkv (B,T,3C) as [q|k|v], heads contiguous in C;
     // out (B,T,C); att is the backend's attention state that forward keeps for backward, of
     // attention_state_floats(B, T, C, NH) floats (CPU: the (B,NH,T,T) softmax probabilities;

@@ -139,6 +139,10 @@ void mp_model_profile_enable(mp_model *m, int on);
 void mp_model_phase(mp_model *m, int phase);
 // Seconds per phase (MP_PHASE_N) since the last reset; the reset also ends any phase.
 const double *mp_model_phase_seconds(const mp_model *m);
+// With a backend that has a kernel timer (CUDA): the device time of each kernel, GEMM,
+// copy, ... since the last reset, per (phase, launch site), longest first, at most max rows
+// (backend.h kernel_times); 0 rows without profiling or without a timer. Reading resets.
+int mp_model_kernel_times(const mp_model *m, mp_kernel_time *out, int max);
 void mp_model_phase_reset(mp_model *m);
 const char *mp_phase_name(int phase);   // "fwd.attention", "bwd.peer", "optimizer", ...
 

@@ -526,6 +526,7 @@ const double *mp_model_expert_row_ss(const mp_model *m, int block, int64_t *rows
 // phase timing
 
 void mp_model_profile_enable(mp_model *m, int on) {
+    if (!on && m->profile && m->be->kernel_timer) m->be->kernel_timer(NULL);
     m->profile = on;
     mp_model_phase_reset(m);
 }
@@ -537,13 +538,20 @@ void mp_model_phase(mp_model *m, int phase) {
     if (m->phase >= 0) m->phase_s[m->phase] += now - m->phase_t0;
     m->phase = phase;
     m->phase_t0 = now;
+    // the backend's kernel timer counts what is queued from now on under this phase
+    if (m->be->kernel_timer) m->be->kernel_timer(phase >= 0 ? mp_phase_name(phase) : "other");
 }
 
 const double *mp_model_phase_seconds(const mp_model *m) { return m->phase_s; }
 
+int mp_model_kernel_times(const mp_model *m, mp_kernel_time *out, int max) {
+    return m->profile && m->be->kernel_times ? m->be->kernel_times(out, max) : 0;
+}
+
 void mp_model_phase_reset(mp_model *m) {
     memset(m->phase_s, 0, sizeof m->phase_s);
     m->phase = MP_PHASE_NONE;
+    if (m->profile && m->be->kernel_times) m->be->kernel_times(NULL, 0);
 }
 
 const char *mp_phase_name(int phase) {

@@ -117,6 +117,31 @@ static void log_phases(const mp_model *m) {
     mp_log("  phases (ms, rank 0, synchronized): %s", line);
 }
 
+// train.profile with a backend that has a kernel timer (CUDA): the step's device time per
+// (phase, launch site) as the metrics line's "kernel_ms" list, the longest KERNEL_ROWS
+// first, and "kernel_total_ms", the sum over all of them; the log shows the first six.
+#define KERNEL_ROWS 40
+#define KERNEL_SITES 1024   // more (phase, site) pairs than a step has
+static void write_kernels(FILE *f, const mp_kernel_time *k, int n) {
+    double total = 0.0;
+    for (int i = 0; i < n; i++) total += k[i].ms;
+    fprintf(f, ", \"kernel_total_ms\": %.3f, \"kernel_ms\": [", total);
+    for (int i = 0; i < n && i < KERNEL_ROWS; i++)
+        fprintf(f, "%s{\"phase\": \"%s\", \"op\": \"%s\", \"site\": \"%s:%d\", \"calls\": %ld, "
+                "\"ms\": %.3f}", i ? ", " : "", k[i].label, k[i].what, k[i].file, k[i].line,
+                k[i].calls, k[i].ms);
+    fprintf(f, "]");
+}
+
+static void log_kernels(const mp_kernel_time *k, int n) {
+    char line[1024];
+    int len = 0;
+    for (int i = 0; i < n && i < 6; i++)
+        len += snprintf(line + len, sizeof line - (size_t)len, "%s%s %s %.1f", i ? ", " : "",
+                        k[i].label, k[i].what, k[i].ms);
+    if (n) mp_log("  kernels (ms, rank 0): %s", line);
+}
+
 // Each rank's peak resident memory so far (getrusage), beside its analytic share: the
 // expert rows it holds with their gradients and AdamW moments (16 bytes per float).
 static void report_peak_memory(mp_model *m, mp_comm *comm) {
@@ -352,6 +377,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     // time left = this start's mean time per step (validation and checkpoints included)
     // times the steps to go
     double t_loop = mp_now();
+    mp_kernel_time *kernels = cfg->profile ? mp_malloc(KERNEL_SITES * sizeof *kernels) : NULL;
     for (long step = start; step < cfg->steps; step++) {
         maybe_die(rank, step);
         double t0 = mp_now();
@@ -369,6 +395,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
         mp_model_phase(m, MP_PHASE_OPTIMIZER);
         float norm = mp_adamw_step(&opt, m, step);
         mp_model_phase(m, MP_PHASE_NONE);
+        int n_kernels = cfg->profile && rank == 0 ? mp_model_kernel_times(m, kernels, KERNEL_SITES) : 0;
         // the step's global numbers: loss, exchange traffic and balance over ranks
         mp_exchange_stats ex = take_exchange_stats(m);
         double *g = mp_calloc(2 * (size_t)P + 4, sizeof(double));   // (P) selections, (P) seconds, 4 totals
@@ -407,6 +434,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
             if (mp_model_n_retrieval(m) > 0)
                 fprintf(metrics, "], \"load_imbalance\": %.4f", sel_sum > 0 ? sel_max / (sel_sum / P) : 1.0);
             if (cfg->profile) write_phases(metrics, m, ms);
+            if (n_kernels) write_kernels(metrics, kernels, n_kernels);
             fprintf(metrics, "}\n");
         }
         free(g);
@@ -416,6 +444,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
                    "%.3g M tokens | %s elapsed, %s left", step + 1, cfg->steps, loss, lr, norm, ms,
                    tok_s, tokens / 1e6, hms(elapsed, el, sizeof el), hms(left, lf, sizeof lf));
             if (cfg->profile && rank == 0) log_phases(m);
+            if (n_kernels) log_kernels(kernels, n_kernels);
         }
         if ((step + 1) % eval_every == 0 || step + 1 == cfg->steps) {
             validate(m, &val, comm, j0, Bl, step + 1, metrics);
@@ -444,6 +473,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     report_peak_memory(m, comm);
     free(inputs);
     free(targets);
+    free(kernels);
     mp_adamw_free(&opt, m);
     mp_model_free(m);
     if (xfer != comm) mp_comm_free(xfer);

@@ -34,6 +34,41 @@ for P in 1 2; do
         bad "P=$P: backend cuda run failed: $(grep -m3 -E 'cuda-emu|error' "$d.out")"
     fi
 done
+# train.profile with the CUDA backend: the same run (the device is only synchronized and
+# timed), and each step line carries the kernel timer's rows (backend.h kernel_times). They
+# are consistent with the phase times: a phase's rows, each timed from the event before it
+# on the device, fit in the phase, whose boundaries wait for the device; all rows together
+# fit in the step; and on the emulator, whose "device" is the host, they account for most of
+# a phase's time (the host's own work in a phase, the batch or the exchange plan, is small
+# next to the emulated kernels). Mislabelled rows, a kernel counted twice or launches
+# missed break one of these.
+d="$tmp/cuda1prof"
+if emu_train 1 "$d" --set train.profile=true; then
+    check "P=1 profiled: bitwise the losses of the unprofiled run" compare_losses "$tmp/cuda1" "$d" 1 20
+    python3 - "$d/metrics.jsonl" <<'PY' && ok "P=1 profiled: kernel rows in every step line, consistent with the phases" || bad "P=1 profiled: kernel rows"
+import json, sys
+L = [json.loads(x) for x in open(sys.argv[1]) if '"loss"' in x]
+assert len(L) == 20, len(L)
+for d in L:
+    k, p = d["kernel_ms"], d["phase_ms"]
+    assert 0 < len(k) <= 40 and all(r["calls"] >= 1 and r["ms"] >= 0 for r in k), k
+    assert [r["ms"] for r in k] == sorted((r["ms"] for r in k), reverse=True), k
+    by_phase = {}
+    for r in k:
+        assert r["phase"] in p, r    # a phase name, or "other"
+        by_phase[r["phase"]] = by_phase.get(r["phase"], 0.0) + r["ms"]
+    # printed to 5e-4 ms each; event and host clocks: 0.05 ms of slack per phase
+    for ph, ms in by_phase.items():
+        assert ms <= p[ph] + 0.05, (ph, ms, p[ph])
+    assert d["kernel_total_ms"] <= d["ms"] + 0.05, (d["kernel_total_ms"], d["ms"])
+    for ph in ("fwd.peer", "bwd.peer", "fwd.attention", "optimizer"):
+        assert by_phase.get(ph, 0.0) >= 0.5 * p[ph], (ph, by_phase.get(ph), p[ph])
+PY
+    grep -q "kernels (ms, rank 0): " "$d.out" && ok "P=1 profiled: the log names the longest kernels" ||
+        bad "P=1 profiled: the log names the longest kernels"
+else
+    bad "P=1 profiled run failed: $(grep -m3 -E 'cuda-emu|error' "$d.out")"
+fi
 # the emulator has one GPU unless MP_EMU_DEVICES says otherwise, as the real GPU machine:
 # two ranks share it, so auto takes the host-staged transport and says why
 grep -q "transport: mpi_staged (auto: ranks 0 and 1 share GPU 0" "$tmp/cuda2.out" &&

@@ -36,6 +36,7 @@
 #include <string.h>
 #include <cmocka.h>
 #include "backend/cpu/cpu.h"
+#include "core/log.h"
 #include "core/rng.h"
 #include "millipede/backend.h"
 #include "millipede/model.h"
@@ -689,6 +690,57 @@ static void test_elementwise(void **state) {
     expect_dev("residual in place", d_x, out, n);
     gpu->free(d_x); gpu->free(d_y); gpu->free(d_out); gpu->free(d_dx);
     free(x); free(y); free(out); free(dx);
+}
+
+// The kernel timer (kernel_timer.cu): each queued operation counted once under the label
+// and site it was queued at, reading resets the totals, nothing is counted while it is off,
+// and the device times add up to no more than the wall time around them (the operations
+// run one after another on one stream, on a GPU and on the emulator alike).
+static const mp_kernel_time *timer_row(const mp_kernel_time *k, int n, const char *label,
+                                       const char *what) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(k[i].label, label) && !strcmp(k[i].what, what)) return &k[i];
+    fail_msg("kernel timer: no row (%s, %s) among %d", label, what, n);
+    return NULL;
+}
+
+static void test_kernel_timer(void **state) {
+    (void)state;
+    int N = 40, C = 24;
+    float *x = frand((size_t)N * C, -1, 1), *w = frand(C, 0.5f, 1.5f), *b = frand(C, -1, 1);
+    float *d_x = dev_copy(x, (size_t)N * C * 4), *d_w = dev_copy(w, C * 4), *d_b = dev_copy(b, C * 4);
+    float *d_out = gpu->alloc((size_t)N * C * 4), *d_stat = gpu->alloc(2 * N * 4);
+    mp_kernel_time k[16];
+    gpu->synchronize();
+    double t0 = mp_now();
+    gpu->kernel_timer("first");
+    gpu->layernorm_forward(d_out, d_stat, d_stat + N, d_x, d_w, d_b, N, C);
+    gpu->layernorm_forward(d_out, d_stat, d_stat + N, d_x, d_w, d_b, N, C);
+    gpu->zero(d_out, (size_t)N * C * 4);
+    gpu->kernel_timer("second");
+    gpu->residual_forward(d_out, d_x, d_x, (long)N * C);
+    int n = gpu->kernel_times(k, 16);
+    double wall_ms = (mp_now() - t0) * 1e3;
+    assert_int_equal(n, 3);
+    assert_int_equal(timer_row(k, n, "first", "mp_cuda_layernorm_forward")->calls, 2);
+    assert_int_equal(timer_row(k, n, "first", "cudaMemset")->calls, 1);
+    const mp_kernel_time *r = timer_row(k, n, "second", "mp_cuda_residual_forward");
+    assert_int_equal(r->calls, 1);
+    assert_string_equal(r->file, "ops_dense.cu");
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        assert_true(k[i].ms >= 0.0);
+        if (i) assert_true(k[i].ms <= k[i - 1].ms);   // longest first
+        sum += k[i].ms;
+    }
+    // event times are rounded to about a microsecond on a GPU: a slack of 0.01 ms
+    if (sum > wall_ms + 0.01) fail_msg("kernel timer: %.4f ms of operations in %.4f ms", sum, wall_ms);
+    assert_int_equal(gpu->kernel_times(k, 16), 0);   // read: reset
+    gpu->kernel_timer(NULL);
+    gpu->residual_forward(d_out, d_x, d_x, (long)N * C);
+    assert_int_equal(gpu->kernel_times(k, 16), 0);   // off: nothing counted
+    gpu->free(d_x); gpu->free(d_w); gpu->free(d_b); gpu->free(d_out); gpu->free(d_stat);
+    free(x); free(w); free(b);
 }
 
 static void test_crossentropy(void **state) {
@@ -2011,6 +2063,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup(test_attention_bf16, reset_tolerance),
         cmocka_unit_test_setup(test_elementwise, reset_tolerance),
         cmocka_unit_test_setup(test_crossentropy, reset_tolerance),
+        cmocka_unit_test_setup(test_kernel_timer, reset_tolerance),
         cmocka_unit_test_setup(test_optim, reset_tolerance),
         cmocka_unit_test_setup(test_optim_rows, reset_tolerance),
         cmocka_unit_test_setup(test_topk, reset_tolerance),

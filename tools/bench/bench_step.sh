@@ -19,7 +19,8 @@
 #   MP_STEP_SET          extra --set arguments for millipede (e.g. a small shape)
 #   MP_STEP_PROFILE      1: one more millipede run, at the last precision, with train.profile
 #                        = true (its row "millipede-profile": synchronized, so slower; the
-#                        median time of each phase of the step is printed after the table)
+#                        median time of each phase of the step, and of each kernel, GEMM,
+#                        copy, ... per phase and launch site, are printed after the table)
 #   MP_STEP_TORCH_MODES  eager, compile, eager,compile or none (default eager)
 #   MP_STEP_TORCH_ARGS   extra arguments for bench_step_torch.py (the same shape, if changed)
 #   MP_STEP_JSONL        where this run's JSON lines go, emptied first (default
@@ -111,6 +112,20 @@ else:
                                for k in phases[0]}
         else:
             rec["error"] = "train.profile = true, but the metrics lines have no phase_ms"
+        # each (phase, op, site)'s median over the timed steps (0 in a step without it)
+        kern = [{(k["phase"], k["op"], k["site"]): k for k in l.get("kernel_ms", [])} for l in lines[2:]]
+        keys = {key for step in kern for key in step}
+        if keys:
+            def median(key, field):
+                v = sorted(step[key][field] if key in step else 0 for step in kern)
+                return v[len(v) // 2]
+            rows = [{"phase": p, "op": o, "site": s, "calls": median((p, o, s), "calls"),
+                     "ms": round(median((p, o, s), "ms"), 3)} for p, o, s in keys]
+            rec["kernel_ms"] = sorted(rows, key=lambda r: -r["ms"])[:40]
+            rec["kernel_total_ms"] = round(sorted(l["kernel_total_ms"] for l in lines[2:]
+                                                  if "kernel_total_ms" in l)[len(kern) // 2], 3)
+        else:
+            rec["error"] = "train.profile = true, but the metrics lines have no kernel_ms"
 for line in open(log, errors="replace"):   # "model: 124439808 parameters, ..."
     if line.startswith("model: ") and " parameters" in line:
         rec["params"] = int(line.split()[1])
@@ -190,5 +205,14 @@ for r in rows:
               f"synchronized; {total:.1f} ms in all):")
         for k, v in ph:
             print(f"  {k:<18}{v:>9.2f}{100 * v / total if total else 0:>7.1f} %")
+    if "kernel_ms" in r:
+        total = r["kernel_total_ms"]
+        print(f"\nmillipede {r['precision']} step by kernel (the kernel timer: each kernel, GEMM, "
+              f"copy, ... by device events,\nthe GPU's wait for the host before it included; "
+              f"{total:.1f} ms in all; median of the timed steps; the longest 40):")
+        print(f"  {'phase':<17}{'op':<36}{'site':<28}{'calls':>6}{'ms':>9}{'%':>7}")
+        for k in r["kernel_ms"]:
+            print(f"  {k['phase']:<17}{k['op'][:35]:<36}{k['site'][:27]:<28}{k['calls']:>6}"
+                  f"{k['ms']:>9.2f}{100 * k['ms'] / total if total else 0:>7.1f}")
 EOF
 exit "$fails"

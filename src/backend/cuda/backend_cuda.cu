@@ -66,11 +66,15 @@ static void cuda_free(void *p) {
 }
 
 static void cuda_zero(void *p, size_t bytes) {
-    if (bytes) CUDA_CHECK(cudaMemset(p, 0, bytes));
+    if (!bytes) return;
+    CUDA_CHECK(cudaMemset(p, 0, bytes));
+    mp_cuda_mark("cudaMemset", __FILE__, __LINE__);
 }
 
 static void cuda_copy(void *dst, const void *src, size_t bytes) {
-    if (bytes && dst != src) CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+    if (!bytes || dst == src) return;
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+    mp_cuda_mark("cudaMemcpy", __FILE__, __LINE__);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -138,6 +142,7 @@ void mp_cuda_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, c
     cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasOperation_t tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasSgemm(g_blas, tb, ta, N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc));
+    mp_cuda_mark("cublasSgemm", __FILE__, __LINE__);
 }
 
 static __global__ void round_bf16_kernel(uint16_t *dst, const float *src, size_t n, int cols,
@@ -163,6 +168,7 @@ void mp_cuda_gemm_bf16(int trans_a, int trans_b, int M, int N, int K, float alph
     CUBLAS_CHECK(cublasGemmEx(g_blas, tb, ta, N, M, K, &alpha, B, CUDA_R_16BF, ldb, A,
                               CUDA_R_16BF, lda, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
                               CUBLAS_GEMM_DEFAULT));
+    mp_cuda_mark("cublasGemmEx bf16", __FILE__, __LINE__);
 }
 
 // for the tests (cuda.h): one GEMM in the given arithmetic, the operands rounded here in bf16
@@ -220,7 +226,10 @@ void mp_cuda_colsum_add(float *out, const float *in, int N, int C) {
 // ---------------------------------------------------------------------------------------
 // extras (backend/cuda/cuda.h)
 
-extern "C" void mp_cuda_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
+extern "C" void mp_cuda_synchronize(void) {
+    CUDA_CHECK(cudaDeviceSynchronize());
+    mp_cuda_timer_synchronized();
+}
 
 struct mp_cuda_event {
     cudaEvent_t ev;
@@ -287,6 +296,8 @@ static void fill_table(mp_backend *b) {
     b->matmul_backward = mp_cuda_matmul_backward;
     b->set_precision = cuda_set_precision;
     b->synchronize = mp_cuda_synchronize;
+    b->kernel_timer = mp_cuda_kernel_timer;
+    b->kernel_times = mp_cuda_kernel_times;
     b->attention_state_floats = mp_cuda_attention_state_floats;
     b->attention_forward = mp_cuda_attention_forward;
     b->attention_backward = mp_cuda_attention_backward;

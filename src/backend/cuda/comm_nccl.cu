@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include "backend/cuda/cuda.h"
 #include "backend/cuda/cuda_common.h"
 extern "C" {
 #include "millipede/comm.h"
@@ -46,7 +47,7 @@ static ncclComm_t nccl_of(mp_comm *c) { return ((nccl_impl *)c->impl)->nccl; }
 // times its calls (waiting included) and reads received records on the host next. Without
 // this the transfer would be charged to whatever synchronised next. (Overlapping the
 // exchange with compute would remove it: docs/cuda.md.)
-static void arrived(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
+static void arrived(void) { mp_cuda_synchronize(); }
 
 // One group of sends and receives: NCCL matches each pair's send with the peer's receive
 // and runs them together. Counts are size_t in NCCL, so no per-peer limit below the memory.
@@ -69,6 +70,7 @@ static void alltoallv(mp_comm *c, const void *send, const int64_t *sc, const int
                                 0));
     }
     NCCL_CHECK(ncclGroupEnd());
+    mp_cuda_mark("ncclSend/ncclRecv", __FILE__, __LINE__);
     arrived();
 }
 
@@ -84,6 +86,7 @@ static void alltoallv_i32(mp_comm *c, const int32_t *send, const int64_t *sc, co
 
 static void allreduce_f32(mp_comm *c, float *buf, size_t n) {
     if (n) NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nccl_of(c), 0));
+    mp_cuda_mark("ncclAllReduce", __FILE__, __LINE__);
     arrived();
 }
 

@@ -23,8 +23,16 @@ void mp_cuda_check_at(cudaError_t rc, const char *what, const char *file, int li
 void mp_cublas_check_at(cublasStatus_t rc, const char *what, const char *file, int line);
 #define CUDA_CHECK(call) mp_cuda_check_at((call), #call, __FILE__, __LINE__)
 #define CUBLAS_CHECK(call) mp_cublas_check_at((call), #call, __FILE__, __LINE__)
-// after every kernel launch: launch-configuration errors show up here, at their line
-#define KERNEL_CHECK() mp_cuda_check_at(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+// after every kernel launch: launch-configuration errors show up here, at their line, and
+// the kernel timer (kernel_timer.cu) marks the launch
+void mp_cuda_launched(const char *file, int line, const char *func);
+#define KERNEL_CHECK() mp_cuda_launched(__FILE__, __LINE__, __func__)
+// The kernel timer (kernel_timer.cu): mp_cuda_mark after any other queued GPU work (what:
+// a static string naming it), mp_cuda_timer_synchronized after each wait for the device.
+void mp_cuda_mark(const char *what, const char *file, int line);
+void mp_cuda_timer_synchronized(void);
+void mp_cuda_kernel_timer(const char *label);
+int mp_cuda_kernel_times(mp_kernel_time *out, int max);
 
 cublasHandle_t mp_cuda_blas(void);
 

@@ -100,6 +100,7 @@ static __global__ void sum_squares_kernel(double *part, const float *x, size_t n
 static double sum_partials(const double *part, size_t nblk) {
     double *host = (double *)mp_malloc(nblk * sizeof(double));
     CUDA_CHECK(cudaMemcpy(host, part, nblk * sizeof(double), cudaMemcpyDeviceToHost));
+    mp_cuda_mark("cudaMemcpy", __FILE__, __LINE__);
     double s = 0.0;
     for (size_t k = 0; k < nblk; k++) s += host[k];
     free(host);

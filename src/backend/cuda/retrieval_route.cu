@@ -451,6 +451,7 @@ static __global__ void subkey_counts_kernel(int32_t *counts, const int32_t *sel_
 void mp_cuda_subkey_counts(int32_t *counts, const int32_t *sel_a, const int32_t *sel_b, int N,
                            int H, int k, int n) {
     CUDA_CHECK(cudaMemset(counts, 0, 2 * (size_t)H * n * sizeof(int32_t)));
+    mp_cuda_mark("cudaMemset", __FILE__, __LINE__);
     long total = (long)N * H * k;
     if (total <= 0) return;
     subkey_counts_kernel<<<mp_blocks((size_t)total, 256), 256>>>(counts, sel_a, sel_b, total, H,

@@ -47,6 +47,7 @@ void mp_cuda_sort_by_key(const int32_t *key, int64_t R, int64_t key_bound, const
         void *tmp = mp_cuda_scratch(SCR_SORT_TMP, tmp_bytes ? tmp_bytes : 1);
         CUDA_CHECK(cub::DeviceRadixSort::SortPairs(tmp, tmp_bytes, (const uint32_t *)key, keys_out,
                                                    vals_in, vals_out, (int)R, 0, end_bit));
+        mp_cuda_mark("cub::DeviceRadixSort", __FILE__, __LINE__);
     }
     *idx = vals_out;
     if (skey) *skey = (const int32_t *)keys_out;
