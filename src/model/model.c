@@ -360,6 +360,7 @@ void mp_model_free(mp_model *m) {
     if (!m) return;
     mp_tokenizer_free(m->tokenizer);
     const mp_backend *be = m->be;
+    if (m->profile && be->kernel_timer) be->kernel_timer(NULL);
     for (int g = 0; g < MP_N_GROUPS; g++) { be->free(m->params[g]); be->free(m->grads[g]); }
     be->free(m->experts_bf16);
     be->free(m->router_state);

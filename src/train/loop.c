@@ -120,7 +120,7 @@ static void log_phases(const mp_model *m) {
 // train.profile with a backend that has a kernel timer (CUDA): the step's device time per
 // (phase, launch site) as the metrics line's "kernel_ms" list, the longest KERNEL_ROWS
 // first, and "kernel_total_ms", the sum over all of them; the log shows the first six.
-#define KERNEL_ROWS 40
+#define KERNEL_ROWS 64
 #define KERNEL_SITES 1024   // more (phase, site) pairs than a step has
 static void write_kernels(FILE *f, const mp_kernel_time *k, int n) {
     double total = 0.0;

@@ -1069,6 +1069,75 @@ static void test_topk(void **state) {
         gpu->free(d_s); gpu->free(d_gate); gpu->free(d_sel);
         free(s); free(inf); free(sel);
     }
+    // Halves with fewer than k numbers (2 and 1 here, so 2 real pairs for k = 4): a half's
+    // missing picks are padding, (-inf, sub-key 0), so candidates built on them can share an
+    // id, and a padded one can even carry a real pair's id. The documented picks are the
+    // rounds': k times the best (score, id) ranked strictly after the previous pick over the
+    // k*k candidates, computed here on the host from the halves' padded picks. The real
+    // pairs come first, as the brute force ranks them, and the padded picks have gate 0.
+    // k * k <= 32 candidates, one per lane: what a sort would take if it were allowed to.
+    {
+        int n = 64, k = 4, rows = 3, real = 2;
+        size_t ns = (size_t)rows * n, nk = (size_t)rows * k;
+        float *s = malloc(2 * ns * 4), *inf = malloc(2 * ns * 4);
+        for (size_t i = 0; i < 2 * ns; i++) {
+            s[i] = mp_uniform(14, n, i);
+            if (i % n >= (i < ns ? 2u : 1u)) s[i] = NAN;
+            inf[i] = isnan(s[i]) ? -INFINITY : s[i];
+        }
+        float *d_s = dev_copy(s, 2 * ns * 4), *d_gate = gpu->alloc(nk * 4);
+        int32_t *d_sel = gpu->alloc(3 * nk * 4);
+        mp_cuda_product_topk(d_s, d_s + ns, NULL, 1, rows, n, k, d_sel, d_sel + nk, d_sel + 2 * nk, d_gate);
+        int32_t *sel = host_copy(d_sel, nk * 4);
+        float *gate = host_copy(d_gate, nk * 4);
+        long best[4];
+        for (int r = 0; r < rows; r++) {
+            brute_topk(inf + r * n, inf + ns + r * n, n, k, best);
+            // each half's picks: its numbers best first, then (-inf, 0)
+            float hv[2][4];
+            int hi[2][4];
+            for (int h = 0; h < 2; h++) {
+                const float *row = s + h * ns + (size_t)r * n;
+                int m = 0;
+                for (int q = 0; q < k; q++) {
+                    int bi = -1;
+                    for (int e = 0; e < n; e++) {
+                        int taken = 0;
+                        for (int t = 0; t < m; t++) taken |= hi[h][t] == e;
+                        if (!isnan(row[e]) && !taken && (bi < 0 || row[e] > row[bi])) bi = e;
+                    }
+                    if (bi >= 0) { hv[h][m] = row[bi]; hi[h][m++] = bi; }
+                }
+                for (; m < k; m++) { hv[h][m] = -INFINITY; hi[h][m] = 0; }
+            }
+            float pv = INFINITY;
+            long pid = -1;
+            for (int j = 0; j < k; j++) {
+                float bv = 0.0f;
+                long bid = -1;
+                for (int a = 0; a < k; a++)
+                    for (int b = 0; b < k; b++) {
+                        float v = hv[0][a] + hv[1][b];
+                        long id = (long)hi[0][a] * n + hi[1][b];
+                        int after = pv > v || (pv == v && pid < id);
+                        if (after && (bid < 0 || v > bv || (v == bv && id < bid))) { bv = v; bid = id; }
+                    }
+                if (sel[r * k + j] != bid)
+                    fail_msg("top-k, halves short of numbers: row %d position %d: GPU expert %d, "
+                             "the rounds' %ld", r, j, sel[r * k + j], bid);
+                if (j < real && sel[r * k + j] != best[j])
+                    fail_msg("top-k, halves short of numbers: row %d position %d: GPU expert %d, "
+                             "brute force %ld", r, j, sel[r * k + j], best[j]);
+                if (j >= real && gate[r * k + j] != 0.0f)
+                    fail_msg("top-k, halves short of numbers: row %d padded pick %d has gate %g", r,
+                             j, gate[r * k + j]);
+                pv = bv;
+                pid = bid;
+            }
+        }
+        gpu->free(d_s); gpu->free(d_gate); gpu->free(d_sel);
+        free(s); free(inf); free(sel); free(gate);
+    }
 #endif
 }
 

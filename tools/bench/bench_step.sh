@@ -112,7 +112,8 @@ else:
                                for k in phases[0]}
         else:
             rec["error"] = "train.profile = true, but the metrics lines have no phase_ms"
-        # each (phase, op, site)'s median over the timed steps (0 in a step without it)
+        # each (phase, op, site)'s median over the timed steps (0 in a step whose 64 rows
+        # leave it out: a row near the 64th may read low)
         kern = [{(k["phase"], k["op"], k["site"]): k for k in l.get("kernel_ms", [])} for l in lines[2:]]
         keys = {key for step in kern for key in step}
         if keys:

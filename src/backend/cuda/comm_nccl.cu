@@ -85,8 +85,10 @@ static void alltoallv_i32(mp_comm *c, const int32_t *send, const int64_t *sc, co
 }
 
 static void allreduce_f32(mp_comm *c, float *buf, size_t n) {
-    if (n) NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nccl_of(c), 0));
-    mp_cuda_mark("ncclAllReduce", __FILE__, __LINE__);
+    if (n) {
+        NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nccl_of(c), 0));
+        mp_cuda_mark("ncclAllReduce", __FILE__, __LINE__);
+    }
     arrived();
 }
 

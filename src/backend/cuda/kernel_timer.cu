@@ -7,11 +7,13 @@
 // the launching function) and the label the model set (its phase). An operation's time is
 // the time from the event before it (the previous operation's, or the baseline that each
 // device synchronisation sets) to its own: the GPU runs the stream in order, so that is the
-// operation's own run, plus any time the GPU sat idle waiting for the host to queue it (a
-// launch-bound stretch shows up as slow small kernels, which is what it costs). Recording
-// does not wait; the times are read when the queue is drained: at every synchronize, which
-// train.profile does at each phase boundary, when the pool of events fills, and when the
-// totals are read.
+// operation's own run, plus any time the GPU sat idle waiting for the host to queue it. So
+// a launch-bound stretch shows up as slow small kernels, and host work between two
+// operations (after a copy to the host, or after a synchronisation: the host's time from
+// the baseline to the next operation) counts to the operation after it: which is what it
+// costs the step. Recording does not wait; the times are read when the queue is drained: at
+// every synchronize, which train.profile does at each phase boundary, when the pool of
+// events fills, and when the totals are read.
 #include <stdlib.h>
 #include <string.h>
 #include "backend/cuda/cuda_common.h"
@@ -71,8 +73,8 @@ static void drain(void) {
     T.n_ev = 1;
 }
 
-// A new baseline now: what ran before is accounted, and the host's time until the next
-// operation is queued counts to nobody.
+// A new baseline now: what ran before is accounted, and the time up to here (the host's
+// work before the synchronisation and the wait itself) counts to nobody.
 static void rebase(void) {
     drain();
     CUDA_CHECK(cudaEventRecord(T.ev[0], 0));
@@ -81,10 +83,12 @@ static void rebase(void) {
 
 void mp_cuda_mark(const char *what, const char *file, int line) {
     if (!T.label) return;
-    if (T.n_ev == TIMER_EVENTS) drain();
     int i = T.n_ev++;
     T.ev_site[i] = site_index(what, file, line);
     CUDA_CHECK(cudaEventRecord(T.ev[i], 0));
+    // a full pool is drained after this mark, so that the wait and the reading count to
+    // the next operation like any host work, not to this one
+    if (T.n_ev == TIMER_EVENTS) drain();
 }
 
 void mp_cuda_launched(const char *file, int line, const char *func) {

@@ -283,7 +283,10 @@ static __device__ void candidates_topk(const float *cand, const int *cand_id, in
     warp_sort_best_first(&bv, &bi);
     bv = __shfl_sync(0xffffffffu, bv, k - 1);
     bi = __shfl_sync(0xffffffffu, bi, k - 1);
-    if (bi >= 0) {   // warp-uniform; always so unless NaN scores left a half short
+    // warp-uniform. A half with fewer than k numbers (NaN scores) pads its picks with
+    // (-inf, index 0), so candidates can share an id, which the rounds skip and a sort would
+    // not: B > -inf keeps every candidate at or before it a real, distinct one.
+    if (bi >= 0 && bv > -INFINITY) {
         int m = 0;
         for (int c0 = 0; c0 < kk; c0 += 32) {   // the same trip count on every lane
             int c = c0 + lane;
