@@ -24,9 +24,10 @@
 // rows, hit 8 different groups of 4 banks.
 //
 // Checked against the CPU backend on the CUDA emulator (tests/cuda_emu) and on an H200
-// (unit test and compute-sanitizer clean); ptxas: no spills, 94-128 registers. bf16 mode runs
+// (unit test and compute-sanitizer clean); ptxas: no spills, 80-128 registers. bf16 mode runs
 // the tensor-core version of these kernels instead (ops_attention_tc.cu).
 #include <math.h>
+#include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_common.h"
 
 #define ATT_THREADS 256
@@ -131,8 +132,8 @@ attention_forward_kernel(float *out, float *lse, const float *qkv, int T, int C,
     int hs = C / NH, C3 = 3 * C, h = blockIdx.y, b = blockIdx.z;
     int r0 = ((T + ATT_ROWS - 1) / ATT_ROWS - 1 - (int)blockIdx.x) * ATT_ROWS;
     int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-    const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;   // (T,hs)
-    load_tile<NJ>(Qs, q, C3, r0, ATT_ROWS, T, hs);
+    const att_head a = att_head_of(qkv, T, C, NH);   // (T, hs) slices
+    load_tile<NJ>(Qs, a.q, C3, r0, ATT_ROWS, T, hs);
     float o[4][NJ], m[4], l[4];
     UNROLL
     for (int i = 0; i < 4; i++) {
@@ -144,8 +145,8 @@ attention_forward_kernel(float *out, float *lse, const float *qkv, int T, int C,
     int kend = min(r0 + ATT_ROWS, T);    // keys [0, kend) reach some row of the tile
     for (int c0 = 0; c0 < kend; c0 += ATT_COLS) {
         __syncthreads();   // the previous tile's Ks, Vs, Ps are read
-        load_tile<NJ>(Ks, k, C3, c0, ATT_COLS, T, hs);
-        load_tile<NJ>(Vs, v, C3, c0, ATT_COLS, T, hs);
+        load_tile<NJ>(Ks, a.k, C3, c0, ATT_COLS, T, hs);
+        load_tile<NJ>(Vs, a.v, C3, c0, ATT_COLS, T, hs);
         __syncthreads();
         float s[4][2];
         tile_dot<NJ>(s, Qs, Ks, hs);
@@ -228,11 +229,9 @@ attention_dkv_kernel(float *dqkv, const float *dout, const float *qkv, const flo
     int hs = C / NH, C3 = 3 * C, h = blockIdx.y, b = blockIdx.z;
     int c0 = ((T + ATT_ROWS - 1) / ATT_ROWS - 1 - (int)blockIdx.x) * ATT_ROWS;
     int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-    const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;   // (T,hs)
-    const float *dO = dout + (size_t)b * T * C + h * hs;                            // (T,hs)
-    const float *Lh = lse + ((size_t)b * NH + h) * T, *Dh = D + ((size_t)b * NH + h) * T;
-    load_tile<NJ>(Ks, k, C3, c0, ATT_ROWS, T, hs);
-    load_tile<NJ>(Vs, v, C3, c0, ATT_ROWS, T, hs);
+    const att_head a = att_head_grads_of(qkv, dout, lse, D, T, C, NH);   // (T, hs) slices, L, D
+    load_tile<NJ>(Ks, a.k, C3, c0, ATT_ROWS, T, hs);
+    load_tile<NJ>(Vs, a.v, C3, c0, ATT_ROWS, T, hs);
     float dk[4][NJ], dv[4][NJ];
     UNROLL
     for (int i = 0; i < 4; i++) {
@@ -242,12 +241,9 @@ attention_dkv_kernel(float *dqkv, const float *dout, const float *qkv, const flo
     // queries before c0 see none of these keys; ATT_ROWS is a multiple of ATT_COLS
     for (int r0 = c0; r0 < T; r0 += ATT_COLS) {
         __syncthreads();   // the previous tile's Qs, dOs, Ls, Ds are read
-        load_tile<NJ>(Qs, q, C3, r0, ATT_COLS, T, hs);
-        load_tile<NJ>(dOs, dO, C, r0, ATT_COLS, T, hs);
-        for (int e = threadIdx.x; e < ATT_COLS; e += ATT_THREADS) {
-            Ls[e] = r0 + e < T ? Lh[r0 + e] : 0.0f;
-            Ds[e] = r0 + e < T ? Dh[r0 + e] : 0.0f;
-        }
+        load_tile<NJ>(Qs, a.q, C3, r0, ATT_COLS, T, hs);
+        load_tile<NJ>(dOs, a.dO, C, r0, ATT_COLS, T, hs);
+        att_load_ld<ATT_THREADS>(Ls, Ds, a, r0, ATT_COLS, T);
         __syncthreads();
         float s[4][2], dp[4][2];
         tile_dot<NJ>(s, Ks, Qs, hs);    // k_c . q_r, the same products as the forward's
@@ -300,25 +296,23 @@ attention_dq_kernel(float *dqkv, const float *dout, const float *qkv, const floa
     int hs = C / NH, C3 = 3 * C, h = blockIdx.y, b = blockIdx.z;
     int r0 = ((T + ATT_ROWS - 1) / ATT_ROWS - 1 - (int)blockIdx.x) * ATT_ROWS;
     int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-    const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;   // (T,hs)
-    const float *dO = dout + (size_t)b * T * C + h * hs;                            // (T,hs)
-    const float *Lh = lse + ((size_t)b * NH + h) * T, *Dh = D + ((size_t)b * NH + h) * T;
-    load_tile<NJ>(Qs, q, C3, r0, ATT_ROWS, T, hs);
-    load_tile<NJ>(dOs, dO, C, r0, ATT_ROWS, T, hs);
+    const att_head a = att_head_grads_of(qkv, dout, lse, D, T, C, NH);   // (T, hs) slices, L, D
+    load_tile<NJ>(Qs, a.q, C3, r0, ATT_ROWS, T, hs);
+    load_tile<NJ>(dOs, a.dO, C, r0, ATT_ROWS, T, hs);
     float L[4], Dr[4], dq[4][NJ];
     UNROLL
     for (int i = 0; i < 4; i++) {
         int r = r0 + 4 * ty + i;
-        L[i] = r < T ? Lh[r] : 0.0f;
-        Dr[i] = r < T ? Dh[r] : 0.0f;
+        L[i] = r < T ? a.L[r] : 0.0f;
+        Dr[i] = r < T ? a.D[r] : 0.0f;
         UNROLL
         for (int j = 0; j < NJ; j++) dq[i][j] = 0.0f;
     }
     int kend = min(r0 + ATT_ROWS, T);
     for (int c0 = 0; c0 < kend; c0 += ATT_COLS) {
         __syncthreads();   // the previous tile's Ks, Vs, dSs are read
-        load_tile<NJ>(Ks, k, C3, c0, ATT_COLS, T, hs);
-        load_tile<NJ>(Vs, v, C3, c0, ATT_COLS, T, hs);
+        load_tile<NJ>(Ks, a.k, C3, c0, ATT_COLS, T, hs);
+        load_tile<NJ>(Vs, a.v, C3, c0, ATT_COLS, T, hs);
         __syncthreads();
         float s[4][2], dp[4][2];
         tile_dot<NJ>(s, Qs, Ks, hs);

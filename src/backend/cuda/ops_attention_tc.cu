@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <math.h>
 #include <mma.h>
+#include "backend/cuda/attention.h"
 #include "backend/cuda/cuda_common.h"
 
 #define TC_WARPS 4
@@ -122,16 +123,16 @@ attention_forward_tc_kernel(float *out, float *lse, const float *qkv, int T, int
     int r = r0 + 16 * w + i;   // this lane's query row
     uint16_t *Pw = Ps + w * 16 * TC_PLD;
     float *Sw = Ws + w * 16 * OW;
-    const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;   // (T,hs)
-    load_tile_bf16<NF>(Qs, q, C3, r0, TC_ROWS, T, hs);
+    const att_head a = att_head_of(qkv, T, C, NH);   // (T, hs) slices
+    load_tile_bf16<NF>(Qs, a.q, C3, r0, TC_ROWS, T, hs);
     float o[HALF], m = -INFINITY, l = 0.0f;
     UNROLL
     for (int t = 0; t < HALF; t++) o[t] = 0.0f;
     int kend = min(r0 + TC_ROWS, T);   // keys [0, kend) reach some row of the tile
     for (int c0 = 0; c0 < kend; c0 += TC_COLS) {
         __syncthreads();   // the previous key tile is read
-        load_tile_bf16<NF>(Ks, k, C3, c0, TC_COLS, T, hs);
-        load_tile_bf16<NF>(Vs, v, C3, c0, TC_COLS, T, hs);
+        load_tile_bf16<NF>(Ks, a.k, C3, c0, TC_COLS, T, hs);
+        load_tile_bf16<NF>(Vs, a.v, C3, c0, TC_COLS, T, hs);
         __syncthreads();
         rows_dot_rows<NF>(Sw, Qs + 16 * w * LD, Ks);   // S (16, TC_COLS)
         __syncwarp();
@@ -224,11 +225,9 @@ attention_dkv_tc_kernel(float *dqkv, const float *dout, const float *qkv, const 
     int c = c0 + 16 * w + i;   // this lane's key
     uint16_t *Pw = Ps + w * 16 * TC_PLD, *dSw = dSs + w * 16 * TC_PLD;
     float *Sw = Ws + w * 16 * OW, *dPw = dPs + w * 16 * TC_SLD;
-    const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;   // (T,hs)
-    const float *dO = dout + (size_t)b * T * C + h * hs;                            // (T,hs)
-    const float *Lh = lse + ((size_t)b * NH + h) * T, *Dh = D + ((size_t)b * NH + h) * T;
-    load_tile_bf16<NF>(Ks, k, C3, c0, TC_ROWS, T, hs);
-    load_tile_bf16<NF>(Vs, v, C3, c0, TC_ROWS, T, hs);
+    const att_head a = att_head_grads_of(qkv, dout, lse, D, T, C, NH);   // (T, hs) slices, L, D
+    load_tile_bf16<NF>(Ks, a.k, C3, c0, TC_ROWS, T, hs);
+    load_tile_bf16<NF>(Vs, a.v, C3, c0, TC_ROWS, T, hs);
     frag_acc dk[NF], dv[NF];
     for (int f = 0; f < NF; f++) {
         wmma::fill_fragment(dk[f], 0.0f);
@@ -237,12 +236,9 @@ attention_dkv_tc_kernel(float *dqkv, const float *dout, const float *qkv, const 
     // queries before c0 see none of these keys; TC_ROWS is a multiple of TC_COLS
     for (int r0 = c0; r0 < T; r0 += TC_COLS) {
         __syncthreads();   // the previous query tile is read
-        load_tile_bf16<NF>(Qs, q, C3, r0, TC_COLS, T, hs);
-        load_tile_bf16<NF>(dOs, dO, C, r0, TC_COLS, T, hs);
-        for (int e = threadIdx.x; e < TC_COLS; e += TC_THREADS) {
-            Ls[e] = r0 + e < T ? Lh[r0 + e] : 0.0f;
-            Ds[e] = r0 + e < T ? Dh[r0 + e] : 0.0f;
-        }
+        load_tile_bf16<NF>(Qs, a.q, C3, r0, TC_COLS, T, hs);
+        load_tile_bf16<NF>(dOs, a.dO, C, r0, TC_COLS, T, hs);
+        att_load_ld<TC_THREADS>(Ls, Ds, a, r0, TC_COLS, T);
         __syncthreads();
         rows_dot_rows<NF>(Sw, Ks + 16 * w * LD, Qs);    // S^T = k_c . q_r
         rows_dot_rows<NF>(dPw, Vs + 16 * w * LD, dOs);  // dP^T = v_c . dO_r
@@ -282,19 +278,17 @@ attention_dq_tc_kernel(float *dqkv, const float *dout, const float *qkv, const f
     int r = r0 + 16 * w + i;   // this lane's query row
     uint16_t *dSw = dSs + w * 16 * TC_PLD;
     float *Sw = Ws + w * 16 * OW, *dPw = dPs + w * 16 * TC_SLD;
-    const float *q = qkv + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;   // (T,hs)
-    const float *dO = dout + (size_t)b * T * C + h * hs;                            // (T,hs)
-    const float *Lh = lse + ((size_t)b * NH + h) * T, *Dh = D + ((size_t)b * NH + h) * T;
-    load_tile_bf16<NF>(Qs, q, C3, r0, TC_ROWS, T, hs);
-    load_tile_bf16<NF>(dOs, dO, C, r0, TC_ROWS, T, hs);
-    float L = r < T ? Lh[r] : 0.0f, Dr = r < T ? Dh[r] : 0.0f;
+    const att_head a = att_head_grads_of(qkv, dout, lse, D, T, C, NH);   // (T, hs) slices, L, D
+    load_tile_bf16<NF>(Qs, a.q, C3, r0, TC_ROWS, T, hs);
+    load_tile_bf16<NF>(dOs, a.dO, C, r0, TC_ROWS, T, hs);
+    float L = r < T ? a.L[r] : 0.0f, Dr = r < T ? a.D[r] : 0.0f;
     frag_acc dq[NF];
     for (int f = 0; f < NF; f++) wmma::fill_fragment(dq[f], 0.0f);
     int kend = min(r0 + TC_ROWS, T);
     for (int c0 = 0; c0 < kend; c0 += TC_COLS) {
         __syncthreads();   // the previous key tile is read
-        load_tile_bf16<NF>(Ks, k, C3, c0, TC_COLS, T, hs);
-        load_tile_bf16<NF>(Vs, v, C3, c0, TC_COLS, T, hs);
+        load_tile_bf16<NF>(Ks, a.k, C3, c0, TC_COLS, T, hs);
+        load_tile_bf16<NF>(Vs, a.v, C3, c0, TC_COLS, T, hs);
         __syncthreads();
         rows_dot_rows<NF>(Sw, Qs + 16 * w * LD, Ks);    // S = q_r . k_c
         rows_dot_rows<NF>(dPw, dOs + 16 * w * LD, Vs);  // dP = dO_r . v_c
