@@ -140,7 +140,7 @@ int mp_cuda_kernel_times(mp_kernel_time *out, int max) {
         n++;
     }
     // no mark is queued after the drain, so the sites may move; the totals start again now,
-    // from a new baseline: the host's time until the next operation counts to nobody
+    // from a new baseline, so that the time before this read counts to nobody
     for (int i = 0; i < T.n_site; i++) {
         T.site[i].calls = 0;
         T.site[i].ms = 0.0;
