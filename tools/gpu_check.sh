@@ -189,7 +189,9 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 parts = [f"{r['impl'].replace('millipede-cuda', 'ours')} {r['model']} {r['precision']} "
          + (f"{r['step_ms']:.0f}" if "step_ms" in r else "error") for r in rows if "model" in r]
 why = [f"{r['impl']}: {r.get('error', r.get('skipped'))}" for r in rows if "error" in r or "skipped" in r]
-print("summary: ms/step: " + ("; ".join(parts) or "nothing ran") + (f" ({why[0][:100]})" if why else ""))
+top = next((r["kernel_ms"][:3] for r in rows if r.get("kernel_ms")), [])
+top = "; longest kernels: " + ", ".join(f"{k['phase']} {k['op'][:30]} {k['ms']:.1f}" for k in top) if top else ""
+print("summary: ms/step: " + ("; ".join(parts) or "nothing ran") + top + (f" ({why[0][:100]})" if why else ""))
 EOF
     return "$rc"
 }
