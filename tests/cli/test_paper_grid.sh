@@ -15,7 +15,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 grid() {
     python3 "$MP_SOURCE_DIR/tools/paper/grid.py" --millipede "$MILLIPEDE" --runs "$tmp/runs" \
         --out "$tmp/quality.md" --jobs 2 --steps1 4 --steps2 4 --seeds 1,2 \
-        --experts 64,256 --corpora demo
+        --experts 64,256 --corpora demo --eval-batches 8
 }
 grid > "$tmp/first.log" 2>&1 || { cat "$tmp/first.log"; bad "grid.py runs"; exit 1; }
 ok "grid.py runs"

@@ -5,6 +5,7 @@
     python3 tools/paper/grid.py [--millipede build/millipede] [--runs runs/paper]
         [--out docs/quality.md] [--jobs 2] [--threads 1] [--steps1 1000] [--steps2 300]
         [--seeds 1337,1338] [--experts 16384,65536,262144,1048576] [--corpora demo,perl]
+        [--eval-batches 64]
 
 Runs (each `millipede train` into RUNS/NAME, then `millipede eval` of its final checkpoint
 into RUNS/NAME/eval.json):
@@ -89,9 +90,9 @@ def plan(a, data):
                         f"train.seed={seed}", f"train.steps={a.steps1}",
                         f"train.eval_every={max(1, a.steps1 // 10)}", f"train.log_every={max(1, a.steps1 // 10)}",
                         f"checkpoint.every={max(1, a.steps1 // 4)}"]
-                # 64 validation batches (131,072 bytes): the windows are drawn with
-                # train.seed, so fewer would make the spread over seeds mostly eval noise
-                runs.append(Run(f"t1-{corpus}-{model}-s{seed}", config, sets, T1_EVAL_BATCHES,
+                # 64 validation batches (131,072 bytes) by default: the windows are drawn
+                # with train.seed, so fewer would make the spread over seeds mostly eval noise
+                runs.append(Run(f"t1-{corpus}-{model}-s{seed}", config, sets, a.eval_batches,
                                 "table1", corpus=corpus, model=model, seed=seed))
     H, k = 4, 8                          # tiny.ini's PEER heads and top-k
     for n_exp in a.experts:
@@ -199,7 +200,9 @@ def report(a, runs):
     L += ["# Model quality: a small-scale reproduction of the PEER paper", "",
           f"Written by `python3 tools/paper/grid.py --steps1 {a.steps1} --steps2 {a.steps2} "
           f"--seeds {','.join(map(str, a.seeds))} --experts {','.join(map(str, a.experts))} "
-          f"--corpora {','.join(a.corpora)}` on "
+          f"--corpora {','.join(a.corpora)}"
+          + (f" --eval-batches {a.eval_batches}" if a.eval_batches != T1_EVAL_BATCHES else "")
+          + "` on "
           f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), {a.jobs} runs at a time with "
           f"{a.threads} thread(s) each; the training steps of the finished runs add up to {train_s / 60:.0f} "
           "minutes (validation, checkpoints and evaluation not counted). Every number below comes "
@@ -222,7 +225,7 @@ def report(a, runs):
     if t1:
         L += ["## Table 1 analog: dense vs PKM vs PEER at equal compute", "",
               f"Validation loss in nats per byte after {a.steps1} steps of 16 x 128 bytes, on "
-              f"{T1_EVAL_BATCHES} validation batches of 16 x 128 bytes, mean ± "
+              f"{a.eval_batches} validation batches of 16 x 128 bytes, mean ± "
               f"sample standard deviation over seeds {', '.join(map(str, a.seeds))}. The seed "
               "also draws the validation windows, so the ± includes which text was evaluated; "
               "within a seed the three models are evaluated on the same windows, and the last "
@@ -340,12 +343,16 @@ def main():
     ap.add_argument("--seeds", default="1337,1338")
     ap.add_argument("--experts", default="16384,65536,262144,1048576")
     ap.add_argument("--corpora", default="demo,perl")
+    ap.add_argument("--eval-batches", type=int, default=T1_EVAL_BATCHES,
+                    help=f"validation batches of each Table 1 evaluation (default {T1_EVAL_BATCHES})")
     ap.add_argument("--report-only", action="store_true", help="write OUT from the runs that exist")
     a = ap.parse_args()
     a.runs, a.out = pathlib.Path(a.runs).resolve(), pathlib.Path(a.out).resolve()
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.experts = [int(s) for s in a.experts.split(",")]
     a.corpora = a.corpora.split(",")
+    if a.eval_batches < 1:
+        fail(f"--eval-batches: {a.eval_batches}, expected at least 1")
     for c in a.corpora:
         if c not in CORPORA:
             fail(f"--corpora: unknown corpus '{c}' (known: {', '.join(CORPORA)})")
