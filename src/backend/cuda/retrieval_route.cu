@@ -520,9 +520,10 @@ static __global__ void subkey_grad_kernel(float *dkey, const int32_t *idx, const
         if (c < half) {
             UNROLL4
             for (int p = p0 + lane; p < p1; p += R) {
-                size_t o = (size_t)idx[p];
-                size_t t = o / S, h = (o % S) / k;
-                acc += dscore[o] * qn[(t * H + h) * dk + col0 + c];
+                // 32-bit: record ids are below 2^31 (mp_cuda_sort_by_key refuses more), and
+                // the GPU divides 64-bit integers in a software routine several times longer
+                unsigned o = (unsigned)idx[p], t = o / (unsigned)S, h = o % (unsigned)S / (unsigned)k;
+                acc += dscore[o] * qn[((size_t)t * H + h) * dk + col0 + c];
             }
         }
         part[threadIdx.x] = acc;
