@@ -170,8 +170,8 @@ static __device__ __forceinline__ void warp_sort_write(float v, int i, int k, fl
 // Pruned (NPL >= 2): the lanes' own best entries are 32 distinct entries, so the k-th best of
 // them, B, has at least k entries ranked at or before it, and nothing ranked after B can be
 // in the top k. The entries at or before B (at least k, usually about k) are compacted into
-// `list` (shared, 32 * NPL entries). When they are at most 32 (about 23 on average for
-// random scores at n = 1024, k = 16), one per lane, one sort gives the top k
+// `list` (shared, 32 * NPL entries). When they are at most 32 (21.6 on average for
+// random scores at n = 1024, k = 16: tools/bench/topk_prune_sim.py), one per lane, one sort gives the top k
 // (warp_sort_write); else the k rounds run over the list instead of over all 32 * NPL
 // slots. Either way the picks are those of the rounds on all slots, ties included.
 // When fewer than k lanes hold a number (NaN scores), there is no B: the rounds run on the
@@ -267,7 +267,7 @@ static __device__ __forceinline__ int diagonal_pos(int i, int j, int k) {
     return before + i - max(0, d - k + 1);
 }
 
-// The top k of the k*k candidate sums in cand / cand_id (ids distinct, any order), best
+// The top k of the k*k candidate sums in cand / cand_id (any order), best
 // first: lane j < k returns the j-th in (v, e). Pruned as row_topk: the lanes' best
 // candidates give the bound B, and when at most 32 candidates rank at or before it they
 // are compacted into top_v / top_i (32 entries) and sorted once; else k rounds over all k*k.
