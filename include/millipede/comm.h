@@ -53,7 +53,9 @@ mp_comm *mp_comm_mpi_staged(mp_comm *host, const mp_backend *be);
 // NCCL on the CUDA backend's device buffers, one GPU per rank (the GPU the backend chose);
 // the unique id goes to every rank by host's broadcast, and control calls are host's.
 // NULL with the reason in err when this build has no NCCL, or when two ranks share a GPU.
-mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len);
+// No NCCL call waits longer than timeout_s (system.nccl_timeout): past it, or at an error
+// NCCL reports asynchronously, the rank aborts the communicator and ends the job.
+mp_comm *mp_comm_nccl(mp_comm *host, double timeout_s, char *err, size_t err_len);
 void mp_comm_free(mp_comm *c);   // c->destroy(c); NULL is allowed
 // For transport implementations: c takes host's rank and size, and its control calls
 // become host's (c->control = host).
@@ -64,5 +66,6 @@ void mp_comm_control_from(mp_comm *c, mp_comm *host);
 // it with mp_comm_free, before host). auto is mpi for a host-memory backend; for a device
 // backend nccl when every rank has its own GPU, else mpi_staged. Writes the choice and
 // its reason into why. A transport that cannot work here ends the job with one line.
-mp_comm *mp_transport_open(const char *want, mp_comm *host, const mp_backend *be, char *why,
-                           size_t why_len);
+// nccl_timeout_s: mp_comm_nccl's timeout_s.
+mp_comm *mp_transport_open(const char *want, mp_comm *host, const mp_backend *be,
+                           double nccl_timeout_s, char *why, size_t why_len);

@@ -70,6 +70,7 @@ typedef struct {
     char backend[16];              // system.backend: cpu | cuda
     char precision[8];             // system.precision: fp32 | bf16 (cuda only: tables, GEMMs)
     char transport[16];            // system.transport: auto | mpi | nccl | mpi_staged
+    float nccl_timeout;            // system.nccl_timeout: seconds an NCCL call may take
 } mp_config;
 
 // Fills cfg with the defaults.

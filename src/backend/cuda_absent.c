@@ -11,8 +11,9 @@ const mp_backend *mp_backend_cuda(char *err, size_t err_len) {
     return NULL;
 }
 
-mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len) {
+mp_comm *mp_comm_nccl(mp_comm *host, double timeout_s, char *err, size_t err_len) {
     (void)host;
+    (void)timeout_s;
     if (err && err_len) snprintf(err, err_len, "this build has no CUDA backend (so no NCCL)");
     return NULL;
 }

@@ -105,6 +105,7 @@ static const key_spec KEYS[] = {
     STR("system", "backend", backend),
     STR("system", "precision", precision),
     STR("system", "transport", transport),
+    KEY("system", "nccl_timeout", K_FLOAT, nccl_timeout),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 
@@ -376,6 +377,7 @@ void mp_config_defaults(mp_config *cfg) {
     set_string(cfg->backend, sizeof cfg->backend, "cpu");
     set_string(cfg->precision, sizeof cfg->precision, "fp32");
     set_string(cfg->transport, sizeof cfg->transport, "auto");
+    cfg->nccl_timeout = 600.0f;
 }
 
 int mp_config_set(mp_config *cfg, const char *section, const char *key, const char *value,
@@ -511,6 +513,11 @@ int mp_config_validate(const mp_config *c, char *err, size_t err_len) {
               !strcmp(c->backend, "cuda"),
           "key 'system.transport': %s moves GPU buffers and needs system.backend = cuda, got "
           "backend '%s'", c->transport, c->backend);
+    // a day at most: a wait longer than any step of a healthy job is a hang to end, not a
+    // setting to disable
+    CHECK(c->nccl_timeout > 0.0f && c->nccl_timeout <= 86400.0f,
+          "key 'system.nccl_timeout': expected seconds in (0, 86400], got %g",
+          (double)c->nccl_timeout);
     CHECK(!strcmp(c->expert_optimizer, "adamw") || !strcmp(c->expert_optimizer, "lazy_adamw"),
           "key 'train.expert_optimizer': expected adamw or lazy_adamw, got '%s'",
           c->expert_optimizer);

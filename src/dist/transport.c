@@ -6,8 +6,8 @@
 #include "millipede/backend.h"
 #include "millipede/comm.h"
 
-mp_comm *mp_transport_open(const char *want, mp_comm *host, const mp_backend *be, char *why,
-                           size_t why_len) {
+mp_comm *mp_transport_open(const char *want, mp_comm *host, const mp_backend *be,
+                           double nccl_timeout_s, char *why, size_t why_len) {
     if (be->host_memory) {
         if (strcmp(want, "auto") && strcmp(want, "mpi"))
             mp_fatal("system.transport = %s moves GPU buffers, but the %s backend's memory is "
@@ -28,7 +28,7 @@ mp_comm *mp_transport_open(const char *want, mp_comm *host, const mp_backend *be
     }
     // nccl or auto: mp_comm_nccl decides the same on every rank (from all-reduced data)
     char err[512] = "";
-    mp_comm *c = mp_comm_nccl(host, err, sizeof err);
+    mp_comm *c = mp_comm_nccl(host, nccl_timeout_s, err, sizeof err);
     if (c) {
         snprintf(why, why_len, "nccl (%s; every rank has its own GPU)",
                  strcmp(want, "auto") ? "system.transport = nccl" : "auto");

@@ -97,7 +97,7 @@ int mp_cmd_eval(int argc, char **argv) {
     if (P > 1) {
         mp_check_ranks(&cfg, comm, 1);
         char why[700];
-        xfer = mp_transport_open(cfg.transport, comm, be, why, sizeof why);
+        xfer = mp_transport_open(cfg.transport, comm, be, cfg.nccl_timeout, why, sizeof why);
         // stdout is the command's output (JSON, text): what it ran on goes to stderr
         if (rank == 0) fprintf(stderr, "millipede eval: %d ranks, transport %s\n", P, why);
     }

@@ -324,7 +324,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     int B = cfg->batch_size, T = cfg->context, A = cfg->grad_accum;
     int j0 = (int)((long)B * rank / P), Bl = (int)((long)B * (rank + 1) / P) - j0;
     char why[700];
-    mp_comm *xfer = mp_transport_open(cfg->transport, comm, be, why, sizeof why);
+    mp_comm *xfer = mp_transport_open(cfg->transport, comm, be, cfg->nccl_timeout, why, sizeof why);
     mp_log("transport: %s", why);
     mp_model *m = mp_model_create_sharded(cfg, be, Bl, xfer);
     mp_model_set_tokenizer(m, data_tk);   // the model owns it now

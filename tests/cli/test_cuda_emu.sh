@@ -94,6 +94,20 @@ for P in ${MP_TEST_NCCL_RANKS:-1 2 3}; do
         bad "P=$P nccl: run failed: $(grep -m3 -E 'cuda-emu|error|nccl' "$d.out")"
     fi
 done
+# A rank whose NCCL call never finishes (the stand-in's MP_EMU_NCCL_FAULT: rank 1's 5th
+# call's GPU work never completes, and NCCL reports no error, as when a peer stops) ends the
+# run with one line once system.nccl_timeout has passed, not a hang; the other rank, blocked
+# in the next exchange, goes down with it (MPI_Abort). Only the stand-in injects faults: not
+# on a real GPU (MP_TEST_NCCL_RANKS set by tools/gpu_check.sh).
+if [ -z "${MP_TEST_NCCL_RANKS:-}" ]; then
+    d="$tmp/nccl_stall"
+    MP_EMU_DEVICES=4 MP_EMU_NCCL_FAULT=stall:1:5 emu_train 2 "$d" --set system.transport=nccl \
+        --set system.nccl_timeout=3; rc=$?
+    [ "$rc" != 0 ] &&
+        grep -qE "^millipede: rank 1: the (all-to-all|all-reduce) \(nccl[A-Za-z/]+\) did not finish within system.nccl_timeout = 3 s" "$d.out" &&
+        ok "P=2 nccl, rank 1 stalled: the run ends with its one line after system.nccl_timeout" ||
+        bad "P=2 nccl, rank 1 stalled: exit $rc, $(grep -m2 -E 'millipede: rank|cuda-emu' "$d.out")"
+fi
 # The exchange's sums have a fixed order whatever moves the bytes (src/model/exchange.c), and
 # both transports sum the gradients with MPI's all-reduce here (the stand-in's is MPI's):
 # nccl and mpi_staged on 2 ranks are the same run, bit for bit. A transport that delivered

@@ -58,6 +58,7 @@ typedef enum cudaError {
     cudaErrorInvalidConfiguration = 9,
     cudaErrorInsufficientDriver = 35,
     cudaErrorNoDevice = 100,
+    cudaErrorNotReady = 600,
     cudaErrorInvalidDevice = 101,
     cudaErrorIllegalAddress = 700,
     cudaErrorLaunchFailure = 719,
@@ -110,6 +111,7 @@ cudaError_t cudaEventCreate(cudaEvent_t *e);
 cudaError_t cudaEventDestroy(cudaEvent_t e);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventQuery(cudaEvent_t e);
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
 
 namespace mp_emu {
@@ -120,6 +122,16 @@ namespace mp_emu {
 bool device_memory(const void *p, size_t bytes, char *why, size_t why_len);
 void begin_device_work(void);
 void end_device_work(void);
+// A stand-in's injected fault (emu_nccl.cpp, MP_EMU_NCCL_FAULT): from now on the device never
+// finishes its work, as a GPU whose NCCL kernel waits for a peer that never sends. Events
+// recorded after it never complete (cudaEventQuery: cudaErrorNotReady), and whatever waits
+// for the device (cudaDeviceSynchronize, cudaEventSynchronize on such an event, a copy)
+// blocks for good: only a deadline on the host ends the process.
+void stall_device(void);
+// A stand-in's call still being issued (NCCL's ncclInProgress): until cleared (NULL), device
+// work queued on the stream (a kernel, a copy, a memset, an event) would run before that
+// call's work instead of after it, so the emulator ends the process naming it (`call`).
+void set_issuing(const char *call);
 
 // the thread now running: its index and lane
 struct ThreadIndex {

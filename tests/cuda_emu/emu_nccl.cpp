@@ -10,7 +10,18 @@
 // - at ncclGroupEnd each rank learns what every peer sends it and checks it against the
 //   receives it posted (the number of operations, each count and type, in order); a
 //   mismatch, which on NCCL hangs or corrupts, is refused on every rank with ncclInvalidUsage;
-// - ncclCommInitRank refuses ranks that pass different unique ids.
+// - ncclCommInitRank refuses ranks that pass different unique ids;
+// - a nonblocking communicator (ncclConfig_t.blocking = 0) answers ncclInProgress to each
+//   call that starts work, reports ncclInProgress to the next two ncclCommGetAsyncError
+//   polls, and refuses any call made before a poll reported the end (ncclInvalidUsage), so
+//   that a caller who does not poll fails the tests.
+// MP_EMU_NCCL_FAULT = KIND:RANK:CALL injects a fault into rank RANK's CALL-th (from 1) call
+// that moves data (an outermost ncclGroupEnd, an ncclAllReduce), after its data moved:
+//   stall    the device never finishes that call's work (mp_emu::stall_device), and nothing
+//            says why: a peer that stopped sending, as NCCL sees it;
+//   error    the same, and the communicator reports ncclRemoteError asynchronously: a
+//            network failure or a peer's process gone;
+//   pending  the call never leaves ncclInProgress (nonblocking communicators).
 // A refusal on one rank reaches all of them: the lowest refusing rank's code and message
 // (ncclGetLastError) go to every rank, so no rank waits for a peer that gave up.
 //
@@ -28,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <climits>
 #include <unistd.h>
 #include <algorithm>
 #include <string>
@@ -37,6 +49,10 @@
 
 struct ncclComm {
     int rank, nranks;
+    bool blocking;
+    long in_progress;        // polls of ncclCommGetAsyncError until one reports the end
+    const char *call;        // the call in progress
+    ncclResult_t async;      // the asynchronous error (MP_EMU_NCCL_FAULT = error)
 };
 
 namespace {
@@ -46,6 +62,8 @@ const size_t PIECE = (size_t)1 << 30;   // bytes per MPI call: MPI counts are in
 
 MPI_Comm g_world = MPI_COMM_NULL;   // a dup of MPI_COMM_WORLD, made by the first init
 int g_live;                          // communicators alive (made and destroyed collectively)
+ncclComm_t g_comm;                   // the newest: an empty group's faults land on it
+long g_calls;                        // calls that moved data, for MP_EMU_NCCL_FAULT
 char g_last_error[1024];
 
 struct Op {
@@ -150,6 +168,76 @@ MPI_Datatype mpi_type(ncclDataType_t t) {
     }
 }
 
+enum FaultKind { FAULT_NONE, FAULT_STALL, FAULT_ERROR, FAULT_PENDING };
+struct Fault {
+    FaultKind kind;
+    int rank;
+    long call;
+};
+
+// MP_EMU_NCCL_FAULT, read once; a malformed value is a broken test setup
+const Fault &fault(void) {
+    static Fault f = {FAULT_NONE, -1, 0};
+    static bool read;
+    if (read) return f;
+    read = true;
+    const char *s = getenv("MP_EMU_NCCL_FAULT");
+    if (!s || !*s) return f;
+    char kind[16] = "";
+    int rank = -1, used = 0;
+    long call = 0;
+    if (sscanf(s, "%15[a-z]:%d:%ld%n", kind, &rank, &call, &used) != 3 || s[used] || rank < 0 ||
+        call < 1 || (strcmp(kind, "stall") && strcmp(kind, "error") && strcmp(kind, "pending"))) {
+        fprintf(stderr, "nccl stand-in: MP_EMU_NCCL_FAULT='%s': expected stall|error|pending:"
+                "RANK:CALL (CALL from 1)\n", s);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    f.kind = !strcmp(kind, "stall") ? FAULT_STALL : !strcmp(kind, "error") ? FAULT_ERROR
+                                                                           : FAULT_PENDING;
+    f.rank = rank;
+    f.call = call;
+    return f;
+}
+
+// A nonblocking communicator's call returns ncclInProgress: its work is not yet on the stream
+// until a poll reports the end, so the emulator refuses device work queued before that.
+ncclResult_t in_progress(ncclComm_t comm, const char *call, long polls) {
+    comm->in_progress = polls == LONG_MAX ? LONG_MAX : polls + 1;
+    comm->call = call;
+    mp_emu::set_issuing(call);
+    return ncclInProgress;
+}
+
+// A call that moved data has returned its work to the caller: what it answers (ncclInProgress
+// on a nonblocking communicator), after any injected fault.
+ncclResult_t started(ncclComm_t comm, const char *call) {
+    if (!comm) comm = g_comm;
+    g_calls++;
+    const Fault &f = fault();
+    if (f.kind != FAULT_NONE && f.rank == world_rank() && f.call == g_calls && comm) {
+        if (f.kind == FAULT_STALL || f.kind == FAULT_ERROR) mp_emu::stall_device();
+        if (f.kind == FAULT_ERROR) {
+            comm->async = ncclRemoteError;
+            snprintf(g_last_error, sizeof g_last_error, "rank %d: MP_EMU_NCCL_FAULT=error: the "
+                     "connection to a peer was lost (injected at call %ld)", world_rank(), f.call);
+        }
+        if (f.kind == FAULT_PENDING && !comm->blocking) return in_progress(comm, call, LONG_MAX);
+    }
+    if (!comm || comm->blocking) return ncclSuccess;
+    return in_progress(comm, call, 2);
+}
+
+// A nonblocking communicator takes no call while its last one is in progress (NCCL's rule)
+ncclResult_t check_settled(const char *call, ncclComm_t comm) {
+    if (comm && comm->in_progress > 0)
+        return refuse(ncclInvalidUsage, "%s: the communicator's last call (%s) is still in "
+                      "progress (poll ncclCommGetAsyncError until it reports ncclSuccess first)",
+                      call, comm->call);
+    if (comm && comm->async != ncclSuccess)
+        return refuse(comm->async, "%s: the communicator has an asynchronous error", call);
+    return ncclSuccess;
+}
+
 // the checks NCCL makes of a call's arguments (its buffer: device memory of count elements)
 ncclResult_t check_args(const char *call, const void *buf, size_t count, ncclDataType_t type,
                         ncclComm_t comm, int peer) {
@@ -176,6 +264,7 @@ ncclResult_t post(bool send, const char *call, void *buf, size_t count, ncclData
     bool alone = g_depth == 0;   // outside a group: a group of its own
     if (alone) ncclGroupStart();
     ncclResult_t rc = check_args(call, buf, count, type, comm, peer);
+    if (rc == ncclSuccess) rc = check_settled(call, comm);
     if (rc == ncclSuccess && peer < 0)
         rc = refuse(ncclInvalidArgument, "%s: peer %d is not a rank", call, peer);
     if (rc == ncclSuccess && !g_ops.empty() && g_ops[0].comm != comm)
@@ -273,7 +362,7 @@ ncclResult_t run_group(const std::vector<Op> &ops, ncclResult_t rc, const char *
         }
     MPI_OK(MPI_Waitall((int)reqs.size(), reqs.data(), MPI_STATUSES_IGNORE));
     mp_emu::end_device_work();
-    return ncclSuccess;
+    return started(ops.empty() ? nullptr : ops[0].comm, "ncclGroupEnd");
 }
 
 }  // namespace
@@ -291,7 +380,8 @@ ncclResult_t ncclGetUniqueId(ncclUniqueId *id) {
     return ncclSuccess;
 }
 
-ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank) {
+namespace {
+ncclResult_t init_rank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank, bool blocking) {
     int ready = 0;
     MPI_Initialized(&ready);
     if (!ready) {
@@ -327,14 +417,65 @@ ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id, int
                     "(rank 0 makes one with ncclGetUniqueId and sends it to the others)");
     rc = agree(rc, g_last_error);
     if (rc != ncclSuccess) return rc;
-    *comm = new ncclComm{rank, nranks};
+    *comm = new ncclComm{rank, nranks, blocking, 0, nullptr, ncclSuccess};
+    g_comm = *comm;
     g_live++;
+    if (blocking) return ncclSuccess;
+    return in_progress(*comm, "ncclCommInitRankConfig", 2);
+}
+}  // namespace
+
+ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank) {
+    return init_rank(comm, nranks, id, rank, true);
+}
+
+ncclResult_t ncclCommInitRankConfig(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank,
+                                    ncclConfig_t *config) {
+    if (config && (config->magic != 0xcafebeef || config->size != sizeof(ncclConfig_t))) {
+        if (comm) *comm = nullptr;
+        return refuse(ncclInvalidArgument, "ncclCommInitRankConfig: the config was not "
+                      "initialised with NCCL_CONFIG_INITIALIZER");
+    }
+    // NCCL's default is blocking; so is NCCL_CONFIG_UNDEF_INT
+    bool blocking = !config || config->blocking != 0;
+    return init_rank(comm, nranks, id, rank, blocking);
+}
+
+ncclResult_t ncclCommFinalize(ncclComm_t comm) {
+    if (!comm) return refuse(ncclInvalidArgument, "ncclCommFinalize: comm is NULL");
+    ncclResult_t rc = check_settled("ncclCommFinalize", comm);
+    if (rc != ncclSuccess || comm->blocking) return rc;
+    return in_progress(comm, "ncclCommFinalize", 2);
+}
+
+// frees the communicator at once, waiting for no peer (nothing is in flight here)
+ncclResult_t ncclCommAbort(ncclComm_t comm) {
+    if (!comm) return ncclSuccess;   // NCCL allows NULL
+    g_live--;
+    if (g_comm == comm) g_comm = nullptr;
+    delete comm;
+    return ncclSuccess;
+}
+
+ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t *async) {
+    if (!comm || !async)
+        return refuse(ncclInvalidArgument, "ncclCommGetAsyncError: comm or asyncError is NULL");
+    if (comm->async != ncclSuccess) {
+        *async = comm->async;
+    } else if (comm->in_progress > 0) {
+        if (comm->in_progress != LONG_MAX) comm->in_progress--;
+        *async = comm->in_progress > 0 ? ncclInProgress : ncclSuccess;
+        if (*async == ncclSuccess) mp_emu::set_issuing(nullptr);
+    } else {
+        *async = ncclSuccess;
+    }
     return ncclSuccess;
 }
 
 ncclResult_t ncclCommDestroy(ncclComm_t comm) {
     if (!comm) return refuse(ncclInvalidArgument, "ncclCommDestroy: comm is NULL");
     g_live--;
+    if (g_comm == comm) g_comm = nullptr;
     delete comm;
     return ncclSuccess;
 }
@@ -392,7 +533,8 @@ ncclResult_t ncclAllReduce(const void *send, void *recv, size_t count, ncclDataT
         return refuse(ncclInvalidArgument, "ncclAllReduce: the communicator is NULL");
     MPI_Op mop = op == ncclSum ? MPI_SUM : op == ncclProd ? MPI_PROD : op == ncclMax ? MPI_MAX
                : op == ncclMin ? MPI_MIN : MPI_OP_NULL;
-    ncclResult_t rc = check_args("ncclAllReduce (send)", send, count, type, comm, -1);
+    ncclResult_t rc = check_settled("ncclAllReduce", comm);
+    if (rc == ncclSuccess) rc = check_args("ncclAllReduce (send)", send, count, type, comm, -1);
     if (rc == ncclSuccess) rc = check_args("ncclAllReduce (receive)", recv, count, type, comm, -1);
     if (rc == ncclSuccess && (mop == MPI_OP_NULL || mpi_type(type) == MPI_DATATYPE_NULL))
         rc = refuse(ncclInvalidArgument, "ncclAllReduce: the stand-in reduces 8-64-bit integers, "
@@ -418,7 +560,7 @@ ncclResult_t ncclAllReduce(const void *send, void *recv, size_t count, ncclDataT
         MPI_OK(MPI_Allreduce(s, r, k, mpi_type(type), mop, g_world));
     }
     mp_emu::end_device_work();
-    return ncclSuccess;
+    return started(comm, "ncclAllReduce");
 }
 
 }  // extern "C"

@@ -79,6 +79,18 @@ void report(const char *fmt, ...) {
     va_end(ap);
 }
 
+const char *g_issuing;   // set_issuing's call, or NULL
+
+// device work queued now: refused while a stand-in's call is still being issued
+void check_ordered(const char *what) {
+    if (!g_issuing) return;
+    fprintf(stderr, "cuda-emu: %s queued while %s is still in progress (ncclInProgress): it "
+            "would not be ordered after that call's work (poll ncclCommGetAsyncError first)\n",
+            what, g_issuing);
+    fflush(stderr);
+    abort();
+}
+
 // ---------------------------------------------------------------------------------------
 // device memory: each allocation is its own mapping, right-aligned against a guard page so
 // that a kernel running off its end faults, filled with 0xff bytes (NaN as float, -1 as an
@@ -491,6 +503,7 @@ void run_grid(const char *kernel, const char *file, int line, const Launch &cfg,
               void (*body)(void *), void *closure) {
     init();
     ensure_handler();
+    check_ordered(kernel);
     const dim3 &b = cfg.block, &g = cfg.grid;
     size_t nthreads = (size_t)b.x * b.y * b.z;
     if (nthreads == 0 || g.x == 0 || g.y == 0 || g.z == 0) {
@@ -606,7 +619,21 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int dev) {
     return cudaSuccess;
 }
 
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }   // all work is synchronous
+// Work is synchronous: nothing to wait for, unless stall_device made the device hang
+static bool g_stalled;
+
+static void wait_forever(const char *what) {
+    fprintf(stderr, "cuda-emu: %s waits for a stalled device (MP_EMU_NCCL_FAULT)\n", what);
+    for (;;) sleep(1);
+}
+
+void mp_emu::stall_device(void) { g_stalled = true; }
+void mp_emu::set_issuing(const char *call) { g_issuing = call; }
+
+cudaError_t cudaDeviceSynchronize(void) {
+    if (g_stalled) wait_forever("cudaDeviceSynchronize");
+    return cudaSuccess;
+}
 
 cudaError_t cudaGetLastError(void) {
     cudaError_t rc = g_last_error;
@@ -624,6 +651,7 @@ const char *cudaGetErrorName(cudaError_t rc) {
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
@@ -709,6 +737,8 @@ cudaError_t cudaMemset(void *p, int value, size_t bytes) {
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind kind) {
     init();
     ensure_handler();
+    if (g_stalled) wait_forever("cudaMemcpy");   // it follows the queued work, as on a GPU
+    check_ordered("cudaMemcpy");
     if (!bytes) return cudaSuccess;
     bool dst_dev = find_alloc(dst) != nullptr, src_dev = find_alloc(src) != nullptr;
     bool want_dst = dst_dev, want_src = src_dev;
@@ -745,6 +775,7 @@ cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
 
 struct mp_emu_event {
     std::chrono::steady_clock::time_point t;
+    bool stalled;   // recorded after stall_device: never completes
 };
 
 cudaError_t cudaEventCreate(cudaEvent_t *e) {
@@ -756,10 +787,16 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
     return cudaSuccess;
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) {
+    check_ordered("cudaEventRecord");
     e->t = std::chrono::steady_clock::now();
+    e->stalled = g_stalled;
     return cudaSuccess;
 }
-cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (e->stalled) wait_forever("cudaEventSynchronize");
+    return cudaSuccess;
+}
+cudaError_t cudaEventQuery(cudaEvent_t e) { return e->stalled ? cudaErrorNotReady : cudaSuccess; }
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
     *ms = std::chrono::duration<float, std::milli>(b->t - a->t).count();
     return cudaSuccess;

@@ -11,8 +11,13 @@
 //   PROT_NONE outside device work; the stand-in opens it to MPI only while MPI runs);
 // - the stand-in itself: a host pointer (and a device buffer too short for its count) is
 //   refused, an unmatched send/receive pair fails on every rank, different unique ids fail.
+// - the stand-in's nonblocking communicators: ncclInProgress, then the polls, and a call
+//   made before the polls reported the end refused on every rank.
 // With the argument "shared" (mpirun -n 2, MP_EMU_DEVICES=1: both ranks on GPU 0, as on a
 // one-GPU machine) it checks that mp_comm_nccl refuses, naming the ranks and the GPU.
+// With "fault SECONDS" it runs exchanges and all-reduces with that timeout until a fault
+// that MP_EMU_NCCL_FAULT injects ends the job (the ctest entries emu.nccl_fault.* check the
+// one line it ends with); exit status 3 if the exchanges all finish.
 #include <mpi.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -36,6 +41,7 @@ static mp_comm *nc;
 static int me, P;
 
 #define ROUNDS 4
+#define TIMEOUT_S 120.0   // no call here comes near it
 #define GAP 2   // sentinel elements before, between and after the blocks
 
 // elements rank s sends rank d in a round: uneven, a zero now and then for every pair
@@ -284,17 +290,81 @@ static void standin_refuses_different_ids(void **state) {
     assert_non_null(strstr(ncclGetLastError(NULL), "different unique ids"));
 }
 
+// NCCL's nonblocking protocol, as the stand-in keeps it (emu_nccl.cpp): comm_nccl.cu relies
+// on it, and a caller that skips the polls must fail
+static void standin_nonblocking_protocol(void **state) {
+    (void)state;
+    ncclUniqueId id;
+    if (me == 0) assert_int_equal(ncclGetUniqueId(&id), ncclSuccess);
+    host->broadcast(host, &id, sizeof id, 0);
+    ncclConfig_t bad;
+    memset(&bad, 0, sizeof bad);
+    ncclComm_t c = NULL;
+    assert_int_equal(ncclCommInitRankConfig(&c, P, id, me, &bad), ncclInvalidArgument);
+    assert_non_null(strstr(ncclGetLastError(NULL), "NCCL_CONFIG_INITIALIZER"));
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    assert_int_equal(ncclCommInitRankConfig(&c, P, id, me, &config), ncclInProgress);
+    ncclResult_t st = ncclSuccess;
+    int polls = 0;
+    do {
+        assert_int_equal(ncclCommGetAsyncError(c, &st), ncclSuccess);
+        polls++;
+    } while (st == ncclInProgress && polls < 100);
+    assert_int_equal(st, ncclSuccess);
+    assert_int_equal(polls, 3);
+    float *d = be->alloc(4 * sizeof(float));
+    be->zero(d, 4 * sizeof(float));
+    assert_int_equal(ncclAllReduce(d, d, 4, ncclFloat, ncclSum, c, NULL), ncclInProgress);
+    // the next call before the polls: refused, on every rank
+    assert_int_equal(ncclAllReduce(d, d, 4, ncclFloat, ncclSum, c, NULL), ncclInvalidUsage);
+    assert_non_null(strstr(ncclGetLastError(NULL), "still in progress"));
+    do assert_int_equal(ncclCommGetAsyncError(c, &st), ncclSuccess); while (st == ncclInProgress);
+    assert_int_equal(st, ncclSuccess);
+    assert_int_equal(ncclCommFinalize(c), ncclInProgress);
+    do assert_int_equal(ncclCommGetAsyncError(c, &st), ncclSuccess); while (st == ncclInProgress);
+    assert_int_equal(ncclCommDestroy(c), ncclSuccess);
+    be->free(d);
+}
+
 #endif   // MP_NCCL_STANDIN
 // ---------------------------------------------------------------------------------------
 
 static void shared_gpu_is_refused(void **state) {
     (void)state;
     char err[512] = "";
-    mp_comm *c = mp_comm_nccl(host, err, sizeof err);
+    mp_comm *c = mp_comm_nccl(host, TIMEOUT_S, err, sizeof err);
     assert_null(c);
     fprintf(stderr, "rank %d: %s\n", me, err);
     assert_non_null(strstr(err, "ranks 0 and 1 share GPU 0"));
     assert_non_null(strstr(err, "mpi_staged"));
+}
+
+// "fault SECONDS": rounds of an all-to-all and an all-reduce (calls 1, 2, 3, ... of the
+// stand-in's count) until the injected fault ends the job
+static int run_until_fault(double timeout_s) {
+    char err[512] = "";
+    nc = mp_comm_nccl(host, timeout_s, err, sizeof err);
+    if (!nc) {
+        fprintf(stderr, "test_comm_nccl: mp_comm_nccl: %s\n", err);
+        return 1;
+    }
+    for (int round = 0; round < 8; round++) {
+        int64_t sc[3], sd[3], rc[3], rd[3], ns, nr;
+        plan(round % ROUNDS, sc, sd, rc, rd, &ns, &nr);
+        float *send = be->alloc((size_t)ns * 4), *recv = be->alloc((size_t)nr * 4);
+        float *sum = be->alloc(64 * 4);   // the same count on every rank
+        be->zero(send, (size_t)ns * 4);
+        be->zero(sum, 64 * 4);
+        nc->alltoallv_f32(nc, send, sc, sd, recv, rc, rd);
+        nc->allreduce_f32(nc, sum, 64);
+        be->free(send);
+        be->free(recv);
+        be->free(sum);
+    }
+    fprintf(stderr, "test_comm_nccl: rank %d: 16 calls finished: no fault ended the job\n", me);
+    mp_comm_free(nc);
+    return 3;
 }
 
 int main(int argc, char **argv) {
@@ -302,6 +372,7 @@ int main(int argc, char **argv) {
     me = mp_rank();
     P = mp_world();
     int shared = argc > 1 && strcmp(argv[1], "shared") == 0;
+    int fault = argc > 2 && strcmp(argv[1], "fault") == 0;
     char err[512] = "";
     be = mp_backend_cuda(err, sizeof err);
     if (!be) {   // a real CUDA build on a machine without a GPU: skipped, not passed
@@ -316,11 +387,13 @@ int main(int argc, char **argv) {
     }
     host = mp_comm_mpi();
     int failed;
-    if (shared) {
+    if (fault) {
+        failed = run_until_fault(atof(argv[2]));
+    } else if (shared) {
         const struct CMUnitTest tests[] = {cmocka_unit_test(shared_gpu_is_refused)};
         failed = cmocka_run_group_tests(tests, NULL, NULL);
     } else {
-        nc = mp_comm_nccl(host, err, sizeof err);
+        nc = mp_comm_nccl(host, TIMEOUT_S, err, sizeof err);
         if (!nc) {
             fprintf(stderr, "test_comm_nccl: mp_comm_nccl: %s\n", err);
             MPI_Abort(MPI_COMM_WORLD, 1);
@@ -336,6 +409,7 @@ int main(int argc, char **argv) {
             cmocka_unit_test(standin_refuses_host_memory),
             cmocka_unit_test(standin_refuses_unmatched_pairs),
             cmocka_unit_test(standin_refuses_different_ids),
+            cmocka_unit_test(standin_nonblocking_protocol),
 #endif
         };
         failed = cmocka_run_group_tests(tests, NULL, NULL);
@@ -343,5 +417,5 @@ int main(int argc, char **argv) {
     }
     mp_comm_free(host);
     MPI_Finalize();
-    return failed ? 1 : 0;
+    return fault ? failed : failed ? 1 : 0;
 }

@@ -10,9 +10,22 @@
 // Everything runs on the legacy default stream, as the backend does (cuda_common.h): an
 // exchange starts after the kernels that filled its buffers and the kernels after it see
 // its results, with no synchronisation here.
+//
+// No wait is unbounded (docs/cuda.md, "When a peer fails"). The communicator is nonblocking
+// (ncclConfig_t.blocking = 0), so no NCCL call blocks the host: a call that starts work may
+// answer ncclInProgress, and ncclCommGetAsyncError then says when the work is on the stream
+// or that it failed. The wait for the data polls an event recorded after the work, and the
+// communicator's asynchronous error with it. A wait that ends in an error, or that passes
+// system.nccl_timeout, ends the job with one line naming the rank, the call and the reason:
+// a peer that died, a failed link (ncclRemoteError and NCCL's message), or a peer that
+// stopped without an error, which only the deadline catches. The process exits through
+// MPI_Abort, which takes every rank down and frees the GPU with them; the communicator is
+// not aborted first, as nothing of it outlives the process.
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include "backend/cuda/cuda.h"
 #include "backend/cuda/cuda_common.h"
@@ -22,16 +35,18 @@ extern "C" {
 
 #ifdef MP_HAVE_NCCL
 #include <nccl.h>
+#endif
+
+// nonblocking communicators (ncclConfig_t, ncclCommGetAsyncError's ncclInProgress) came
+// with NCCL 2.14
+#if defined(MP_HAVE_NCCL) && NCCL_VERSION_CODE >= 21400
 
 // Every NCCL call goes through NCCL_CHECK: a failure ends the job (mp_fatal aborts every
 // rank) with file:line, the call, NCCL's name of the code and its last error message.
 static void nccl_check_at(ncclResult_t rc, const char *what, const char *file, int line) {
     if (rc == ncclSuccess) return;
-    const char *last = "";
-#if NCCL_VERSION_CODE >= 21300   // ncclGetLastError came with NCCL 2.13
-    last = ncclGetLastError(NULL);
+    const char *last = ncclGetLastError(NULL);
     if (!last) last = "";
-#endif
     mp_fatal_at(file, line, "NCCL error %s (%d) in %s%s%s", ncclGetErrorString(rc), (int)rc, what,
                 *last ? ": " : "", last);
 }
@@ -39,15 +54,64 @@ static void nccl_check_at(ncclResult_t rc, const char *what, const char *file, i
 
 typedef struct {
     ncclComm_t nccl;
+    double timeout_s;   // system.nccl_timeout: the longest any call may take
+    cudaEvent_t done;   // recorded after each payload call's work
 } nccl_impl;
 
-static ncclComm_t nccl_of(mp_comm *c) { return ((nccl_impl *)c->impl)->nccl; }
+static nccl_impl *impl_of(mp_comm *c) { return (nccl_impl *)c->impl; }
+
+// Until the communicator's last call has its work on the stream (ncclCommGetAsyncError no
+// longer ncclInProgress) and, with ev, until ev has completed on the GPU. The first 200 polls
+// only yield the CPU (a short transfer ends within them), later ones sleep 100 us each.
+// Returns NCCL's final state of the call, or ends the job past the deadline.
+static ncclResult_t poll_until_done(nccl_impl *m, cudaEvent_t ev, const char *what, double t0,
+                                    const char *file, int line) {
+    for (long polls = 0;; polls++) {
+        ncclResult_t state = ncclSuccess;
+        nccl_check_at(ncclCommGetAsyncError(m->nccl, &state), "ncclCommGetAsyncError", file,
+                      line);
+        if (state != ncclSuccess && state != ncclInProgress) return state;
+        if (state == ncclSuccess) {
+            if (!ev) return ncclSuccess;
+            cudaError_t q = cudaEventQuery(ev);
+            if (q == cudaSuccess) return ncclSuccess;
+            if (q != cudaErrorNotReady) mp_cuda_check_at(q, "cudaEventQuery", file, line);
+        }
+        double waited = mp_now() - t0;
+        if (waited > m->timeout_s)
+            mp_fatal_at(file, line, "%s did not finish within system.nccl_timeout = %g s (%s): "
+                        "a peer stopped without an error, or its link stalled", what,
+                        m->timeout_s, state == ncclInProgress ? "NCCL still issuing it"
+                                                               : "its GPU work still waiting");
+        if (polls < 200) {
+            sched_yield();
+        } else {
+            struct timespec ts = {0, 100000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+// The result of a call of the operation `what` started at t0, checked: ncclInProgress (a
+// nonblocking communicator) is waited out first. An error ends the job as NCCL_CHECK's do,
+// with NCCL's message; file:line tells which call of the operation it was.
+static void issued_at(nccl_impl *m, ncclResult_t rc, const char *what, double t0,
+                      const char *file, int line) {
+    if (rc == ncclInProgress) rc = poll_until_done(m, NULL, what, t0, file, line);
+    nccl_check_at(rc, what, file, line);
+}
+#define ISSUED(m, call, what, t0) issued_at((m), (call), (what), (t0), __FILE__, __LINE__)
 
 // A payload call returns when its data is there, as the MPI transports' do: the exchange
 // times its calls (waiting included) and reads received records on the host next. Without
 // this the transfer would be charged to whatever synchronised next. (Overlapping the
-// exchange with compute would remove it: docs/cuda.md.)
-static void arrived(void) { mp_cuda_synchronize(); }
+// exchange with compute would remove it: docs/cuda.md.) The final synchronisation finds
+// nothing left to wait for; it is the backend's, which the kernel timer counts on.
+static void arrived_at(nccl_impl *m, const char *what, double t0, const char *file, int line) {
+    mp_cuda_check_at(cudaEventRecord(m->done, 0), "cudaEventRecord", file, line);
+    nccl_check_at(poll_until_done(m, m->done, what, t0, file, line), what, file, line);
+    mp_cuda_synchronize();
+}
 
 // One group of sends and receives: NCCL matches each pair's send with the peer's receive
 // and runs them together. Counts are size_t in NCCL, so no per-peer limit below the memory.
@@ -59,19 +123,21 @@ static void alltoallv(mp_comm *c, const void *send, const int64_t *sc, const int
             mp_fatal("all-to-all with rank %d: negative count or offset (send %lld at %lld, "
                      "receive %lld at %lld)", r, (long long)sc[r], (long long)sd[r],
                      (long long)rc[r], (long long)rd[r]);
-    ncclComm_t comm = nccl_of(c);
+    static const char what[] = "the all-to-all (ncclSend/ncclRecv)";
+    nccl_impl *m = impl_of(c);
+    double t0 = mp_now();
     NCCL_CHECK(ncclGroupStart());
     for (int r = 0; r < c->size; r++) {
         if (sc[r])
-            NCCL_CHECK(ncclSend((const char *)send + (size_t)sd[r] * elem, (size_t)sc[r], type, r,
-                                comm, 0));
+            ISSUED(m, ncclSend((const char *)send + (size_t)sd[r] * elem, (size_t)sc[r], type, r,
+                               m->nccl, 0), what, t0);
         if (rc[r])
-            NCCL_CHECK(ncclRecv((char *)recv + (size_t)rd[r] * elem, (size_t)rc[r], type, r, comm,
-                                0));
+            ISSUED(m, ncclRecv((char *)recv + (size_t)rd[r] * elem, (size_t)rc[r], type, r,
+                               m->nccl, 0), what, t0);
     }
-    NCCL_CHECK(ncclGroupEnd());
+    ISSUED(m, ncclGroupEnd(), what, t0);
     mp_cuda_mark("ncclSend/ncclRecv", __FILE__, __LINE__);
-    arrived();
+    arrived_at(m, what, t0, __FILE__, __LINE__);
 }
 
 static void alltoallv_f32(mp_comm *c, const float *send, const int64_t *sc, const int64_t *sd,
@@ -85,16 +151,23 @@ static void alltoallv_i32(mp_comm *c, const int32_t *send, const int64_t *sc, co
 }
 
 static void allreduce_f32(mp_comm *c, float *buf, size_t n) {
+    static const char what[] = "the all-reduce (ncclAllReduce)";
+    nccl_impl *m = impl_of(c);
+    double t0 = mp_now();
     if (n) {
-        NCCL_CHECK(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nccl_of(c), 0));
+        ISSUED(m, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, m->nccl, 0), what, t0);
         mp_cuda_mark("ncclAllReduce", __FILE__, __LINE__);
     }
-    arrived();
+    arrived_at(m, what, t0, __FILE__, __LINE__);
 }
 
 static void destroy(mp_comm *c) {
-    NCCL_CHECK(ncclCommDestroy(nccl_of(c)));
-    free(c->impl);
+    nccl_impl *m = impl_of(c);
+    // waits for the peers, within the deadline
+    ISSUED(m, ncclCommFinalize(m->nccl), "closing the communicator (ncclCommFinalize)", mp_now());
+    NCCL_CHECK(ncclCommDestroy(m->nccl));
+    CUDA_CHECK(cudaEventDestroy(m->done));
+    free(m);
     free(c);
 }
 
@@ -163,7 +236,7 @@ static int check_one_gpu_per_rank(mp_comm *host, char *err, size_t err_len) {
     return result;
 }
 
-extern "C" mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len) {
+extern "C" mp_comm *mp_comm_nccl(mp_comm *host, double timeout_s, char *err, size_t err_len) {
     if (check_one_gpu_per_rank(host, err, err_len) != 0) return NULL;
     // NCCL may fail to start where it cannot set up its transports (a container without
     // enough /dev/shm, say): every rank learns whether any failed, and the lowest failing
@@ -178,7 +251,14 @@ extern "C" mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len) {
         return NULL;
     }
     nccl_impl *m = (nccl_impl *)mp_calloc(1, sizeof *m);
-    ncclResult_t rc = ncclCommInitRank(&m->nccl, host->size, hello.id, host->rank);
+    m->timeout_s = timeout_s;
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    double t0 = mp_now();
+    ncclResult_t rc = ncclCommInitRankConfig(&m->nccl, host->size, hello.id, host->rank, &config);
+    if (rc == ncclInProgress)
+        rc = poll_until_done(m, NULL, "starting NCCL (ncclCommInitRankConfig)", t0, __FILE__,
+                             __LINE__);
     double *failed = (double *)mp_calloc((size_t)host->size, sizeof(double));   // (P) codes
     failed[host->rank] = (double)rc;
     host->allreduce_f64(host, failed, (size_t)host->size);
@@ -186,12 +266,14 @@ extern "C" mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len) {
         if (failed[r] != 0) {
             mp_errf(err, err_len, "NCCL could not start: ncclCommInitRank on rank %d: %s", r,
                     ncclGetErrorString((ncclResult_t)(int)failed[r]));
-            if (rc == ncclSuccess) NCCL_CHECK(ncclCommDestroy(m->nccl));
+            // the others may never finish theirs: abort, which waits for no peer
+            if (m->nccl) NCCL_CHECK(ncclCommAbort(m->nccl));
             free(failed);
             free(m);
             return NULL;
         }
     free(failed);
+    CUDA_CHECK(cudaEventCreate(&m->done));
     mp_comm *c = (mp_comm *)mp_calloc(1, sizeof *c);
     c->name = "nccl";
     c->device_buffers = 1;
@@ -206,9 +288,15 @@ extern "C" mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len) {
 
 #else   // CUDA without NCCL: the build still works, the transport says why it is missing
 
-extern "C" mp_comm *mp_comm_nccl(mp_comm *host, char *err, size_t err_len) {
+extern "C" mp_comm *mp_comm_nccl(mp_comm *host, double timeout_s, char *err, size_t err_len) {
     (void)host;
+    (void)timeout_s;
+#ifdef MP_HAVE_NCCL
+    mp_errf(err, err_len, "this build's NCCL is %d.%d; the nccl transport needs 2.14 or later "
+            "(nonblocking communicators)", NCCL_MAJOR, NCCL_MINOR);
+#else
     mp_errf(err, err_len, "this build has no NCCL (nccl.h / libnccl not found at configure time)");
+#endif
     return NULL;
 }
 
