@@ -7,6 +7,7 @@
 // rank r writes OUT.rank<r> with its slice of the batch (attributes j0, rows), its own
 // expert rows (attribute row_start on those datasets) and the all-reduced dense gradients.
 #include <hdf5.h>
+#include <math.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -187,7 +188,8 @@ static int dump_layer(mp_model *m, hid_t f, int block, int N, int eval) {
     snprintf(prefix, sizeof prefix, "h%d.%s", block,
              c->ffn[block] == MP_FFN_PEER ? "peer" : c->ffn[block] == MP_FFN_PKM ? "pkm" : "mlp");
     float *x = malloc((size_t)N * C * sizeof(float)), *dy = malloc((size_t)N * C * sizeof(float));
-    float *y = calloc((size_t)N * C, sizeof(float)), *dx = calloc((size_t)N * C, sizeof(float));
+    float *y = calloc((size_t)N * C, sizeof(float)), *dx = malloc((size_t)N * C * sizeof(float));
+    for (size_t i = 0; i < (size_t)N * C; i++) dx[i] = NAN;   // the layer writes dx
     fill_normal(x, (size_t)N * C, c->seed, 201);
     fill_normal(dy, (size_t)N * C, c->seed, 202);
     long nc[2] = {N, C};

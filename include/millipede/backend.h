@@ -1,10 +1,14 @@
 // The compute backend: one table of operations that the model calls. The CPU backend
 // (OpenBLAS + OpenMP, fp32) is the reference; the CUDA backend implements the same table.
 // Conventions (as in llm.c): tensors are row-major, shapes are written next to them,
-// N = B*T rows. Backward ops ACCUMULATE (+=) into every gradient they write (parameter
-// gradients and input gradients alike); the caller zeroes them. The exceptions: the expert
-// tables' gradients, which experts_backward overwrites or accumulates as told, and dlogits,
-// which crossentropy_backward writes.
+// N = B*T rows. Backward ops ACCUMULATE (+=) into parameter gradients (the caller zeroes
+// them once per step: micro-batches add up); the expert tables' gradients, which
+// experts_backward overwrites or accumulates as told, are the exception. Input gradients
+// are WRITTEN where they have one producer, which saves zeroing them and reading the zeros
+// back (docs/cuda.md, "Fusing the dense elementwise ops"): dlogits (crossentropy_backward),
+// dinp of gelu_backward, dqkv of attention_backward, and matmul_backward's dinp unless told
+// to add. layernorm_backward and encoder_backward add into theirs (the residual stream's
+// gradient collects both branches of a block).
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -63,8 +67,12 @@ typedef struct mp_backend {
     // out (N,OC) = inp (N,C) @ w^T (w: (OC,C)) + bias (OC) (bias may be NULL)
     void (*matmul_forward)(float *out, const float *inp, const float *w, const float *bias,
                            int N, int C, int OC);
+    // dinp (N,C) = dout @ w, or += with dinp_accumulate 1 (the route's query gradient joins
+    // the experts' in the PEER layer's dx); dw (OC,C) += dout^T @ inp; dbias (OC) += the
+    // column sums of dout. NULL gradients are skipped.
     void (*matmul_backward)(float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int C, int OC);
+                            const float *inp, const float *w, int N, int C, int OC,
+                            int dinp_accumulate);
     // The arithmetic of the GEMMs in the ops that follow, one setting per process:
     // MP_PRECISION_FP32, fp32 throughout; MP_PRECISION_BF16, matmul's GEMMs (out, dinp, dw)
     // on bf16-rounded operands with fp32 accumulation and output; the PEER route's sub-key
@@ -93,11 +101,12 @@ typedef struct mp_backend {
     size_t (*attention_state_floats)(int B, int T, int C, int NH);
     void (*attention_forward)(float *out, float *att, const float *qkv, int B, int T, int C,
                               int NH);
+    // dqkv (B,T,3C) is written
     void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
                                const float *out, const float *att, int B, int T, int C, int NH);
     // exact (erf) GELU, elementwise over n
     void (*gelu_forward)(float *out, const float *inp, long n);
-    void (*gelu_backward)(float *dinp, const float *inp, const float *dout, long n);
+    void (*gelu_backward)(float *dinp, const float *inp, const float *dout, long n);   // written
     // out = a + b, elementwise (out may alias a)
     void (*residual_forward)(float *out, const float *a, const float *b, long n);
     // losses (N) = -log softmax(logits)[target]; stats (N, 2) = each row's (max, 1 / sum of
@@ -105,8 +114,7 @@ typedef struct mp_backend {
     void (*crossentropy_forward)(float *losses, float *stats, const float *logits,
                                  const int32_t *targets, int N, int V);
     // dlogits (N,V) = dloss * (softmax(logits) - onehot(target)), the softmax recomputed
-    // from logits and stats as exp(logit - max) * (1 / sum). Written, not added: dlogits is
-    // the first gradient of a backward, so nothing needs zeroing before it.
+    // from logits and stats as exp(logit - max) * (1 / sum). Written, not added.
     void (*crossentropy_backward)(float *dlogits, const float *logits, const float *stats,
                                   const int32_t *targets, float dloss, int N, int V);
 

@@ -601,19 +601,19 @@ void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const
     const mp_backend *be = m->be;
     use_precision(m);
     enter_phase(m, m->ret[l] ? MP_PHASE_PEER : MP_PHASE_MLP);
-    if (m->ret[l]) {
+    int C = m->cfg.d_model, F = m->cfg.dense_hidden;
+    if (m->ret[l]) {   // the layer adds the experts' and the query's parts into dx
+        be->zero(dx, (size_t)N * C * sizeof(float));
         mp_retrieval_backward(m->ret[l], be, dx, dy, x, N);
         return;
     }
     block_params *p = &m->p[l], *g = &m->g[l];
     block_acts *a = &m->a[l];
-    int C = m->cfg.d_model, F = m->cfg.dense_hidden;
-    size_t NF = (size_t)N * F * sizeof(float);
-    be->zero(m->dfch_gelu, NF);
-    be->matmul_backward(m->dfch_gelu, g->fcprojw, g->fcprojb, dy, a->fch_gelu, p->fcprojw, N, F, C);
-    be->zero(m->dfch, NF);
+    // each activation gradient is written by its one producer: nothing to zero
+    be->matmul_backward(m->dfch_gelu, g->fcprojw, g->fcprojb, dy, a->fch_gelu, p->fcprojw, N, F,
+                        C, 0);
     be->gelu_backward(m->dfch, a->fch, m->dfch_gelu, (long)N * F);
-    be->matmul_backward(dx, g->fcw, g->fcb, m->dfch, x, p->fcw, N, C, F);
+    be->matmul_backward(dx, g->fcw, g->fcb, m->dfch, x, p->fcw, N, C, F, 0);
 }
 
 float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
@@ -683,9 +683,10 @@ void mp_model_backward(mp_model *m, float loss_scale) {
     enter_phase(m, MP_PHASE_LOSS);
     be->crossentropy_backward(m->dlogits, m->logits, m->ce_stats, m->targets, loss_scale / N, N,
                               V);
+    // Activation gradients with one producer are written by it (backend.h); dres, the
+    // residual stream's, collects both branches of every block through the LayerNorms.
     enter_phase(m, MP_PHASE_LM_HEAD);
-    be->zero(m->dln, NC);
-    be->matmul_backward(m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, N, C, V);
+    be->matmul_backward(m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, N, C, V, 0);
     enter_phase(m, MP_PHASE_NORM);
     be->zero(m->dres, NC);
     be->layernorm_backward(m->dres, m->dlnfw, m->dlnfb, m->dln, m->res_out, m->lnfw,
@@ -694,21 +695,17 @@ void mp_model_backward(mp_model *m, float loss_scale) {
         block_params *p = &m->p[l], *g = &m->g[l];
         block_acts *a = &m->a[l];
         // dres holds d(block output): the FFN branch, then LN2 adds into dres
-        be->zero(m->dln, NC);
         mp_model_ffn_backward(m, l, m->dln, m->dres, a->ln2, N);
         enter_phase(m, MP_PHASE_NORM);
         be->layernorm_backward(m->dres, g->ln2w, g->ln2b, m->dln, a->res_mid, p->ln2w,
                                a->ln2_mean, a->ln2_rstd, N, C);
         // dres now holds d(res_mid): the attention branch, then LN1 adds into dres
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
-        be->zero(m->datty, NC);
-        be->matmul_backward(m->datty, g->projw, g->projb, m->dres, a->atty, p->projw, N, C, C);
+        be->matmul_backward(m->datty, g->projw, g->projb, m->dres, a->atty, p->projw, N, C, C, 0);
         enter_phase(m, MP_PHASE_ATTENTION);
-        be->zero(m->dqkv, 3 * NC);
         be->attention_backward(m->dqkv, m->datty, a->qkv, a->atty, a->att, B, T, C, NH);
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
-        be->zero(m->dln, NC);
-        be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, N, C, 3 * C);
+        be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, N, C, 3 * C, 0);
         enter_phase(m, MP_PHASE_NORM);
         be->layernorm_backward(m->dres, g->ln1w, g->ln1b, m->dln, a->res_in, p->ln1w,
                                a->ln1_mean, a->ln1_rstd, N, C);

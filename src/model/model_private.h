@@ -6,7 +6,7 @@
 // The retrieval layer of block `block`, or NULL for a dense block.
 mp_retrieval_layer *mp_model_retrieval_layer(mp_model *m, int block);
 // The feed-forward branch of block l (dense MLP, PEER or PKM): y (N, C) = FFN(x (N, C)),
-// and its backward (dx += ..., parameter gradients += ...). The model calls these; the
+// and its backward (dx written, parameter gradients += ...). The model calls these; the
 // layer tests call them directly.
 void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train);
 void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const float *x, int N);

@@ -151,7 +151,7 @@ void mp_route_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, c
                                  qn, l->k1, l->k2, N, H, dk, n, k);
     if (rc->query_bn) query_bn_backward(l, be, N);   // dq (N, HD) = d(q)
     // dW_q (HD, C) += dq^T x, dx (N, C) += dq W_q
-    be->matmul_backward(dx, l->dwq, NULL, l->dq, x, l->wq, N, C, HD);
+    be->matmul_backward(dx, l->dwq, NULL, l->dq, x, l->wq, N, C, HD, 1);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@
 // absolute per component against O(0.1..1) gradients. The errors seen (printed) are
 // 2e-7..4e-5 on every OpenBLAS kernel family; a wrong formula (a missing term, a sign, a
 // factor, overwriting instead of accumulating) gives O(0.01..1).
-// Gradient buffers are pre-filled with random values before backward and those values are
-// subtracted afterwards, which also checks that backward ACCUMULATES (+=). The one op that
-// writes instead (crossentropy_backward, the first gradient of a backward) gets NaN there.
+// Gradient buffers that backward ACCUMULATES into (+=: parameter gradients, and the input
+// gradients of layernorm, encoder and matmul told to add) are pre-filled with random values
+// before backward and those values are subtracted afterwards; the ones it WRITES (dlogits,
+// the input gradients of gelu, attention and matmul's default) are pre-filled with NaN, so
+// that adding to them, or leaving an element unwritten, shows.
 //
 // Forward values: compared with naive double-precision implementations written here, on the
 // same float inputs, FWD_TOL = 1e-5 on ||got - ref|| / ||ref||. The float side rounds each
@@ -46,6 +48,9 @@ static uint64_t g_stream = 1;
 
 static float *fbuf(size_t n) { return calloc(n ? n : 1, sizeof(float)); }
 static double *dbuf(size_t n) { return calloc(n ? n : 1, sizeof(double)); }
+static void fill_nan(float *x, size_t n) {   // a gradient that backward must write
+    for (size_t i = 0; i < n; i++) x[i] = NAN;
+}
 
 // uniform in [lo, hi), a fresh stream per call
 static void fill(float *x, size_t n, float lo, float hi) {
@@ -320,13 +325,16 @@ static void test_matmul_fd(void **state) {
     memcpy(dinp, g0i, ni * sizeof(float));
     memcpy(dw, g0w, nw * sizeof(float));
     memcpy(db, g0b, OC * sizeof(float));
-    be->matmul_backward(dinp, dw, db, c.R, c.inp, c.w, N, C, OC);
+    be->matmul_backward(dinp, dw, db, c.R, c.inp, c.w, N, C, OC, 1);
     sub_prefill(dinp, g0i, ni);
     sub_prefill(dw, g0w, nw);
     sub_prefill(db, g0b, OC);
-    check("matmul dinp vs FD", fd_rel_error(mm_obj, &c, c.inp, ni, dinp, 1e-2f), FD_TOL);
+    check("matmul dinp (added) vs FD", fd_rel_error(mm_obj, &c, c.inp, ni, dinp, 1e-2f), FD_TOL);
     check("matmul dw vs FD", fd_rel_error(mm_obj, &c, c.w, nw, dw, 1e-2f), FD_TOL);
     check("matmul dbias vs FD", fd_rel_error(mm_obj, &c, c.bias, OC, db, 1e-2f), FD_TOL);
+    fill_nan(dinp, ni);
+    be->matmul_backward(dinp, NULL, NULL, c.R, c.inp, c.w, N, C, OC, 0);
+    check("matmul dinp (written) vs FD", fd_rel_error(mm_obj, &c, c.inp, ni, dinp, 1e-2f), FD_TOL);
 
     free(c.out); free(c.inp); free(c.w); free(c.bias); free(c.R);
     free(dinp); free(dw); free(db); free(g0i); free(g0w); free(g0b);
@@ -355,7 +363,8 @@ static void matmul_naive_case(int N, int C, int OC) {
     check("matmul forward (no bias)", rel_err(out, ref, no), FWD_TOL);
 
     float *dinp = fbuf(ni), *dw = fbuf(nw), *db = fbuf(OC);
-    be->matmul_backward(dinp, dw, db, dout, inp, w, N, C, OC);
+    fill_nan(dinp, ni);
+    be->matmul_backward(dinp, dw, db, dout, inp, w, N, C, OC, 0);
     double *rdi = dbuf(ni), *rdw = dbuf(nw), *rdb = dbuf(OC);
     for (int n = 0; n < N; n++)
         for (int o = 0; o < OC; o++) {
@@ -370,7 +379,7 @@ static void matmul_naive_case(int N, int C, int OC) {
     check("matmul dw vs naive", rel_err(dw, rdw, nw), FWD_TOL);
     check("matmul dbias vs naive", rel_err(db, rdb, OC), FWD_TOL);
     // NULL gradients are skipped, the others still accumulate
-    be->matmul_backward(NULL, dw, NULL, dout, inp, w, N, C, OC);
+    be->matmul_backward(NULL, dw, NULL, dout, inp, w, N, C, OC, 0);
     for (size_t i = 0; i < nw; i++) rdw[i] *= 2.0;
     snprintf(what, sizeof what, "matmul dw accumulates");
     check(what, rel_err(dw, rdw, nw), FWD_TOL);
@@ -381,8 +390,8 @@ static void matmul_naive_case(int N, int C, int OC) {
     assert_memory_equal(out, out2, no * sizeof(float));
     memset(dinp, 0, ni * sizeof(float));
     memset(dw, 0, nw * sizeof(float));
-    be->matmul_backward(dinp, dw, NULL, dout, inp, w, N, C, OC);
-    be->matmul_backward(dinp2, dw2, NULL, dout, inp, w, N, C, OC);
+    be->matmul_backward(dinp, dw, NULL, dout, inp, w, N, C, OC, 0);
+    be->matmul_backward(dinp2, dw2, NULL, dout, inp, w, N, C, OC, 0);
     assert_memory_equal(dinp, dinp2, ni * sizeof(float));
     assert_memory_equal(dw, dw2, nw * sizeof(float));
 
@@ -495,15 +504,13 @@ static void test_attention(void **state) {
         for (int u = t + 1; u < T; u++) assert_true(c.att[(size_t)r * T + u] == 0.0f);
     }
 
-    float *dqkv = fbuf(nq), *g0 = fbuf(nq);
-    fill(g0, nq, -1, 1);
-    memcpy(dqkv, g0, nq * sizeof(float));
+    float *dqkv = fbuf(nq);
+    fill_nan(dqkv, nq);
     be->attention_backward(dqkv, c.R, c.qkv, c.out, c.att, B, T, C, NH);
-    sub_prefill(dqkv, g0, nq);
     check("attention dqkv vs FD", fd_rel_error(at_obj, &c, c.qkv, nq, dqkv, 1e-2f), FD_TOL);
 
     free(c.out); free(c.att); free(c.qkv); free(c.R); free(rout); free(ratt);
-    free(dqkv); free(g0);
+    free(dqkv);
 }
 
 // Long enough for several blocks of query rows (and a partial last one) in the blocked
@@ -513,7 +520,7 @@ static void test_attention_blocks(void **state) {
     int B = 2, T = 150, NH = 3, C = 27;
     size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C, na = (size_t)B * NH * T * T;
     float *qkv = fbuf(nq), *out = fbuf(no), *att = fbuf(na), *dout = fbuf(no);
-    float *dqkv = fbuf(nq), *g0 = fbuf(nq);
+    float *dqkv = fbuf(nq);
     fill(qkv, nq, -1.5f, 1.5f);
     fill(dout, no, -1, 1);
     fill(att, na, 5, 6);
@@ -523,13 +530,11 @@ static void test_attention_blocks(void **state) {
     check("attention T=150 forward out", rel_err(out, rout, no), FWD_TOL);
     check("attention T=150 forward att", rel_err(att, ratt, na), FWD_TOL);
 
-    fill(g0, nq, -1, 1);
-    memcpy(dqkv, g0, nq * sizeof(float));
+    fill_nan(dqkv, nq);
     be->attention_backward(dqkv, dout, qkv, out, att, B, T, C, NH);
-    sub_prefill(dqkv, g0, nq);
     naive_attention_backward(rd, ratt, dout, qkv, B, T, C, NH);
     check("attention T=150 dqkv vs naive", rel_err(dqkv, rd, nq), FWD_TOL);
-    free(qkv); free(out); free(att); free(dout); free(dqkv); free(g0);
+    free(qkv); free(out); free(att); free(dout); free(dqkv);
     free(rout); free(ratt); free(rd);
 }
 
@@ -583,13 +588,11 @@ static void test_gelu(void **state) {
     for (long i = 0; i < n; i++) ref[i] = 0.5 * c.inp[i] * (1.0 + erf(c.inp[i] / sqrt(2.0)));
     check("gelu forward", rel_err(c.out, ref, n), FWD_TOL);
 
-    float *dinp = fbuf(n), *g0 = fbuf(n);
-    fill(g0, n, -1, 1);
-    memcpy(dinp, g0, n * sizeof(float));
+    float *dinp = fbuf(n);
+    fill_nan(dinp, n);
     be->gelu_backward(dinp, c.inp, c.R, n);
-    sub_prefill(dinp, g0, n);
     check("gelu dinp vs FD", fd_rel_error(gelu_obj, &c, c.inp, n, dinp, 1e-2f), FD_TOL);
-    free(c.out); free(c.inp); free(c.R); free(ref); free(dinp); free(g0);
+    free(c.out); free(c.inp); free(c.R); free(ref); free(dinp);
 }
 
 static void test_residual(void **state) {
@@ -651,7 +654,7 @@ static void test_crossentropy(void **state) {
     check("crossentropy forward (max, 1 / sum)", rel_err(c.stats, rs, 2 * N), FWD_TOL);
 
     float *dl = fbuf(n);
-    for (size_t i = 0; i < n; i++) dl[i] = NAN;   // written, not added to
+    fill_nan(dl, n);
     be->crossentropy_backward(dl, c.logits, c.stats, targets, 1.0f / N, N, V);
     check("crossentropy dlogits", rel_err(dl, rd, n), FWD_TOL);
     check("crossentropy dlogits vs FD", fd_rel_error(ce_obj, &c, c.logits, n, dl, 1e-2f),

@@ -199,14 +199,20 @@ static void check_matmul(int N, int C, int OC, int with_bias) {
     float *dout = frand(no, -1, 1), *dx = frand(nx, -1, 1), *dw = frand(nw, -1, 1), *db = frand(OC, -1, 1);
     float *d_dout = dev_copy(dout, no * 4), *d_dx = dev_copy(dx, nx * 4), *d_dw = dev_copy(dw, nw * 4);
     float *d_db = dev_copy(db, OC * 4);
-    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, x, w, N, C, OC);
-    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, d_x, d_w, N, C, OC);
-    expect_dev("matmul dx", d_dx, dx, nx);
+    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, x, w, N, C, OC, 1);
+    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, d_x, d_w, N, C, OC, 1);
+    expect_dev("matmul dx (added)", d_dx, dx, nx);
     expect_dev("matmul dw", d_dw, dw, nw);
     expect_dev("matmul dbias", d_db, db, OC);
+    // dx written: NaN before, on both sides
+    for (size_t i = 0; i < nx; i++) dx[i] = NAN;
+    gpu->from_host(d_dx, dx, nx * 4);
+    cpu->matmul_backward(dx, NULL, NULL, dout, x, w, N, C, OC, 0);
+    gpu->matmul_backward(d_dx, NULL, NULL, d_dout, d_x, d_w, N, C, OC, 0);
+    expect_dev("matmul dx (written)", d_dx, dx, nx);
     // NULL gradients are not written
-    gpu->matmul_backward(NULL, d_dw, NULL, d_dout, d_x, d_w, N, C, OC);
-    cpu->matmul_backward(NULL, dw, NULL, dout, x, w, N, C, OC);
+    gpu->matmul_backward(NULL, d_dw, NULL, d_dout, d_x, d_w, N, C, OC, 0);
+    cpu->matmul_backward(NULL, dw, NULL, dout, x, w, N, C, OC, 0);
     expect_dev("matmul dw only", d_dw, dw, nw);
     expect_dev("matmul dx untouched", d_dx, dx, nx);
     void *dev[] = {d_x, d_w, d_bias, d_out, d_dout, d_dx, d_dw, d_db};
@@ -301,8 +307,9 @@ static double *to_double(const float *x, size_t n) {
 // operand rounding's bound, and against the exact GEMM of the bf16-rounded operands within
 // the sums' bound alone (which a wrong rounding, truncation say, or none at all, exceeds:
 // it moves the products by up to 2^-7 of themselves, the bound there is (K + 2) 2^-22);
-// dbias (an fp32 column sum in bf16 mode too) within the sums' bound.
-static void check_matmul_bf16(int N, int C, int OC, int with_bias) {
+// dbias (an fp32 column sum in bf16 mode too) within the sums' bound. add: dinp added to
+// (dinp_accumulate 1) or written over NaN.
+static void check_matmul_bf16(int N, int C, int OC, int with_bias, int add) {
     size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float *x = frand(nx, -1, 1), *w = frand(nw, -1, 1), *bias = frand(OC, -1, 1);
     float *dout = frand(no, -1, 1), *dx = frand(nx, -1, 1), *dw = frand(nw, -1, 1), *db = frand(OC, -1, 1);
@@ -313,12 +320,17 @@ static void check_matmul_bf16(int N, int C, int OC, int with_bias) {
     float *d_x = dev_copy(x, nx * 4), *d_w = dev_copy(w, nw * 4), *d_bias = dev_copy(bias, OC * 4);
     float *d_dout = dev_copy(dout, no * 4), *d_dx = dev_copy(dx, nx * 4), *d_dw = dev_copy(dw, nw * 4);
     float *d_db = dev_copy(db, OC * 4), *d_out = gpu->alloc(no * 4);
+    if (!add) {   // written: what was there must not count
+        memset(dx0, 0, nx * 4);
+        for (size_t i = 0; i < nx; i++) dx[i] = NAN;
+        gpu->from_host(d_dx, dx, nx * 4);
+    }
     assert_int_equal(gpu->set_precision(MP_PRECISION_BF16), MP_PRECISION_FP32);
     gpu->matmul_forward(d_out, d_x, d_w, with_bias ? d_bias : NULL, N, C, OC);
-    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, d_x, d_w, N, C, OC);
+    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, d_x, d_w, N, C, OC, add);
     assert_int_equal(gpu->set_precision(MP_PRECISION_FP32), MP_PRECISION_BF16);
     cpu->matmul_forward(out, x, w, with_bias ? bias : NULL, N, C, OC);
-    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, x, w, N, C, OC);
+    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, x, w, N, C, OC, add);
     size_t big = no > nx ? (no > nw ? no : nw) : (nx > nw ? nx : nw);
     double *ref = malloc(big * sizeof(double)), *S = malloc(big * sizeof(double));
     double *want = malloc(big * sizeof(double));
@@ -361,9 +373,9 @@ static void check_matmul_bf16(int N, int C, int OC, int with_bias) {
 
 static void test_matmul_bf16(void **state) {
     (void)state;
-    check_matmul_bf16(33, 45, 29, 1);
-    check_matmul_bf16(7, 64, 130, 0);
-    check_matmul_bf16(200, 3, 1, 1);
+    check_matmul_bf16(33, 45, 29, 1, 1);
+    check_matmul_bf16(7, 64, 130, 0, 0);
+    check_matmul_bf16(200, 3, 1, 1, 0);
 }
 
 #ifdef MP_HAVE_CUDA
@@ -451,9 +463,9 @@ static void check_attention(int B, int T, int NH, int hs) {
     gpu->attention_forward(d_out, d_att, d_qkv, B, T, C, NH);
     snprintf(what, sizeof what, "attention B %d T %d NH %d hs %d: out", B, T, NH, hs);
     expect_dev(what, d_out, out, no);
-    // gradients start from small random values (accumulation), small so that they do not
-    // hide the gradient's own error in the norm
-    float *dout = frand(no, -1, 1), *dqkv = frand(nq, -0.01f, 0.01f);
+    // dqkv is written: NaN before on both sides, so an element added to or left out shows
+    float *dout = frand(no, -1, 1), *dqkv = frand(nq, 0, 0);
+    for (size_t i = 0; i < nq; i++) dqkv[i] = NAN;
     float *d_dout = dev_copy(dout, no * 4), *d_dqkv = dev_copy(dqkv, nq * 4);
     cpu->attention_backward(dqkv, dout, qkv, out, att, B, T, C, NH);
     gpu->attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
@@ -506,8 +518,9 @@ static void test_attention(void **state) {
 // - dS = P (dP - D) scale, rounded to bf16 (u |dS|): P's dW relative to P |dP - D|; dP's
 //   (hs + 2) U_SUM relative to sum |dO v|; D = dO . out (fp32, from the unrounded dO and the
 //   kernel's out) errs by sum_d |dO| ((u + (hs + 2) U_SUM) |out| + the out bound).
-// - dK = dS^T q, dQ = dS k: each dS's bound times |q| or |k|, plus (T + 2) U_SUM sum |dS q|;
-//   the += into dqkv adds U_SUM of the result.
+// - dK = dS^T q, dQ = dS k: each dS's bound times |q| or |k|, plus (T + 2) U_SUM sum |dS q|,
+//   and U_SUM of the result as slack. dqkv is written: NaN before, so an element added to
+//   or left out fails.
 // Second-order terms are below 2^-6 of these (every relative error here is below 2^-6), so
 // the bounds are taken 1.25 times. A wrong mask, a lost rescaling or a missing tile breaks
 // them (checked by breaking the kernels on purpose). Smaller terms are left to the slack in
@@ -526,10 +539,11 @@ static void check_attention_bf16(int B, int T, int NH, int hs) {
     int C = NH * hs;
     size_t nq = (size_t)B * T * 3 * C, no = (size_t)B * T * C;
     assert_int_equal(gpu->set_precision(MP_PRECISION_BF16), MP_PRECISION_FP32);
-    float *qkv = frand(nq, -1, 1), *dout = frand(no, -1, 1), *dq0 = frand(nq, -0.01f, 0.01f);
+    float *qkv = frand(nq, -1, 1), *dout = frand(no, -1, 1), *nan = frand(nq, 0, 0);
+    for (size_t i = 0; i < nq; i++) nan[i] = NAN;
     size_t ng = gpu->attention_state_floats(B, T, C, NH);
     float *d_qkv = dev_copy(qkv, nq * 4), *d_out = gpu->alloc(no * 4), *d_att = gpu->alloc(ng * 4);
-    float *d_dout = dev_copy(dout, no * 4), *d_dqkv = dev_copy(dq0, nq * 4);
+    float *d_dout = dev_copy(dout, no * 4), *d_dqkv = dev_copy(nan, nq * 4);
     gpu->attention_forward(d_out, d_att, d_qkv, B, T, C, NH);
     gpu->attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
     assert_int_equal(gpu->set_precision(MP_PRECISION_FP32), MP_PRECISION_BF16);
@@ -629,8 +643,8 @@ static void check_attention_bf16(int B, int T, int NH, int hs) {
                                 sa += p * fabs(g);
                             }
                         }
-                        double want = dq0[at] + s;
-                        double bound = 1.25 * (err + (T + 2) * us * sa + us * (fabs(dq0[at]) + fabs(s)));
+                        double want = s;
+                        double bound = 1.25 * (err + (T + 2) * us * sa + us * fabs(s));
                         double e = fabs(dqkv[at] - want);
                         if (!(e <= bound))
                             fail_msg("bf16 attention B %d T %d NH %d hs %d: %s [%d][%d][%d][%d] got "
@@ -644,7 +658,7 @@ static void check_attention_bf16(int B, int T, int NH, int hs) {
            hs, worst);
     void *dev[] = {d_qkv, d_out, d_att, d_dout, d_dqkv};
     for (size_t i = 0; i < 5; i++) gpu->free(dev[i]);
-    free(qkv); free(dout); free(dq0); free(out); free(dqkv);
+    free(qkv); free(dout); free(nan); free(out); free(dqkv);
     free(P); free(dS); free(E); free(dW); free(ob); free(oref);
 }
 
@@ -679,7 +693,9 @@ static void test_elementwise(void **state) {
     cpu->gelu_forward(out, x, n);
     gpu->gelu_forward(d_out, d_x, n);
     expect_dev("gelu", d_out, out, n);
-    float *dx = frand(n, -1, 1), *d_dx = dev_copy(dx, n * 4);
+    float *dx = frand(n, 0, 0);   // written: NaN before on both sides
+    for (long i = 0; i < n; i++) dx[i] = NAN;
+    float *d_dx = dev_copy(dx, n * 4);
     cpu->gelu_backward(dx, x, y, n);
     gpu->gelu_backward(d_dx, d_x, d_y, n);
     expect_dev("gelu backward", d_dx, dx, n);
@@ -1533,7 +1549,8 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
         snprintf(what, sizeof what, "%s: router state", ctx);
         expect_dev(what, mp_model_router_state(mg), mp_model_router_state(mc), mp_model_router_state_size(mc));
     }
-    // backward: dx starts random (accumulation)
+    // backward: dx starts random, and both sides must write it (the dense branch through
+    // matmul_backward, the PEER branch zeroing it first)
     float *dy = frand(NC, -1, 1), *dx = frand(NC, -1, 1);
     if (precision == BF16_EXACT) truncate_bf16(dy, NC);
     float *d_dy = dev_copy(dy, NC * 4), *d_dx = dev_copy(dx, NC * 4);

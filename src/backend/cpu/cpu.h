@@ -44,7 +44,8 @@ void mp_cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, co
 void mp_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
                            int N, int C, int OC);
 void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int C, int OC);
+                            const float *inp, const float *w, int N, int C, int OC,
+                            int dinp_accumulate);
 size_t mp_cpu_attention_state_floats(int B, int T, int C, int NH);
 void mp_cpu_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
                               int NH);

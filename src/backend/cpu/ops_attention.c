@@ -7,6 +7,7 @@
 // the masked upper triangle. Threads own (b, h[, row block]) units, never share an output.
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "core/log.h"
 #include "cpu.h"
 
@@ -59,7 +60,7 @@ void mp_cpu_attention_forward(float *out, float *att, const float *qkv, int B, i
 
 void mp_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
                                const float *out, const float *att, int B, int T, int C, int NH) {
-    // dqkv (B,T,3C) +=, dout (B,T,C), qkv (B,T,3C), att (B,NH,T,T); out is not needed
+    // dqkv (B,T,3C) written, dout (B,T,C), qkv (B,T,3C), att (B,NH,T,T); out is not needed
     // here: with the probabilities kept, rowsum(P dP) comes from them directly
     (void)out;
     // dk and dv of position t2 collect contributions from every t >= t2, so one thread owns
@@ -77,6 +78,10 @@ void mp_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
                 float *dbase = dqkv + (size_t)b * T * C3;
                 const float *k = base + C + h * hs, *v = base + 2 * C + h * hs;   // (T,hs)
                 float *dk = dbase + C + h * hs, *dv = dbase + 2 * C + h * hs;     // (T,hs)
+                for (int t = 0; t < T; t++) {   // dk, dv collect over row blocks: from 0
+                    memset(dk + (size_t)t * C3, 0, (size_t)hs * sizeof(float));
+                    memset(dv + (size_t)t * C3, 0, (size_t)hs * sizeof(float));
+                }
                 for (int r = 0; r < nrb; r++) {
                     int r0 = r * ATT_ROWS, r1 = r0 + ATT_ROWS < T ? r0 + ATT_ROWS : T;
                     int nr = r1 - r0;
@@ -96,8 +101,9 @@ void mp_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
                         for (int t2 = 0; t2 <= t; t2++) dr[t2] = ar[t2] * (dr[t2] - dot) * scale;
                         for (int t2 = t + 1; t2 < r1; t2++) dr[t2] = 0.0f;
                     }
-                    // scores = scale q k^T: dq += dS k, dk += dS^T q
-                    mp_cpu_sgemm(0, 0, nr, hs, r1, 1.0f, ds, T, k, C3, 1.0f, dq, C3);
+                    // scores = scale q k^T: dq = dS k (its rows are this block's alone),
+                    // dk += dS^T q
+                    mp_cpu_sgemm(0, 0, nr, hs, r1, 1.0f, ds, T, k, C3, 0.0f, dq, C3);
                     mp_cpu_sgemm(1, 0, r1, hs, nr, 1.0f, ds, T, q, C3, 1.0f, dk, C3);
                 }
             }

@@ -233,11 +233,15 @@ void mp_cpu_matmul_forward(float *out, const float *inp, const float *w, const f
 }
 
 void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int C, int OC) {
-    // dinp (N,C) += dout (N,OC) @ w (OC,C); dw (OC,C) += dout^T @ inp (N,C);
-    // dbias (OC) += column sums of dout. beta = 1 makes sgemm accumulate.
+                            const float *inp, const float *w, int N, int C, int OC,
+                            int dinp_accumulate) {
+    // dinp (N,C) = (or +=) dout (N,OC) @ w (OC,C); dw (OC,C) += dout^T @ inp (N,C);
+    // dbias (OC) += column sums of dout. beta = 1 makes sgemm accumulate, beta = 0 write
+    // (sgemm then never reads C).
     if (N <= 0 || OC <= 0 || C <= 0) return;
-    if (dinp) mp_cpu_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, 1.0f, dinp, C);
+    if (dinp)
+        mp_cpu_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, dinp_accumulate ? 1.0f : 0.0f, dinp,
+                     C);
     if (dw) mp_cpu_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
     if (dbias) {
         // threads own column ranges and sum the rows in order
@@ -277,7 +281,7 @@ void mp_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, long
         float x = inp[i];
         float cdf = 0.5f * (1.0f + erff(x * INV_SQRT2));
         float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
-        dinp[i] += (cdf + x * pdf) * dout[i];
+        dinp[i] = (cdf + x * pdf) * dout[i];
     }
 }
 

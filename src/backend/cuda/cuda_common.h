@@ -172,7 +172,8 @@ void mp_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *
 void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
                             int N, int C, int OC);
 void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                             const float *inp, const float *w, int N, int C, int OC);
+                             const float *inp, const float *w, int N, int C, int OC,
+                             int dinp_accumulate);
 size_t mp_cuda_attention_state_floats(int B, int T, int C, int NH);
 void mp_cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
                                int NH);

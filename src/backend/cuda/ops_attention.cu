@@ -11,7 +11,8 @@
 //   and dQ a sum over keys, so without atomics they come from two kernels: one block per key
 //   tile walks the query tiles from the diagonal on (dK += dS^T q, dV += P^T dO), one block
 //   per query tile walks the key tiles up to the diagonal (dQ += dS k). Each element of dqkv
-//   has one writer and every sum runs in a fixed order: bitwise repeatable.
+//   has one writer, which stores its finished sum (dqkv is written, not added to), and
+//   every sum runs in a fixed order: bitwise repeatable.
 //
 // Threads and tiles: 256 threads as 16 x 16, ty = tid / 16 owns the 4 rows 4 ty + i of a
 // 64-row tile, tx = tid % 16 the columns tx + 16 j of a 32-column tile (scores) or of the
@@ -272,8 +273,8 @@ attention_dkv_kernel(float *dqkv, const float *dout, const float *qkv, const flo
         for (int j = 0; j < NJ; j++) {
             int d = tx + 16 * j;
             if (d < hs) {
-                g[C + d] += dk[i][j];
-                g[2 * C + d] += dv[i][j];
+                g[C + d] = dk[i][j];
+                g[2 * C + d] = dv[i][j];
             }
         }
     }
@@ -338,7 +339,7 @@ attention_dq_kernel(float *dqkv, const float *dout, const float *qkv, const floa
         UNROLL
         for (int j = 0; j < NJ; j++) {
             int d = tx + 16 * j;
-            if (d < hs) g[d] += dq[i][j];
+            if (d < hs) g[d] = dq[i][j];
         }
     }
 }
@@ -424,7 +425,7 @@ void mp_cuda_attention_forward(float *out, float *att, const float *qkv, int B, 
 void mp_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv,
                                 const float *out, const float *att, int B, int T, int C,
                                 int NH) {
-    // dqkv (B,T,3C) +=, dout (B,T,C), qkv (B,T,3C), out (B,T,C), att = L (B,NH,T)
+    // dqkv (B,T,3C) written, dout (B,T,C), qkv (B,T,3C), out (B,T,C), att = L (B,NH,T)
     if (B <= 0 || T <= 0) return;
     if (B > 65535 || NH > 65535) mp_fatal("CUDA attention: B %d or NH %d above 65535", B, NH);
     int hs = C / NH;

@@ -185,10 +185,10 @@ static __device__ __forceinline__ void p_ds(uint16_t *P, uint16_t *dS, int at, f
     dS[at] = mp_float_to_bf16(p * (dp - D) * scale);
 }
 
-// the warp's accumulators (16, DP) added to rows [rw, rw + 16) of one head's slice of dqkv
-// (column offset col of the head's q, k or v part), through the scratch
+// the warp's accumulators (16, DP), finished sums, stored into rows [rw, rw + 16) of one
+// head's slice of dqkv (column offset col of the head's q, k or v part), through the scratch
 template <int NF>
-static __device__ void add_rows(float *dqkv, const frag_acc *acc, float *Sw, int rw, int T,
+static __device__ void store_rows(float *dqkv, const frag_acc *acc, float *Sw, int rw, int T,
                                 int C3, int col, int hs) {
     constexpr int OW = tc_dims<NF>::OW;
     for (int f = 0; f < NF; f++) wmma::store_matrix_sync(Sw + 16 * f, acc[f], OW, wmma::mem_row_major);
@@ -196,7 +196,7 @@ static __device__ void add_rows(float *dqkv, const frag_acc *acc, float *Sw, int
     int lane = threadIdx.x % 32;
     for (int e = lane; e < 16 * hs; e += 32) {
         int i = e / hs, d = e % hs;
-        if (rw + i < T) dqkv[(size_t)(rw + i) * C3 + col + d] += Sw[i * OW + d];
+        if (rw + i < T) dqkv[(size_t)(rw + i) * C3 + col + d] = Sw[i * OW + d];
     }
     __syncwarp();   // the scratch is read before the next store into it
 }
@@ -253,8 +253,8 @@ attention_dkv_tc_kernel(float *dqkv, const float *dout, const float *qkv, const 
         tile_times_rows<NF>(dv, Pw, dOs);   // dV += P^T dO
         tile_times_rows<NF>(dk, dSw, Qs);   // dK += dS^T q
     }
-    add_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dk, Sw, c0 + 16 * w, T, C3, C, hs);
-    add_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dv, Sw, c0 + 16 * w, T, C3, 2 * C, hs);
+    store_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dk, Sw, c0 + 16 * w, T, C3, C, hs);
+    store_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dv, Sw, c0 + 16 * w, T, C3, 2 * C, hs);
 }
 
 // dQ: grid (query tiles, NH, B), a block per tile of TC_ROWS queries (the longest first),
@@ -302,7 +302,7 @@ attention_dq_tc_kernel(float *dqkv, const float *dout, const float *qkv, const f
         __syncwarp();   // dS written by the warp's lanes, read by its fragments
         tile_times_rows<NF>(dq, dSw, Ks);   // dQ += dS k
     }
-    add_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dq, Sw, r0 + 16 * w, T, C3, 0, hs);
+    store_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dq, Sw, r0 + 16 * w, T, C3, 0, hs);
 }
 
 #else

@@ -1,6 +1,6 @@
 // CUDA dense ops: embeddings, LayerNorm, matmul (cuBLAS), GELU, residual, cross-entropy.
 // The math and the order of the CPU reference (src/backend/cpu/ops_dense.c); backward ops
-// accumulate. Reductions over rows (dw, db, dbias, dwpe, dwte) run in a fixed order with one
+// accumulate into parameter gradients and write input gradients as backend.h says. Reductions over rows (dw, db, dbias, dwpe, dwte) run in a fixed order with one
 // writer per element, never atomics (cuda_common.h).
 #include "backend/cuda/cuda_common.h"
 
@@ -200,20 +200,22 @@ void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const 
 }
 
 void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                             const float *inp, const float *w, int N, int C, int OC) {
+                             const float *inp, const float *w, int N, int C, int OC,
+                             int dinp_accumulate) {
     if (N <= 0 || OC <= 0 || C <= 0) return;
+    float beta_in = dinp_accumulate ? 1.0f : 0.0f;   // 0: cuBLAS writes dinp without reading it
     if (mp_cuda_precision() == MP_PRECISION_BF16 && (dinp || dw)) {
         const uint16_t *db = bf16_copy(SCR_GEMM_A, dout, N, OC);   // (N, OC)
         if (dinp) {
             const uint16_t *wb = bf16_copy(SCR_GEMM_B, w, OC, C);   // (OC, C)
-            mp_cuda_gemm_bf16(0, 0, N, C, OC, 1.0f, db, OC, wb, C, 1.0f, dinp, C);
+            mp_cuda_gemm_bf16(0, 0, N, C, OC, 1.0f, db, OC, wb, C, beta_in, dinp, C);
         }
         if (dw) {
             const uint16_t *ib = bf16_copy(SCR_GEMM_B, inp, N, C);  // (N, C)
             mp_cuda_gemm_bf16(1, 0, OC, C, N, 1.0f, db, OC, ib, C, 1.0f, dw, C);
         }
     } else {
-        if (dinp) mp_cuda_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, 1.0f, dinp, C);
+        if (dinp) mp_cuda_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, beta_in, dinp, C);
         if (dw) mp_cuda_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
     }
     if (dbias) mp_cuda_colsum_add(dbias, dout, N, OC);
@@ -236,7 +238,7 @@ static __global__ void gelu_backward_kernel(float *dinp, const float *inp, const
     float x = inp[i];
     float cdf = 0.5f * (1.0f + erff(x * INV_SQRT2));
     float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
-    dinp[i] += (cdf + x * pdf) * dout[i];
+    dinp[i] = (cdf + x * pdf) * dout[i];
 }
 
 static __global__ void residual_kernel(float *out, const float *a, const float *b, long n) {
