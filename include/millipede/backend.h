@@ -7,8 +7,8 @@
 // are WRITTEN where they have one producer, which saves zeroing them and reading the zeros
 // back (docs/cuda.md, "Fusing the dense elementwise ops"): dlogits (crossentropy_backward),
 // dinp of gelu_backward, dqkv of attention_backward, and matmul_backward's dinp unless told
-// to add. layernorm_backward and encoder_backward add into theirs (the residual stream's
-// gradient collects both branches of a block).
+// to add. layernorm_backward adds into its dinp (the residual stream's gradient collects
+// both branches of a block).
 #pragma once
 #include <stddef.h>
 #include <stdint.h>

@@ -21,7 +21,8 @@
 //            says why: a peer that stopped sending, as NCCL sees it;
 //   error    the same, and the communicator reports ncclRemoteError asynchronously: a
 //            network failure or a peer's process gone;
-//   pending  the call never leaves ncclInProgress (nonblocking communicators).
+//   pending  the call never leaves ncclInProgress (nonblocking communicators); CALL 0 is
+//            the communicator's initialisation.
 // A refusal on one rank reaches all of them: the lowest refusing rank's code and message
 // (ncclGetLastError) go to every rank, so no rank waits for a peer that gave up.
 //
@@ -186,10 +187,12 @@ const Fault &fault(void) {
     char kind[16] = "";
     int rank = -1, used = 0;
     long call = 0;
-    if (sscanf(s, "%15[a-z]:%d:%ld%n", kind, &rank, &call, &used) != 3 || s[used] || rank < 0 ||
-        call < 1 || (strcmp(kind, "stall") && strcmp(kind, "error") && strcmp(kind, "pending"))) {
+    int n = sscanf(s, "%15[a-z]:%d:%ld%n", kind, &rank, &call, &used);
+    long first = strcmp(kind, "pending") ? 1 : 0;   // pending may hit the initialisation
+    if (n != 3 || s[used] || rank < 0 || call < first ||
+        (strcmp(kind, "stall") && strcmp(kind, "error") && strcmp(kind, "pending"))) {
         fprintf(stderr, "nccl stand-in: MP_EMU_NCCL_FAULT='%s': expected stall|error|pending:"
-                "RANK:CALL (CALL from 1)\n", s);
+                "RANK:CALL (CALL from 1; pending also 0, the initialisation)\n", s);
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     f.kind = !strcmp(kind, "stall") ? FAULT_STALL : !strcmp(kind, "error") ? FAULT_ERROR
@@ -381,7 +384,9 @@ ncclResult_t ncclGetUniqueId(ncclUniqueId *id) {
 }
 
 namespace {
-ncclResult_t init_rank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank, bool blocking) {
+// rc: a refusal of the caller's already (the config), which the others learn here too
+ncclResult_t init_rank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank, bool blocking,
+                       ncclResult_t rc) {
     int ready = 0;
     MPI_Initialized(&ready);
     if (!ready) {
@@ -389,8 +394,9 @@ ncclResult_t init_rank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank, 
                  "to be initialised first");
         return ncclInvalidUsage;
     }
-    if (!comm) return refuse(ncclInvalidArgument, "ncclCommInitRank: comm is NULL");
-    *comm = nullptr;
+    if (!comm && rc == ncclSuccess)
+        rc = refuse(ncclInvalidArgument, "ncclCommInitRank: comm is NULL");
+    if (comm) *comm = nullptr;
     if (g_world == MPI_COMM_NULL) {   // collective: every rank initialises together
         MPI_OK(MPI_Comm_dup(MPI_COMM_WORLD, &g_world));
         MPI_OK(MPI_Comm_set_errhandler(g_world, MPI_ERRORS_RETURN));
@@ -398,8 +404,8 @@ ncclResult_t init_rank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank, 
     int me = 0, P = 1;
     MPI_OK(MPI_Comm_rank(g_world, &me));
     MPI_OK(MPI_Comm_size(g_world, &P));
-    ncclResult_t rc = ncclSuccess;
-    if (nranks != P || rank != me)
+    if (rc != ncclSuccess) {
+    } else if (nranks != P || rank != me)
         rc = refuse(ncclInvalidArgument, "ncclCommInitRank(nranks %d, rank %d): the stand-in "
                     "runs one rank per process of MPI_COMM_WORLD (%d processes, this is %d)",
                     nranks, rank, P, me);
@@ -421,24 +427,26 @@ ncclResult_t init_rank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank, 
     g_comm = *comm;
     g_live++;
     if (blocking) return ncclSuccess;
+    const Fault &f = fault();   // call 0: this initialisation never finishes on f.rank
+    if (f.kind == FAULT_PENDING && f.call == 0 && f.rank == me)
+        return in_progress(*comm, "ncclCommInitRankConfig", LONG_MAX);
     return in_progress(*comm, "ncclCommInitRankConfig", 2);
 }
 }  // namespace
 
 ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank) {
-    return init_rank(comm, nranks, id, rank, true);
+    return init_rank(comm, nranks, id, rank, true, ncclSuccess);
 }
 
 ncclResult_t ncclCommInitRankConfig(ncclComm_t *comm, int nranks, ncclUniqueId id, int rank,
                                     ncclConfig_t *config) {
-    if (config && (config->magic != 0xcafebeef || config->size != sizeof(ncclConfig_t))) {
-        if (comm) *comm = nullptr;
-        return refuse(ncclInvalidArgument, "ncclCommInitRankConfig: the config was not "
-                      "initialised with NCCL_CONFIG_INITIALIZER");
-    }
+    ncclResult_t rc = ncclSuccess;
+    if (config && (config->magic != 0xcafebeef || config->size != sizeof(ncclConfig_t)))
+        rc = refuse(ncclInvalidArgument, "ncclCommInitRankConfig: the config was not "
+                    "initialised with NCCL_CONFIG_INITIALIZER");
     // NCCL's default is blocking; so is NCCL_CONFIG_UNDEF_INT
     bool blocking = !config || config->blocking != 0;
-    return init_rank(comm, nranks, id, rank, blocking);
+    return init_rank(comm, nranks, id, rank, blocking, rc);
 }
 
 ncclResult_t ncclCommFinalize(ncclComm_t comm) {
@@ -451,6 +459,7 @@ ncclResult_t ncclCommFinalize(ncclComm_t comm) {
 // frees the communicator at once, waiting for no peer (nothing is in flight here)
 ncclResult_t ncclCommAbort(ncclComm_t comm) {
     if (!comm) return ncclSuccess;   // NCCL allows NULL
+    if (comm->in_progress > 0) mp_emu::set_issuing(nullptr);
     g_live--;
     if (g_comm == comm) g_comm = nullptr;
     delete comm;
@@ -526,14 +535,18 @@ ncclResult_t ncclRecv(void *buf, size_t count, ncclDataType_t type, int peer, nc
 
 ncclResult_t ncclAllReduce(const void *send, void *recv, size_t count, ncclDataType_t type,
                            ncclRedOp_t op, ncclComm_t comm, cudaStream_t) {
-    if (g_depth > 0)
-        return refuse(ncclInvalidUsage, "ncclAllReduce inside a group: the stand-in runs "
-                      "collectives outside groups only");
-    if (!comm || g_world == MPI_COMM_NULL)
+    if (g_world == MPI_COMM_NULL)   // no communicator was ever made: nobody to tell
         return refuse(ncclInvalidArgument, "ncclAllReduce: the communicator is NULL");
     MPI_Op mop = op == ncclSum ? MPI_SUM : op == ncclProd ? MPI_PROD : op == ncclMax ? MPI_MAX
                : op == ncclMin ? MPI_MIN : MPI_OP_NULL;
-    ncclResult_t rc = check_settled("ncclAllReduce", comm);
+    // refusals go on to the collectives below, so that every rank learns them
+    ncclResult_t rc = ncclSuccess;
+    if (g_depth > 0)
+        rc = refuse(ncclInvalidUsage, "ncclAllReduce inside a group: the stand-in runs "
+                    "collectives outside groups only");
+    else if (!comm)
+        rc = refuse(ncclInvalidArgument, "ncclAllReduce: the communicator is NULL");
+    if (rc == ncclSuccess) rc = check_settled("ncclAllReduce", comm);
     if (rc == ncclSuccess) rc = check_args("ncclAllReduce (send)", send, count, type, comm, -1);
     if (rc == ncclSuccess) rc = check_args("ncclAllReduce (receive)", recv, count, type, comm, -1);
     if (rc == ncclSuccess && (mop == MPI_OP_NULL || mpi_type(type) == MPI_DATATYPE_NULL))

@@ -341,12 +341,13 @@ static void shared_gpu_is_refused(void **state) {
 }
 
 // "fault SECONDS": rounds of an all-to-all and an all-reduce (calls 1, 2, 3, ... of the
-// stand-in's count) until the injected fault ends the job
+// stand-in's count) until the injected fault ends the job, or mp_comm_nccl refuses (a
+// fault in its start, call 0), which every rank reports
 static int run_until_fault(double timeout_s) {
     char err[512] = "";
     nc = mp_comm_nccl(host, timeout_s, err, sizeof err);
     if (!nc) {
-        fprintf(stderr, "test_comm_nccl: mp_comm_nccl: %s\n", err);
+        fprintf(stderr, "test_comm_nccl: rank %d: mp_comm_nccl: %s\n", me, err);
         return 1;
     }
     for (int round = 0; round < 8; round++) {

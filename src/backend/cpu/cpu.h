@@ -1,6 +1,7 @@
 // CPU backend (fp32, OpenBLAS + OpenMP): the operations behind mp_backend_cpu(), exported
 // so that other CPU code (tests) can call them directly.
-// Shapes and conventions are those of include/millipede/backend.h: backward ops ACCUMULATE.
+// Shapes and conventions are those of include/millipede/backend.h: backward ops accumulate
+// into parameter gradients and write or add input gradients as it says.
 //
 // Determinism: every op gives bitwise identical results for the same inputs on every run.
 // No atomics, no OpenMP float reductions; every output element is written by one thread

@@ -1,6 +1,6 @@
 // CPU dense ops: embeddings, LayerNorm, matmul (OpenBLAS), GELU, residual, cross-entropy.
-// The math is docs/model.md; shapes and the accumulate-into-gradients convention are
-// include/millipede/backend.h. See cpu.h for how determinism is kept.
+// The math is docs/model.md; shapes, and which gradients backward accumulates into and
+// which it writes, are include/millipede/backend.h. See cpu.h for how determinism is kept.
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
@@ -238,7 +238,11 @@ void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
     // dinp (N,C) = (or +=) dout (N,OC) @ w (OC,C); dw (OC,C) += dout^T @ inp (N,C);
     // dbias (OC) += column sums of dout. beta = 1 makes sgemm accumulate, beta = 0 write
     // (sgemm then never reads C).
-    if (N <= 0 || OC <= 0 || C <= 0) return;
+    if (N <= 0 || C <= 0) return;
+    if (OC <= 0) {   // empty sums: a written dinp is 0, the rest keeps its values
+        if (dinp && !dinp_accumulate) memset(dinp, 0, (size_t)N * C * sizeof(float));
+        return;
+    }
     if (dinp)
         mp_cpu_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, dinp_accumulate ? 1.0f : 0.0f, dinp,
                      C);

@@ -65,7 +65,7 @@ static void cuda_free(void *p) {
     if (p) CUDA_CHECK(cudaFree(p));
 }
 
-static void cuda_zero(void *p, size_t bytes) {
+void mp_cuda_zero(void *p, size_t bytes) {
     if (!bytes) return;
     CUDA_CHECK(cudaMemset(p, 0, bytes));
     mp_cuda_mark("cudaMemset", __FILE__, __LINE__);
@@ -285,7 +285,7 @@ static void fill_table(mp_backend *b) {
     b->host_memory = 0;
     b->alloc = cuda_alloc;
     b->free = cuda_free;
-    b->zero = cuda_zero;
+    b->zero = mp_cuda_zero;
     b->to_host = cuda_copy;
     b->from_host = cuda_copy;
     b->encoder_forward = mp_cuda_encoder_forward;

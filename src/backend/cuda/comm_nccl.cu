@@ -63,9 +63,10 @@ static nccl_impl *impl_of(mp_comm *c) { return (nccl_impl *)c->impl; }
 // Until the communicator's last call has its work on the stream (ncclCommGetAsyncError no
 // longer ncclInProgress) and, with ev, until ev has completed on the GPU. The first 200 polls
 // only yield the CPU (a short transfer ends within them), later ones sleep 100 us each.
-// Returns NCCL's final state of the call, or ends the job past the deadline.
+// Returns NCCL's final state of the call. Past the deadline it ends the job, or with late
+// sets *late and returns ncclInProgress.
 static ncclResult_t poll_until_done(nccl_impl *m, cudaEvent_t ev, const char *what, double t0,
-                                    const char *file, int line) {
+                                    int *late, const char *file, int line) {
     for (long polls = 0;; polls++) {
         ncclResult_t state = ncclSuccess;
         nccl_check_at(ncclCommGetAsyncError(m->nccl, &state), "ncclCommGetAsyncError", file,
@@ -78,6 +79,10 @@ static ncclResult_t poll_until_done(nccl_impl *m, cudaEvent_t ev, const char *wh
             if (q != cudaErrorNotReady) mp_cuda_check_at(q, "cudaEventQuery", file, line);
         }
         double waited = mp_now() - t0;
+        if (waited > m->timeout_s && late) {
+            *late = 1;
+            return ncclInProgress;
+        }
         if (waited > m->timeout_s)
             mp_fatal_at(file, line, "%s did not finish within system.nccl_timeout = %g s (%s): "
                         "a peer stopped without an error, or its link stalled", what,
@@ -97,7 +102,7 @@ static ncclResult_t poll_until_done(nccl_impl *m, cudaEvent_t ev, const char *wh
 // with NCCL's message; file:line tells which call of the operation it was.
 static void issued_at(nccl_impl *m, ncclResult_t rc, const char *what, double t0,
                       const char *file, int line) {
-    if (rc == ncclInProgress) rc = poll_until_done(m, NULL, what, t0, file, line);
+    if (rc == ncclInProgress) rc = poll_until_done(m, NULL, what, t0, NULL, file, line);
     nccl_check_at(rc, what, file, line);
 }
 #define ISSUED(m, call, what, t0) issued_at((m), (call), (what), (t0), __FILE__, __LINE__)
@@ -109,7 +114,7 @@ static void issued_at(nccl_impl *m, ncclResult_t rc, const char *what, double t0
 // nothing left to wait for; it is the backend's, which the kernel timer counts on.
 static void arrived_at(nccl_impl *m, const char *what, double t0, const char *file, int line) {
     mp_cuda_check_at(cudaEventRecord(m->done, 0), "cudaEventRecord", file, line);
-    nccl_check_at(poll_until_done(m, m->done, what, t0, file, line), what, file, line);
+    nccl_check_at(poll_until_done(m, m->done, what, t0, NULL, file, line), what, file, line);
     mp_cuda_synchronize();
 }
 
@@ -239,8 +244,9 @@ static int check_one_gpu_per_rank(mp_comm *host, char *err, size_t err_len) {
 extern "C" mp_comm *mp_comm_nccl(mp_comm *host, double timeout_s, char *err, size_t err_len) {
     if (check_one_gpu_per_rank(host, err, err_len) != 0) return NULL;
     // NCCL may fail to start where it cannot set up its transports (a container without
-    // enough /dev/shm, say): every rank learns whether any failed, and the lowest failing
-    // rank's reason, so that auto can fall back to mpi_staged together
+    // enough /dev/shm, say), or a rank's start may wait past the deadline (for a peer whose
+    // own start failed, say): every rank learns whether any failed, and why, so that auto
+    // can fall back to mpi_staged together
     struct { int rc; ncclUniqueId id; } hello;
     memset(&hello, 0, sizeof hello);
     if (host->rank == 0) hello.rc = (int)ncclGetUniqueId(&hello.id);
@@ -255,23 +261,32 @@ extern "C" mp_comm *mp_comm_nccl(mp_comm *host, double timeout_s, char *err, siz
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
     double t0 = mp_now();
+    int late = 0;
     ncclResult_t rc = ncclCommInitRankConfig(&m->nccl, host->size, hello.id, host->rank, &config);
     if (rc == ncclInProgress)
-        rc = poll_until_done(m, NULL, "starting NCCL (ncclCommInitRankConfig)", t0, __FILE__,
-                             __LINE__);
-    double *failed = (double *)mp_calloc((size_t)host->size, sizeof(double));   // (P) codes
-    failed[host->rank] = (double)rc;
+        rc = poll_until_done(m, NULL, "starting NCCL", t0, &late, __FILE__, __LINE__);
+    // (P) each rank's outcome: 0, NCCL's error code, or -1 for a start past the deadline
+    double *failed = (double *)mp_calloc((size_t)host->size, sizeof(double));
+    failed[host->rank] = late ? -1.0 : (double)rc;
     host->allreduce_f64(host, failed, (size_t)host->size);
-    for (int r = 0; r < host->size; r++)
-        if (failed[r] != 0) {
-            mp_errf(err, err_len, "NCCL could not start: ncclCommInitRank on rank %d: %s", r,
-                    ncclGetErrorString((ncclResult_t)(int)failed[r]));
-            // the others may never finish theirs: abort, which waits for no peer
-            if (m->nccl) NCCL_CHECK(ncclCommAbort(m->nccl));
-            free(failed);
-            free(m);
-            return NULL;
-        }
+    // the reason: the first rank with an error of NCCL's, else the first that timed out
+    // (an error is usually why the others waited)
+    int why = -1;
+    for (int r = 0; r < host->size && (why < 0 || failed[why] < 0); r++)
+        if (failed[r] > 0 || (failed[r] < 0 && why < 0)) why = r;
+    if (why >= 0) {
+        if (failed[why] > 0)
+            mp_errf(err, err_len, "NCCL could not start: ncclCommInitRankConfig on rank %d: %s",
+                    why, ncclGetErrorString((ncclResult_t)(int)failed[why]));
+        else
+            mp_errf(err, err_len, "NCCL could not start: ncclCommInitRankConfig on rank %d did "
+                    "not finish within system.nccl_timeout = %g s", why, timeout_s);
+        // this rank's communicator, started, failed or still starting: abort waits for no peer
+        if (m->nccl) NCCL_CHECK(ncclCommAbort(m->nccl));
+        free(failed);
+        free(m);
+        return NULL;
+    }
     free(failed);
     CUDA_CHECK(cudaEventCreate(&m->done));
     mp_comm *c = (mp_comm *)mp_calloc(1, sizeof *c);

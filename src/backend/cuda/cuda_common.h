@@ -51,6 +51,7 @@ enum {
     SCR_COUNT
 };
 void *mp_cuda_scratch(int slot, size_t bytes);
+void mp_cuda_zero(void *p, size_t bytes);   // the backend's zero: a memset on the stream
 
 static inline unsigned mp_blocks(size_t n, int threads) {
     size_t b = (n + (size_t)threads - 1) / (size_t)threads;

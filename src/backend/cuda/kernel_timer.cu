@@ -83,12 +83,14 @@ static void rebase(void) {
 
 void mp_cuda_mark(const char *what, const char *file, int line) {
     if (!T.label) return;
+    // A full pool is drained before this mark's event: the operation it follows is queued
+    // already, so the GPU runs it during the wait, and the wait is on earlier operations
+    // only. Never on this one, which may be an NCCL call whose peer stalled: the nccl
+    // transport waits for those itself, under its deadline (comm_nccl.cu).
+    if (T.n_ev == TIMER_EVENTS) drain();
     int i = T.n_ev++;
     T.ev_site[i] = site_index(what, file, line);
     CUDA_CHECK(cudaEventRecord(T.ev[i], 0));
-    // a full pool is drained after this mark, so that the wait and the reading count to
-    // the next operation like any host work, not to this one
-    if (T.n_ev == TIMER_EVENTS) drain();
 }
 
 void mp_cuda_launched(const char *file, int line, const char *func) {
