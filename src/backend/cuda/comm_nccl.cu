@@ -61,13 +61,15 @@ typedef struct {
 static nccl_impl *impl_of(mp_comm *c) { return (nccl_impl *)c->impl; }
 
 // Until the communicator's last call has its work on the stream (ncclCommGetAsyncError no
-// longer ncclInProgress) and, with ev, until ev has completed on the GPU. The first 200 polls
-// only yield the CPU (a short transfer ends within them), later ones sleep 100 us each.
+// longer ncclInProgress) and, with ev, until ev has completed on the GPU. For the first 20 ms
+// the polls only yield the CPU, so that a transfer's end is seen within microseconds, as
+// cudaDeviceSynchronize would; after that (a peer late, or a long transfer) they sleep 100 us
+// each.
 // Returns NCCL's final state of the call. Past the deadline it ends the job, or with late
 // sets *late and returns ncclInProgress.
 static ncclResult_t poll_until_done(nccl_impl *m, cudaEvent_t ev, const char *what, double t0,
                                     int *late, const char *file, int line) {
-    for (long polls = 0;; polls++) {
+    for (;;) {
         ncclResult_t state = ncclSuccess;
         nccl_check_at(ncclCommGetAsyncError(m->nccl, &state), "ncclCommGetAsyncError", file,
                       line);
@@ -88,7 +90,7 @@ static ncclResult_t poll_until_done(nccl_impl *m, cudaEvent_t ev, const char *wh
                         "a peer stopped without an error, or its link stalled", what,
                         m->timeout_s, state == ncclInProgress ? "NCCL still issuing it"
                                                                : "its GPU work still waiting");
-        if (polls < 200) {
+        if (waited < 0.02) {
             sched_yield();
         } else {
             struct timespec ts = {0, 100000};
