@@ -71,6 +71,7 @@ typedef struct {
     char precision[8];             // system.precision: fp32 | bf16 (cuda only: tables, GEMMs)
     char transport[16];            // system.transport: auto | mpi | nccl | mpi_staged
     float nccl_timeout;            // system.nccl_timeout: seconds an NCCL call may take
+    float hang_timeout;            // system.hang_timeout: seconds without progress (0 = off)
 } mp_config;
 
 // Fills cfg with the defaults.

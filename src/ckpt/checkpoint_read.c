@@ -14,6 +14,7 @@
 #include "ckpt/checkpoint_private.h"
 #include "core/agree.h"
 #include "core/log.h"
+#include "core/watchdog.h"
 #include "millipede/model_file.h"
 
 #define STAGE_BYTES ((size_t)64 << 20)   // host staging buffer for file -> device copies
@@ -45,6 +46,7 @@ static int read_rows(hid_t dset, int ndim, hsize_t r0, hsize_t n, hsize_t cols, 
     if (fspace < 0) return -1;
     int rc = 0;
     for (hsize_t done = 0; done < n && rc == 0; done += block) {
+        mp_watchdog_beat("reading a checkpoint");
         hsize_t k = n - done < block ? n - done : block;
         hsize_t start[2] = {r0 + done, 0}, count[2] = {k, cols};
         // The selection fails on a dataset of another rank or shape (a damaged shard file

@@ -22,6 +22,7 @@
 #include "core/fs.h"
 #include "core/agree.h"
 #include "core/log.h"
+#include "core/watchdog.h"
 
 #define STAGE_BYTES ((size_t)64 << 20)   // host staging buffer for device -> file copies
 
@@ -47,6 +48,7 @@ static int write_rows(hid_t dset, const ck_ds *d, const mp_backend *be, float *h
     hid_t fspace = MP_CHECK_H5(H5Dget_space(dset));
     int rc = 0;
     for (hsize_t r0 = 0; r0 < rows && rc == 0; r0 += block) {
+        mp_watchdog_beat("writing a checkpoint");
         hsize_t n = rows - r0 < block ? rows - r0 : block;
         be->to_host(host, d->buf + r0 * cols, n * cols * sizeof(float));
         hsize_t start[2] = {r0, 0}, count[2] = {n, cols};

@@ -106,6 +106,7 @@ static const key_spec KEYS[] = {
     STR("system", "precision", precision),
     STR("system", "transport", transport),
     KEY("system", "nccl_timeout", K_FLOAT, nccl_timeout),
+    KEY("system", "hang_timeout", K_FLOAT, hang_timeout),
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 
@@ -378,6 +379,7 @@ void mp_config_defaults(mp_config *cfg) {
     set_string(cfg->precision, sizeof cfg->precision, "fp32");
     set_string(cfg->transport, sizeof cfg->transport, "auto");
     cfg->nccl_timeout = 600.0f;
+    cfg->hang_timeout = 1800.0f;
 }
 
 int mp_config_set(mp_config *cfg, const char *section, const char *key, const char *value,
@@ -518,6 +520,9 @@ int mp_config_validate(const mp_config *c, char *err, size_t err_len) {
     CHECK(c->nccl_timeout > 0.0f && c->nccl_timeout <= 86400.0f,
           "key 'system.nccl_timeout': expected seconds in (0, 86400], got %g",
           (double)c->nccl_timeout);
+    CHECK(c->hang_timeout >= 0.0f && c->hang_timeout <= 604800.0f,
+          "key 'system.hang_timeout': expected seconds in [0, 604800] (0 = no watchdog), got %g",
+          (double)c->hang_timeout);
     CHECK(!strcmp(c->expert_optimizer, "adamw") || !strcmp(c->expert_optimizer, "lazy_adamw"),
           "key 'train.expert_optimizer': expected adamw or lazy_adamw, got '%s'",
           c->expert_optimizer);

@@ -7,6 +7,7 @@
 #include <string.h>
 #include "core/log.h"
 #include "core/rng.h"
+#include "core/watchdog.h"
 #include "millipede/tokenizer.h"
 #include "model/model_private.h"
 
@@ -533,6 +534,7 @@ void mp_model_profile_enable(mp_model *m, int on) {
 }
 
 void mp_model_phase(mp_model *m, int phase) {
+    mp_watchdog_beat(phase >= 0 ? mp_phase_name(phase) : "the end of a step");
     if (!m->profile) return;
     if (m->be->synchronize) m->be->synchronize();
     double now = mp_now();

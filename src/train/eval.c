@@ -2,6 +2,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "core/log.h"
+#include "core/watchdog.h"
 #include "millipede/train.h"
 
 double mp_eval_loss(mp_model *m, const mp_shard *val, int n_batches) {
@@ -15,6 +16,7 @@ double mp_eval_loss_slice(mp_model *m, const mp_shard *val, int n_batches, int j
     int32_t *targets = mp_malloc((size_t)B * T * sizeof(int32_t));   // (B, T)
     double sum = 0.0;
     for (int i = 0; i < n_batches; i++) {
+        mp_watchdog_beat("a validation batch");
         mp_batch_fill(val, c->seed, 1, (uint64_t)i, 0, (uint32_t)j0, B, T, inputs, targets);
         sum += mp_model_forward(m, inputs, targets, B, T, 0);
     }

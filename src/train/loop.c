@@ -12,6 +12,7 @@
 #include "core/agree.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/watchdog.h"
 #include "millipede/checkpoint.h"
 #include "millipede/tokenizer.h"
 #include "millipede/train.h"
@@ -198,15 +199,21 @@ static mp_exchange_stats take_exchange_stats(mp_model *m) {
     return total;
 }
 
-// Test hook: MILLIPEDE_FAULT_KILL="RANK:STEP" makes that rank die by SIGKILL when it
+// Test hooks: MILLIPEDE_FAULT_KILL="RANK:STEP" makes that rank die by SIGKILL when it
 // starts that step, as a crashed node would; the launcher must end the whole job.
+// MILLIPEDE_FAULT_STOP="RANK:STEP" freezes it there (SIGSTOP), as a node whose file system
+// hangs would: alive, so the launcher waits, and its peers' hang watchdog must end the job.
 static void maybe_die(int rank, long step) {
-    const char *f = getenv("MILLIPEDE_FAULT_KILL");
+    const char *f = getenv("MILLIPEDE_FAULT_KILL"), *g = getenv("MILLIPEDE_FAULT_STOP");
     int r;
     long s;
     if (f && sscanf(f, "%d:%ld", &r, &s) == 2 && r == rank && s == step) {
         fprintf(stderr, "millipede: rank %d: MILLIPEDE_FAULT_KILL: killing myself at step %ld\n", rank, step);
         raise(SIGKILL);
+    }
+    if (g && sscanf(g, "%d:%ld", &r, &s) == 2 && r == rank && s == step) {
+        fprintf(stderr, "millipede: rank %d: MILLIPEDE_FAULT_STOP: freezing at step %ld\n", rank, step);
+        raise(SIGSTOP);
     }
 }
 
@@ -301,6 +308,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
                         const char *resume_path) {
     char err[1024], path[MP_PATH_MAX + 64];
     mp_preempt_install();   // early: a signal during start-up stops at the first step boundary
+    mp_watchdog_start(cfg->hang_timeout);
     mp_comm *comm = mp_comm_mpi();
     int rank = comm->rank, P = comm->size;
     mp_check_ranks(cfg, comm, 1);
@@ -379,6 +387,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     double t_loop = mp_now();
     mp_kernel_time *kernels = cfg->profile ? mp_malloc(KERNEL_SITES * sizeof *kernels) : NULL;
     for (long step = start; step < cfg->steps; step++) {
+        mp_watchdog_beat("the start of a step");
         maybe_die(rank, step);
         double t0 = mp_now();
         mp_model_phase_reset(m);
@@ -480,5 +489,6 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     mp_comm_free(comm);
     mp_shard_close(&train);
     mp_shard_close(&val);
+    mp_watchdog_stop();
     return status;
 }

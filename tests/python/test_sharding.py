@@ -11,8 +11,11 @@
 import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -278,3 +281,37 @@ def test_a_dying_rank_ends_the_job(corpus, tmp_path):
     err = run_fail(3, train_args(corpus, tmp_path / "k"), timeout=60,
                    env={"MILLIPEDE_FAULT_KILL": "1:3"})
     assert "killing myself at step 3" in err
+
+
+def test_a_frozen_rank_ends_the_job(corpus, tmp_path):
+    # Rank 1 stops (SIGSTOP) at step 3: alive, so mpirun waits for it, and rank 0 waits for
+    # it in the step's all-reduce. Rank 0's hang watchdog ends the job after
+    # system.hang_timeout (3 s; its steps here take milliseconds) with its line; a hang runs
+    # into the timeout of 60 s and fails the test.
+    args = train_args(corpus, tmp_path / "f") + ["--set", "system.hang_timeout=3"]
+    err = run_fail(2, args, timeout=60, env={"MILLIPEDE_FAULT_STOP": "1:3"})
+    assert "rank 1: MILLIPEDE_FAULT_STOP: freezing at step 3" in err
+    assert re.search(r"millipede: rank 0: no progress for \d+ s \(system.hang_timeout = 3 s\) "
+                     r"since [a-z. ]+: a rank or the file system stalled", err), err
+
+
+def test_a_suspended_job_goes_on(corpus, tmp_path):
+    # A whole process stopped for 10 s (Slurm's suspend sends SIGSTOP to every rank) and
+    # continued is not a hang: with system.hang_timeout = 3 the run still finishes.
+    args = train_args(corpus, tmp_path / "s") + ["--set", "system.hang_timeout=3"]
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, MILLIPEDE_FAULT_STOP="0:3"))
+    for _ in range(600):   # until it has frozen itself
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().split(") ")[1].startswith("T"):
+                break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the run did not stop itself at step 3")
+    time.sleep(10)
+    proc.send_signal(signal.SIGCONT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "no progress" not in out

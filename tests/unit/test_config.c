@@ -72,6 +72,7 @@ static void test_defaults_validate(void **state) {
     assert_string_equal(c.expert_optimizer, "adamw");
     assert_string_equal(c.transport, "auto");
     assert_true(c.nccl_timeout == 600.0f);
+    assert_true(c.hang_timeout == 1800.0f);
     // Loading no file gives the defaults, resolved: dense_hidden shows 4*d_model.
     mp_config r;
     assert_int_equal(mp_config_load(&r, NULL, NULL, 0, g_err, sizeof g_err), 0);
@@ -283,6 +284,8 @@ static const bad_case BAD[] = {
     {"[system]\nnccl_timeout = -5\n", NULL, {"key 'system.nccl_timeout'", "got -5"}},
     {"[system]\nnccl_timeout = 1e6\n", NULL, {"key 'system.nccl_timeout'", "(0, 86400]"}},
     {"[system]\nnccl_timeout = nan\n", NULL, {"key 'system.nccl_timeout'", "finite"}},
+    {"[system]\nhang_timeout = -1\n", NULL, {"key 'system.hang_timeout'", "[0, 604800]"}},
+    {"[system]\nhang_timeout = 1e7\n", NULL, {"key 'system.hang_timeout'", "got 1e+07"}},
     {"[system]\ntransport = mpi_staged\n", NULL,
      {"key 'system.transport'", "mpi_staged moves GPU buffers"}},
     {"[system]\nbackend = cpu\nprecision = bf16\n", NULL,
