@@ -7,11 +7,13 @@
 // suspended job. A rank waiting for a frozen peer keeps running, and does not forgive.
 //
 // Past the timeout the thread writes its line and leaves with _exit: it cannot call MPI
-// (MPI runs single-threaded here, and the main thread may be inside it), and the launchers
+// (MPI runs funneled, MPI_THREAD_FUNNELED: only the training thread calls it, and it may be
+// inside it now), and the launchers
 // end a job whose rank exits before MPI_Finalize (mpirun at once; srun with --wait, as
 // launch/slurm_train.sh runs it). The rank that stalled may be frozen itself; one of the
 // ranks waiting for it gives the line.
 #include "core/watchdog.h"
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -39,11 +41,31 @@ void mp_watchdog_beat(const char *what) {
     atomic_store_explicit(&W.last_ms, now_ms(), memory_order_release);
 }
 
+// The line, then the exit: write(2) in one call, with stderr made non-blocking first, so
+// that neither stdio's lock (the training thread may hold it) nor a stderr that no longer
+// drains (a full pipe, a file on the hung file system) keeps the process from leaving.
+static void give_up(double idle, const char *what) {
+    char line[320];
+    int n = snprintf(line, sizeof line, "millipede: rank %d: no progress for %.0f s "
+                     "(system.hang_timeout = %g s) since %s: a rank or the file system "
+                     "stalled; ending the job\n", W.rank, idle, W.timeout_s, what);
+    int fl = fcntl(2, F_GETFL);
+    if (fl >= 0) fcntl(2, F_SETFL, fl | O_NONBLOCK);
+    if (n > 0) {
+        ssize_t w = write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+        (void)w;   // nothing is left to do if even this fails
+    }
+    _exit(1);
+}
+
 static void *watch(void *arg) {
     (void)arg;
     // looks 10 times per timeout, at most once a second: the line comes at most 10 % late
     double period = W.timeout_s / 10 < 1.0 ? W.timeout_s / 10 : 1.0;
-    long long gap_ms = (long long)(5e3 * period) + 5000;   // this long away: stopped, not late
+    // this long away: the process was stopped, not late; under half the timeout, so that
+    // a stop of any length that would trip it is forgiven
+    long long gap_ms = (long long)(5e3 * period) + 5000;
+    if (gap_ms > (long long)(500 * W.timeout_s)) gap_ms = (long long)(500 * W.timeout_s);
     long long prev = now_ms();
     pthread_mutex_lock(&W.lock);
     while (!W.stop) {
@@ -55,17 +77,13 @@ static void *watch(void *arg) {
         pthread_cond_timedwait(&W.wake, &W.lock, &until);   // a timeout or a wake: look again
         if (W.stop) break;
         long long now = now_ms();
-        if (now - prev > gap_ms) mp_watchdog_beat("a stop of the whole process (SIGSTOP)");
+        if (now - prev > gap_ms)   // the stop's time is forgiven; where it was stays
+            atomic_fetch_add_explicit(&W.last_ms, now - prev, memory_order_acq_rel);
         prev = now;
         long long last = atomic_load_explicit(&W.last_ms, memory_order_acquire);
         double idle = (double)(now - last) / 1e3;
         if (idle <= W.timeout_s) continue;
-        const char *what = atomic_load_explicit(&W.last_what, memory_order_relaxed);
-        fprintf(stderr, "millipede: rank %d: no progress for %.0f s (system.hang_timeout = %g "
-                "s) since %s: a rank or the file system stalled; ending the job\n", W.rank,
-                idle, W.timeout_s, what);
-        fflush(stderr);
-        _exit(1);
+        give_up(idle, atomic_load_explicit(&W.last_what, memory_order_relaxed));
     }
     pthread_mutex_unlock(&W.lock);
     return NULL;

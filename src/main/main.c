@@ -29,7 +29,12 @@ int main(int argc, char **argv) {
         mp_preempt_install();
         mp_preempt_fault_hook(-1, -1);   // test hook: MILLIPEDE_FAULT_SIGNAL=-1:-1
     }
-    MP_CHECK_MPI(MPI_Init(&argc, &argv));
+    // funneled: OpenMP's threads and the hang watchdog's (src/core/watchdog.c) never call MPI
+    int provided = 0;
+    MP_CHECK_MPI(MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided));
+    if (provided < MPI_THREAD_FUNNELED)
+        mp_fatal("this MPI provides thread level %d; millipede needs MPI_THREAD_FUNNELED (%d)",
+                 provided, MPI_THREAD_FUNNELED);
     if (training) mp_preempt_install();   // again, in case MPI_Init replaced a handler
     int status;
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||

@@ -397,6 +397,7 @@ void mp_model_free(mp_model *m) {
 void mp_model_init(mp_model *m) {
     uint64_t seed = m->cfg.seed;
     for (int i = 0; i < m->n_tensors; i++) {
+        mp_watchdog_beat("initialising the parameters");
         const mp_tensor *t = &m->tensors[i];
         size_t n = t->numel;
         float *host = mp_malloc(n * sizeof(float));

@@ -297,6 +297,14 @@ static int save_checkpoint(mp_model *m, const mp_adamw *opt, const char *root, l
     }
     mp_log("checkpoint %s: %.1f MiB in %d files, %.2f s (%.0f MiB/s)", dir, st.bytes / 1048576.0,
            st.n_files, st.seconds, st.bytes / 1048576.0 / (st.seconds > 0 ? st.seconds : 1e-9));
+    // ranks wait for each other's writes, fsyncs and rank 0's index without a beat: a
+    // checkpoint must fit well inside the watchdog's timeout
+    float hang = mp_model_config(m)->hang_timeout;
+    if (hang > 0 && st.seconds > hang / 4)
+        mp_log("warning: the checkpoint took %.0f s, over a quarter of system.hang_timeout = "
+               "%g s: a slower one would end the job as a hang; raise system.hang_timeout",
+               st.seconds, (double)hang);
+    mp_watchdog_beat("a checkpoint");
     return 0;
 }
 
@@ -334,6 +342,7 @@ int mp_train_run_resume(const mp_config *cfg, const mp_backend *be, mp_resume_mo
     char why[700];
     mp_comm *xfer = mp_transport_open(cfg->transport, comm, be, cfg->nccl_timeout, why, sizeof why);
     mp_log("transport: %s", why);
+    mp_watchdog_beat("starting the transport");
     mp_model *m = mp_model_create_sharded(cfg, be, Bl, xfer);
     mp_model_set_tokenizer(m, data_tk);   // the model owns it now
     mp_model_profile_enable(m, cfg->profile);

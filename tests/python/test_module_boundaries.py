@@ -14,7 +14,7 @@ SRC = pathlib.Path(os.environ.get("MP_SOURCE_DIR", pathlib.Path(__file__).parent
 
 # the headers a module offers to the others; everything else it has is private
 INTERFACES = {
-    "core": {"log.h", "agree.h", "fs.h", "rng.h"},   # the base every module stands on
+    "core": {"log.h", "agree.h", "fs.h", "rng.h", "watchdog.h"},   # the base every module stands on
     "dist": {"shard_plan.h"},                          # ownership and the plan, for the exchange
 }
 # which modules may use which (beyond core, which everyone may)

@@ -66,9 +66,12 @@ static nccl_impl *impl_of(mp_comm *c) { return (nccl_impl *)c->impl; }
 // cudaDeviceSynchronize would; after that (a peer late, or a long transfer) they sleep 100 us
 // each.
 // Returns NCCL's final state of the call. Past the deadline it ends the job, or with late
-// sets *late and returns ncclInProgress.
+// sets *late and returns ncclInProgress. Polls come at most 100 us apart (and a little): two
+// more than 5 s apart mean the process was stopped (a suspended job), and that time does
+// not count.
 static ncclResult_t poll_until_done(nccl_impl *m, cudaEvent_t ev, const char *what, double t0,
                                     int *late, const char *file, int line) {
+    double prev = mp_now();
     for (;;) {
         ncclResult_t state = ncclSuccess;
         nccl_check_at(ncclCommGetAsyncError(m->nccl, &state), "ncclCommGetAsyncError", file,
@@ -80,7 +83,10 @@ static ncclResult_t poll_until_done(nccl_impl *m, cudaEvent_t ev, const char *wh
             if (q == cudaSuccess) return ncclSuccess;
             if (q != cudaErrorNotReady) mp_cuda_check_at(q, "cudaEventQuery", file, line);
         }
-        double waited = mp_now() - t0;
+        double now = mp_now();
+        if (now - prev > 5.0) t0 += now - prev;
+        prev = now;
+        double waited = now - t0;
         if (waited > m->timeout_s && late) {
             *late = 1;
             return ncclInProgress;
