@@ -8,10 +8,9 @@
 //
 // Past the timeout the thread writes its line and leaves with _exit: it cannot call MPI
 // (MPI runs funneled, MPI_THREAD_FUNNELED: only the training thread calls it, and it may be
-// inside it now), and the launchers
-// end a job whose rank exits before MPI_Finalize (mpirun at once; srun with --wait, as
-// launch/slurm_train.sh runs it). The rank that stalled may be frozen itself; one of the
-// ranks waiting for it gives the line.
+// inside it now), and the launchers end a job whose rank exits before MPI_Finalize (mpirun
+// at once; srun with --wait, as launch/slurm_train.sh runs it). The rank that stalled may
+// be frozen itself; one of the ranks waiting for it gives the line.
 #include "core/watchdog.h"
 #include <fcntl.h>
 #include <pthread.h>
@@ -60,7 +59,8 @@ static void give_up(double idle, const char *what) {
 
 static void *watch(void *arg) {
     (void)arg;
-    // looks 10 times per timeout, at most once a second: the line comes at most 10 % late
+    // looks every tenth of the timeout, and at least once a second: the line comes at most
+    // 10 % late
     double period = W.timeout_s / 10 < 1.0 ? W.timeout_s / 10 : 1.0;
     // this long away: the process was stopped, not late; under half the timeout, so that
     // a stop of any length that would trip it is forgiven
