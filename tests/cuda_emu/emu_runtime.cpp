@@ -709,6 +709,7 @@ cudaError_t cudaFree(void *p) {
 cudaError_t cudaMemset(void *p, int value, size_t bytes) {
     init();
     ensure_handler();
+    check_ordered("cudaMemset");   // as cuda_emu.h's set_issuing says
     char why[200];
     if (bytes && !device_range(p, bytes, why, sizeof why)) {
         report("cudaMemset: %s", why);

@@ -1,7 +1,8 @@
 // CUDA dense ops: embeddings, LayerNorm, matmul (cuBLAS), GELU, residual, cross-entropy.
 // The math and the order of the CPU reference (src/backend/cpu/ops_dense.c); backward ops
-// accumulate into parameter gradients and write input gradients as backend.h says. Reductions over rows (dw, db, dbias, dwpe, dwte) run in a fixed order with one
-// writer per element, never atomics (cuda_common.h).
+// accumulate into parameter gradients and write input gradients as backend.h says.
+// Reductions over rows (dw, db, dbias, dwpe, dwte) run in a fixed order with one writer per
+// element, never atomics (cuda_common.h).
 #include "backend/cuda/cuda_common.h"
 
 #define LN_EPS 1e-5f
