@@ -211,8 +211,8 @@ static int dump_layer(mp_model *m, hid_t f, int block, int N, int eval) {
         snprintf(p, sizeof p, "/state/%s.bn.running_var", prefix);
         write_floats(f, p, r->running_var, 1, hd);
     }
-    mp_model_ffn_forward(m, block, y, x, N, !eval);
-    mp_model_ffn_backward(m, block, dx, dy, x, N);
+    mp_model_ffn_forward(m, block, y, x, NULL, N, !eval);
+    mp_model_ffn_backward(m, block, dx, dy, NULL, x, NULL, N);
     if (r && !eval && r->rc->query_bn) {   // the running statistics after one update
         char p[96];
         long hd[1] = {r->rc->heads * r->rc->key_dim};

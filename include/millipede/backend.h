@@ -9,6 +9,15 @@
 // dinp of gelu_backward, dqkv of attention_backward, and matmul_backward's dinp unless told
 // to add. layernorm_backward adds into its dinp (the residual stream's gradient collects
 // both branches of a block).
+//
+// bf16 twins (system.precision = bf16; docs/cuda.md, "bf16 GEMM operands from their
+// producers"): an op that produces a GEMM operand may also write it rounded to bf16 (to
+// nearest even, as to_bf16 rounds) into an *_bf16 twin, in the same pass, and matmul reads
+// such a twin instead of rounding the operand itself: the GEMMs see the same bits, and
+// the separate rounding passes (forward, and again in backward for dw) are gone. A twin
+// holds the rounding of what its op leaves in the fp32 output (after the addition, where
+// the op adds). Every twin is optional (NULL: not written, or rounded by matmul); a backend
+// without to_bf16 (the CPU) takes NULL for all of them.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -58,20 +67,25 @@ typedef struct mp_backend {
                             int B, int T, int C);
     void (*encoder_backward)(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
                              int B, int T, int C);
-    // LayerNorm over C, eps 1e-5: out (N,C), mean (N), rstd (N)
-    void (*layernorm_forward)(float *out, float *mean, float *rstd, const float *inp,
-                              const float *w, const float *b, int N, int C);
-    void (*layernorm_backward)(float *dinp, float *dw, float *db, const float *dout,
-                               const float *inp, const float *w, const float *mean,
-                               const float *rstd, int N, int C);
-    // out (N,OC) = inp (N,C) @ w^T (w: (OC,C)) + bias (OC) (bias may be NULL)
-    void (*matmul_forward)(float *out, const float *inp, const float *w, const float *bias,
-                           int N, int C, int OC);
+    // LayerNorm over C, eps 1e-5: out (N,C) and its twin, mean (N), rstd (N)
+    void (*layernorm_forward)(float *out, uint16_t *out_bf16, float *mean, float *rstd,
+                              const float *inp, const float *w, const float *b, int N, int C);
+    // dinp (N,C) += ..., and dinp_bf16 = the sum rounded
+    void (*layernorm_backward)(float *dinp, uint16_t *dinp_bf16, float *dw, float *db,
+                               const float *dout, const float *inp, const float *w,
+                               const float *mean, const float *rstd, int N, int C);
+    // out (N,OC) = inp (N,C) @ w^T (w: (OC,C)) + bias (OC) (bias may be NULL). inp_bf16:
+    // inp's twin, read instead of inp in bf16 mode (then inp may be NULL), or NULL.
+    void (*matmul_forward)(float *out, const float *inp, const uint16_t *inp_bf16,
+                           const float *w, const float *bias, int N, int C, int OC);
     // dinp (N,C) = dout @ w, or += with dinp_accumulate 1 (the route's query gradient joins
     // the experts' in the PEER layer's dx); dw (OC,C) += dout^T @ inp; dbias (OC) += the
-    // column sums of dout. NULL gradients are skipped.
+    // column sums of dout. NULL gradients are skipped. In bf16 mode the GEMMs read the
+    // twins dout_bf16 and inp_bf16 where given; dout may then be NULL if dbias is (the LM
+    // head, whose fp32 dlogits need never exist).
     void (*matmul_backward)(float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int C, int OC,
+                            const uint16_t *dout_bf16, const float *inp,
+                            const uint16_t *inp_bf16, const float *w, int N, int C, int OC,
                             int dinp_accumulate);
     // The arithmetic of the GEMMs in the ops that follow, one setting per process:
     // MP_PRECISION_FP32, fp32 throughout; MP_PRECISION_BF16, matmul's GEMMs (out, dinp, dw)
@@ -99,14 +113,16 @@ typedef struct mp_backend {
     // input-error line, a head size C / NH the backend cannot run; the model calls it when
     // it is built. Backward reads out, the forward's output (the CUDA backend needs it).
     size_t (*attention_state_floats)(int B, int T, int C, int NH);
-    void (*attention_forward)(float *out, float *att, const float *qkv, int B, int T, int C,
-                              int NH);
-    // dqkv (B,T,3C) is written
-    void (*attention_backward)(float *dqkv, const float *dout, const float *qkv,
-                               const float *out, const float *att, int B, int T, int C, int NH);
+    void (*attention_forward)(float *out, uint16_t *out_bf16, float *att, const float *qkv,
+                              int B, int T, int C, int NH);
+    // dqkv (B,T,3C) and its twin are written
+    void (*attention_backward)(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+                               const float *qkv, const float *out, const float *att, int B,
+                               int T, int C, int NH);
     // exact (erf) GELU, elementwise over n
-    void (*gelu_forward)(float *out, const float *inp, long n);
-    void (*gelu_backward)(float *dinp, const float *inp, const float *dout, long n);   // written
+    void (*gelu_forward)(float *out, uint16_t *out_bf16, const float *inp, long n);
+    void (*gelu_backward)(float *dinp, uint16_t *dinp_bf16, const float *inp, const float *dout,
+                          long n);   // written
     // out = a + b, elementwise (out may alias a)
     void (*residual_forward)(float *out, const float *a, const float *b, long n);
     // losses (N) = -log softmax(logits)[target]; stats (N, 2) = each row's (max, 1 / sum of
@@ -114,9 +130,11 @@ typedef struct mp_backend {
     void (*crossentropy_forward)(float *losses, float *stats, const float *logits,
                                  const int32_t *targets, int N, int V);
     // dlogits (N,V) = dloss * (softmax(logits) - onehot(target)), the softmax recomputed
-    // from logits and stats as exp(logit - max) * (1 / sum). Written, not added.
-    void (*crossentropy_backward)(float *dlogits, const float *logits, const float *stats,
-                                  const int32_t *targets, float dloss, int N, int V);
+    // from logits and stats as exp(logit - max) * (1 / sum). Written, not added; either
+    // dlogits or its twin may be NULL (bf16 mode keeps only the twin).
+    void (*crossentropy_backward)(float *dlogits, uint16_t *dlogits_bf16, const float *logits,
+                                  const float *stats, const int32_t *targets, float dloss,
+                                  int N, int V);
 
     // PEER / PKM layer (docs/model.md), op by op. src/model/route.c strings these together
     // with the all-reduces between them; no op here talks to other ranks. Shapes: H heads,

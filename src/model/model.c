@@ -27,6 +27,10 @@ typedef struct {   // what one block keeps for backward
     float *res_mid;               // (N, C) residual after attention
     float *ln2, *ln2_mean, *ln2_rstd;   // (N, C), (N), (N)
     float *fch, *fch_gelu;        // (N, F) dense FFN only
+    // bf16 twins of the GEMM inputs (backend.h), NULL in fp32 (and ln2_bf16, fch_gelu_bf16
+    // in a PEER / PKM block, whose query projection rounds its own)
+    uint16_t *ln1_bf16, *atty_bf16, *ln2_bf16;   // (N, C)
+    uint16_t *fch_gelu_bf16;      // (N, F)
 } block_acts;
 
 struct mp_model {
@@ -68,6 +72,13 @@ struct mp_model {
     float *datty;                 // (N, C)
     float *dqkv;                  // (N, 3C)
     float *dfch, *dfch_gelu;      // (N, F)
+    // bf16 mode: the twins the backward's GEMMs read (backend.h); dlogits is then NULL, as
+    // the LM head's GEMMs need only the twin
+    uint16_t *lnf_bf16;           // (N, C)
+    uint16_t *dlogits_bf16;       // (N, V)
+    uint16_t *dres_bf16;          // (N, C)
+    uint16_t *dqkv_bf16;          // (N, 3C)
+    uint16_t *dfch_bf16;          // (N, F)
     int usage_on;
     int lazy_experts;             // train.expert_optimizer = lazy_adamw: track touched rows
     mp_comm *comm;                // NULL: a single process
@@ -188,6 +199,16 @@ static float *gptr(mp_model *m, int i) {
 
 static void *act_alloc(mp_model *m, size_t n, size_t size) { return m->be->alloc(n * size); }
 
+// bf16 mode runs its dense GEMMs on bf16 operands, which the ops producing them write as
+// twins in the same pass (backend.h); a model built on a backend without bf16 (a stored
+// bf16 config read on the CPU) has none
+static int uses_bf16(const mp_config *cfg, const mp_backend *be) {
+    return !strcmp(cfg->precision, "bf16") && be->to_bf16;
+}
+static uint16_t *twin_alloc(mp_model *m, size_t n) {
+    return uses_bf16(&m->cfg, m->be) ? act_alloc(m, n, sizeof(uint16_t)) : NULL;
+}
+
 static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, int part,
                              int n_parts, mp_comm *comm) {
     mp_model *m = mp_calloc(1, sizeof *m);
@@ -226,6 +247,8 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         a->ln2 = act_alloc(m, N * C, sizeof(float));
         a->ln2_mean = act_alloc(m, N, sizeof(float));
         a->ln2_rstd = act_alloc(m, N, sizeof(float));
+        a->ln1_bf16 = twin_alloc(m, N * C);
+        a->atty_bf16 = twin_alloc(m, N * C);
         const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
         if (!rc) {
             p->fcw = pptr(m, ix[8]); g->fcw = gptr(m, ix[8]);
@@ -234,6 +257,8 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
             p->fcprojb = pptr(m, ix[11]); g->fcprojb = gptr(m, ix[11]);
             a->fch = act_alloc(m, N * F, sizeof(float));
             a->fch_gelu = act_alloc(m, N * F, sizeof(float));
+            a->ln2_bf16 = twin_alloc(m, N * C);
+            a->fch_gelu_bf16 = twin_alloc(m, N * F);
             continue;
         }
         mp_retrieval_layer *r = mp_calloc(1, sizeof *r);
@@ -288,7 +313,7 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
     }
     // Config validation refuses bf16 on a backend without it; a model built here from a
     // stored config on the CPU (ckpt verify) reads the fp32 masters.
-    if (!strcmp(cfg->precision, "bf16") && be->to_bf16) {
+    if (uses_bf16(cfg, be)) {
         size_t n = m->group_size[MP_GROUP_EXPERTS];
         m->experts_bf16 = be->alloc((n ? n : 1) * sizeof(uint16_t));
         m->experts_bf16_stale = 1;
@@ -328,7 +353,12 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
     m->ce_stats = act_alloc(m, 2 * N, sizeof(float));
     m->losses = act_alloc(m, N, sizeof(float));
     m->ffn_out = act_alloc(m, N * C, sizeof(float));
-    m->dlogits = act_alloc(m, N * V, sizeof(float));
+    m->lnf_bf16 = twin_alloc(m, N * C);
+    m->dlogits_bf16 = twin_alloc(m, N * V);
+    m->dlogits = m->dlogits_bf16 ? NULL : act_alloc(m, N * V, sizeof(float));
+    m->dres_bf16 = twin_alloc(m, N * C);
+    m->dqkv_bf16 = twin_alloc(m, N * 3 * C);
+    m->dfch_bf16 = F ? twin_alloc(m, N * F) : NULL;
     m->dres = act_alloc(m, N * C, sizeof(float));
     m->dln = act_alloc(m, N * C, sizeof(float));
     m->datty = act_alloc(m, N * C, sizeof(float));
@@ -367,8 +397,9 @@ void mp_model_free(mp_model *m) {
     be->free(m->router_state);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         block_acts *a = &m->a[l];
-        float *bufs[] = {a->res_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att,
-                         a->res_mid, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->fch_gelu};
+        void *bufs[] = {a->res_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att,
+                        a->res_mid, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->fch_gelu,
+                        a->ln1_bf16, a->atty_bf16, a->ln2_bf16, a->fch_gelu_bf16};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) if (bufs[i]) be->free(bufs[i]);
         mp_retrieval_layer *r = m->ret[l];
         if (!r) continue;
@@ -389,8 +420,9 @@ void mp_model_free(mp_model *m) {
     }
     void *bufs[] = {m->inputs, m->targets, m->res_out, m->lnf, m->lnf_mean, m->lnf_rstd,
                     m->logits, m->ce_stats, m->losses, m->ffn_out, m->dlogits, m->dres, m->dln,
-                    m->datty, m->dqkv, m->dfch, m->dfch_gelu};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be->free(bufs[i]);
+                    m->datty, m->dqkv, m->dfch, m->dfch_gelu, m->lnf_bf16, m->dlogits_bf16,
+                    m->dres_bf16, m->dqkv_bf16, m->dfch_bf16};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) if (bufs[i]) be->free(bufs[i]);
     free(m);
 }
 
@@ -579,7 +611,8 @@ static void use_precision(const mp_model *m) {
                                                                : MP_PRECISION_BF16);
 }
 
-void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train) {
+void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, const uint16_t *x_bf16,
+                          int N, int train) {
     const mp_backend *be = m->be;
     use_precision(m);
     enter_phase(m, m->ret[l] ? MP_PHASE_PEER : MP_PHASE_MLP);
@@ -595,12 +628,13 @@ void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, i
     block_params *p = &m->p[l];
     block_acts *a = &m->a[l];
     int C = m->cfg.d_model, F = m->cfg.dense_hidden;
-    be->matmul_forward(a->fch, x, p->fcw, p->fcb, N, C, F);
-    be->gelu_forward(a->fch_gelu, a->fch, (long)N * F);
-    be->matmul_forward(y, a->fch_gelu, p->fcprojw, p->fcprojb, N, F, C);
+    be->matmul_forward(a->fch, x, x_bf16, p->fcw, p->fcb, N, C, F);
+    be->gelu_forward(a->fch_gelu, a->fch_gelu_bf16, a->fch, (long)N * F);
+    be->matmul_forward(y, a->fch_gelu, a->fch_gelu_bf16, p->fcprojw, p->fcprojb, N, F, C);
 }
 
-void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const float *x, int N) {
+void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const uint16_t *dy_bf16,
+                           const float *x, const uint16_t *x_bf16, int N) {
     const mp_backend *be = m->be;
     use_precision(m);
     enter_phase(m, m->ret[l] ? MP_PHASE_PEER : MP_PHASE_MLP);
@@ -613,10 +647,10 @@ void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const
     block_params *p = &m->p[l], *g = &m->g[l];
     block_acts *a = &m->a[l];
     // each activation gradient is written by its one producer: nothing to zero
-    be->matmul_backward(m->dfch_gelu, g->fcprojw, g->fcprojb, dy, a->fch_gelu, p->fcprojw, N, F,
-                        C, 0);
-    be->gelu_backward(m->dfch, a->fch, m->dfch_gelu, (long)N * F);
-    be->matmul_backward(dx, g->fcw, g->fcb, m->dfch, x, p->fcw, N, C, F, 0);
+    be->matmul_backward(m->dfch_gelu, g->fcprojw, g->fcprojb, dy, dy_bf16, a->fch_gelu,
+                        a->fch_gelu_bf16, p->fcprojw, N, F, C, 0);
+    be->gelu_backward(m->dfch, m->dfch_bf16, a->fch, m->dfch_gelu, (long)N * F);
+    be->matmul_backward(dx, g->fcw, g->fcb, m->dfch, m->dfch_bf16, x, x_bf16, p->fcw, N, C, F, 0);
 }
 
 float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
@@ -641,23 +675,26 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
         block_acts *a = &m->a[l];
         float *res_out = l + 1 < c->n_layers ? m->a[l + 1].res_in : m->res_out;
         enter_phase(m, MP_PHASE_NORM);
-        be->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, a->res_in, p->ln1w, p->ln1b, N, C);
+        be->layernorm_forward(a->ln1, a->ln1_bf16, a->ln1_mean, a->ln1_rstd, a->res_in, p->ln1w,
+                              p->ln1b, N, C);
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
-        be->matmul_forward(a->qkv, a->ln1, p->qkvw, p->qkvb, N, C, 3 * C);
+        be->matmul_forward(a->qkv, a->ln1, a->ln1_bf16, p->qkvw, p->qkvb, N, C, 3 * C);
         enter_phase(m, MP_PHASE_ATTENTION);
-        be->attention_forward(a->atty, a->att, a->qkv, B, T, C, NH);
+        be->attention_forward(a->atty, a->atty_bf16, a->att, a->qkv, B, T, C, NH);
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
-        be->matmul_forward(m->ffn_out, a->atty, p->projw, p->projb, N, C, C);
+        be->matmul_forward(m->ffn_out, a->atty, a->atty_bf16, p->projw, p->projb, N, C, C);
         enter_phase(m, MP_PHASE_NORM);
         be->residual_forward(a->res_mid, a->res_in, m->ffn_out, (long)N * C);
-        be->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->res_mid, p->ln2w, p->ln2b, N, C);
-        mp_model_ffn_forward(m, l, m->ffn_out, a->ln2, N, train);
+        be->layernorm_forward(a->ln2, a->ln2_bf16, a->ln2_mean, a->ln2_rstd, a->res_mid, p->ln2w,
+                              p->ln2b, N, C);
+        mp_model_ffn_forward(m, l, m->ffn_out, a->ln2, a->ln2_bf16, N, train);
         enter_phase(m, MP_PHASE_NORM);
         be->residual_forward(res_out, a->res_mid, m->ffn_out, (long)N * C);
     }
-    be->layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, m->res_out, m->lnfw, m->lnfb, N, C);
+    be->layernorm_forward(m->lnf, m->lnf_bf16, m->lnf_mean, m->lnf_rstd, m->res_out, m->lnfw,
+                          m->lnfb, N, C);
     enter_phase(m, MP_PHASE_LM_HEAD);
-    be->matmul_forward(m->logits, m->lnf, m->wte, NULL, N, C, V);
+    be->matmul_forward(m->logits, m->lnf, m->lnf_bf16, m->wte, NULL, N, C, V);
     if (!targets) {
         mp_model_phase(m, MP_PHASE_NONE);
         return 0.0f;
@@ -684,34 +721,41 @@ void mp_model_backward(mp_model *m, float loss_scale) {
 
     m->in_backward = 1;
     enter_phase(m, MP_PHASE_LOSS);
-    be->crossentropy_backward(m->dlogits, m->logits, m->ce_stats, m->targets, loss_scale / N, N,
-                              V);
+    // bf16 mode: dlogits exists only as its twin (the LM head has no bias to sum it for)
+    be->crossentropy_backward(m->dlogits, m->dlogits_bf16, m->logits, m->ce_stats, m->targets,
+                              loss_scale / N, N, V);
     // Activation gradients with one producer are written by it (backend.h); dres, the
-    // residual stream's, collects both branches of every block through the LayerNorms.
+    // residual stream's, collects both branches of every block through the LayerNorms,
+    // and its twin is the rounding of the sum after each of them.
     enter_phase(m, MP_PHASE_LM_HEAD);
-    be->matmul_backward(m->dln, m->dwte, NULL, m->dlogits, m->lnf, m->wte, N, C, V, 0);
+    be->matmul_backward(m->dln, m->dwte, NULL, m->dlogits, m->dlogits_bf16, m->lnf, m->lnf_bf16,
+                        m->wte, N, C, V, 0);
     enter_phase(m, MP_PHASE_NORM);
     be->zero(m->dres, NC);
-    be->layernorm_backward(m->dres, m->dlnfw, m->dlnfb, m->dln, m->res_out, m->lnfw,
+    be->layernorm_backward(m->dres, m->dres_bf16, m->dlnfw, m->dlnfb, m->dln, m->res_out, m->lnfw,
                            m->lnf_mean, m->lnf_rstd, N, C);
     for (int l = c->n_layers - 1; l >= 0; l--) {
         block_params *p = &m->p[l], *g = &m->g[l];
         block_acts *a = &m->a[l];
         // dres holds d(block output): the FFN branch, then LN2 adds into dres
-        mp_model_ffn_backward(m, l, m->dln, m->dres, a->ln2, N);
+        mp_model_ffn_backward(m, l, m->dln, m->dres, m->dres_bf16, a->ln2, a->ln2_bf16, N);
         enter_phase(m, MP_PHASE_NORM);
-        be->layernorm_backward(m->dres, g->ln2w, g->ln2b, m->dln, a->res_mid, p->ln2w,
-                               a->ln2_mean, a->ln2_rstd, N, C);
+        be->layernorm_backward(m->dres, m->dres_bf16, g->ln2w, g->ln2b, m->dln, a->res_mid,
+                               p->ln2w, a->ln2_mean, a->ln2_rstd, N, C);
         // dres now holds d(res_mid): the attention branch, then LN1 adds into dres
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
-        be->matmul_backward(m->datty, g->projw, g->projb, m->dres, a->atty, p->projw, N, C, C, 0);
+        be->matmul_backward(m->datty, g->projw, g->projb, m->dres, m->dres_bf16, a->atty,
+                            a->atty_bf16, p->projw, N, C, C, 0);
         enter_phase(m, MP_PHASE_ATTENTION);
-        be->attention_backward(m->dqkv, m->datty, a->qkv, a->atty, a->att, B, T, C, NH);
+        be->attention_backward(m->dqkv, m->dqkv_bf16, m->datty, a->qkv, a->atty, a->att, B, T, C,
+                               NH);
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
-        be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, a->ln1, p->qkvw, N, C, 3 * C, 0);
+        be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, m->dqkv_bf16, a->ln1, a->ln1_bf16,
+                            p->qkvw, N, C, 3 * C, 0);
         enter_phase(m, MP_PHASE_NORM);
-        be->layernorm_backward(m->dres, g->ln1w, g->ln1b, m->dln, a->res_in, p->ln1w,
-                               a->ln1_mean, a->ln1_rstd, N, C);
+        // the last LN1 (block 0) feeds only the embeddings' fp32 sums: no twin
+        be->layernorm_backward(m->dres, l > 0 ? m->dres_bf16 : NULL, g->ln1w, g->ln1b, m->dln,
+                               a->res_in, p->ln1w, a->ln1_mean, a->ln1_rstd, N, C);
     }
     enter_phase(m, MP_PHASE_EMBED);
     be->encoder_backward(m->dwte, m->dwpe, m->dres, m->inputs, B, T, C);

@@ -7,7 +7,10 @@
 mp_retrieval_layer *mp_model_retrieval_layer(mp_model *m, int block);
 // The feed-forward branch of block l (dense MLP, PEER or PKM): y (N, C) = FFN(x (N, C)),
 // and its backward (dx written, parameter gradients += ...). The model calls these; the
-// layer tests call them directly.
-void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, int N, int train);
-void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const float *x, int N);
+// layer tests call them directly. x_bf16, dy_bf16: the bf16 twins of x and dy (backend.h),
+// or NULL (then the dense MLP's GEMMs round them in bf16 mode).
+void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, const uint16_t *x_bf16,
+                          int N, int train);
+void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const uint16_t *dy_bf16,
+                           const float *x, const uint16_t *x_bf16, int N);
 

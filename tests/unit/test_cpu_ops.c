@@ -225,7 +225,7 @@ typedef struct {
 
 static double ln_obj(void *p) {
     ln_ctx *c = p;
-    be->layernorm_forward(c->out, c->mean, c->rstd, c->inp, c->w, c->b, c->N, c->C);
+    be->layernorm_forward(c->out, NULL, c->mean, c->rstd, c->inp, c->w, c->b, c->N, c->C);
     return dot_r(c->out, c->R, (size_t)c->N * c->C);
 }
 
@@ -268,7 +268,7 @@ static void test_layernorm(void **state) {
     memcpy(dinp, g0i, n * sizeof(float));
     memcpy(dw, g0w, C * sizeof(float));
     memcpy(db, g0b, C * sizeof(float));
-    be->layernorm_backward(dinp, dw, db, c.R, c.inp, c.w, c.mean, c.rstd, N, C);
+    be->layernorm_backward(dinp, NULL, dw, db, c.R, c.inp, c.w, c.mean, c.rstd, N, C);
     sub_prefill(dinp, g0i, n);
     sub_prefill(dw, g0w, C);
     sub_prefill(db, g0b, C);
@@ -291,7 +291,7 @@ typedef struct {
 
 static double mm_obj(void *p) {
     mm_ctx *c = p;
-    be->matmul_forward(c->out, c->inp, c->w, c->bias, c->N, c->C, c->OC);
+    be->matmul_forward(c->out, c->inp, NULL, c->w, c->bias, c->N, c->C, c->OC);
     return dot_r(c->out, c->R, (size_t)c->N * c->OC);
 }
 
@@ -325,7 +325,7 @@ static void test_matmul_fd(void **state) {
     memcpy(dinp, g0i, ni * sizeof(float));
     memcpy(dw, g0w, nw * sizeof(float));
     memcpy(db, g0b, OC * sizeof(float));
-    be->matmul_backward(dinp, dw, db, c.R, c.inp, c.w, N, C, OC, 1);
+    be->matmul_backward(dinp, dw, db, c.R, NULL, c.inp, NULL, c.w, N, C, OC, 1);
     sub_prefill(dinp, g0i, ni);
     sub_prefill(dw, g0w, nw);
     sub_prefill(db, g0b, OC);
@@ -333,7 +333,7 @@ static void test_matmul_fd(void **state) {
     check("matmul dw vs FD", fd_rel_error(mm_obj, &c, c.w, nw, dw, 1e-2f), FD_TOL);
     check("matmul dbias vs FD", fd_rel_error(mm_obj, &c, c.bias, OC, db, 1e-2f), FD_TOL);
     fill_nan(dinp, ni);
-    be->matmul_backward(dinp, NULL, NULL, c.R, c.inp, c.w, N, C, OC, 0);
+    be->matmul_backward(dinp, NULL, NULL, c.R, NULL, c.inp, NULL, c.w, N, C, OC, 0);
     check("matmul dinp (written) vs FD", fd_rel_error(mm_obj, &c, c.inp, ni, dinp, 1e-2f), FD_TOL);
 
     free(c.out); free(c.inp); free(c.w); free(c.bias); free(c.R);
@@ -355,16 +355,16 @@ static void matmul_naive_case(int N, int C, int OC) {
     char what[64];
     print_message("  N=%d C=%d OC=%d\n", N, C, OC);
 
-    be->matmul_forward(out, inp, w, bias, N, C, OC);
+    be->matmul_forward(out, inp, NULL, w, bias, N, C, OC);
     naive_matmul(ref, inp, w, bias, N, C, OC);
     check("matmul forward (bias)", rel_err(out, ref, no), FWD_TOL);
-    be->matmul_forward(out, inp, w, NULL, N, C, OC);
+    be->matmul_forward(out, inp, NULL, w, NULL, N, C, OC);
     naive_matmul(ref, inp, w, NULL, N, C, OC);
     check("matmul forward (no bias)", rel_err(out, ref, no), FWD_TOL);
 
     float *dinp = fbuf(ni), *dw = fbuf(nw), *db = fbuf(OC);
     fill_nan(dinp, ni);
-    be->matmul_backward(dinp, dw, db, dout, inp, w, N, C, OC, 0);
+    be->matmul_backward(dinp, dw, db, dout, NULL, inp, NULL, w, N, C, OC, 0);
     double *rdi = dbuf(ni), *rdw = dbuf(nw), *rdb = dbuf(OC);
     for (int n = 0; n < N; n++)
         for (int o = 0; o < OC; o++) {
@@ -379,19 +379,19 @@ static void matmul_naive_case(int N, int C, int OC) {
     check("matmul dw vs naive", rel_err(dw, rdw, nw), FWD_TOL);
     check("matmul dbias vs naive", rel_err(db, rdb, OC), FWD_TOL);
     // NULL gradients are skipped, the others still accumulate
-    be->matmul_backward(NULL, dw, NULL, dout, inp, w, N, C, OC, 0);
+    be->matmul_backward(NULL, dw, NULL, dout, NULL, inp, NULL, w, N, C, OC, 0);
     for (size_t i = 0; i < nw; i++) rdw[i] *= 2.0;
     snprintf(what, sizeof what, "matmul dw accumulates");
     check(what, rel_err(dw, rdw, nw), FWD_TOL);
     // the same inputs give the same bits
     float *out2 = fbuf(no), *dinp2 = fbuf(ni), *dw2 = fbuf(nw);
-    be->matmul_forward(out, inp, w, bias, N, C, OC);
-    be->matmul_forward(out2, inp, w, bias, N, C, OC);
+    be->matmul_forward(out, inp, NULL, w, bias, N, C, OC);
+    be->matmul_forward(out2, inp, NULL, w, bias, N, C, OC);
     assert_memory_equal(out, out2, no * sizeof(float));
     memset(dinp, 0, ni * sizeof(float));
     memset(dw, 0, nw * sizeof(float));
-    be->matmul_backward(dinp, dw, NULL, dout, inp, w, N, C, OC, 0);
-    be->matmul_backward(dinp2, dw2, NULL, dout, inp, w, N, C, OC, 0);
+    be->matmul_backward(dinp, dw, NULL, dout, NULL, inp, NULL, w, N, C, OC, 0);
+    be->matmul_backward(dinp2, dw2, NULL, dout, NULL, inp, NULL, w, N, C, OC, 0);
     assert_memory_equal(dinp, dinp2, ni * sizeof(float));
     assert_memory_equal(dw, dw2, nw * sizeof(float));
 
@@ -416,7 +416,7 @@ typedef struct {
 
 static double at_obj(void *p) {
     at_ctx *c = p;
-    be->attention_forward(c->out, c->att, c->qkv, c->B, c->T, c->C, c->NH);
+    be->attention_forward(c->out, NULL, c->att, c->qkv, c->B, c->T, c->C, c->NH);
     return dot_r(c->out, c->R, (size_t)c->B * c->T * c->C);
 }
 
@@ -506,7 +506,7 @@ static void test_attention(void **state) {
 
     float *dqkv = fbuf(nq);
     fill_nan(dqkv, nq);
-    be->attention_backward(dqkv, c.R, c.qkv, c.out, c.att, B, T, C, NH);
+    be->attention_backward(dqkv, NULL, c.R, c.qkv, c.out, c.att, B, T, C, NH);
     check("attention dqkv vs FD", fd_rel_error(at_obj, &c, c.qkv, nq, dqkv, 1e-2f), FD_TOL);
 
     free(c.out); free(c.att); free(c.qkv); free(c.R); free(rout); free(ratt);
@@ -524,14 +524,14 @@ static void test_attention_blocks(void **state) {
     fill(qkv, nq, -1.5f, 1.5f);
     fill(dout, no, -1, 1);
     fill(att, na, 5, 6);
-    be->attention_forward(out, att, qkv, B, T, C, NH);
+    be->attention_forward(out, NULL, att, qkv, B, T, C, NH);
     double *rout = dbuf(no), *ratt = dbuf(na), *rd = dbuf(nq);
     naive_attention(rout, ratt, qkv, B, T, C, NH);
     check("attention T=150 forward out", rel_err(out, rout, no), FWD_TOL);
     check("attention T=150 forward att", rel_err(att, ratt, na), FWD_TOL);
 
     fill_nan(dqkv, nq);
-    be->attention_backward(dqkv, dout, qkv, out, att, B, T, C, NH);
+    be->attention_backward(dqkv, NULL, dout, qkv, out, att, B, T, C, NH);
     naive_attention_backward(rd, ratt, dout, qkv, B, T, C, NH);
     check("attention T=150 dqkv vs naive", rel_err(dqkv, rd, nq), FWD_TOL);
     free(qkv); free(out); free(att); free(dout); free(dqkv);
@@ -548,9 +548,9 @@ static void test_attention_causal(void **state) {
     float *qkv = fbuf(nq), *out1 = fbuf(no), *att1 = fbuf(na), *out2 = fbuf(no),
           *att2 = fbuf(na);
     fill(qkv, nq, -1, 1);
-    be->attention_forward(out1, att1, qkv, B, T, C, NH);
+    be->attention_forward(out1, NULL, att1, qkv, B, T, C, NH);
     for (int i = C; i < 3 * C; i++) qkv[((size_t)0 * T + t0) * 3 * C + i] += 0.5f;   // k, v
-    be->attention_forward(out2, att2, qkv, B, T, C, NH);
+    be->attention_forward(out2, NULL, att2, qkv, B, T, C, NH);
 
     assert_memory_equal(out1, out2, (size_t)t0 * C * sizeof(float));   // b = 0, t < t0
     for (int h = 0; h < NH; h++)
@@ -573,7 +573,7 @@ typedef struct {
 
 static double gelu_obj(void *p) {
     gelu_ctx *c = p;
-    be->gelu_forward(c->out, c->inp, c->n);
+    be->gelu_forward(c->out, NULL, c->inp, c->n);
     return dot_r(c->out, c->R, (size_t)c->n);
 }
 
@@ -590,7 +590,7 @@ static void test_gelu(void **state) {
 
     float *dinp = fbuf(n);
     fill_nan(dinp, n);
-    be->gelu_backward(dinp, c.inp, c.R, n);
+    be->gelu_backward(dinp, NULL, c.inp, c.R, n);
     check("gelu dinp vs FD", fd_rel_error(gelu_obj, &c, c.inp, n, dinp, 1e-2f), FD_TOL);
     free(c.out); free(c.inp); free(c.R); free(ref); free(dinp);
 }
@@ -655,7 +655,7 @@ static void test_crossentropy(void **state) {
 
     float *dl = fbuf(n);
     fill_nan(dl, n);
-    be->crossentropy_backward(dl, c.logits, c.stats, targets, 1.0f / N, N, V);
+    be->crossentropy_backward(dl, NULL, c.logits, c.stats, targets, 1.0f / N, N, V);
     check("crossentropy dlogits", rel_err(dl, rd, n), FWD_TOL);
     check("crossentropy dlogits vs FD", fd_rel_error(ce_obj, &c, c.logits, n, dl, 1e-2f),
           FD_TOL);
@@ -790,11 +790,11 @@ static void test_determinism(void **state) {
         float *d[3];
         fill(qkv, nq, -1, 1);
         fill(dout, no, -1, 1);
-        be->attention_forward(out, att, qkv, B, T, C, NH);
+        be->attention_forward(out, NULL, att, qkv, B, T, C, NH);
         for (int r = 0; r < 3; r++) {
             omp_set_num_threads(threads[r]);
             d[r] = fbuf(nq);
-            be->attention_backward(d[r], dout, qkv, out, att, B, T, C, NH);
+            be->attention_backward(d[r], NULL, dout, qkv, out, att, B, T, C, NH);
         }
         assert_memory_equal(d[0], d[1], nq * sizeof(float));
         assert_memory_equal(d[0], d[2], nq * sizeof(float));
@@ -831,13 +831,13 @@ static void test_determinism(void **state) {
         fill(w, C, 0.5f, 1.5f);
         fill(b, C, -1, 1);
         fill(dout, n, -1, 1);
-        be->layernorm_forward(out, mean, rstd, inp, w, b, N, C);
+        be->layernorm_forward(out, NULL, mean, rstd, inp, w, b, N, C);
         for (int r = 0; r < 3; r++) {
             omp_set_num_threads(threads[r]);
             di[r] = fbuf(n);
             dw[r] = fbuf(C);
             db[r] = fbuf(C);
-            be->layernorm_backward(di[r], dw[r], db[r], dout, inp, w, mean, rstd, N, C);
+            be->layernorm_backward(di[r], NULL, dw[r], db[r], dout, inp, w, mean, rstd, N, C);
         }
         for (int r = 1; r < 3; r++) {
             assert_memory_equal(di[0], di[r], n * sizeof(float));

@@ -166,18 +166,18 @@ static void test_layernorm(void **state) {
     size_t NC = (size_t)N * C;
     float *x = frand(NC, -2, 3), *w = frand(C, 0.5, 1.5), *b = frand(C, -1, 1);
     float *out = frand(NC, 0, 0), *mean = frand(N, 0, 0), *rstd = frand(N, 0, 0);
-    cpu->layernorm_forward(out, mean, rstd, x, w, b, N, C);
+    cpu->layernorm_forward(out, NULL, mean, rstd, x, w, b, N, C);
     float *d_x = dev_copy(x, NC * 4), *d_w = dev_copy(w, C * 4), *d_b = dev_copy(b, C * 4);
     float *d_out = gpu->alloc(NC * 4), *d_mean = gpu->alloc(N * 4), *d_rstd = gpu->alloc(N * 4);
-    gpu->layernorm_forward(d_out, d_mean, d_rstd, d_x, d_w, d_b, N, C);
+    gpu->layernorm_forward(d_out, NULL, d_mean, d_rstd, d_x, d_w, d_b, N, C);
     expect_dev("layernorm out", d_out, out, NC);
     expect_dev("layernorm mean", d_mean, mean, N);
     expect_dev("layernorm rstd", d_rstd, rstd, N);
     float *dout = frand(NC, -1, 1), *dx = frand(NC, -1, 1), *dw = frand(C, -1, 1), *db = frand(C, -1, 1);
     float *d_dout = dev_copy(dout, NC * 4), *d_dx = dev_copy(dx, NC * 4);
     float *d_dw = dev_copy(dw, C * 4), *d_db = dev_copy(db, C * 4);
-    cpu->layernorm_backward(dx, dw, db, dout, x, w, mean, rstd, N, C);
-    gpu->layernorm_backward(d_dx, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, N, C);
+    cpu->layernorm_backward(dx, NULL, dw, db, dout, x, w, mean, rstd, N, C);
+    gpu->layernorm_backward(d_dx, NULL, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, N, C);
     expect_dev("layernorm dx", d_dx, dx, NC);
     expect_dev("layernorm dw", d_dw, dw, C);
     expect_dev("layernorm db", d_db, db, C);
@@ -191,28 +191,28 @@ static void check_matmul(int N, int C, int OC, int with_bias) {
     size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float *x = frand(nx, -1, 1), *w = frand(nw, -1, 1), *bias = frand(OC, -1, 1);
     float *out = frand(no, 0, 0);
-    cpu->matmul_forward(out, x, w, with_bias ? bias : NULL, N, C, OC);
+    cpu->matmul_forward(out, x, NULL, w, with_bias ? bias : NULL, N, C, OC);
     float *d_x = dev_copy(x, nx * 4), *d_w = dev_copy(w, nw * 4), *d_bias = dev_copy(bias, OC * 4);
     float *d_out = gpu->alloc(no * 4);
-    gpu->matmul_forward(d_out, d_x, d_w, with_bias ? d_bias : NULL, N, C, OC);
+    gpu->matmul_forward(d_out, d_x, NULL, d_w, with_bias ? d_bias : NULL, N, C, OC);
     expect_dev("matmul out", d_out, out, no);
     float *dout = frand(no, -1, 1), *dx = frand(nx, -1, 1), *dw = frand(nw, -1, 1), *db = frand(OC, -1, 1);
     float *d_dout = dev_copy(dout, no * 4), *d_dx = dev_copy(dx, nx * 4), *d_dw = dev_copy(dw, nw * 4);
     float *d_db = dev_copy(db, OC * 4);
-    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, x, w, N, C, OC, 1);
-    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, d_x, d_w, N, C, OC, 1);
+    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, NULL, x, NULL, w, N, C, OC, 1);
+    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, NULL, d_x, NULL, d_w, N, C, OC, 1);
     expect_dev("matmul dx (added)", d_dx, dx, nx);
     expect_dev("matmul dw", d_dw, dw, nw);
     expect_dev("matmul dbias", d_db, db, OC);
     // dx written: NaN before, on both sides
     for (size_t i = 0; i < nx; i++) dx[i] = NAN;
     gpu->from_host(d_dx, dx, nx * 4);
-    cpu->matmul_backward(dx, NULL, NULL, dout, x, w, N, C, OC, 0);
-    gpu->matmul_backward(d_dx, NULL, NULL, d_dout, d_x, d_w, N, C, OC, 0);
+    cpu->matmul_backward(dx, NULL, NULL, dout, NULL, x, NULL, w, N, C, OC, 0);
+    gpu->matmul_backward(d_dx, NULL, NULL, d_dout, NULL, d_x, NULL, d_w, N, C, OC, 0);
     expect_dev("matmul dx (written)", d_dx, dx, nx);
     // NULL gradients are not written
-    gpu->matmul_backward(NULL, d_dw, NULL, d_dout, d_x, d_w, N, C, OC, 0);
-    cpu->matmul_backward(NULL, dw, NULL, dout, x, w, N, C, OC, 0);
+    gpu->matmul_backward(NULL, d_dw, NULL, d_dout, NULL, d_x, NULL, d_w, N, C, OC, 0);
+    cpu->matmul_backward(NULL, dw, NULL, dout, NULL, x, NULL, w, N, C, OC, 0);
     expect_dev("matmul dw only", d_dw, dw, nw);
     expect_dev("matmul dx untouched", d_dx, dx, nx);
     void *dev[] = {d_x, d_w, d_bias, d_out, d_dout, d_dx, d_dw, d_db};
@@ -326,11 +326,11 @@ static void check_matmul_bf16(int N, int C, int OC, int with_bias, int add) {
         gpu->from_host(d_dx, dx, nx * 4);
     }
     assert_int_equal(gpu->set_precision(MP_PRECISION_BF16), MP_PRECISION_FP32);
-    gpu->matmul_forward(d_out, d_x, d_w, with_bias ? d_bias : NULL, N, C, OC);
-    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, d_x, d_w, N, C, OC, add);
+    gpu->matmul_forward(d_out, d_x, NULL, d_w, with_bias ? d_bias : NULL, N, C, OC);
+    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, NULL, d_x, NULL, d_w, N, C, OC, add);
     assert_int_equal(gpu->set_precision(MP_PRECISION_FP32), MP_PRECISION_BF16);
-    cpu->matmul_forward(out, x, w, with_bias ? bias : NULL, N, C, OC);
-    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, x, w, N, C, OC, add);
+    cpu->matmul_forward(out, x, NULL, w, with_bias ? bias : NULL, N, C, OC);
+    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, NULL, x, NULL, w, N, C, OC, add);
     size_t big = no > nx ? (no > nw ? no : nw) : (nx > nw ? nx : nw);
     double *ref = malloc(big * sizeof(double)), *S = malloc(big * sizeof(double));
     double *want = malloc(big * sizeof(double));
@@ -376,6 +376,207 @@ static void test_matmul_bf16(void **state) {
     check_matmul_bf16(33, 45, 29, 1, 1);
     check_matmul_bf16(7, 64, 130, 0, 0);
     check_matmul_bf16(200, 3, 1, 1, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// bf16 twins (backend.h, system.precision = bf16): an op given a twin writes the same fp32
+// output as without one, bit for bit, and in every element of the twin that output rounded
+// to nearest even (round_bits, from the definition); matmul reading twins gives what it
+// gives rounding the operands itself, bit for bit, since the GEMMs see the same bits. The
+// twins start as a NaN pattern, so an element left unwritten fails.
+
+#define TWIN_NAN 0x7fc1u
+
+static uint16_t *twin_alloc(size_t n) {
+    uint16_t *h = malloc((n ? n : 1) * sizeof(uint16_t));
+    for (size_t i = 0; i < n; i++) h[i] = TWIN_NAN;
+    uint16_t *d = dev_copy(h, n * sizeof(uint16_t));
+    free(h);
+    return d;
+}
+
+static uint16_t bf16_bits(float f) {
+    float r = host_bf16(f);
+    uint32_t u;
+    memcpy(&u, &r, 4);
+    return (uint16_t)(u >> 16);
+}
+
+// d_got (n floats) equals d_want bit for bit (d_want NULL: not compared), and d_twin holds
+// the rounding of d_got
+static void expect_twin(const char *what, const float *d_got, const float *d_want,
+                        const uint16_t *d_twin, size_t n) {
+    float *got = host_copy(d_got, n * 4);
+    if (d_want) {
+        float *want = host_copy(d_want, n * 4);
+        for (size_t i = 0; i < n; i++)
+            if (memcmp(got + i, want + i, 4))
+                fail_msg("%s: the fp32 output at %zu is %.9g with a twin, %.9g without", what, i,
+                         got[i], want[i]);
+        free(want);
+    }
+    uint16_t *tw = host_copy(d_twin, n * sizeof(uint16_t));
+    for (size_t i = 0; i < n; i++)
+        if (tw[i] != bf16_bits(got[i]))
+            fail_msg("%s: twin at %zu is 0x%04x, the output %.9g rounds to 0x%04x", what, i,
+                     (unsigned)tw[i], got[i], (unsigned)bf16_bits(got[i]));
+    free(got);
+    free(tw);
+}
+
+static void expect_same_bits(const char *what, const float *d_got, const float *d_want, size_t n) {
+    float *got = host_copy(d_got, n * 4), *want = host_copy(d_want, n * 4);
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(got + i, want + i, 4))
+            fail_msg("%s at %zu: %.9g, want %.9g bit for bit", what, i, got[i], want[i]);
+    free(got); free(want);
+}
+
+static float *dev_rand(size_t n, float lo, float hi) {
+    float *h = frand(n, lo, hi), *d = dev_copy(h, n * 4);
+    free(h);
+    return d;
+}
+
+static void test_bf16_twins_elementwise(void **state) {
+    (void)state;
+    int N = 19, C = 70;
+    size_t NC = (size_t)N * C;
+    float *x = dev_rand(NC, -2, 3), *w = dev_rand(C, 0.5, 1.5), *b = dev_rand(C, -1, 1);
+    float *out = gpu->alloc(NC * 4), *ref = gpu->alloc(NC * 4), *st = gpu->alloc(4 * N * 4);
+    uint16_t *tw = twin_alloc(NC);
+    gpu->layernorm_forward(ref, NULL, st, st + N, x, w, b, N, C);
+    gpu->layernorm_forward(out, tw, st + 2 * N, st + 3 * N, x, w, b, N, C);
+    expect_twin("layernorm_forward", out, ref, tw, NC);
+    expect_same_bits("layernorm_forward mean, rstd", st + 2 * N, st, 2 * N);
+    // backward adds into dinp: the twin is the sum's rounding
+    float *dout = dev_rand(NC, -1, 1), *dx0 = frand(NC, -1, 1);
+    float *dx = dev_copy(dx0, NC * 4), *dxr = dev_copy(dx0, NC * 4);
+    float *dw = gpu->alloc(C * 4), *db = gpu->alloc(C * 4);
+    uint16_t *tw2 = twin_alloc(NC);
+    gpu->layernorm_backward(dxr, NULL, dw, db, dout, x, w, st, st + N, N, C);
+    gpu->layernorm_backward(dx, tw2, dw, db, dout, x, w, st, st + N, N, C);
+    expect_twin("layernorm_backward", dx, dxr, tw2, NC);
+    // GELU, both ways, n not a multiple of the block
+    long n = 1001;
+    float *gx = dev_rand(n, -4, 4), *gy = dev_rand(n, -1, 1);
+    float *go = gpu->alloc(n * 4), *gr = gpu->alloc(n * 4);
+    uint16_t *tw3 = twin_alloc(n), *tw4 = twin_alloc(n);
+    gpu->gelu_forward(gr, NULL, gx, n);
+    gpu->gelu_forward(go, tw3, gx, n);
+    expect_twin("gelu_forward", go, gr, tw3, n);
+    gpu->gelu_backward(gr, NULL, gx, gy, n);
+    gpu->gelu_backward(go, tw4, gx, gy, n);
+    expect_twin("gelu_backward", go, gr, tw4, n);
+    // cross-entropy backward: fp32 and twin together, and the twin alone (bf16 mode's LM head)
+    int Nc = 7, V = 300;
+    size_t nv = (size_t)Nc * V;
+    float *logits = dev_rand(nv, -5, 5), *stats = gpu->alloc(2 * Nc * 4), *losses = gpu->alloc(Nc * 4);
+    int32_t tg[7];
+    for (int i = 0; i < Nc; i++) tg[i] = (int32_t)(mp_hash3(5, 6, i) % V);
+    int32_t *d_tg = dev_copy(tg, sizeof tg);
+    gpu->crossentropy_forward(losses, stats, logits, d_tg, Nc, V);
+    float *dl = gpu->alloc(nv * 4), *dlr = gpu->alloc(nv * 4);
+    uint16_t *tw5 = twin_alloc(nv), *tw6 = twin_alloc(nv);
+    gpu->crossentropy_backward(dlr, NULL, logits, stats, d_tg, 0.37f, Nc, V);
+    gpu->crossentropy_backward(dl, tw5, logits, stats, d_tg, 0.37f, Nc, V);
+    expect_twin("crossentropy_backward", dl, dlr, tw5, nv);
+    gpu->crossentropy_backward(NULL, tw6, logits, stats, d_tg, 0.37f, Nc, V);
+    expect_twin("crossentropy_backward (twin only)", dlr, NULL, tw6, nv);
+    void *dev[] = {x, w, b, out, ref, st, tw, dout, dx, dxr, dw, db, tw2, gx, gy, go, gr, tw3, tw4,
+                   logits, stats, losses, d_tg, dl, dlr, tw5, tw6};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+    free(dx0);
+}
+
+// attention in bf16 mode (the tensor-core kernels store the twins) and in fp32 mode (a
+// rounding pass after the kernels): T past one 64-row tile, head size not a multiple of 16
+static void check_attention_twins(int precision, int B, int T, int NH, int hs) {
+    int C = NH * hs;
+    size_t n3 = (size_t)B * T * 3 * C, n1 = (size_t)B * T * C;
+    size_t ns = gpu->attention_state_floats(B, T, C, NH);
+    float *qkv = dev_rand(n3, -1, 1), *dout = dev_rand(n1, -1, 1);
+    float *out = gpu->alloc(n1 * 4), *ref = gpu->alloc(n1 * 4);
+    float *att = gpu->alloc(ns * 4), *att2 = gpu->alloc(ns * 4);
+    float *dq = gpu->alloc(n3 * 4), *dqr = gpu->alloc(n3 * 4);
+    uint16_t *tw = twin_alloc(n1), *tw2 = twin_alloc(n3);
+    char what[96];
+    int old = gpu->set_precision(precision);
+    gpu->attention_forward(ref, NULL, att, qkv, B, T, C, NH);
+    gpu->attention_forward(out, tw, att2, qkv, B, T, C, NH);
+    snprintf(what, sizeof what, "attention_forward (%s, T %d, hs %d)",
+             precision == MP_PRECISION_BF16 ? "bf16" : "fp32", T, hs);
+    expect_twin(what, out, ref, tw, n1);
+    expect_same_bits(what, att2, att, ns);
+    gpu->attention_backward(dqr, NULL, dout, qkv, ref, att, B, T, C, NH);
+    gpu->attention_backward(dq, tw2, dout, qkv, ref, att, B, T, C, NH);
+    snprintf(what, sizeof what, "attention_backward (%s, T %d, hs %d)",
+             precision == MP_PRECISION_BF16 ? "bf16" : "fp32", T, hs);
+    expect_twin(what, dq, dqr, tw2, n3);
+    gpu->set_precision(old);
+    void *dev[] = {qkv, dout, out, ref, att, att2, dq, dqr, tw, tw2};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+}
+
+static void test_bf16_twins_attention(void **state) {
+    (void)state;
+    check_attention_twins(MP_PRECISION_BF16, 2, 70, 3, 24);
+    check_attention_twins(MP_PRECISION_BF16, 1, 33, 2, 64);
+    check_attention_twins(MP_PRECISION_FP32, 2, 70, 3, 24);
+}
+
+// matmul in bf16 mode: with the twins of inp and dout (to_bf16 of them) it gives out, dinp,
+// dw and dbias bit for bit as without; with inp NULL (forward) or dout NULL (backward
+// without dbias) likewise
+static void check_matmul_twins(int N, int C, int OC, int with_bias) {
+    size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
+    float *x = dev_rand(nx, -1, 1), *w = dev_rand(nw, -1, 1), *bias = dev_rand(OC, -1, 1);
+    float *dout = dev_rand(no, -1, 1), *b = with_bias ? bias : NULL;
+    uint16_t *xb = gpu->alloc(nx * 2), *doutb = gpu->alloc(no * 2);
+    gpu->to_bf16(xb, x, nx);
+    gpu->to_bf16(doutb, dout, no);
+    float *o[3], *dx[3], *dw[3], *db[3];
+    float *dw0 = frand(nw, -1, 1), *db0 = frand(OC, -1, 1);
+    for (int k = 0; k < 3; k++) {
+        o[k] = gpu->alloc(no * 4);
+        dx[k] = gpu->alloc(nx * 4);
+        dw[k] = dev_copy(dw0, nw * 4);
+        db[k] = dev_copy(db0, OC * 4);
+    }
+    int old = gpu->set_precision(MP_PRECISION_BF16);
+    gpu->matmul_forward(o[0], x, NULL, w, b, N, C, OC);
+    gpu->matmul_forward(o[1], x, xb, w, b, N, C, OC);
+    gpu->matmul_forward(o[2], NULL, xb, w, b, N, C, OC);
+    gpu->matmul_backward(dx[0], dw[0], b ? db[0] : NULL, dout, NULL, x, NULL, w, N, C, OC, 0);
+    gpu->matmul_backward(dx[1], dw[1], b ? db[1] : NULL, dout, doutb, x, xb, w, N, C, OC, 0);
+    gpu->matmul_backward(dx[2], dw[2], NULL, NULL, doutb, NULL, xb, w, N, C, OC, 0);
+    gpu->set_precision(old);
+    char what[96];
+    for (int k = 1; k < 3; k++) {
+        const char *how = k == 1 ? "twins" : "twins alone";
+        snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) out, %s", N, C, OC, how);
+        expect_same_bits(what, o[k], o[0], no);
+        snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) dinp, %s", N, C, OC, how);
+        expect_same_bits(what, dx[k], dx[0], nx);
+        snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) dw, %s", N, C, OC, how);
+        expect_same_bits(what, dw[k], dw[0], nw);
+    }
+    if (b) {
+        snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) dbias, twins", N, C, OC);
+        expect_same_bits(what, db[1], db[0], OC);
+    }
+    for (int k = 0; k < 3; k++) {
+        gpu->free(o[k]); gpu->free(dx[k]); gpu->free(dw[k]); gpu->free(db[k]);
+    }
+    void *dev[] = {x, w, bias, dout, xb, doutb};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+    free(dw0); free(db0);
+}
+
+static void test_bf16_twins_matmul(void **state) {
+    (void)state;
+    check_matmul_twins(33, 45, 29, 1);
+    check_matmul_twins(7, 64, 130, 0);
 }
 
 #ifdef MP_HAVE_CUDA
@@ -459,17 +660,17 @@ static void check_attention(int B, int T, int NH, int hs) {
     g_track = &worst;
     char what[96];
     float *qkv = frand(nq, -1, 1), *out = frand(no, 0, 0), *att = frand(na, 0, 0);
-    cpu->attention_forward(out, att, qkv, B, T, C, NH);
+    cpu->attention_forward(out, NULL, att, qkv, B, T, C, NH);
     float *d_qkv = dev_copy(qkv, nq * 4), *d_out = gpu->alloc(no * 4), *d_att = gpu->alloc(ng * 4);
-    gpu->attention_forward(d_out, d_att, d_qkv, B, T, C, NH);
+    gpu->attention_forward(d_out, NULL, d_att, d_qkv, B, T, C, NH);
     snprintf(what, sizeof what, "attention B %d T %d NH %d hs %d: out", B, T, NH, hs);
     expect_dev(what, d_out, out, no);
     // dqkv is written: NaN before on both sides, so an element added to or left out shows
     float *dout = frand(no, -1, 1), *dqkv = frand(nq, 0, 0);
     for (size_t i = 0; i < nq; i++) dqkv[i] = NAN;
     float *d_dout = dev_copy(dout, no * 4), *d_dqkv = dev_copy(dqkv, nq * 4);
-    cpu->attention_backward(dqkv, dout, qkv, out, att, B, T, C, NH);
-    gpu->attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
+    cpu->attention_backward(dqkv, NULL, dout, qkv, out, att, B, T, C, NH);
+    gpu->attention_backward(d_dqkv, NULL, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
     // dq, dk and dv compared one by one: their scales differ
     float *got = host_copy(d_dqkv, nq * 4), *g = malloc(no * 4), *w = malloc(no * 4);
     const char *part[3] = {"dq", "dk", "dv"};
@@ -545,8 +746,8 @@ static void check_attention_bf16(int B, int T, int NH, int hs) {
     size_t ng = gpu->attention_state_floats(B, T, C, NH);
     float *d_qkv = dev_copy(qkv, nq * 4), *d_out = gpu->alloc(no * 4), *d_att = gpu->alloc(ng * 4);
     float *d_dout = dev_copy(dout, no * 4), *d_dqkv = dev_copy(nan, nq * 4);
-    gpu->attention_forward(d_out, d_att, d_qkv, B, T, C, NH);
-    gpu->attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
+    gpu->attention_forward(d_out, NULL, d_att, d_qkv, B, T, C, NH);
+    gpu->attention_backward(d_dqkv, NULL, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
     assert_int_equal(gpu->set_precision(MP_PRECISION_FP32), MP_PRECISION_BF16);
     float *out = host_copy(d_out, no * 4), *dqkv = host_copy(d_dqkv, nq * 4);
     att_case a = {B, T, NH, hs, C, qkv, dout};
@@ -691,14 +892,14 @@ static void test_elementwise(void **state) {
     long n = 1001;
     float *x = frand(n, -4, 4), *y = frand(n, -1, 1), *out = frand(n, 0, 0);
     float *d_x = dev_copy(x, n * 4), *d_y = dev_copy(y, n * 4), *d_out = gpu->alloc(n * 4);
-    cpu->gelu_forward(out, x, n);
-    gpu->gelu_forward(d_out, d_x, n);
+    cpu->gelu_forward(out, NULL, x, n);
+    gpu->gelu_forward(d_out, NULL, d_x, n);
     expect_dev("gelu", d_out, out, n);
     float *dx = frand(n, 0, 0);   // written: NaN before on both sides
     for (long i = 0; i < n; i++) dx[i] = NAN;
     float *d_dx = dev_copy(dx, n * 4);
-    cpu->gelu_backward(dx, x, y, n);
-    gpu->gelu_backward(d_dx, d_x, d_y, n);
+    cpu->gelu_backward(dx, NULL, x, y, n);
+    gpu->gelu_backward(d_dx, NULL, d_x, d_y, n);
     expect_dev("gelu backward", d_dx, dx, n);
     cpu->residual_forward(out, x, y, n);
     gpu->residual_forward(d_out, d_x, d_y, n);
@@ -731,8 +932,8 @@ static void test_kernel_timer(void **state) {
     gpu->synchronize();
     double t0 = mp_now();
     gpu->kernel_timer("first");
-    gpu->layernorm_forward(d_out, d_stat, d_stat + N, d_x, d_w, d_b, N, C);
-    gpu->layernorm_forward(d_out, d_stat, d_stat + N, d_x, d_w, d_b, N, C);
+    gpu->layernorm_forward(d_out, NULL, d_stat, d_stat + N, d_x, d_w, d_b, N, C);
+    gpu->layernorm_forward(d_out, NULL, d_stat, d_stat + N, d_x, d_w, d_b, N, C);
     gpu->zero(d_out, (size_t)N * C * 4);
     gpu->kernel_timer("second");
     gpu->residual_forward(d_out, d_x, d_x, (long)N * C);
@@ -776,8 +977,8 @@ static void test_crossentropy(void **state) {
     expect_dev("crossentropy (max, 1 / sum)", d_stats, stats, 2 * N);
     // dlogits is written: both sides start from NaN, which any += would keep
     float *dl = frand(nv, NAN, NAN), *d_dl = dev_copy(dl, nv * 4);
-    cpu->crossentropy_backward(dl, logits, stats, tg, 0.37f, N, V);
-    gpu->crossentropy_backward(d_dl, d_logits, d_stats, d_tg, 0.37f, N, V);
+    cpu->crossentropy_backward(dl, NULL, logits, stats, tg, 0.37f, N, V);
+    gpu->crossentropy_backward(d_dl, NULL, d_logits, d_stats, d_tg, 0.37f, N, V);
     expect_dev("crossentropy dlogits", d_dl, dl, nv);
     gpu->free(d_logits); gpu->free(d_stats); gpu->free(d_losses); gpu->free(d_tg); gpu->free(d_dl);
     free(logits); free(stats); free(losses); free(dl);
@@ -1512,7 +1713,7 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
         if (sh->exact_router)
             for (size_t i = 0; i < NC; i++) x[i] = trit(32, rejected, i, 0.5f);
         if (precision == BF16_EXACT) truncate_bf16(x, NC);
-        mp_model_ffn_forward(mc, 1, yc, x, N, train);
+        mp_model_ffn_forward(mc, 1, yc, x, NULL, N, train);
         if (sh->exact_router || decision_margin(lc, x, N) > 1e-4) break;
         if (rejected == 50) fail_msg("no input without near-ties in 50 tries");
     }
@@ -1522,9 +1723,9 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
     if (precision == BF16_EXACT) truncate_tables_bf16(mc);
     same_random_biases(mc, mg);
     same_random_grads(mc, mg);
-    mp_model_ffn_forward(mc, 1, yc, x, N, train);
+    mp_model_ffn_forward(mc, 1, yc, x, NULL, N, train);
     float *d_x = dev_copy(x, NC * 4), *d_y = gpu->alloc(NC * 4);
-    mp_model_ffn_forward(mg, 1, d_y, d_x, N, train);
+    mp_model_ffn_forward(mg, 1, d_y, d_x, NULL, N, train);
     char ctx[96];
     snprintf(ctx, sizeof ctx, "%s bn %d %s %s%s%s", kind == MP_FFN_PEER ? "peer" : "pkm", query_bn,
              act == MP_ACT_RELU ? "relu" : "gelu", train ? "train" : "eval",
@@ -1555,8 +1756,8 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
     for (size_t i = 0; i < NC; i++) dx[i] = NAN;
     if (precision == BF16_EXACT) truncate_bf16(dy, NC);
     float *d_dy = dev_copy(dy, NC * 4), *d_dx = dev_copy(dx, NC * 4);
-    mp_model_ffn_backward(mc, 1, dx, dy, x, N);
-    mp_model_ffn_backward(mg, 1, d_dx, d_dy, d_x, N);
+    mp_model_ffn_backward(mc, 1, dx, dy, NULL, x, NULL, N);
+    mp_model_ffn_backward(mg, 1, d_dx, d_dy, NULL, d_x, NULL, N);
     if (precision == BF16_EXACT) {
         expect_route_backward_bf16(ctx, mg, mc, d_dx, dx, x, N);
         expect_grads(mg, mc, ctx, ".wq");   // checked there
@@ -1568,8 +1769,8 @@ static void check_layer_at(mp_ffn_kind kind, int query_bn, mp_activation act, in
     if (precision == BF16_EXACT) {
         // new masters (what an optimizer step does): the next forward must read their copies
         new_tables_bf16(mc, mg);
-        mp_model_ffn_forward(mc, 1, yc, x, N, 0);
-        mp_model_ffn_forward(mg, 1, d_y, d_x, N, 0);
+        mp_model_ffn_forward(mc, 1, yc, x, NULL, N, 0);
+        mp_model_ffn_forward(mg, 1, d_y, d_x, NULL, N, 0);
         snprintf(what, sizeof what, "%s: y after new tables", ctx);
         expect_dev(what, d_y, yc, NC);
     }
@@ -2146,6 +2347,9 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup(test_matmul, reset_tolerance),
         cmocka_unit_test_setup(test_matmul_bf16, reset_tolerance),
         cmocka_unit_test_setup(test_gemm_precision, reset_tolerance),
+        cmocka_unit_test_setup(test_bf16_twins_elementwise, reset_tolerance),
+        cmocka_unit_test_setup(test_bf16_twins_attention, reset_tolerance),
+        cmocka_unit_test_setup(test_bf16_twins_matmul, reset_tolerance),
         cmocka_unit_test_setup(test_attention, reset_tolerance),
         cmocka_unit_test_setup(test_attention_bf16, reset_tolerance),
         cmocka_unit_test_setup(test_elementwise, reset_tolerance),

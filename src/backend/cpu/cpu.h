@@ -27,11 +27,14 @@ void mp_cpu_encoder_forward(float *out, const int32_t *inp, const float *wte, co
                             int B, int T, int C);
 void mp_cpu_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
                              int B, int T, int C);
-void mp_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                              const float *w, const float *b, int N, int C);
-void mp_cpu_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
-                               const float *inp, const float *w, const float *mean,
-                               const float *rstd, int N, int C);
+// The CPU has no bf16 mode: every bf16 twin (backend.h) it is given must be NULL; one that
+// is not is the caller's mistake (fatal, naming op), not something to round here.
+void mp_cpu_no_bf16(const void *twin, const char *op);
+void mp_cpu_layernorm_forward(float *out, uint16_t *out_bf16, float *mean, float *rstd,
+                              const float *inp, const float *w, const float *b, int N, int C);
+void mp_cpu_layernorm_backward(float *dinp, uint16_t *dinp_bf16, float *dw, float *db,
+                               const float *dout, const float *inp, const float *w,
+                               const float *mean, const float *rstd, int N, int C);
 // Sets OpenBLAS to one thread (once; mp_backend_cpu and mp_cpu_sgemm call it): OpenMP
 // threads share the work instead, see ops_dense.c.
 void mp_cpu_blas_init(void);
@@ -42,26 +45,29 @@ void mp_cpu_blas_init(void);
 void mp_cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                   int lda, const float *B, int ldb, float beta, float *C, int ldc);
 // bias may be NULL; in backward any of dinp, dw, dbias may be NULL (not wanted).
-void mp_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
-                           int N, int C, int OC);
+void mp_cpu_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf16,
+                           const float *w, const float *bias, int N, int C, int OC);
 void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int C, int OC,
+                            const uint16_t *dout_bf16, const float *inp,
+                            const uint16_t *inp_bf16, const float *w, int N, int C, int OC,
                             int dinp_accumulate);
 size_t mp_cpu_attention_state_floats(int B, int T, int C, int NH);
-void mp_cpu_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
-                              int NH);
-void mp_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                               const float *out, const float *att, int B, int T, int C, int NH);
-void mp_cpu_gelu_forward(float *out, const float *inp, long n);
-void mp_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
+void mp_cpu_attention_forward(float *out, uint16_t *out_bf16, float *att, const float *qkv,
+                              int B, int T, int C, int NH);
+void mp_cpu_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+                               const float *qkv, const float *out, const float *att, int B,
+                               int T, int C, int NH);
+void mp_cpu_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long n);
+void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, const float *inp,
+                          const float *dout, long n);
 void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n);
 void mp_cpu_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cpu_scatter_add_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cpu_crossentropy_forward(float *losses, float *stats, const float *logits,
                                  const int32_t *targets, int N, int V);
-void mp_cpu_crossentropy_backward(float *dlogits, const float *logits, const float *stats,
-                                  const int32_t *targets,
-                                  float dloss, int N, int V);
+void mp_cpu_crossentropy_backward(float *dlogits, uint16_t *dlogits_bf16, const float *logits,
+                                  const float *stats, const int32_t *targets, float dloss, int N,
+                                  int V);
 void mp_cpu_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
                   float lr, float beta1, float beta2, float eps, float wd, long t,
                   float grad_scale);

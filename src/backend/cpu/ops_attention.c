@@ -31,8 +31,9 @@ size_t mp_cpu_attention_state_floats(int B, int T, int C, int NH) {
     return (size_t)B * NH * T * T;
 }
 
-void mp_cpu_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
-                              int NH) {
+void mp_cpu_attention_forward(float *out, uint16_t *out_bf16, float *att, const float *qkv,
+                              int B, int T, int C, int NH) {
+    mp_cpu_no_bf16(out_bf16, "attention_forward");
     // out (B,T,C), att (B,NH,T,T) post-softmax probabilities (0 above the diagonal)
     int C3 = 3 * C, hs = C / NH, nrb = (T + ATT_ROWS - 1) / ATT_ROWS;
     float scale = 1.0f / sqrtf((float)hs);
@@ -58,8 +59,10 @@ void mp_cpu_attention_forward(float *out, float *att, const float *qkv, int B, i
     }
 }
 
-void mp_cpu_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                               const float *out, const float *att, int B, int T, int C, int NH) {
+void mp_cpu_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+                               const float *qkv, const float *out, const float *att, int B,
+                               int T, int C, int NH) {
+    mp_cpu_no_bf16(dqkv_bf16, "attention_backward");
     // dqkv (B,T,3C) written, dout (B,T,C), qkv (B,T,3C), att (B,NH,T,T); out is not needed
     // here: with the probabilities kept, rowsum(P dP) comes from them directly
     (void)out;

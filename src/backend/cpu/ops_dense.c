@@ -72,8 +72,9 @@ void mp_cpu_encoder_backward(float *dwte, float *dwpe, const float *dout, const 
 // ---------------------------------------------------------------------------------------
 // LayerNorm over the last dimension (biased variance, eps 1e-5)
 
-void mp_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                              const float *w, const float *b, int N, int C) {
+void mp_cpu_layernorm_forward(float *out, uint16_t *out_bf16, float *mean, float *rstd,
+                              const float *inp, const float *w, const float *b, int N, int C) {
+    mp_cpu_no_bf16(out_bf16, "layernorm_forward");
     // out (N,C), mean (N), rstd (N), inp (N,C), w (C), b (C)
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -100,9 +101,10 @@ void mp_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float 
     }
 }
 
-void mp_cpu_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
-                               const float *inp, const float *w, const float *mean,
-                               const float *rstd, int N, int C) {
+void mp_cpu_layernorm_backward(float *dinp, uint16_t *dinp_bf16, float *dw, float *db,
+                               const float *dout, const float *inp, const float *w,
+                               const float *mean, const float *rstd, int N, int C) {
+    mp_cpu_no_bf16(dinp_bf16, "layernorm_backward");
     // dinp (N,C), dw (C), db (C), dout (N,C), inp (N,C), w (C), mean (N), rstd (N)
     // dw and db are sums over rows: each block of LN_ROW_BLOCK rows writes its own partial
     // sums, which are then added in block order.
@@ -217,9 +219,10 @@ void mp_cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, co
     }
 }
 
-void mp_cpu_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
-                           int N, int C, int OC) {
+void mp_cpu_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf16,
+                           const float *w, const float *bias, int N, int C, int OC) {
     // out (N,OC), inp (N,C), w (OC,C), bias (OC) or NULL
+    mp_cpu_no_bf16(inp_bf16, "matmul_forward");
     if (N <= 0 || OC <= 0) return;
     mp_cpu_sgemm(0, 1, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
     if (bias) {
@@ -233,8 +236,11 @@ void mp_cpu_matmul_forward(float *out, const float *inp, const float *w, const f
 }
 
 void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int C, int OC,
+                            const uint16_t *dout_bf16, const float *inp,
+                            const uint16_t *inp_bf16, const float *w, int N, int C, int OC,
                             int dinp_accumulate) {
+    mp_cpu_no_bf16(dout_bf16, "matmul_backward");
+    mp_cpu_no_bf16(inp_bf16, "matmul_backward");
     // dinp (N,C) = (or +=) dout (N,OC) @ w (OC,C); dw (OC,C) += dout^T @ inp (N,C);
     // dbias (OC) += column sums of dout. beta = 1 makes sgemm accumulate, beta = 0 write
     // (sgemm then never reads C).
@@ -270,7 +276,8 @@ void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
 // ---------------------------------------------------------------------------------------
 // GELU, exact (erf) form
 
-void mp_cpu_gelu_forward(float *out, const float *inp, long n) {
+void mp_cpu_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long n) {
+    mp_cpu_no_bf16(out_bf16, "gelu_forward");
     #pragma omp parallel for schedule(static)
     for (long i = 0; i < n; i++) {
         float x = inp[i];
@@ -278,7 +285,9 @@ void mp_cpu_gelu_forward(float *out, const float *inp, long n) {
     }
 }
 
-void mp_cpu_gelu_backward(float *dinp, const float *inp, const float *dout, long n) {
+void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, const float *inp,
+                          const float *dout, long n) {
+    mp_cpu_no_bf16(dinp_bf16, "gelu_backward");
     // d/dx [x Phi(x)] = Phi(x) + x phi(x)
     #pragma omp parallel for schedule(static)
     for (long i = 0; i < n; i++) {
@@ -318,8 +327,10 @@ void mp_cpu_crossentropy_forward(float *losses, float *stats, const float *logit
     }
 }
 
-void mp_cpu_crossentropy_backward(float *dlogits, const float *logits, const float *stats,
-                                  const int32_t *targets, float dloss, int N, int V) {
+void mp_cpu_crossentropy_backward(float *dlogits, uint16_t *dlogits_bf16, const float *logits,
+                                  const float *stats, const int32_t *targets, float dloss, int N,
+                                  int V) {
+    mp_cpu_no_bf16(dlogits_bf16, "crossentropy_backward");
     // dlogits (N,V) = dloss * (softmax - onehot(target)), written
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {

@@ -22,17 +22,15 @@ static inline void adamw_element(float *p, float *m, float *v, float gi, float l
     *p -= lr * (mhat / (sqrtf(vhat) + eps) + wd * *p);
 }
 
-// The CPU keeps no bf16 copies (its backend has no to_bf16), so a bf16 destination is a
-// caller's mistake, not something to round here.
-static void no_bf16(const uint16_t *p_bf16) {
-    if (p_bf16) mp_fatal("the CPU backend has no bf16 copies: adamw takes p_bf16 = NULL");
+void mp_cpu_no_bf16(const void *twin, const char *op) {
+    if (twin) mp_fatal("the CPU backend has no bf16 mode: %s takes no bf16 destination or operand", op);
 }
 
 void mp_cpu_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
                   float lr, float beta1, float beta2, float eps, float wd, long t,
                   float grad_scale) {
     // p, g, m, v (n); t is the 1-based step (docs/model.md, Training)
-    no_bf16(p_bf16);
+    mp_cpu_no_bf16(p_bf16, "adamw");
     float bc1 = 1.0f - powf(beta1, (float)t);
     float bc2 = 1.0f - powf(beta2, (float)t);
     #pragma omp parallel for simd schedule(static)
@@ -46,7 +44,7 @@ void mp_cpu_adamw_rows(float *p, const float *g, float *m, float *v, uint16_t *p
                        float beta2, float eps, float wd, long t, float grad_scale) {
     // p, g, m, v (*, C); rows (n_rows) distinct. The bias corrections and the element
     // formula are mp_cpu_adamw's, so a listed row moves exactly as under the dense op.
-    no_bf16(p_bf16);
+    mp_cpu_no_bf16(p_bf16, "adamw");
     float bc1 = 1.0f - powf(beta1, (float)t);
     float bc2 = 1.0f - powf(beta2, (float)t);
     #pragma omp parallel for schedule(static)

@@ -68,11 +68,12 @@ static inline int mp_rows_per_block(int N, int want) {
 // GEMMs. The backend's precision setting (backend.h set_precision, system.precision) picks
 // the arithmetic:
 // - MP_PRECISION_FP32: every GEMM is cublasSgemm in the default math mode (no TF32).
-// - MP_PRECISION_BF16: matmul rounds its operands to bf16 (mp_cuda_round_bf16) and runs
-//   mp_cuda_gemm_bf16 (tensor cores, fp32 accumulation and output). The only GEMMs that
-//   keep fp32 operands are the PEER route's (the query forward, src/model/route.c, and the
-//   sub-key scores, retrieval_route.cu), and they stay plain fp32 rather than TF32: they
-//   pick experts (docs/cuda.md, "Precision"). Attention has its own kernels.
+// - MP_PRECISION_BF16: matmul takes its operands' bf16 twins (backend.h) or rounds them to
+//   bf16 (mp_cuda_round_bf16) and runs mp_cuda_gemm_bf16 (tensor cores, fp32 accumulation
+//   and output). The only GEMMs that keep fp32 operands are the PEER route's (the query
+//   forward, src/model/route.c, and the sub-key scores, retrieval_route.cu), and they stay
+//   plain fp32 rather than TF32: they pick experts (docs/cuda.md, "Precision"). Attention
+//   has its own kernels.
 int mp_cuda_precision(void);   // MP_PRECISION_FP32 or MP_PRECISION_BF16
 
 // Row-major C (M,N) = alpha op(A) op(B) + beta C, like mp_cpu_sgemm: op = transpose when
@@ -165,39 +166,42 @@ void mp_cuda_encoder_forward(float *out, const int32_t *inp, const float *wte, c
                              int B, int T, int C);
 void mp_cuda_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
                               int B, int T, int C);
-void mp_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                               const float *w, const float *b, int N, int C);
-void mp_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
-                                const float *inp, const float *w, const float *mean,
-                                const float *rstd, int N, int C);
-void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
-                            int N, int C, int OC);
+void mp_cuda_layernorm_forward(float *out, uint16_t *out_bf16, float *mean, float *rstd,
+                               const float *inp, const float *w, const float *b, int N, int C);
+void mp_cuda_layernorm_backward(float *dinp, uint16_t *dinp_bf16, float *dw, float *db,
+                                const float *dout, const float *inp, const float *w,
+                                const float *mean, const float *rstd, int N, int C);
+void mp_cuda_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf16,
+                            const float *w, const float *bias, int N, int C, int OC);
 void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                             const float *inp, const float *w, int N, int C, int OC,
+                             const uint16_t *dout_bf16, const float *inp,
+                             const uint16_t *inp_bf16, const float *w, int N, int C, int OC,
                              int dinp_accumulate);
 size_t mp_cuda_attention_state_floats(int B, int T, int C, int NH);
-void mp_cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
-                               int NH);
-void mp_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                                const float *out, const float *att, int B, int T, int C,
-                                int NH);
+void mp_cuda_attention_forward(float *out, uint16_t *out_bf16, float *att, const float *qkv,
+                               int B, int T, int C, int NH);
+void mp_cuda_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+                                const float *qkv, const float *out, const float *att, int B,
+                                int T, int C, int NH);
 // the tensor-core kernels that bf16 mode runs (ops_attention_tc.cu); nf: the head's columns
-// over 16, rounded up to 1, 2, 4 or 8; D (B, NH, T) = rowsum(dO * out)
-void mp_cuda_attention_forward_tc(float *out, float *lse, const float *qkv, int B, int T, int C,
-                                  int NH, float scale, int nf);
-void mp_cuda_attention_backward_tc(float *dqkv, const float *dout, const float *qkv,
-                                   const float *lse, const float *D, int B, int T, int C, int NH,
-                                   float scale, int nf);
-void mp_cuda_gelu_forward(float *out, const float *inp, long n);
-void mp_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, long n);
+// over 16, rounded up to 1, 2, 4 or 8; D (B, NH, T) = rowsum(dO * out); the twins out_bf16
+// and dqkv_bf16 (backend.h) written in the same stores, when not NULL
+void mp_cuda_attention_forward_tc(float *out, uint16_t *out_bf16, float *lse, const float *qkv,
+                                  int B, int T, int C, int NH, float scale, int nf);
+void mp_cuda_attention_backward_tc(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+                                   const float *qkv, const float *lse, const float *D, int B,
+                                   int T, int C, int NH, float scale, int nf);
+void mp_cuda_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long n);
+void mp_cuda_gelu_backward(float *dinp, uint16_t *dinp_bf16, const float *inp, const float *dout,
+                           long n);
 void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n);
 void mp_cuda_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cuda_scatter_add_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cuda_crossentropy_forward(float *losses, float *stats, const float *logits,
                                   const int32_t *targets, int N, int V);
-void mp_cuda_crossentropy_backward(float *dlogits, const float *logits, const float *stats,
-                                   const int32_t *targets,
-                                   float dloss, int N, int V);
+void mp_cuda_crossentropy_backward(float *dlogits, uint16_t *dlogits_bf16, const float *logits,
+                                   const float *stats, const int32_t *targets, float dloss, int N,
+                                   int V);
 void mp_cuda_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
                    float lr, float beta1, float beta2, float eps, float wd, long t,
                    float grad_scale);

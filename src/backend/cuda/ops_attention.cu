@@ -403,15 +403,15 @@ size_t mp_cuda_attention_state_floats(int B, int T, int C, int NH) {
     return (size_t)B * NH * T;
 }
 
-void mp_cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
-                               int NH) {
-    // out (B,T,C), att = L (B,NH,T), qkv (B,T,3C)
+void mp_cuda_attention_forward(float *out, uint16_t *out_bf16, float *att, const float *qkv,
+                               int B, int T, int C, int NH) {
+    // out (B,T,C) and its twin, att = L (B,NH,T), qkv (B,T,3C)
     if (B <= 0 || T <= 0) return;
     if (B > 65535 || NH > 65535) mp_fatal("CUDA attention: B %d or NH %d above 65535", B, NH);
     int hs = C / NH;
     float scale = 1.0f / sqrtf((float)hs);
     if (mp_cuda_precision() == MP_PRECISION_BF16) {   // tensor cores (ops_attention_tc.cu)
-        mp_cuda_attention_forward_tc(out, att, qkv, B, T, C, NH, scale, head_nj(hs));
+        mp_cuda_attention_forward_tc(out, out_bf16, att, qkv, B, T, C, NH, scale, head_nj(hs));
         return;
     }
     switch (head_nj(hs)) {
@@ -420,12 +420,15 @@ void mp_cuda_attention_forward(float *out, float *att, const float *qkv, int B, 
     case 4: forward_launch<4>(out, att, qkv, B, T, C, NH, scale); break;
     default: forward_launch<8>(out, att, qkv, B, T, C, NH, scale); break;
     }
+    // fp32 mode has no use for a twin; one asked for anyway is a separate pass
+    if (out_bf16) mp_cuda_to_bf16(out_bf16, out, (size_t)B * T * C);
 }
 
-void mp_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv,
-                                const float *out, const float *att, int B, int T, int C,
-                                int NH) {
-    // dqkv (B,T,3C) written, dout (B,T,C), qkv (B,T,3C), out (B,T,C), att = L (B,NH,T)
+void mp_cuda_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+                                const float *qkv, const float *out, const float *att, int B,
+                                int T, int C, int NH) {
+    // dqkv (B,T,3C) and its twin written, dout (B,T,C), qkv (B,T,3C), out (B,T,C),
+    // att = L (B,NH,T)
     if (B <= 0 || T <= 0) return;
     if (B > 65535 || NH > 65535) mp_fatal("CUDA attention: B %d or NH %d above 65535", B, NH);
     int hs = C / NH;
@@ -436,7 +439,8 @@ void mp_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv
                                                                         NH);
     KERNEL_CHECK();
     if (mp_cuda_precision() == MP_PRECISION_BF16) {
-        mp_cuda_attention_backward_tc(dqkv, dout, qkv, att, D, B, T, C, NH, scale, head_nj(hs));
+        mp_cuda_attention_backward_tc(dqkv, dqkv_bf16, dout, qkv, att, D, B, T, C, NH, scale,
+                                      head_nj(hs));
         return;
     }
     switch (head_nj(hs)) {
@@ -445,4 +449,5 @@ void mp_cuda_attention_backward(float *dqkv, const float *dout, const float *qkv
     case 4: backward_launch<4>(dqkv, dout, qkv, att, D, B, T, C, NH, scale); break;
     default: backward_launch<8>(dqkv, dout, qkv, att, D, B, T, C, NH, scale); break;
     }
+    if (dqkv_bf16) mp_cuda_to_bf16(dqkv_bf16, dqkv, (size_t)B * T * 3 * C);
 }

@@ -107,8 +107,8 @@ static __device__ __forceinline__ void tile_times_rows(frag_acc *acc, const uint
 // grid (query tiles, NH, B), the longest tiles (last queries, most keys) first
 template <int NF>
 static __global__ void __launch_bounds__(TC_THREADS)
-attention_forward_tc_kernel(float *out, float *lse, const float *qkv, int T, int C, int NH,
-                            float scale) {
+attention_forward_tc_kernel(float *out, uint16_t *out_bf16, float *lse, const float *qkv, int T,
+                            int C, int NH, float scale) {
     constexpr int DP = tc_dims<NF>::DP, LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
     constexpr int HALF = DP / 2;   // output columns per lane
     extern __shared__ __align__(128) uint16_t smem[];
@@ -166,11 +166,16 @@ attention_forward_tc_kernel(float *out, float *lse, const float *qkv, int T, int
         for (int t = 0; t < HALF; t++) o[t] = o[t] * alpha + Sw[i * OW + hf * HALF + t];
     }
     if (r < T) {
-        float *orow = out + ((size_t)b * T + r) * C + h * hs, inv = 1.0f / l;
+        size_t at = ((size_t)b * T + r) * C + h * hs;
+        float *orow = out + at, inv = 1.0f / l;
+        uint16_t *brow = out_bf16 ? out_bf16 + at : NULL;
         UNROLL
         for (int t = 0; t < HALF; t++) {
             int d = hf * HALF + t;
-            if (d < hs) orow[d] = o[t] * inv;
+            if (d >= hs) continue;
+            float y = o[t] * inv;
+            orow[d] = y;
+            if (brow) brow[d] = mp_float_to_bf16(y);
         }
         if (hf == 0) lse[((size_t)b * NH + h) * T + r] = m + logf(l);
     }
@@ -186,17 +191,22 @@ static __device__ __forceinline__ void p_ds(uint16_t *P, uint16_t *dS, int at, f
 }
 
 // the warp's accumulators (16, DP), finished sums, stored into rows [rw, rw + 16) of one
-// head's slice of dqkv (column offset col of the head's q, k or v part), through the scratch
+// head's slice of dqkv (column offset col of the head's q, k or v part), through the
+// scratch; dqkv_bf16 (same offsets), if not NULL, gets each value rounded
 template <int NF>
-static __device__ void store_rows(float *dqkv, const frag_acc *acc, float *Sw, int rw, int T,
-                                int C3, int col, int hs) {
+static __device__ void store_rows(float *dqkv, uint16_t *dqkv_bf16, const frag_acc *acc,
+                                  float *Sw, int rw, int T, int C3, int col, int hs) {
     constexpr int OW = tc_dims<NF>::OW;
     for (int f = 0; f < NF; f++) wmma::store_matrix_sync(Sw + 16 * f, acc[f], OW, wmma::mem_row_major);
     __syncwarp();
     int lane = threadIdx.x % 32;
     for (int e = lane; e < 16 * hs; e += 32) {
         int i = e / hs, d = e % hs;
-        if (rw + i < T) dqkv[(size_t)(rw + i) * C3 + col + d] = Sw[i * OW + d];
+        if (rw + i >= T) continue;
+        size_t at = (size_t)(rw + i) * C3 + col + d;
+        float g = Sw[i * OW + d];
+        dqkv[at] = g;
+        if (dqkv_bf16) dqkv_bf16[at] = mp_float_to_bf16(g);
     }
     __syncwarp();   // the scratch is read before the next store into it
 }
@@ -205,8 +215,8 @@ static __device__ void store_rows(float *dqkv, const frag_acc *acc, float *Sw, i
 // the most queries see, first), walking the query tiles from the diagonal to T in order
 template <int NF>
 static __global__ void __launch_bounds__(TC_THREADS)
-attention_dkv_tc_kernel(float *dqkv, const float *dout, const float *qkv, const float *lse,
-                        const float *D, int T, int C, int NH, float scale) {
+attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, const float *qkv,
+                        const float *lse, const float *D, int T, int C, int NH, float scale) {
     constexpr int LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
     extern __shared__ __align__(128) uint16_t smem[];
     uint16_t *Ks = smem;              // (TC_ROWS, LD) this block's keys
@@ -253,16 +263,18 @@ attention_dkv_tc_kernel(float *dqkv, const float *dout, const float *qkv, const 
         tile_times_rows<NF>(dv, Pw, dOs);   // dV += P^T dO
         tile_times_rows<NF>(dk, dSw, Qs);   // dK += dS^T q
     }
-    store_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dk, Sw, c0 + 16 * w, T, C3, C, hs);
-    store_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dv, Sw, c0 + 16 * w, T, C3, 2 * C, hs);
+    size_t head = (size_t)b * T * C3 + h * hs;
+    uint16_t *hb = dqkv_bf16 ? dqkv_bf16 + head : NULL;
+    store_rows<NF>(dqkv + head, hb, dk, Sw, c0 + 16 * w, T, C3, C, hs);
+    store_rows<NF>(dqkv + head, hb, dv, Sw, c0 + 16 * w, T, C3, 2 * C, hs);
 }
 
 // dQ: grid (query tiles, NH, B), a block per tile of TC_ROWS queries (the longest first),
 // walking the key tiles up to the diagonal in order
 template <int NF>
 static __global__ void __launch_bounds__(TC_THREADS)
-attention_dq_tc_kernel(float *dqkv, const float *dout, const float *qkv, const float *lse,
-                       const float *D, int T, int C, int NH, float scale) {
+attention_dq_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, const float *qkv,
+                       const float *lse, const float *D, int T, int C, int NH, float scale) {
     constexpr int LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
     extern __shared__ __align__(128) uint16_t smem[];
     uint16_t *Qs = smem;              // (TC_ROWS, LD) this block's queries
@@ -302,23 +314,25 @@ attention_dq_tc_kernel(float *dqkv, const float *dout, const float *qkv, const f
         __syncwarp();   // dS written by the warp's lanes, read by its fragments
         tile_times_rows<NF>(dq, dSw, Ks);   // dQ += dS k
     }
-    store_rows<NF>(dqkv + (size_t)b * T * C3 + h * hs, dq, Sw, r0 + 16 * w, T, C3, 0, hs);
+    size_t head = (size_t)b * T * C3 + h * hs;
+    store_rows<NF>(dqkv + head, dqkv_bf16 ? dqkv_bf16 + head : NULL, dq, Sw, r0 + 16 * w, T, C3,
+                   0, hs);
 }
 
 #else
 template <int NF>
-static __global__ void attention_forward_tc_kernel(float *, float *, const float *, int, int, int,
-                                                   float) {
+static __global__ void attention_forward_tc_kernel(float *, uint16_t *, float *, const float *, int,
+                                                   int, int, float) {
     __trap();
 }
 template <int NF>
-static __global__ void attention_dkv_tc_kernel(float *, const float *, const float *,
+static __global__ void attention_dkv_tc_kernel(float *, uint16_t *, const float *, const float *,
                                                const float *, const float *, int, int, int,
                                                float) {
     __trap();
 }
 template <int NF>
-static __global__ void attention_dq_tc_kernel(float *, const float *, const float *,
+static __global__ void attention_dq_tc_kernel(float *, uint16_t *, const float *, const float *,
                                               const float *, const float *, int, int, int,
                                               float) {
     __trap();
@@ -349,53 +363,54 @@ template <class F> static void tc_allow_shared(F *kernel, size_t bytes, int *don
 }
 
 template <int NF>
-static void tc_forward_launch(float *out, float *lse, const float *qkv, int B, int T, int C,
-                              int NH, float scale) {
+static void tc_forward_launch(float *out, uint16_t *out_bf16, float *lse, const float *qkv, int B,
+                              int T, int C, int NH, float scale) {
     static int ready;
     size_t shb = tc_forward_shared(NF);
     tc_allow_shared(attention_forward_tc_kernel<NF>, shb, &ready);
     dim3 grid((unsigned)((T + TC_ROWS - 1) / TC_ROWS), (unsigned)NH, (unsigned)B);
-    attention_forward_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(out, lse, qkv, T, C, NH, scale);
+    attention_forward_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(out, out_bf16, lse, qkv, T, C, NH,
+                                                               scale);
     KERNEL_CHECK();
 }
 
 template <int NF>
-static void tc_backward_launch(float *dqkv, const float *dout, const float *qkv,
-                               const float *lse, const float *D, int B, int T, int C, int NH,
-                               float scale) {
+static void tc_backward_launch(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+                               const float *qkv, const float *lse, const float *D, int B, int T,
+                               int C, int NH, float scale) {
     static int ready_kv, ready_q;
     dim3 grid((unsigned)((T + TC_ROWS - 1) / TC_ROWS), (unsigned)NH, (unsigned)B);
     size_t shb = tc_dkv_shared(NF);
     tc_allow_shared(attention_dkv_tc_kernel<NF>, shb, &ready_kv);
-    attention_dkv_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dout, qkv, lse, D, T, C, NH,
-                                                           scale);
+    attention_dkv_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dqkv_bf16, dout, qkv, lse, D, T,
+                                                           C, NH, scale);
     KERNEL_CHECK();
     shb = tc_dq_shared(NF);
     tc_allow_shared(attention_dq_tc_kernel<NF>, shb, &ready_q);
-    attention_dq_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dout, qkv, lse, D, T, C, NH,
-                                                          scale);
+    attention_dq_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dqkv_bf16, dout, qkv, lse, D, T,
+                                                          C, NH, scale);
     KERNEL_CHECK();
 }
 
 // nf: the head's 16-column blocks, rounded up to a power of two (ops_attention.cu checked
 // hs <= 128 when the model was built)
-void mp_cuda_attention_forward_tc(float *out, float *lse, const float *qkv, int B, int T, int C,
-                                  int NH, float scale, int nf) {
+void mp_cuda_attention_forward_tc(float *out, uint16_t *out_bf16, float *lse, const float *qkv,
+                                  int B, int T, int C, int NH, float scale, int nf) {
     switch (nf) {
-    case 1: tc_forward_launch<1>(out, lse, qkv, B, T, C, NH, scale); break;
-    case 2: tc_forward_launch<2>(out, lse, qkv, B, T, C, NH, scale); break;
-    case 4: tc_forward_launch<4>(out, lse, qkv, B, T, C, NH, scale); break;
-    default: tc_forward_launch<8>(out, lse, qkv, B, T, C, NH, scale); break;
+    case 1: tc_forward_launch<1>(out, out_bf16, lse, qkv, B, T, C, NH, scale); break;
+    case 2: tc_forward_launch<2>(out, out_bf16, lse, qkv, B, T, C, NH, scale); break;
+    case 4: tc_forward_launch<4>(out, out_bf16, lse, qkv, B, T, C, NH, scale); break;
+    default: tc_forward_launch<8>(out, out_bf16, lse, qkv, B, T, C, NH, scale); break;
     }
 }
 
-void mp_cuda_attention_backward_tc(float *dqkv, const float *dout, const float *qkv,
-                                   const float *lse, const float *D, int B, int T, int C, int NH,
-                                   float scale, int nf) {
+void mp_cuda_attention_backward_tc(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+                                   const float *qkv, const float *lse, const float *D, int B,
+                                   int T, int C, int NH, float scale, int nf) {
     switch (nf) {
-    case 1: tc_backward_launch<1>(dqkv, dout, qkv, lse, D, B, T, C, NH, scale); break;
-    case 2: tc_backward_launch<2>(dqkv, dout, qkv, lse, D, B, T, C, NH, scale); break;
-    case 4: tc_backward_launch<4>(dqkv, dout, qkv, lse, D, B, T, C, NH, scale); break;
-    default: tc_backward_launch<8>(dqkv, dout, qkv, lse, D, B, T, C, NH, scale); break;
+    case 1: tc_backward_launch<1>(dqkv, dqkv_bf16, dout, qkv, lse, D, B, T, C, NH, scale); break;
+    case 2: tc_backward_launch<2>(dqkv, dqkv_bf16, dout, qkv, lse, D, B, T, C, NH, scale); break;
+    case 4: tc_backward_launch<4>(dqkv, dqkv_bf16, dout, qkv, lse, D, B, T, C, NH, scale); break;
+    default: tc_backward_launch<8>(dqkv, dqkv_bf16, dout, qkv, lse, D, B, T, C, NH, scale); break;
     }
 }

@@ -68,9 +68,9 @@ void mp_cuda_encoder_backward(float *dwte, float *dwpe, const float *dout, const
 // ---------------------------------------------------------------------------------------
 // LayerNorm: one warp per row
 
-static __global__ void layernorm_forward_kernel(float *out, float *mean, float *rstd,
-                                                const float *inp, const float *w, const float *b,
-                                                int N, int C) {
+static __global__ void layernorm_forward_kernel(float *out, uint16_t *out_bf16, float *mean,
+                                                float *rstd, const float *inp, const float *w,
+                                                const float *b, int N, int C) {
     int n = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (n >= N) return;
     const float *x = inp + (size_t)n * C;
@@ -85,23 +85,28 @@ static __global__ void layernorm_forward_kernel(float *out, float *mean, float *
     }
     float var = mp_warp_sum(v) / C;
     float r = 1.0f / sqrtf(var + LN_EPS);
-    for (int c = lane; c < C; c += 32) o[c] = (x[c] - m) * r * w[c] + b[c];
+    uint16_t *ob = out_bf16 ? out_bf16 + (size_t)n * C : NULL;
+    for (int c = lane; c < C; c += 32) {
+        float y = (x[c] - m) * r * w[c] + b[c];
+        o[c] = y;
+        if (ob) ob[c] = mp_float_to_bf16(y);
+    }
     if (lane == 0) {
         if (mean) mean[n] = m;
         if (rstd) rstd[n] = r;
     }
 }
 
-void mp_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                               const float *w, const float *b, int N, int C) {
+void mp_cuda_layernorm_forward(float *out, uint16_t *out_bf16, float *mean, float *rstd,
+                               const float *inp, const float *w, const float *b, int N, int C) {
     if (N <= 0) return;
-    layernorm_forward_kernel<<<mp_blocks((size_t)N * 32, 256), 256>>>(out, mean, rstd, inp, w, b,
-                                                                       N, C);
+    layernorm_forward_kernel<<<mp_blocks((size_t)N * 32, 256), 256>>>(out, out_bf16, mean, rstd,
+                                                                       inp, w, b, N, C);
     KERNEL_CHECK();
 }
 
-static __global__ void layernorm_dinp_kernel(float *dinp, const float *dout, const float *inp,
-                                             const float *w, const float *mean,
+static __global__ void layernorm_dinp_kernel(float *dinp, uint16_t *dinp_bf16, const float *dout,
+                                             const float *inp, const float *w, const float *mean,
                                              const float *rstd, int N, int C) {
     int n = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (n >= N) return;
@@ -115,9 +120,12 @@ static __global__ void layernorm_dinp_kernel(float *dinp, const float *dout, con
         bsum += dn * ((x[c] - m) * s);
     }
     float dn_mean = mp_warp_sum(a) / C, dnn_mean = mp_warp_sum(bsum) / C;
+    uint16_t *dxb = dinp_bf16 ? dinp_bf16 + (size_t)n * C : NULL;
     for (int c = lane; c < C; c += 32) {
         float norm = (x[c] - m) * s;
-        dx[c] += (w[c] * d[c] - dn_mean - norm * dnn_mean) * s;
+        float g = dx[c] + (w[c] * d[c] - dn_mean - norm * dnn_mean) * s;
+        dx[c] = g;
+        if (dxb) dxb[c] = mp_float_to_bf16(g);
     }
 }
 
@@ -152,12 +160,12 @@ static __global__ void layernorm_dw_final_kernel(float *dw, float *db, const flo
     db[c] += sb;
 }
 
-void mp_cuda_layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
-                                const float *inp, const float *w, const float *mean,
-                                const float *rstd, int N, int C) {
+void mp_cuda_layernorm_backward(float *dinp, uint16_t *dinp_bf16, float *dw, float *db,
+                                const float *dout, const float *inp, const float *w,
+                                const float *mean, const float *rstd, int N, int C) {
     if (N <= 0) return;
-    layernorm_dinp_kernel<<<mp_blocks((size_t)N * 32, 256), 256>>>(dinp, dout, inp, w, mean, rstd,
-                                                                    N, C);
+    layernorm_dinp_kernel<<<mp_blocks((size_t)N * 32, 256), 256>>>(dinp, dinp_bf16, dout, inp, w,
+                                                                    mean, rstd, N, C);
     KERNEL_CHECK();
     int rows_per = mp_rows_per_block(N, LN_ROW_BLOCK), nblk = (N + rows_per - 1) / rows_per;
     float *part = (float *)mp_cuda_scratch(SCR_COLSUM, (size_t)nblk * 2 * C * sizeof(float));
@@ -180,22 +188,35 @@ static __global__ void add_bias_kernel(float *out, const float *bias, int N, int
     for (int n = blockIdx.y; n < N; n += gridDim.y) out[(size_t)n * OC + c] += b;
 }
 
-// bf16 mode: each GEMM's operands are rounded to bf16 into scratch (one pass of 4 + 2 bytes
-// per element) and the GEMM runs on tensor cores with fp32 sums; out, dinp, dw and the bias
-// stay fp32. dout is rounded once for both backward GEMMs.
-static uint16_t *bf16_copy(int slot, const float *x, int rows, int cols) {
+// bf16 mode: the GEMMs run on tensor cores with fp32 sums on bf16 operands; out, dinp, dw
+// and the bias stay fp32. An operand's twin (backend.h), written by the op that produced
+// it, is read as it is; an operand without one is rounded into scratch here (one pass of
+// 4 + 2 bytes per element: the weights always, dout once for both backward GEMMs).
+static const uint16_t *bf16_operand(int slot, const float *x, const uint16_t *twin, int rows,
+                                    int cols) {
+    if (twin) return twin;
+    if (!x) mp_fatal("internal: a bf16 GEMM operand (%d, %d) with neither fp32 values nor a twin",
+                     rows, cols);
     uint16_t *b = (uint16_t *)mp_cuda_scratch(slot, (size_t)rows * cols * sizeof(uint16_t));
     mp_cuda_round_bf16(b, x, rows, cols, cols);
     return b;
 }
 
-void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const float *bias,
-                            int N, int C, int OC) {
+// fp32 mode reads the fp32 operands, which must then be there
+static void fp32_operand(const float *x, const char *what) {
+    if (!x) mp_fatal("internal: matmul in fp32 without %s (its bf16 twin is only for bf16 mode)",
+                     what);
+}
+
+void mp_cuda_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf16,
+                            const float *w, const float *bias, int N, int C, int OC) {
     if (N <= 0 || OC <= 0) return;
     if (mp_cuda_precision() == MP_PRECISION_BF16 && C > 0) {
-        const uint16_t *ib = bf16_copy(SCR_GEMM_A, inp, N, C), *wb = bf16_copy(SCR_GEMM_B, w, OC, C);
+        const uint16_t *ib = bf16_operand(SCR_GEMM_A, inp, inp_bf16, N, C);   // (N, C)
+        const uint16_t *wb = bf16_operand(SCR_GEMM_B, w, NULL, OC, C);        // (OC, C)
         mp_cuda_gemm_bf16(0, 1, N, OC, C, 1.0f, ib, C, wb, C, 0.0f, out, OC);
     } else {
+        fp32_operand(inp, "inp");
         mp_cuda_sgemm(0, 1, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
     }
     if (bias) {
@@ -206,7 +227,8 @@ void mp_cuda_matmul_forward(float *out, const float *inp, const float *w, const 
 }
 
 void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
-                             const float *inp, const float *w, int N, int C, int OC,
+                             const uint16_t *dout_bf16, const float *inp,
+                             const uint16_t *inp_bf16, const float *w, int N, int C, int OC,
                              int dinp_accumulate) {
     if (N <= 0 || C <= 0) return;
     if (OC <= 0) {   // empty sums: a written dinp is 0, the rest keeps its values
@@ -215,40 +237,52 @@ void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *
     }
     float beta_in = dinp_accumulate ? 1.0f : 0.0f;   // 0: cuBLAS writes dinp without reading it
     if (mp_cuda_precision() == MP_PRECISION_BF16 && (dinp || dw)) {
-        const uint16_t *db = bf16_copy(SCR_GEMM_A, dout, N, OC);   // (N, OC)
+        const uint16_t *db = bf16_operand(SCR_GEMM_A, dout, dout_bf16, N, OC);   // (N, OC)
         if (dinp) {
-            const uint16_t *wb = bf16_copy(SCR_GEMM_B, w, OC, C);   // (OC, C)
+            const uint16_t *wb = bf16_operand(SCR_GEMM_B, w, NULL, OC, C);        // (OC, C)
             mp_cuda_gemm_bf16(0, 0, N, C, OC, 1.0f, db, OC, wb, C, beta_in, dinp, C);
         }
         if (dw) {
-            const uint16_t *ib = bf16_copy(SCR_GEMM_B, inp, N, C);  // (N, C)
+            const uint16_t *ib = bf16_operand(SCR_GEMM_B, inp, inp_bf16, N, C);   // (N, C)
             mp_cuda_gemm_bf16(1, 0, OC, C, N, 1.0f, db, OC, ib, C, 1.0f, dw, C);
         }
-    } else {
+    } else if (dinp || dw) {
+        fp32_operand(dout, "dout");
         if (dinp) mp_cuda_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, beta_in, dinp, C);
-        if (dw) mp_cuda_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
+        if (dw) {
+            fp32_operand(inp, "inp");
+            mp_cuda_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
+        }
     }
-    if (dbias) mp_cuda_colsum_add(dbias, dout, N, OC);
+    if (dbias) {
+        fp32_operand(dout, "dout (for dbias)");
+        mp_cuda_colsum_add(dbias, dout, N, OC);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // GELU (exact), residual
 
-static __global__ void gelu_forward_kernel(float *out, const float *inp, long n) {
+static __global__ void gelu_forward_kernel(float *out, uint16_t *out_bf16, const float *inp,
+                                           long n) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= (size_t)n) return;
     float x = inp[i];
-    out[i] = 0.5f * x * (1.0f + erff(x * INV_SQRT2));
+    float y = 0.5f * x * (1.0f + erff(x * INV_SQRT2));
+    out[i] = y;
+    if (out_bf16) out_bf16[i] = mp_float_to_bf16(y);
 }
 
-static __global__ void gelu_backward_kernel(float *dinp, const float *inp, const float *dout,
-                                            long n) {
+static __global__ void gelu_backward_kernel(float *dinp, uint16_t *dinp_bf16, const float *inp,
+                                            const float *dout, long n) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= (size_t)n) return;
     float x = inp[i];
     float cdf = 0.5f * (1.0f + erff(x * INV_SQRT2));
     float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
-    dinp[i] = (cdf + x * pdf) * dout[i];
+    float g = (cdf + x * pdf) * dout[i];
+    dinp[i] = g;
+    if (dinp_bf16) dinp_bf16[i] = mp_float_to_bf16(g);
 }
 
 static __global__ void residual_kernel(float *out, const float *a, const float *b, long n) {
@@ -256,15 +290,16 @@ static __global__ void residual_kernel(float *out, const float *a, const float *
     if (i < (size_t)n) out[i] = a[i] + b[i];
 }
 
-void mp_cuda_gelu_forward(float *out, const float *inp, long n) {
+void mp_cuda_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long n) {
     if (n <= 0) return;
-    gelu_forward_kernel<<<mp_blocks(n, 256), 256>>>(out, inp, n);
+    gelu_forward_kernel<<<mp_blocks(n, 256), 256>>>(out, out_bf16, inp, n);
     KERNEL_CHECK();
 }
 
-void mp_cuda_gelu_backward(float *dinp, const float *inp, const float *dout, long n) {
+void mp_cuda_gelu_backward(float *dinp, uint16_t *dinp_bf16, const float *inp, const float *dout,
+                           long n) {
     if (n <= 0) return;
-    gelu_backward_kernel<<<mp_blocks(n, 256), 256>>>(dinp, inp, dout, n);
+    gelu_backward_kernel<<<mp_blocks(n, 256), 256>>>(dinp, dinp_bf16, inp, dout, n);
     KERNEL_CHECK();
 }
 
@@ -310,16 +345,22 @@ static __global__ void crossentropy_forward_kernel(float *losses, float *stats,
     }
 }
 
-// one block per row: a read of logits and a write of dlogits, no read-modify-write
-static __global__ void crossentropy_backward_kernel(float *dlogits, const float *logits,
-                                                    const float *stats, const int32_t *targets,
-                                                    float dloss, int V) {
+// one block per row: a read of logits and a write of dlogits (fp32, or bf16 only: the LM
+// head's GEMMs read nothing else, and then 2 of the 4 bytes per element are never written),
+// no read-modify-write
+static __global__ void crossentropy_backward_kernel(float *dlogits, uint16_t *dlogits_bf16,
+                                                    const float *logits, const float *stats,
+                                                    const int32_t *targets, float dloss, int V) {
     int n = blockIdx.x, tg = targets[n];
     const float *x = logits + (size_t)n * V;
-    float *d = dlogits + (size_t)n * V;
+    float *d = dlogits ? dlogits + (size_t)n * V : NULL;
+    uint16_t *db = dlogits_bf16 ? dlogits_bf16 + (size_t)n * V : NULL;
     float mx = stats[2 * (size_t)n], inv = stats[2 * (size_t)n + 1];
-    for (int v = threadIdx.x; v < V; v += CE_THREADS)
-        d[v] = dloss * (expf(x[v] - mx) * inv - (v == tg ? 1.0f : 0.0f));
+    for (int v = threadIdx.x; v < V; v += CE_THREADS) {
+        float g = dloss * (expf(x[v] - mx) * inv - (v == tg ? 1.0f : 0.0f));
+        if (d) d[v] = g;
+        if (db) db[v] = mp_float_to_bf16(g);
+    }
 }
 
 void mp_cuda_crossentropy_forward(float *losses, float *stats, const float *logits,
@@ -329,9 +370,11 @@ void mp_cuda_crossentropy_forward(float *losses, float *stats, const float *logi
     KERNEL_CHECK();
 }
 
-void mp_cuda_crossentropy_backward(float *dlogits, const float *logits, const float *stats,
-                                   const int32_t *targets, float dloss, int N, int V) {
+void mp_cuda_crossentropy_backward(float *dlogits, uint16_t *dlogits_bf16, const float *logits,
+                                   const float *stats, const int32_t *targets, float dloss, int N,
+                                   int V) {
     if (N <= 0) return;
-    crossentropy_backward_kernel<<<N, CE_THREADS>>>(dlogits, logits, stats, targets, dloss, V);
+    crossentropy_backward_kernel<<<N, CE_THREADS>>>(dlogits, dlogits_bf16, logits, stats, targets,
+                                                    dloss, V);
     KERNEL_CHECK();
 }
