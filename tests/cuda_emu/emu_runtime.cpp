@@ -17,6 +17,7 @@
 #include <vector>
 #include "cub/device/device_radix_sort.cuh"
 #include "cublas_v2.h"
+#include "cublasLt.h"
 #include "cuda_emu.h"
 
 namespace mp_emu {
@@ -960,6 +961,264 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     // CUBLAS_COMPUTE_32F*: alpha and beta are floats, host memory (the default pointer mode)
     return gemm(call, h, ta, tb, m, n, k, *(const float *)alpha, A, lda, 0, B, ldb, 0, Atype,
                 *(const float *)beta, (float *)C, ldc, 0, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// cuBLASLt (cublasLt.h): bf16 x bf16 -> fp32 with the bias epilogue, on the GEMM above
+
+struct mp_emu_lt {
+    int unused;
+};
+struct mp_emu_lt_desc {
+    cublasComputeType_t compute;
+    cudaDataType_t scale;
+    int32_t transa, transb;
+    uint32_t epilogue;
+    const void *bias;
+    int32_t bias_type;
+};
+struct mp_emu_lt_layout {
+    cudaDataType type;
+    uint64_t rows, cols;
+    int64_t ld;
+};
+struct mp_emu_lt_pref {
+    uint64_t workspace;
+    uint32_t reduction_mask;
+    uint32_t align[4];   // A, B, C, D
+};
+
+namespace {
+
+// the largest power of two up to 256 dividing the address
+uint32_t pointer_alignment(const void *p) {
+    uintptr_t a = (uintptr_t)p;
+    uint32_t al = 1;
+    while (al < 256 && a % (2 * al) == 0) al *= 2;
+    return al;
+}
+
+// what an "algorithm" of the emulator remembers of its heuristic call: the alignments it was
+// found for (A, B, C, D, bias) and the workspace it was allowed
+struct lt_algo {
+    uint32_t align[5];
+    uint64_t workspace;
+};
+
+template <class T> cublasStatus_t set_value(T *dst, const void *buf, size_t size, const char *name) {
+    if (!buf || size != sizeof(T)) {
+        report("cuBLASLt: attribute %s takes %zu bytes, not %zu", name, sizeof(T), size);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    memcpy(dst, buf, sizeof(T));
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // namespace
+
+cublasStatus_t cublasLtCreate(cublasLtHandle_t *h) {
+    init();
+    *h = new mp_emu_lt();
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t h) {
+    delete h;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *d, cublasComputeType_t compute,
+                                        cudaDataType_t scale) {
+    *d = new mp_emu_lt_desc{compute, scale, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT,
+                            nullptr, -1};
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) {
+    delete d;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
+                                              cublasLtMatmulDescAttributes_t attr, const void *buf,
+                                              size_t size) {
+    if (!d) return CUBLAS_STATUS_NOT_INITIALIZED;
+    switch (attr) {
+    case CUBLASLT_MATMUL_DESC_TRANSA: return set_value(&d->transa, buf, size, "TRANSA");
+    case CUBLASLT_MATMUL_DESC_TRANSB: return set_value(&d->transb, buf, size, "TRANSB");
+    case CUBLASLT_MATMUL_DESC_EPILOGUE: return set_value(&d->epilogue, buf, size, "EPILOGUE");
+    case CUBLASLT_MATMUL_DESC_BIAS_POINTER: return set_value(&d->bias, buf, size, "BIAS_POINTER");
+    case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE:
+        return set_value(&d->bias_type, buf, size, "BIAS_DATA_TYPE");
+    default:
+        report("cublasLtMatmulDescSetAttribute: attribute %d is not emulated", (int)attr);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+}
+
+cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *l, cudaDataType type,
+                                          uint64_t rows, uint64_t cols, int64_t ld) {
+    if (rows > INT32_MAX || cols > INT32_MAX || ld < 1 || ld > INT32_MAX ||
+        (uint64_t)ld < rows) {
+        report("cublasLtMatrixLayoutCreate: (%llu x %llu, ld %lld) is not a layout this "
+               "emulator takes", (unsigned long long)rows, (unsigned long long)cols,
+               (long long)ld);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    *l = new mp_emu_lt_layout{type, rows, cols, ld};
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) {
+    delete l;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *p) {
+    *p = new mp_emu_lt_pref{0, CUBLASLT_REDUCTION_SCHEME_MASK, {256, 256, 256, 256}};
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) {
+    delete p;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p,
+                                                    cublasLtMatmulPreferenceAttributes_t attr,
+                                                    const void *buf, size_t size) {
+    if (!p) return CUBLAS_STATUS_NOT_INITIALIZED;
+    switch (attr) {
+    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
+        return set_value(&p->workspace, buf, size, "MAX_WORKSPACE_BYTES");
+    case CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK:
+        return set_value(&p->reduction_mask, buf, size, "REDUCTION_SCHEME_MASK");
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES:
+        return set_value(&p->align[attr - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES], buf, size,
+                         "MIN_ALIGNMENT_*_BYTES");
+    default:
+        report("cublasLtMatmulPreferenceSetAttribute: attribute %d is not emulated", (int)attr);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+}
+
+namespace {
+
+// The one configuration emulated: bf16 A and B, fp32 C and D, fp32 compute and scale, the
+// default or bias epilogue with an fp32 bias of D's rows; or the reason it is not.
+const char *lt_unsupported(const mp_emu_lt_desc *d, const mp_emu_lt_layout *a,
+                           const mp_emu_lt_layout *b, const mp_emu_lt_layout *c,
+                           const mp_emu_lt_layout *dd) {
+    if (d->compute != CUBLAS_COMPUTE_32F || d->scale != CUDA_R_32F)
+        return "compute and scale types other than CUBLAS_COMPUTE_32F / CUDA_R_32F";
+    if (a->type != CUDA_R_16BF || b->type != CUDA_R_16BF || c->type != CUDA_R_32F ||
+        dd->type != CUDA_R_32F)
+        return "types other than bf16 A, B and fp32 C, D";
+    if (d->epilogue != CUBLASLT_EPILOGUE_DEFAULT && d->epilogue != CUBLASLT_EPILOGUE_BIAS)
+        return "epilogues other than DEFAULT and BIAS";
+    if (d->epilogue == CUBLASLT_EPILOGUE_BIAS && d->bias_type != -1 && d->bias_type != CUDA_R_32F)
+        return "a bias of a type other than D's (fp32)";
+    if ((d->transa != CUBLAS_OP_N && d->transa != CUBLAS_OP_T) ||
+        (d->transb != CUBLAS_OP_N && d->transb != CUBLAS_OP_T))
+        return "transposes other than N and T";
+    if (c->rows != dd->rows || c->cols != dd->cols || c->ld != dd->ld)
+        return "C and D of different layouts";
+    return nullptr;
+}
+
+}  // namespace
+
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
+                                              cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                              cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t dd,
+                                              cublasLtMatmulPreference_t p, int requested,
+                                              cublasLtMatmulHeuristicResult_t results[],
+                                              int *returned) {
+    if (!h || !d || !a || !b || !c || !dd || !p) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (requested < 1 || !results || !returned) return CUBLAS_STATUS_INVALID_VALUE;
+    *returned = 0;
+    if (const char *why = lt_unsupported(d, a, b, c, dd)) {
+        report("cublasLtMatmulAlgoGetHeuristic: %s: not supported (by cuBLASLt, or by this "
+               "emulator)", why);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    // one algorithm, which needs no workspace and splits no sum (reduction scheme NONE, which
+    // no mask excludes)
+    lt_algo al;
+    for (int i = 0; i < 4; i++) al.align[i] = p->align[i];
+    al.align[4] = d->epilogue == CUBLASLT_EPILOGUE_BIAS ? pointer_alignment(d->bias) : 256;
+    al.workspace = p->workspace;
+    memset(&results[0], 0, sizeof results[0]);
+    memcpy(results[0].algo.data, &al, sizeof al);
+    results[0].state = CUBLAS_STATUS_SUCCESS;
+    results[0].wavesCount = 1.0f;
+    *returned = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void *alpha,
+                              const void *A, cublasLtMatrixLayout_t a, const void *B,
+                              cublasLtMatrixLayout_t b, const void *beta, const void *C,
+                              cublasLtMatrixLayout_t c, void *D, cublasLtMatrixLayout_t dd,
+                              const cublasLtMatmulAlgo_t *algo, void *workspace,
+                              size_t workspace_bytes, cudaStream_t stream) {
+    const char *call = "cublasLtMatmul";
+    (void)stream;   // one stream: the legacy default
+    if (!h || !d || !a || !b || !c || !dd) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!alpha || !beta || !algo) return CUBLAS_STATUS_INVALID_VALUE;
+    if (const char *why = lt_unsupported(d, a, b, c, dd)) {
+        report("%s: %s: not supported (by cuBLASLt, or by this emulator)", call, why);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    if (C != D) {
+        report("%s: C and D at different addresses: not emulated", call);
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    lt_algo al;
+    memcpy(&al, algo->data, sizeof al);
+    const void *ptr[5] = {A, B, C, D, d->epilogue == CUBLASLT_EPILOGUE_BIAS ? d->bias : nullptr};
+    const char *name[5] = {"A", "B", "C", "D", "the bias"};
+    for (int i = 0; i < 5; i++)
+        if (ptr[i] && pointer_alignment(ptr[i]) < al.align[i]) {
+            report("%s: %s at %p is %u-byte aligned, but the algorithm was found for %u bytes",
+                   call, name[i], ptr[i], pointer_alignment(ptr[i]), al.align[i]);
+            return CUBLAS_STATUS_INVALID_VALUE;
+        }
+    if (workspace_bytes > al.workspace) {
+        report("%s: %zu bytes of workspace, more than the %llu the heuristic was allowed", call,
+               workspace_bytes, (unsigned long long)al.workspace);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    char why[200];
+    if (workspace_bytes && !device_range(workspace, workspace_bytes, why, sizeof why)) {
+        report("%s: workspace: %s", call, why);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    // column-major m x n = op(A) (m x k) op(B) (k x n)
+    int m = (int)dd->rows, n = (int)dd->cols;
+    int k = (int)(d->transa == CUBLAS_OP_N ? a->cols : a->rows);
+    int am = (int)(d->transa == CUBLAS_OP_N ? a->rows : a->cols);
+    int bk = (int)(d->transb == CUBLAS_OP_N ? b->rows : b->cols);
+    int bn = (int)(d->transb == CUBLAS_OP_N ? b->cols : b->rows);
+    if (am != m || bk != k || bn != n) {
+        report("%s: op(A) %d x %d, op(B) %d x %d and D %d x %d do not multiply", call, am, k, bk,
+               bn, m, n);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    // gemm only checks that it has a handle
+    cublasStatus_t s = gemm(call, (cublasHandle_t)h, (cublasOperation_t)d->transa,
+                            (cublasOperation_t)d->transb, m, n, k, *(const float *)alpha, A,
+                            (int)a->ld, 0, B, (int)b->ld, 0, CUDA_R_16BF, *(const float *)beta,
+                            (float *)D, (int)dd->ld, 0, 1);
+    if (s != CUBLAS_STATUS_SUCCESS || d->epilogue != CUBLASLT_EPILOGUE_BIAS) return s;
+    // the bias epilogue: bias (m) added to every column of D
+    if (!device_range(d->bias, (size_t)m * sizeof(float), why, sizeof why)) {
+        report("%s: bias of %d floats: %s", call, m, why);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    DeviceWork work;
+    const float *bias = (const float *)d->bias;
+    float *out = (float *)D;
+    for (int j = 0; j < n; j++)
+        for (int r = 0; r < m; r++) out[(size_t)j * dd->ld + r] += bias[r];
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 // ---------------------------------------------------------------------------------------

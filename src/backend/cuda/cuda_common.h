@@ -48,6 +48,7 @@ enum {
     SCR_XB, SCR_DYB, // experts backward, bf16 mode: x and dy rounded to bf16
     SCR_GEMM_A, SCR_GEMM_B,   // matmul, bf16 mode: GEMM operands rounded to bf16
     SCR_ROW_SS,      // experts backward: sums of squares per (column block, row)
+    SCR_LT_WORKSPACE,   // cuBLASLt's workspace (gemm_lt.cu)
     SCR_COUNT
 };
 void *mp_cuda_scratch(int slot, size_t bytes);
@@ -70,10 +71,10 @@ static inline int mp_rows_per_block(int N, int want) {
 // - MP_PRECISION_FP32: every GEMM is cublasSgemm in the default math mode (no TF32).
 // - MP_PRECISION_BF16: matmul takes its operands' bf16 twins (backend.h) or rounds them to
 //   bf16 (mp_cuda_round_bf16) and runs mp_cuda_gemm_bf16 (tensor cores, fp32 accumulation
-//   and output). The only GEMMs that keep fp32 operands are the PEER route's (the query
-//   forward, src/model/route.c, and the sub-key scores, retrieval_route.cu), and they stay
-//   plain fp32 rather than TF32: they pick experts (docs/cuda.md, "Precision"). Attention
-//   has its own kernels.
+//   and output), or, in the forward with a bias, mp_cuda_gemm_bf16_bias. The only GEMMs
+//   that keep fp32 operands are the PEER route's (the query forward, src/model/route.c,
+//   and the sub-key scores, retrieval_route.cu), and they stay plain fp32 rather than
+//   TF32: they pick experts (docs/cuda.md, "Precision"). Attention has its own kernels.
 int mp_cuda_precision(void);   // MP_PRECISION_FP32 or MP_PRECISION_BF16
 
 // Row-major C (M,N) = alpha op(A) op(B) + beta C, like mp_cpu_sgemm: op = transpose when
@@ -91,6 +92,12 @@ void mp_cuda_round_bf16(uint16_t *dst, const float *src, int rows, int cols, int
 void mp_cuda_gemm_bf16(int trans_a, int trans_b, int M, int N, int K, float alpha,
                        const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta,
                        float *C, int ldc);
+// Row-major C (M,N) = A (M,K) . B^T (B stored (N,K)) + bias (N) broadcast over the rows, bf16
+// operands, the bias added to the fp32 sums in the GEMM's epilogue (cuBLASLt, gemm_lt.cu).
+// Returns 0, having queued nothing, where cuBLASLt has no algorithm for the call (or the
+// bias is not 16-byte aligned): the caller then runs mp_cuda_gemm_bf16 and adds the bias.
+int mp_cuda_gemm_bf16_bias(int M, int N, int K, const uint16_t *A, int lda, const uint16_t *B,
+                           int ldb, const float *bias, float *C, int ldc);
 
 // out (C) += column sums of in (N, C), in a fixed order (row blocks, then blocks in order).
 void mp_cuda_colsum_add(float *out, const float *in, int N, int C);

@@ -214,6 +214,7 @@ void mp_cuda_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf
     if (mp_cuda_precision() == MP_PRECISION_BF16 && C > 0) {
         const uint16_t *ib = bf16_operand(SCR_GEMM_A, inp, inp_bf16, N, C);   // (N, C)
         const uint16_t *wb = bf16_operand(SCR_GEMM_B, w, NULL, OC, C);        // (OC, C)
+        if (bias && mp_cuda_gemm_bf16_bias(N, OC, C, ib, C, wb, C, bias, out, OC)) return;
         mp_cuda_gemm_bf16(0, 1, N, OC, C, 1.0f, ib, C, wb, C, 0.0f, out, OC);
     } else {
         fp32_operand(inp, "inp");
