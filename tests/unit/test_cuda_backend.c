@@ -1020,13 +1020,18 @@ static void test_matmul_bias_paths(void **state) {
     free(x); free(w); free(bias); free(ref); free(S);
 }
 
-static void test_crossentropy(void **state) {
-    (void)state;
-    int N = 7, V = 300;
+// shape: 0 random logits; 1 rising along the row, so that each thread's entries arrive in
+// increasing order and every one rescales its running sum (the online normaliser's worst
+// case), V past 10 entries per thread; 2 random with -inf logits (they add 0)
+static void check_crossentropy(int N, int V, int shape) {
     size_t nv = (size_t)N * V;
     float *logits = frand(nv, -5, 5), *stats = frand(2 * N, 0, 0), *losses = frand(N, 0, 0);
-    int32_t tg[7];
-    for (int i = 0; i < N; i++) tg[i] = (int32_t)(mp_hash3(3, 4, i) % V);
+    for (size_t i = 0; i < nv; i++) {
+        if (shape == 1) logits[i] = 8.0f * (float)(i % V) / V + 0.01f * logits[i];
+        if (shape == 2 && i % V % 7 == 3) logits[i] = -INFINITY;
+    }
+    int32_t tg[8];
+    for (int i = 0; i < N; i++) tg[i] = (int32_t)(mp_hash3(3, 4, i) % V) / 7 * 7;   // not -inf
     cpu->crossentropy_forward(losses, stats, logits, tg, N, V);
     float *d_logits = dev_copy(logits, nv * 4), *d_stats = gpu->alloc(2 * N * 4);
     float *d_losses = gpu->alloc(N * 4);
@@ -1041,6 +1046,32 @@ static void test_crossentropy(void **state) {
     expect_dev("crossentropy dlogits", d_dl, dl, nv);
     gpu->free(d_logits); gpu->free(d_stats); gpu->free(d_losses); gpu->free(d_tg); gpu->free(d_dl);
     free(logits); free(stats); free(losses); free(dl);
+}
+
+static void test_crossentropy(void **state) {
+    (void)state;
+    check_crossentropy(7, 300, 0);
+    check_crossentropy(3, 5000, 1);
+    check_crossentropy(5, 1000, 2);
+    // a NaN logit makes its row's loss NaN wherever it lies: first in its thread's stride
+    // before any finite one (v = 5, the row's -inf entries before it), or after them
+    int N = 2, V = 1000;
+    float *logits = frand((size_t)N * V, -5, 5);
+    for (int v = 0; v < V; v += 256) logits[v + 5] = -INFINITY;
+    logits[5] = NAN;                    // row 0: the thread's first entry
+    logits[V + 700] = NAN;              // row 1: after finite ones
+    for (int v = 5 + 256; v < V; v += 256) logits[v] = 1.0f;
+    int32_t tg[2] = {0, 1};
+    float *d_logits = dev_copy(logits, (size_t)N * V * 4), *d_stats = gpu->alloc(2 * N * 4);
+    float *d_losses = gpu->alloc(N * 4);
+    int32_t *d_tg = dev_copy(tg, sizeof tg);
+    gpu->crossentropy_forward(d_losses, d_stats, d_logits, d_tg, N, V);
+    float losses[2];
+    gpu->to_host(losses, d_losses, sizeof losses);
+    if (!isnan(losses[0]) || !isnan(losses[1]))
+        fail_msg("crossentropy with a NaN logit: losses %g, %g, want NaN", losses[0], losses[1]);
+    gpu->free(d_logits); gpu->free(d_stats); gpu->free(d_losses); gpu->free(d_tg);
+    free(logits);
 }
 
 // The fused op (adamw with a bf16 destination) against the separate ops on the same

@@ -136,10 +136,6 @@ __device__ __forceinline__ double mp_warp_sum_d(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-__device__ __forceinline__ float mp_warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 
 // bfloat16 as raw bits (uint16_t), the top half of a float: converted by hand rather than
 // through cuda_bf16.h, so the same code runs in the CPU emulator (tests/cuda_emu).

@@ -315,8 +315,25 @@ void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n
 
 #define CE_THREADS 256
 
-// two reads of the row (its max, then the sum of exponentials) and no (N, V) write: the
-// backward recomputes the probabilities from the row's (max, 1 / sum)
+// A softmax normaliser's running state (m, s): s = the sum of exp(x - m) over the entries
+// seen, m the largest finite one (-inf: none yet; s is then 0, or NaN after a NaN entry).
+// merge gives the state of the union; the sums are in double, as on the CPU, so the
+// rescaling by exp(m_old - m_new) costs nothing that matters (the summands are floats). A
+// NaN stays in s through every rescaling (NaN * 0 is NaN), so the loss comes out NaN.
+__device__ __forceinline__ void ce_merge(float &m, double &s, float m2, double s2) {
+    float mn = fmaxf(m, m2);
+    if (mn == -INFINITY) {   // no finite entry on either side: 0, or a NaN kept
+        s += s2;
+        return;
+    }
+    s = s * exp((double)(m - mn)) + s2 * exp((double)(m2 - mn));   // exp(-inf) = 0
+    m = mn;
+}
+
+// one read of the row (an online max and sum of exponentials: a new largest entry rescales
+// the sum so far) and no (N, V) write: the backward recomputes the probabilities from the
+// row's (max, 1 / sum). The lanes' and warps' states merge in a fixed order. A NaN logit is
+// never the max and makes the sum, and so the loss, NaN, as in the two-pass form.
 static __global__ void crossentropy_forward_kernel(float *losses, float *stats,
                                                    const float *logits, const int32_t *targets,
                                                    int V) {
@@ -325,24 +342,33 @@ static __global__ void crossentropy_forward_kernel(float *losses, float *stats,
     int n = blockIdx.x, tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
     const float *x = logits + (size_t)n * V;
     float mx = -INFINITY;
-    for (int v = tid; v < V; v += CE_THREADS) mx = fmaxf(mx, x[v]);
-    mx = mp_warp_max(mx);
-    if (lane == 0) smax[wid] = mx;
-    __syncthreads();
-    mx = smax[0];
-    for (int w = 1; w < CE_THREADS / 32; w++) mx = fmaxf(mx, smax[w]);
-    // the normaliser over a large vocabulary is summed in double, as on the CPU
     double s = 0.0;
-    for (int v = tid; v < V; v += CE_THREADS) s += expf(x[v] - mx);
-    s = mp_warp_sum_d(s);
-    if (lane == 0) ssum[wid] = s;
+    for (int v = tid; v < V; v += CE_THREADS) {
+        float xv = x[v];
+        if (xv > mx) {   // the sum so far, rescaled to the new max, and this entry's exp(0)
+            s = s * exp((double)(mx - xv)) + 1.0;
+            mx = xv;
+        } else if (xv != -INFINITY) {   // -inf adds 0 (exp(-inf - -inf) would be NaN)
+            s += expf(xv - mx);
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, mx, o);
+        double s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        ce_merge(mx, s, m2, s2);
+    }
+    if (lane == 0) {
+        smax[wid] = mx;
+        ssum[wid] = s;
+    }
     __syncthreads();
-    double sum = 0.0;
-    for (int w = 0; w < CE_THREADS / 32; w++) sum += ssum[w];
     if (tid == 0) {
+        mx = smax[0];
+        s = ssum[0];
+        for (int w = 1; w < CE_THREADS / 32; w++) ce_merge(mx, s, smax[w], ssum[w]);
         stats[2 * (size_t)n] = mx;
-        stats[2 * (size_t)n + 1] = (float)(1.0 / sum);
-        losses[n] = (float)(log(sum) - (double)(x[targets[n]] - mx));
+        stats[2 * (size_t)n + 1] = (float)(1.0 / s);
+        losses[n] = (float)(log(s) - (double)(x[targets[n]] - mx));
     }
 }
 
