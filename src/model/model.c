@@ -27,8 +27,8 @@ typedef struct {   // what one block keeps for backward
     float *res_mid;               // (N, C) residual after attention
     float *ln2, *ln2_mean, *ln2_rstd;   // (N, C), (N), (N)
     float *fch, *fch_gelu;        // (N, F) dense FFN only
-    // bf16 twins of the GEMM inputs (backend.h), NULL in fp32 (and ln2_bf16, fch_gelu_bf16
-    // in a PEER / PKM block, whose query projection rounds its own)
+    // bf16 twins of the GEMM inputs (backend.h), NULL in fp32 (and fch_gelu_bf16 in a PEER
+    // / PKM block)
     uint16_t *ln1_bf16, *atty_bf16, *ln2_bf16;   // (N, C)
     uint16_t *fch_gelu_bf16;      // (N, F)
 } block_acts;
@@ -249,6 +249,7 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         a->ln2_rstd = act_alloc(m, N, sizeof(float));
         a->ln1_bf16 = twin_alloc(m, N * C);
         a->atty_bf16 = twin_alloc(m, N * C);
+        a->ln2_bf16 = twin_alloc(m, N * C);   // the MLP's, or the PEER route's dW_q GEMM
         const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
         if (!rc) {
             p->fcw = pptr(m, ix[8]); g->fcw = gptr(m, ix[8]);
@@ -257,7 +258,6 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
             p->fcprojb = pptr(m, ix[11]); g->fcprojb = gptr(m, ix[11]);
             a->fch = act_alloc(m, N * F, sizeof(float));
             a->fch_gelu = act_alloc(m, N * F, sizeof(float));
-            a->ln2_bf16 = twin_alloc(m, N * C);
             a->fch_gelu_bf16 = twin_alloc(m, N * F);
             continue;
         }
@@ -385,6 +385,24 @@ mp_model *mp_model_create_sharded(const mp_config *cfg, const mp_backend *be, in
     mp_model *m = model_build(cfg, be, B, comm->rank, comm->size, comm);
     m->comm = comm;
     return m;
+}
+
+void mp_model_without_bf16_twins(mp_model *m) {
+    const mp_backend *be = m->be;
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        block_acts *a = &m->a[l];
+        uint16_t **tw[] = {&a->ln1_bf16, &a->atty_bf16, &a->ln2_bf16, &a->fch_gelu_bf16};
+        for (size_t i = 0; i < sizeof tw / sizeof tw[0]; i++) {
+            if (*tw[i]) be->free(*tw[i]);
+            *tw[i] = NULL;
+        }
+    }
+    uint16_t **tw[] = {&m->lnf_bf16, &m->dlogits_bf16, &m->dres_bf16, &m->dqkv_bf16, &m->dfch_bf16};
+    for (size_t i = 0; i < sizeof tw / sizeof tw[0]; i++) {
+        if (*tw[i]) be->free(*tw[i]);
+        *tw[i] = NULL;
+    }
+    if (!m->dlogits) m->dlogits = act_alloc(m, (size_t)m->B * m->T * m->cfg.vocab_size, sizeof(float));
 }
 
 void mp_model_free(mp_model *m) {
@@ -641,7 +659,7 @@ void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const
     int C = m->cfg.d_model, F = m->cfg.dense_hidden;
     if (m->ret[l]) {   // the layer adds the experts' and the query's parts into dx
         be->zero(dx, (size_t)N * C * sizeof(float));
-        mp_retrieval_backward(m->ret[l], be, dx, dy, x, N);
+        mp_retrieval_backward(m->ret[l], be, dx, dy, x, x_bf16, N);
         return;
     }
     block_params *p = &m->p[l], *g = &m->g[l];
@@ -753,8 +771,10 @@ void mp_model_backward(mp_model *m, float loss_scale) {
         be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, m->dqkv_bf16, a->ln1, a->ln1_bf16,
                             p->qkvw, N, C, 3 * C, 0);
         enter_phase(m, MP_PHASE_NORM);
-        // the last LN1 (block 0) feeds only the embeddings' fp32 sums: no twin
-        be->layernorm_backward(m->dres, l > 0 ? m->dres_bf16 : NULL, g->ln1w, g->ln1b, m->dln,
+        // dres's twin feeds block l-1's MLP; block 0's LN1 feeds only the embeddings' fp32
+        // sums, and a PEER / PKM block reads dy in fp32
+        int twin = l > 0 && !m->ret[l - 1];
+        be->layernorm_backward(m->dres, twin ? m->dres_bf16 : NULL, g->ln1w, g->ln1b, m->dln,
                                a->res_in, p->ln1w, a->ln1_mean, a->ln1_rstd, N, C);
     }
     enter_phase(m, MP_PHASE_EMBED);

@@ -34,10 +34,10 @@ void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y,
 }
 
 void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, const float *dy,
-                           const float *x, int N) {
+                           const float *x, const uint16_t *x_bf16, int N) {
     if (N != l->last_N) mp_fatal("retrieval backward on %d rows after a forward on %d", N, l->last_N);
     mp_exchange_backward(&l->ex, l, dx, dy, x, N);
-    mp_route_backward(l, be, dx, x, N);
+    mp_route_backward(l, be, dx, x, x_bf16, N);
 }
 
 void mp_retrieval_exchange_init(mp_retrieval_layer *l, const mp_backend *be, mp_comm *comm) {

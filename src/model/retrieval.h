@@ -83,7 +83,8 @@ struct mp_retrieval_layer {
 // The layer across ranks: route, then the exchange (src/model/retrieval.c).
 void mp_retrieval_forward(mp_retrieval_layer *l, const mp_backend *be, float *y, const float *x,
                           int N, int train);
+// x_bf16: x's bf16 twin (backend.h) for the query projection's dW_q GEMM, or NULL
 void mp_retrieval_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, const float *dy,
-                           const float *x, int N);
+                           const float *x, const uint16_t *x_bf16, int N);
 void mp_retrieval_exchange_init(mp_retrieval_layer *l, const mp_backend *be, mp_comm *comm);
 void mp_retrieval_exchange_free(mp_retrieval_layer *l);

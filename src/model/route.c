@@ -142,7 +142,7 @@ void mp_route_forward(mp_retrieval_layer *l, const mp_backend *be, const float *
 }
 
 void mp_route_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, const float *x,
-                       int N) {
+                       const uint16_t *x_bf16, int N) {
     const mp_retrieval_config *rc = l->rc;
     int C = l->C, H = rc->heads, dk = rc->key_dim, HD = H * dk, n = rc->n_sub, k = rc->topk;
     const float *qn = rc->query_bn ? l->qn : l->q;   // (N, HD) what the forward scored
@@ -151,7 +151,7 @@ void mp_route_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, c
                                  qn, l->k1, l->k2, N, H, dk, n, k);
     if (rc->query_bn) query_bn_backward(l, be, N);   // dq (N, HD) = d(q)
     // dW_q (HD, C) += dq^T x, dx (N, C) += dq W_q
-    be->matmul_backward(dx, l->dwq, NULL, l->dq, NULL, x, NULL, l->wq, N, C, HD, 1);
+    be->matmul_backward(dx, l->dwq, NULL, l->dq, NULL, x, x_bf16, l->wq, N, C, HD, 1);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@
 void mp_route_forward(mp_retrieval_layer *l, const mp_backend *be, const float *x, int N,
                       int train);
 // ...and its backward from the gate gradients in l->dgate (N, H, k): dx (N, C) += the
-// query path's part; dW_q, the BN affine, dK1, dK2 += this batch's part.
+// query path's part; dW_q, the BN affine, dK1, dK2 += this batch's part. x_bf16: x's bf16
+// twin (backend.h), or NULL.
 void mp_route_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, const float *x,
-                       int N);
+                       const uint16_t *x_bf16, int N);
 // The layer's experts on a batch of M tokens x (M, C) and R records (slot, local row, gate)
 // grouped by slot (backend memory): y (M, C) written, pre (R) kept for backward.
 void mp_experts_forward(mp_retrieval_layer *l, const mp_backend *be, float *y, const float *x,

@@ -147,7 +147,8 @@ emu_train 1 "$d" --set model.d_model=258 --set model.n_heads=2; rc=$?
 # does not pile up over 10 steps. Measured on the emulator: 5.0e-4 (3.5e-4 with the tables
 # alone bf16). 1e-2 is 20x that; wrong or stale rows, a GEMM on wrong operands are the errors
 # of the fp32 runs above, caught there (and by test_cuda_backend's bf16 checks, which bound
-# each GEMM elementwise).
+# each GEMM elementwise); a stale bf16 twin of an operand (backend.h), which moves the losses
+# by far less than 1e-2, is caught by test_cuda_backend's test_bf16_twins_model, bit for bit.
 b="$tmp/cuda2bf16"
 if emu_train 2 "$b" --set system.precision=bf16; then
     check "P=2 bf16: losses of steps 1-10 follow the CPU's fp32 (1e-2 relative)" \

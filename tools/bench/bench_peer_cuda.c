@@ -484,7 +484,7 @@ int main(int argc, char **argv) {
         mp_cuda_event_record(ev[2]);
         mp_exchange_backward(&l.ex, &l, dx, dy, x, N);
         mp_cuda_event_record(ev[3]);
-        mp_route_backward(&l, be, dx, x, N);
+        mp_route_backward(&l, be, dx, x, NULL, N);
         mp_cuda_event_record(ev[4]);
         if (it < 0) continue;
         for (int p = 0; p < P_N; p++) t_phase[p][it] = mp_cuda_event_ms(ev[p], ev[p + 1]);

@@ -331,6 +331,7 @@ void mp_cpu_crossentropy_backward(float *dlogits, uint16_t *dlogits_bf16, const 
                                   const float *stats, const int32_t *targets, float dloss, int N,
                                   int V) {
     mp_cpu_no_bf16(dlogits_bf16, "crossentropy_backward");
+    if (!dlogits) mp_fatal("crossentropy_backward on the CPU backend needs dlogits (it has no bf16 twin)");
     // dlogits (N,V) = dloss * (softmax - onehot(target)), written
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
