@@ -1,7 +1,8 @@
 // The token shard reader (src/data/shard.c mp_shard_open) and, on an accepted shard, the
 // batch sampler over it. Input: one byte that picks the vocabulary the caller expects, then
 // the shard file's bytes.
-// Contract: accepted, or one non-empty line; an accepted shard holds n_tokens tokens, each
+// Contract: accepted, or one non-empty line; an accepted shard is its header (32 bytes in
+// version 1, 48 in version 2, which carries a tokenizer hash) and n_tokens tokens, each
 // below its vocab_size, and every sampled batch is made of them.
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,7 +21,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int rc = mp_shard_open(&s, path, expect[data[0] % 4], err, sizeof err);
     fz_check("mp_shard_open", rc, err);
     if (rc != 0) return 0;
-    if (32 + 2 * s.n_tokens != size - 1 || s.vocab_size == 0) {
+    uint64_t header = s.tokenizer_hash ? MP_SHARD_HEADER_BYTES_V2 : MP_SHARD_HEADER_BYTES;
+    if (header + 2 * s.n_tokens != size - 1 || s.vocab_size == 0) {
         fprintf(stderr, "CONTRACT: accepted %llu tokens from %zu bytes\n",
                 (unsigned long long)s.n_tokens, size - 1);
         abort();
