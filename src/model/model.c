@@ -667,8 +667,9 @@ void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const
     // each activation gradient is written by its one producer: nothing to zero
     be->matmul_backward(m->dfch_gelu, g->fcprojw, g->fcprojb, dy, dy_bf16, a->fch_gelu,
                         a->fch_gelu_bf16, p->fcprojw, N, F, C, 0);
-    be->gelu_backward(m->dfch, m->dfch_bf16, a->fch, m->dfch_gelu, (long)N * F);
-    be->matmul_backward(dx, g->fcw, g->fcb, m->dfch, m->dfch_bf16, x, x_bf16, p->fcw, N, C, F, 0);
+    // fc's bias gradient in the pass that writes dfch (backend.h), not by reading it again
+    be->gelu_backward(m->dfch, m->dfch_bf16, g->fcb, a->fch, m->dfch_gelu, N, F);
+    be->matmul_backward(dx, g->fcw, NULL, m->dfch, m->dfch_bf16, x, x_bf16, p->fcw, N, C, F, 0);
 }
 
 float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,

@@ -590,7 +590,7 @@ static void test_gelu(void **state) {
 
     float *dinp = fbuf(n);
     fill_nan(dinp, n);
-    be->gelu_backward(dinp, NULL, c.inp, c.R, n);
+    be->gelu_backward(dinp, NULL, NULL, c.inp, c.R, 1, (int)n);
     check("gelu dinp vs FD", fd_rel_error(gelu_obj, &c, c.inp, n, dinp, 1e-2f), FD_TOL);
     free(c.out); free(c.inp); free(c.R); free(ref); free(dinp);
 }

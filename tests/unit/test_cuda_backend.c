@@ -465,9 +465,15 @@ static void test_bf16_twins_elementwise(void **state) {
     gpu->gelu_forward(gr, NULL, gx, n);
     gpu->gelu_forward(go, tw3, gx, n);
     expect_twin("gelu_forward", go, gr, tw3, n);
-    gpu->gelu_backward(gr, NULL, gx, gy, n);
-    gpu->gelu_backward(go, tw4, gx, gy, n);
+    gpu->gelu_backward(gr, NULL, NULL, gx, gy, 7, 143);
+    gpu->gelu_backward(go, tw4, NULL, gx, gy, 7, 143);
     expect_twin("gelu_backward", go, gr, tw4, n);
+    float *gb = gpu->alloc(143 * 4);
+    uint16_t *tw7 = twin_alloc(n);
+    gpu->gelu_backward(go, tw7, gb, gx, gy, 7, 143);   // the kernel that also sums columns
+    expect_twin("gelu_backward with dbias", go, gr, tw7, n);
+    gpu->free(gb);
+    gpu->free(tw7);
     // cross-entropy backward: fp32 and twin together, and the twin alone (bf16 mode's LM head)
     int Nc = 7, V = 300;
     size_t nv = (size_t)Nc * V;
@@ -894,9 +900,36 @@ static void test_elementwise(void **state) {
     float *dx = frand(n, 0, 0);   // written: NaN before on both sides
     for (long i = 0; i < n; i++) dx[i] = NAN;
     float *d_dx = dev_copy(dx, n * 4);
-    cpu->gelu_backward(dx, NULL, x, y, n);
-    gpu->gelu_backward(d_dx, NULL, d_x, d_y, n);
+    cpu->gelu_backward(dx, NULL, NULL, x, y, 1, (int)n);
+    gpu->gelu_backward(d_dx, NULL, NULL, d_x, d_y, 1, (int)n);
     expect_dev("gelu backward", d_dx, dx, n);
+    // with the bias gradient (1001 = 7 rows of 143; 130 rows past one row block of 64):
+    // dinp as without, dbias += its column sums against the CPU, and bit for bit what
+    // matmul_backward sums from the same dinp
+    for (int shape = 0; shape < 2; shape++) {
+        int R = shape ? 130 : 7, Cc = shape ? 9 : 143;
+        long m = (long)R * Cc;
+        float *gx = frand(m, -4, 4), *gy = frand(m, -1, 1), *b0 = frand(Cc, -1, 1);
+        float *gd = frand(m, 0, 0), *b = malloc(Cc * 4);
+        memcpy(b, b0, Cc * 4);
+        float *d_gx = dev_copy(gx, m * 4), *d_gy = dev_copy(gy, m * 4), *d_gd = gpu->alloc(m * 4);
+        float *d_b = dev_copy(b0, Cc * 4), *d_b2 = dev_copy(b0, Cc * 4), *d_gd2 = gpu->alloc(m * 4);
+        cpu->gelu_backward(gd, NULL, b, gx, gy, R, Cc);
+        gpu->gelu_backward(d_gd, NULL, d_b, d_gx, d_gy, R, Cc);
+        expect_dev("gelu backward (with dbias) dinp", d_gd, gd, m);
+        expect_dev("gelu backward dbias", d_b, b, Cc);
+        gpu->gelu_backward(d_gd2, NULL, NULL, d_gx, d_gy, R, Cc);
+        expect_same_bits("gelu backward dinp, with dbias and without", d_gd, d_gd2, m);
+        gpu->matmul_backward(NULL, NULL, d_b2, d_gd2, NULL, NULL, NULL, NULL, R, 1, Cc, 0);
+        expect_same_bits("gelu backward dbias against matmul_backward's", d_b, d_b2, Cc);
+        float *b2 = malloc(Cc * 4);
+        memcpy(b2, b0, Cc * 4);
+        cpu->matmul_backward(NULL, NULL, b2, gd, NULL, NULL, NULL, NULL, R, 1, Cc, 0);
+        if (memcmp(b, b2, Cc * 4)) fail_msg("CPU gelu backward dbias differs from matmul_backward's");
+        void *dv[] = {d_gx, d_gy, d_gd, d_b, d_b2, d_gd2};
+        for (size_t i = 0; i < 6; i++) gpu->free(dv[i]);
+        free(gx); free(gy); free(b0); free(gd); free(b); free(b2);
+    }
     cpu->residual_forward(out, x, y, n);
     gpu->residual_forward(d_out, d_x, d_y, n);
     expect_dev("residual", d_out, out, n);

@@ -58,8 +58,8 @@ void mp_cpu_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *do
                                const float *qkv, const float *out, const float *att, int B,
                                int T, int C, int NH);
 void mp_cpu_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long n);
-void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, const float *inp,
-                          const float *dout, long n);
+void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, float *dbias, const float *inp,
+                          const float *dout, int N, int C);
 void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n);
 void mp_cpu_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cpu_scatter_add_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);

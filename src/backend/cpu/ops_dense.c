@@ -219,6 +219,26 @@ void mp_cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, co
     }
 }
 
+// out (C) += the column sums of x (N, C): threads own column ranges and sum the rows in
+// order (the bias gradients of matmul_backward and gelu_backward)
+static void colsum_add(float *out, const float *x, int N, int C) {
+    #pragma omp parallel
+    {
+        int c0, c1;
+        thread_columns(C, &c0, &c1);
+        if (c1 > c0) {
+            float *acc = mp_calloc((size_t)(c1 - c0), sizeof(float));
+            for (int n = 0; n < N; n++) {
+                const float *d = x + (size_t)n * C;
+                #pragma omp simd
+                for (int j = c0; j < c1; j++) acc[j - c0] += d[j];
+            }
+            for (int j = c0; j < c1; j++) out[j] += acc[j - c0];
+            free(acc);
+        }
+    }
+}
+
 void mp_cpu_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf16,
                            const float *w, const float *bias, int N, int C, int OC) {
     // out (N,OC), inp (N,C), w (OC,C), bias (OC) or NULL
@@ -253,24 +273,7 @@ void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
         mp_cpu_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, dinp_accumulate ? 1.0f : 0.0f, dinp,
                      C);
     if (dw) mp_cpu_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
-    if (dbias) {
-        // threads own column ranges and sum the rows in order
-        #pragma omp parallel
-        {
-            int c0, c1;
-            thread_columns(OC, &c0, &c1);
-            if (c1 > c0) {
-                float *acc = mp_calloc((size_t)(c1 - c0), sizeof(float));
-                for (int n = 0; n < N; n++) {
-                    const float *d = dout + (size_t)n * OC;
-                    #pragma omp simd
-                    for (int j = c0; j < c1; j++) acc[j - c0] += d[j];
-                }
-                for (int j = c0; j < c1; j++) dbias[j] += acc[j - c0];
-                free(acc);
-            }
-        }
-    }
+    if (dbias) colsum_add(dbias, dout, N, OC);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -285,10 +288,11 @@ void mp_cpu_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long 
     }
 }
 
-void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, const float *inp,
-                          const float *dout, long n) {
+void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, float *dbias, const float *inp,
+                          const float *dout, int N, int C) {
     mp_cpu_no_bf16(dinp_bf16, "gelu_backward");
     // d/dx [x Phi(x)] = Phi(x) + x phi(x)
+    long n = (long)N * C;
     #pragma omp parallel for schedule(static)
     for (long i = 0; i < n; i++) {
         float x = inp[i];
@@ -296,6 +300,8 @@ void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, const float *inp,
         float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
         dinp[i] = (cdf + x * pdf) * dout[i];
     }
+    // a second pass here (host memory, no traffic to save): matmul_backward's sums
+    if (dbias) colsum_add(dbias, dinp, N, C);
 }
 
 void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n) {

@@ -189,10 +189,8 @@ extern "C" void mp_cuda_gemm_test(int math, int trans_a, int trans_b, int M, int
 }
 
 // ---------------------------------------------------------------------------------------
-// column sums in a fixed order: each block of COLSUM_ROWS rows writes a partial per column,
-// then one thread per column adds the partials in block order
-
-#define COLSUM_ROWS 64
+// column sums in a fixed order (cuda_common.h): each block of rows writes a partial per
+// column, then one thread per column adds the partials in block order
 
 static __global__ void colsum_partial_kernel(float *part, const float *in, int N, int C,
                                              int rows_per) {
@@ -219,6 +217,11 @@ void mp_cuda_colsum_add(float *out, const float *in, int N, int C) {
     dim3 grid(mp_blocks(C, 128), nblk);
     colsum_partial_kernel<<<grid, 128>>>(part, in, N, C, rows_per);
     KERNEL_CHECK();
+    mp_cuda_colsum_finish(out, part, nblk, C);
+}
+
+void mp_cuda_colsum_finish(float *out, const float *part, int nblk, int C) {
+    if (C <= 0) return;
     colsum_final_kernel<<<mp_blocks(C, 128), 128>>>(out, part, nblk, C);
     KERNEL_CHECK();
 }

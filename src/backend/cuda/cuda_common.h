@@ -99,8 +99,13 @@ void mp_cuda_gemm_bf16(int trans_a, int trans_b, int M, int N, int K, float alph
 int mp_cuda_gemm_bf16_bias(int M, int N, int K, const uint16_t *A, int lda, const uint16_t *B,
                            int ldb, const float *bias, float *C, int ldc);
 
-// out (C) += column sums of in (N, C), in a fixed order (row blocks, then blocks in order).
+// out (C) += column sums of in (N, C), in a fixed order: each block of
+// mp_rows_per_block(N, COLSUM_ROWS) rows sums its rows in order into a partial (part
+// (nblk, C)), then mp_cuda_colsum_finish adds the partials in block order. A kernel that
+// produces in can form the partials itself and call only the finish (gelu_backward).
+#define COLSUM_ROWS 64
 void mp_cuda_colsum_add(float *out, const float *in, int N, int C);
+void mp_cuda_colsum_finish(float *out, const float *part, int nblk, int C);
 
 // Stable sort of the records [0, R) by key (non-negative int32): *idx (R) the record
 // indices in key order, ties in index order, and *skey (R) the sorted keys. When key_bound
@@ -195,8 +200,8 @@ void mp_cuda_attention_backward_tc(float *dqkv, uint16_t *dqkv_bf16, const float
                                    const float *qkv, const float *lse, const float *D, int B,
                                    int T, int C, int NH, float scale, int nf);
 void mp_cuda_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long n);
-void mp_cuda_gelu_backward(float *dinp, uint16_t *dinp_bf16, const float *inp, const float *dout,
-                           long n);
+void mp_cuda_gelu_backward(float *dinp, uint16_t *dinp_bf16, float *dbias, const float *inp,
+                           const float *dout, int N, int C);
 void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n);
 void mp_cuda_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cuda_scatter_add_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);

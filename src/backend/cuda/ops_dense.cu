@@ -274,16 +274,41 @@ static __global__ void gelu_forward_kernel(float *out, uint16_t *out_bf16, const
     if (out_bf16) out_bf16[i] = mp_float_to_bf16(y);
 }
 
+// d/dx [x Phi(x)] = Phi(x) + x phi(x), times dout
+static __device__ __forceinline__ float gelu_grad(float x, float dout) {
+    float cdf = 0.5f * (1.0f + erff(x * INV_SQRT2));
+    float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
+    return (cdf + x * pdf) * dout;
+}
+
 static __global__ void gelu_backward_kernel(float *dinp, uint16_t *dinp_bf16, const float *inp,
                                             const float *dout, long n) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= (size_t)n) return;
-    float x = inp[i];
-    float cdf = 0.5f * (1.0f + erff(x * INV_SQRT2));
-    float pdf = expf(-0.5f * x * x) * INV_SQRT_2PI;
-    float g = (cdf + x * pdf) * dout[i];
+    float g = gelu_grad(inp[i], dout[i]);
     dinp[i] = g;
     if (dinp_bf16) dinp_bf16[i] = mp_float_to_bf16(g);
+}
+
+// ...with the bias gradient: one thread per column walks one block of rows_per rows (the row
+// blocks of mp_cuda_colsum_add), writes dinp and its twin, and leaves the block's column sum
+// in part (nblk, C), summed in row order as colsum's partial kernel sums dinp: the bits of
+// matmul_backward's dbias, without reading dinp again
+static __global__ void gelu_backward_cols_kernel(float *dinp, uint16_t *dinp_bf16, float *part,
+                                                 const float *inp, const float *dout, int N,
+                                                 int C, int rows_per) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, blk = blockIdx.y;
+    if (c >= C) return;
+    int n0 = blk * rows_per, n1 = min(N, n0 + rows_per);
+    float s = 0.0f;
+    for (int n = n0; n < n1; n++) {
+        size_t i = (size_t)n * C + c;
+        float g = gelu_grad(inp[i], dout[i]);
+        dinp[i] = g;
+        if (dinp_bf16) dinp_bf16[i] = mp_float_to_bf16(g);
+        s += g;
+    }
+    part[(size_t)blk * C + c] = s;
 }
 
 static __global__ void residual_kernel(float *out, const float *a, const float *b, long n) {
@@ -297,11 +322,21 @@ void mp_cuda_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long
     KERNEL_CHECK();
 }
 
-void mp_cuda_gelu_backward(float *dinp, uint16_t *dinp_bf16, const float *inp, const float *dout,
-                           long n) {
-    if (n <= 0) return;
-    gelu_backward_kernel<<<mp_blocks(n, 256), 256>>>(dinp, dinp_bf16, inp, dout, n);
+void mp_cuda_gelu_backward(float *dinp, uint16_t *dinp_bf16, float *dbias, const float *inp,
+                           const float *dout, int N, int C) {
+    long n = (long)N * C;
+    if (N <= 0 || C <= 0) return;
+    if (!dbias) {
+        gelu_backward_kernel<<<mp_blocks(n, 256), 256>>>(dinp, dinp_bf16, inp, dout, n);
+        KERNEL_CHECK();
+        return;
+    }
+    int rows_per = mp_rows_per_block(N, COLSUM_ROWS), nblk = (N + rows_per - 1) / rows_per;
+    float *part = (float *)mp_cuda_scratch(SCR_COLSUM, (size_t)nblk * C * sizeof(float));
+    gelu_backward_cols_kernel<<<dim3(mp_blocks(C, 128), nblk), 128>>>(dinp, dinp_bf16, part, inp,
+                                                                      dout, N, C, rows_per);
     KERNEL_CHECK();
+    mp_cuda_colsum_finish(dbias, part, nblk, C);
 }
 
 void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n) {
