@@ -1,7 +1,7 @@
 // The CUDA backend table: device discovery, device memory, checked calls, scratch, cuBLAS
-// GEMM wrappers. Linked against the runtime API only (cudart, cublas), so a binary built
-// with CUDA starts on a machine without a GPU or driver: mp_backend_cuda then returns NULL
-// with the reason and the caller stays on the CPU or reports it.
+// GEMM wrappers. Linked against the runtime API only (cudart, cublas, cublasLt), so a binary
+// built with CUDA starts on a machine without a GPU or driver: mp_backend_cuda then returns
+// NULL with the reason and the caller stays on the CPU or reports it.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
