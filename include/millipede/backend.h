@@ -121,8 +121,9 @@ typedef struct mp_backend {
                                int T, int C, int NH);
     // exact (erf) GELU, elementwise over n
     void (*gelu_forward)(float *out, uint16_t *out_bf16, const float *inp, long n);
-    // dinp (N,C) = GELU'(inp) * dout, written, and its twin; dbias (C), if not NULL, += the
-    // column sums of dinp: the bias gradient of the GEMM that produced inp, summed in the
+    // dinp (N,C) = GELU'(inp) * dout, written, and its twin (either may be NULL: bf16 mode
+    // keeps only the twin, which is all the GEMMs after it read); dbias (C), if not NULL, +=
+    // the column sums of dinp: the bias gradient of the GEMM that produced inp, summed in the
     // pass that writes dinp (that GEMM's matmul_backward then takes dbias NULL) in the order
     // matmul_backward sums it, so the bits are the same
     void (*gelu_backward)(float *dinp, uint16_t *dinp_bf16, float *dbias, const float *inp,

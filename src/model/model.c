@@ -358,12 +358,12 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
     m->dlogits = m->dlogits_bf16 ? NULL : act_alloc(m, N * V, sizeof(float));
     m->dres_bf16 = twin_alloc(m, N * C);
     m->dqkv_bf16 = twin_alloc(m, N * 3 * C);
-    m->dfch_bf16 = F ? twin_alloc(m, N * F) : NULL;
+    m->dfch_bf16 = F ? twin_alloc(m, N * F) : NULL;   // bf16 mode: dfch exists only as this
     m->dres = act_alloc(m, N * C, sizeof(float));
     m->dln = act_alloc(m, N * C, sizeof(float));
     m->datty = act_alloc(m, N * C, sizeof(float));
     m->dqkv = act_alloc(m, N * 3 * C, sizeof(float));
-    m->dfch = act_alloc(m, N * (F ? F : 1), sizeof(float));
+    m->dfch = m->dfch_bf16 ? NULL : act_alloc(m, N * (F ? F : 1), sizeof(float));
     m->dfch_gelu = act_alloc(m, N * (F ? F : 1), sizeof(float));
     return m;
 }
@@ -402,7 +402,9 @@ void mp_model_without_bf16_twins(mp_model *m) {
         if (*tw[i]) be->free(*tw[i]);
         *tw[i] = NULL;
     }
-    if (!m->dlogits) m->dlogits = act_alloc(m, (size_t)m->B * m->T * m->cfg.vocab_size, sizeof(float));
+    size_t N = (size_t)m->B * m->T, F = m->cfg.dense_hidden;
+    if (!m->dlogits) m->dlogits = act_alloc(m, N * m->cfg.vocab_size, sizeof(float));
+    if (!m->dfch) m->dfch = act_alloc(m, N * (F ? F : 1), sizeof(float));
 }
 
 void mp_model_free(mp_model *m) {
@@ -667,7 +669,8 @@ void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const
     // each activation gradient is written by its one producer: nothing to zero
     be->matmul_backward(m->dfch_gelu, g->fcprojw, g->fcprojb, dy, dy_bf16, a->fch_gelu,
                         a->fch_gelu_bf16, p->fcprojw, N, F, C, 0);
-    // fc's bias gradient in the pass that writes dfch (backend.h), not by reading it again
+    // fc's bias gradient in the pass that writes dfch (backend.h), not by reading it again;
+    // in bf16 mode dfch is only its twin (m->dfch NULL), all the fc GEMMs read
     be->gelu_backward(m->dfch, m->dfch_bf16, g->fcb, a->fch, m->dfch_gelu, N, F);
     be->matmul_backward(dx, g->fcw, NULL, m->dfch, m->dfch_bf16, x, x_bf16, p->fcw, N, C, F, 0);
 }
@@ -751,8 +754,9 @@ void mp_model_backward(mp_model *m, float loss_scale) {
                         m->wte, N, C, V, 0);
     enter_phase(m, MP_PHASE_NORM);
     be->zero(m->dres, NC);
-    be->layernorm_backward(m->dres, m->dres_bf16, m->dlnfw, m->dlnfb, m->dln, m->res_out, m->lnfw,
-                           m->lnf_mean, m->lnf_rstd, N, C);
+    // dres's twin feeds the last block's MLP (a PEER / PKM block reads dy in fp32)
+    be->layernorm_backward(m->dres, m->ret[c->n_layers - 1] ? NULL : m->dres_bf16, m->dlnfw,
+                           m->dlnfb, m->dln, m->res_out, m->lnfw, m->lnf_mean, m->lnf_rstd, N, C);
     for (int l = c->n_layers - 1; l >= 0; l--) {
         block_params *p = &m->p[l], *g = &m->g[l];
         block_acts *a = &m->a[l];

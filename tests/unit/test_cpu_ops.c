@@ -592,7 +592,20 @@ static void test_gelu(void **state) {
     fill_nan(dinp, n);
     be->gelu_backward(dinp, NULL, NULL, c.inp, c.R, 1, (int)n);
     check("gelu dinp vs FD", fd_rel_error(gelu_obj, &c, c.inp, n, dinp, 1e-2f), FD_TOL);
-    free(c.out); free(c.inp); free(c.R); free(ref); free(dinp);
+    // with the bias gradient, on a (5, 12) view of the first 60 values: dinp as above, and
+    // dbias (C) += its column sums (5 float additions each: within FWD_TOL)
+    int R = 5, C = 12;
+    float *dinp2 = fbuf(R * C), *db = fbuf(C);
+    fill(db, C, -1, 1);
+    double *want = dbuf(C);
+    for (int j = 0; j < C; j++) want[j] = db[j];
+    be->gelu_backward(dinp2, NULL, db, c.inp, c.R, R, C);
+    for (int i = 0; i < R * C; i++) {
+        if (memcmp(dinp2 + i, dinp + i, 4)) fail_msg("gelu dinp with dbias differs at %d", i);
+        want[i % C] += dinp[i];
+    }
+    check("gelu dbias", rel_err(db, want, C), FWD_TOL);
+    free(c.out); free(c.inp); free(c.R); free(ref); free(dinp); free(dinp2); free(db); free(want);
 }
 
 static void test_residual(void **state) {

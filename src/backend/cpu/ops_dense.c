@@ -291,6 +291,7 @@ void mp_cpu_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long 
 void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, float *dbias, const float *inp,
                           const float *dout, int N, int C) {
     mp_cpu_no_bf16(dinp_bf16, "gelu_backward");
+    if (!dinp) mp_fatal("gelu_backward on the CPU backend needs dinp (it has no bf16 twin)");
     // d/dx [x Phi(x)] = Phi(x) + x phi(x)
     long n = (long)N * C;
     #pragma omp parallel for schedule(static)

@@ -286,14 +286,16 @@ static __global__ void gelu_backward_kernel(float *dinp, uint16_t *dinp_bf16, co
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= (size_t)n) return;
     float g = gelu_grad(inp[i], dout[i]);
-    dinp[i] = g;
+    if (dinp) dinp[i] = g;
     if (dinp_bf16) dinp_bf16[i] = mp_float_to_bf16(g);
 }
 
 // ...with the bias gradient: one thread per column walks one block of rows_per rows (the row
 // blocks of mp_cuda_colsum_add), writes dinp and its twin, and leaves the block's column sum
 // in part (nblk, C), summed in row order as colsum's partial kernel sums dinp: the bits of
-// matmul_backward's dbias, without reading dinp again
+// matmul_backward's dbias, without reading dinp again. __fadd_rn: the sum must add the
+// rounded g, as the partial kernel adds the stored one; a plain += may be contracted with
+// g's product into an FMA, which never rounds it.
 static __global__ void gelu_backward_cols_kernel(float *dinp, uint16_t *dinp_bf16, float *part,
                                                  const float *inp, const float *dout, int N,
                                                  int C, int rows_per) {
@@ -304,9 +306,9 @@ static __global__ void gelu_backward_cols_kernel(float *dinp, uint16_t *dinp_bf1
     for (int n = n0; n < n1; n++) {
         size_t i = (size_t)n * C + c;
         float g = gelu_grad(inp[i], dout[i]);
-        dinp[i] = g;
+        if (dinp) dinp[i] = g;
         if (dinp_bf16) dinp_bf16[i] = mp_float_to_bf16(g);
-        s += g;
+        s = __fadd_rn(s, g);
     }
     part[(size_t)blk * C + c] = s;
 }
@@ -361,7 +363,7 @@ __device__ __forceinline__ void ce_merge(float &m, double &s, float m2, double s
         s += s2;
         return;
     }
-    s = s * exp((double)(m - mn)) + s2 * exp((double)(m2 - mn));   // exp(-inf) = 0
+    s = s * exp((double)m - (double)mn) + s2 * exp((double)m2 - (double)mn);   // exp(-inf) = 0
     m = mn;
 }
 
@@ -381,7 +383,7 @@ static __global__ void crossentropy_forward_kernel(float *losses, float *stats,
     for (int v = tid; v < V; v += CE_THREADS) {
         float xv = x[v];
         if (xv > mx) {   // the sum so far, rescaled to the new max, and this entry's exp(0)
-            s = s * exp((double)(mx - xv)) + 1.0;
+            s = s * exp((double)mx - (double)xv) + 1.0;   // the difference exact in double
             mx = xv;
         } else if (xv != -INFINITY) {   // -inf adds 0 (exp(-inf - -inf) would be NaN)
             s += expf(xv - mx);
