@@ -387,21 +387,26 @@ mp_model *mp_model_create_sharded(const mp_config *cfg, const mp_backend *be, in
     return m;
 }
 
-void mp_model_without_bf16_twins(mp_model *m) {
-    const mp_backend *be = m->be;
+// frees every bf16 twin of the model (NULL after)
+static void twins_free(mp_model *m) {
+    uint16_t **tw[4 * MP_MAX_LAYERS + 5] = {&m->lnf_bf16, &m->dlogits_bf16, &m->dres_bf16,
+                                            &m->dqkv_bf16, &m->dfch_bf16};
+    int n = 5;
     for (int l = 0; l < m->cfg.n_layers; l++) {
         block_acts *a = &m->a[l];
-        uint16_t **tw[] = {&a->ln1_bf16, &a->atty_bf16, &a->ln2_bf16, &a->fch_gelu_bf16};
-        for (size_t i = 0; i < sizeof tw / sizeof tw[0]; i++) {
-            if (*tw[i]) be->free(*tw[i]);
-            *tw[i] = NULL;
-        }
+        tw[n++] = &a->ln1_bf16;
+        tw[n++] = &a->atty_bf16;
+        tw[n++] = &a->ln2_bf16;
+        tw[n++] = &a->fch_gelu_bf16;
     }
-    uint16_t **tw[] = {&m->lnf_bf16, &m->dlogits_bf16, &m->dres_bf16, &m->dqkv_bf16, &m->dfch_bf16};
-    for (size_t i = 0; i < sizeof tw / sizeof tw[0]; i++) {
-        if (*tw[i]) be->free(*tw[i]);
+    for (int i = 0; i < n; i++) {
+        if (*tw[i]) m->be->free(*tw[i]);
         *tw[i] = NULL;
     }
+}
+
+void mp_model_without_bf16_twins(mp_model *m) {
+    twins_free(m);
     size_t N = (size_t)m->B * m->T, F = m->cfg.dense_hidden;
     if (!m->dlogits) m->dlogits = act_alloc(m, N * m->cfg.vocab_size, sizeof(float));
     if (!m->dfch) m->dfch = act_alloc(m, N * (F ? F : 1), sizeof(float));
@@ -417,9 +422,8 @@ void mp_model_free(mp_model *m) {
     be->free(m->router_state);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         block_acts *a = &m->a[l];
-        void *bufs[] = {a->res_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att,
-                        a->res_mid, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->fch_gelu,
-                        a->ln1_bf16, a->atty_bf16, a->ln2_bf16, a->fch_gelu_bf16};
+        float *bufs[] = {a->res_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att,
+                         a->res_mid, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->fch_gelu};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) if (bufs[i]) be->free(bufs[i]);
         mp_retrieval_layer *r = m->ret[l];
         if (!r) continue;
@@ -440,9 +444,9 @@ void mp_model_free(mp_model *m) {
     }
     void *bufs[] = {m->inputs, m->targets, m->res_out, m->lnf, m->lnf_mean, m->lnf_rstd,
                     m->logits, m->ce_stats, m->losses, m->ffn_out, m->dlogits, m->dres, m->dln,
-                    m->datty, m->dqkv, m->dfch, m->dfch_gelu, m->lnf_bf16, m->dlogits_bf16,
-                    m->dres_bf16, m->dqkv_bf16, m->dfch_bf16};
+                    m->datty, m->dqkv, m->dfch, m->dfch_gelu};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) if (bufs[i]) be->free(bufs[i]);
+    twins_free(m);
     free(m);
 }
 
