@@ -41,11 +41,22 @@ struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+// 8-byte vector types, checked the same way (MP_CHECK_ALIGN8)
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 namespace mp_emu {
 [[noreturn]] void misaligned(const void *p, unsigned align);
 }
 #define MP_CHECK_ALIGN16(p) \
     (((uintptr_t)(const void *)(p) & 15u) ? mp_emu::misaligned((const void *)(p), 16) : (void)0)
+#define MP_CHECK_ALIGN8(p) \
+    (((uintptr_t)(const void *)(p) & 7u) ? mp_emu::misaligned((const void *)(p), 8) : (void)0)
 struct dim3 {
     unsigned x, y, z;
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}

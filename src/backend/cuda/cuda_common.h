@@ -119,6 +119,9 @@ void mp_cuda_sort_by_key(const int32_t *key, int64_t R, int64_t key_bound, const
 #ifndef MP_CHECK_ALIGN16
 #define MP_CHECK_ALIGN16(p) ((void)0)
 #endif
+#ifndef MP_CHECK_ALIGN8   // the same for 8-byte accesses (float2, uint2)
+#define MP_CHECK_ALIGN8(p) ((void)0)
+#endif
 
 // Loops over register arrays with compile-time trip counts: nvcc unrolls them, so the
 // arrays stay in registers; the CPU emulator's C++ compiler has no such pragma.
@@ -152,6 +155,10 @@ __device__ __forceinline__ uint16_t mp_float_to_bf16(float f) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);   // quiet NaN
     u += 0x7fffu + ((u >> 16) & 1u);   // to nearest, ties to even; overflow carries to inf
     return (uint16_t)(u >> 16);
+}
+// two floats rounded to bf16 as one 32-bit word: lo at the lower address (little-endian)
+__device__ __forceinline__ uint32_t mp_bf16_pair(float lo, float hi) {
+    return (uint32_t)mp_float_to_bf16(lo) | (uint32_t)mp_float_to_bf16(hi) << 16;
 }
 // an expert-table (or activation) element as float: fp32, or bf16 bits widened
 __device__ __forceinline__ float mp_table_load(const float *p) { return *p; }

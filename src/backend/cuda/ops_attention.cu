@@ -42,14 +42,15 @@
 
 // dst (n, ST) = rows [r0, r0 + n) of one head's (T, hs) slice of src (row stride ld),
 // zero past T and past hs (the padding then adds exact zeros to every dot product)
-template <int NJ>
-static __device__ void load_tile(float *dst, const float *src, long ld, int r0, int n, int T,
-                                 int hs) {
+template <int NJ, int ROWS>
+static __device__ __forceinline__ void load_tile(float *dst, const float *src, long ld, int r0,
+                                                 int T, int hs) {
     constexpr int DP = 16 * NJ, ST = DP + ATT_PAD;
-    for (int e = threadIdx.x; e < n * DP; e += ATT_THREADS) {
-        int r = e / DP, d = e % DP, t = r0 + r;
-        dst[r * ST + d] = t < T && d < hs ? src[(size_t)t * ld + d] : 0.0f;
-    }
+    att_fetch_tile<ROWS, DP, ATT_THREADS>(src, ld, r0, T, hs, [&](int r, int d, float4 v) {
+        float *q = dst + r * ST + d;
+        MP_CHECK_ALIGN16(q);
+        *(float4 *)q = v;
+    });
 }
 
 // acc[i][j] = A[4 ty + i] . Bm[tx + 16 j] over d = 0 .. hs - 1 in order; A, Bm stride ST.
@@ -134,7 +135,7 @@ attention_forward_kernel(float *out, float *lse, const float *qkv, int T, int C,
     int r0 = ((T + ATT_ROWS - 1) / ATT_ROWS - 1 - (int)blockIdx.x) * ATT_ROWS;
     int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     const att_head a = att_head_of(qkv, T, C, NH);   // (T, hs) slices
-    load_tile<NJ>(Qs, a.q, C3, r0, ATT_ROWS, T, hs);
+    load_tile<NJ, ATT_ROWS>(Qs, a.q, C3, r0, T, hs);
     float o[4][NJ], m[4], l[4];
     UNROLL
     for (int i = 0; i < 4; i++) {
@@ -146,8 +147,8 @@ attention_forward_kernel(float *out, float *lse, const float *qkv, int T, int C,
     int kend = min(r0 + ATT_ROWS, T);    // keys [0, kend) reach some row of the tile
     for (int c0 = 0; c0 < kend; c0 += ATT_COLS) {
         __syncthreads();   // the previous tile's Ks, Vs, Ps are read
-        load_tile<NJ>(Ks, a.k, C3, c0, ATT_COLS, T, hs);
-        load_tile<NJ>(Vs, a.v, C3, c0, ATT_COLS, T, hs);
+        load_tile<NJ, ATT_COLS>(Ks, a.k, C3, c0, T, hs);
+        load_tile<NJ, ATT_COLS>(Vs, a.v, C3, c0, T, hs);
         __syncthreads();
         float s[4][2];
         tile_dot<NJ>(s, Qs, Ks, hs);
@@ -231,8 +232,8 @@ attention_dkv_kernel(float *dqkv, const float *dout, const float *qkv, const flo
     int c0 = ((T + ATT_ROWS - 1) / ATT_ROWS - 1 - (int)blockIdx.x) * ATT_ROWS;
     int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     const att_head a = att_head_grads_of(qkv, dout, lse, D, T, C, NH);   // (T, hs) slices, L, D
-    load_tile<NJ>(Ks, a.k, C3, c0, ATT_ROWS, T, hs);
-    load_tile<NJ>(Vs, a.v, C3, c0, ATT_ROWS, T, hs);
+    load_tile<NJ, ATT_ROWS>(Ks, a.k, C3, c0, T, hs);
+    load_tile<NJ, ATT_ROWS>(Vs, a.v, C3, c0, T, hs);
     float dk[4][NJ], dv[4][NJ];
     UNROLL
     for (int i = 0; i < 4; i++) {
@@ -242,8 +243,8 @@ attention_dkv_kernel(float *dqkv, const float *dout, const float *qkv, const flo
     // queries before c0 see none of these keys; ATT_ROWS is a multiple of ATT_COLS
     for (int r0 = c0; r0 < T; r0 += ATT_COLS) {
         __syncthreads();   // the previous tile's Qs, dOs, Ls, Ds are read
-        load_tile<NJ>(Qs, a.q, C3, r0, ATT_COLS, T, hs);
-        load_tile<NJ>(dOs, a.dO, C, r0, ATT_COLS, T, hs);
+        load_tile<NJ, ATT_COLS>(Qs, a.q, C3, r0, T, hs);
+        load_tile<NJ, ATT_COLS>(dOs, a.dO, C, r0, T, hs);
         att_load_ld<ATT_THREADS>(Ls, Ds, a, r0, ATT_COLS, T);
         __syncthreads();
         float s[4][2], dp[4][2];
@@ -298,8 +299,8 @@ attention_dq_kernel(float *dqkv, const float *dout, const float *qkv, const floa
     int r0 = ((T + ATT_ROWS - 1) / ATT_ROWS - 1 - (int)blockIdx.x) * ATT_ROWS;
     int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     const att_head a = att_head_grads_of(qkv, dout, lse, D, T, C, NH);   // (T, hs) slices, L, D
-    load_tile<NJ>(Qs, a.q, C3, r0, ATT_ROWS, T, hs);
-    load_tile<NJ>(dOs, a.dO, C, r0, ATT_ROWS, T, hs);
+    load_tile<NJ, ATT_ROWS>(Qs, a.q, C3, r0, T, hs);
+    load_tile<NJ, ATT_ROWS>(dOs, a.dO, C, r0, T, hs);
     float L[4], Dr[4], dq[4][NJ];
     UNROLL
     for (int i = 0; i < 4; i++) {
@@ -312,8 +313,8 @@ attention_dq_kernel(float *dqkv, const float *dout, const float *qkv, const floa
     int kend = min(r0 + ATT_ROWS, T);
     for (int c0 = 0; c0 < kend; c0 += ATT_COLS) {
         __syncthreads();   // the previous tile's Ks, Vs, dSs are read
-        load_tile<NJ>(Ks, a.k, C3, c0, ATT_COLS, T, hs);
-        load_tile<NJ>(Vs, a.v, C3, c0, ATT_COLS, T, hs);
+        load_tile<NJ, ATT_COLS>(Ks, a.k, C3, c0, T, hs);
+        load_tile<NJ, ATT_COLS>(Vs, a.v, C3, c0, T, hs);
         __syncthreads();
         float s[4][2], dp[4][2];
         tile_dot<NJ>(s, Qs, Ks, hs);

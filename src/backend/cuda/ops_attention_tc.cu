@@ -58,14 +58,15 @@ static __device__ __forceinline__ const __nv_bfloat16 *bf(const uint16_t *p) {
 
 // dst (n, LD) bf16 = rows [r0, r0 + n) of one head's (T, hs) slice of src (row stride ld),
 // rounded to nearest; zero past T and past hs (exact zeros in every product)
-template <int NF>
-static __device__ void load_tile_bf16(uint16_t *dst, const float *src, long ld, int r0, int n,
-                                      int T, int hs) {
+template <int NF, int ROWS>
+static __device__ __forceinline__ void load_tile_bf16(uint16_t *dst, const float *src, long ld,
+                                                      int r0, int T, int hs) {
     constexpr int DP = tc_dims<NF>::DP, LD = tc_dims<NF>::LD;
-    for (int e = threadIdx.x; e < n * DP; e += TC_THREADS) {
-        int r = e / DP, d = e % DP, t = r0 + r;
-        dst[r * LD + d] = t < T && d < hs ? mp_float_to_bf16(src[(size_t)t * ld + d]) : 0;
-    }
+    att_fetch_tile<ROWS, DP, TC_THREADS>(src, ld, r0, T, hs, [&](int r, int d, float4 v) {
+        uint16_t *q = dst + r * LD + d;   // LD and d multiples of 4: 8-byte aligned
+        MP_CHECK_ALIGN8(q);
+        *(uint2 *)q = make_uint2(mp_bf16_pair(v.x, v.y), mp_bf16_pair(v.z, v.w));
+    });
 }
 
 // out (16, TC_COLS) fp32 at ldm TC_SLD = A (16, DP) . B^T, B (TC_COLS, DP): the rows of A
@@ -124,15 +125,15 @@ attention_forward_tc_kernel(float *out, uint16_t *out_bf16, float *lse, const fl
     uint16_t *Pw = Ps + w * 16 * TC_PLD;
     float *Sw = Ws + w * 16 * OW;
     const att_head a = att_head_of(qkv, T, C, NH);   // (T, hs) slices
-    load_tile_bf16<NF>(Qs, a.q, C3, r0, TC_ROWS, T, hs);
+    load_tile_bf16<NF, TC_ROWS>(Qs, a.q, C3, r0, T, hs);
     float o[HALF], m = -INFINITY, l = 0.0f;
     UNROLL
     for (int t = 0; t < HALF; t++) o[t] = 0.0f;
     int kend = min(r0 + TC_ROWS, T);   // keys [0, kend) reach some row of the tile
     for (int c0 = 0; c0 < kend; c0 += TC_COLS) {
         __syncthreads();   // the previous key tile is read
-        load_tile_bf16<NF>(Ks, a.k, C3, c0, TC_COLS, T, hs);
-        load_tile_bf16<NF>(Vs, a.v, C3, c0, TC_COLS, T, hs);
+        load_tile_bf16<NF, TC_COLS>(Ks, a.k, C3, c0, T, hs);
+        load_tile_bf16<NF, TC_COLS>(Vs, a.v, C3, c0, T, hs);
         __syncthreads();
         rows_dot_rows<NF>(Sw, Qs + 16 * w * LD, Ks);   // S (16, TC_COLS)
         __syncwarp();
@@ -236,8 +237,8 @@ attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, con
     uint16_t *Pw = Ps + w * 16 * TC_PLD, *dSw = dSs + w * 16 * TC_PLD;
     float *Sw = Ws + w * 16 * OW, *dPw = dPs + w * 16 * TC_SLD;
     const att_head a = att_head_grads_of(qkv, dout, lse, D, T, C, NH);   // (T, hs) slices, L, D
-    load_tile_bf16<NF>(Ks, a.k, C3, c0, TC_ROWS, T, hs);
-    load_tile_bf16<NF>(Vs, a.v, C3, c0, TC_ROWS, T, hs);
+    load_tile_bf16<NF, TC_ROWS>(Ks, a.k, C3, c0, T, hs);
+    load_tile_bf16<NF, TC_ROWS>(Vs, a.v, C3, c0, T, hs);
     frag_acc dk[NF], dv[NF];
     for (int f = 0; f < NF; f++) {
         wmma::fill_fragment(dk[f], 0.0f);
@@ -246,8 +247,8 @@ attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, con
     // queries before c0 see none of these keys; TC_ROWS is a multiple of TC_COLS
     for (int r0 = c0; r0 < T; r0 += TC_COLS) {
         __syncthreads();   // the previous query tile is read
-        load_tile_bf16<NF>(Qs, a.q, C3, r0, TC_COLS, T, hs);
-        load_tile_bf16<NF>(dOs, a.dO, C, r0, TC_COLS, T, hs);
+        load_tile_bf16<NF, TC_COLS>(Qs, a.q, C3, r0, T, hs);
+        load_tile_bf16<NF, TC_COLS>(dOs, a.dO, C, r0, T, hs);
         att_load_ld<TC_THREADS>(Ls, Ds, a, r0, TC_COLS, T);
         __syncthreads();
         rows_dot_rows<NF>(Sw, Ks + 16 * w * LD, Qs);    // S^T = k_c . q_r
@@ -291,16 +292,16 @@ attention_dq_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, cons
     uint16_t *dSw = dSs + w * 16 * TC_PLD;
     float *Sw = Ws + w * 16 * OW, *dPw = dPs + w * 16 * TC_SLD;
     const att_head a = att_head_grads_of(qkv, dout, lse, D, T, C, NH);   // (T, hs) slices, L, D
-    load_tile_bf16<NF>(Qs, a.q, C3, r0, TC_ROWS, T, hs);
-    load_tile_bf16<NF>(dOs, a.dO, C, r0, TC_ROWS, T, hs);
+    load_tile_bf16<NF, TC_ROWS>(Qs, a.q, C3, r0, T, hs);
+    load_tile_bf16<NF, TC_ROWS>(dOs, a.dO, C, r0, T, hs);
     float L = r < T ? a.L[r] : 0.0f, Dr = r < T ? a.D[r] : 0.0f;
     frag_acc dq[NF];
     for (int f = 0; f < NF; f++) wmma::fill_fragment(dq[f], 0.0f);
     int kend = min(r0 + TC_ROWS, T);
     for (int c0 = 0; c0 < kend; c0 += TC_COLS) {
         __syncthreads();   // the previous key tile is read
-        load_tile_bf16<NF>(Ks, a.k, C3, c0, TC_COLS, T, hs);
-        load_tile_bf16<NF>(Vs, a.v, C3, c0, TC_COLS, T, hs);
+        load_tile_bf16<NF, TC_COLS>(Ks, a.k, C3, c0, T, hs);
+        load_tile_bf16<NF, TC_COLS>(Vs, a.v, C3, c0, T, hs);
         __syncthreads();
         rows_dot_rows<NF>(Sw, Qs + 16 * w * LD, Ks);    // S = q_r . k_c
         rows_dot_rows<NF>(dPw, dOs + 16 * w * LD, Vs);  // dP = dO_r . v_c
