@@ -12,15 +12,17 @@
 // Blocks of 4 warps own a tile of 64 rows (queries; keys in the dK/dV kernel), 16 per warp,
 // and stream tiles of 64 rows of the other side through shared memory. A warp's tile
 // products land in its own fp32 scratch (16 x 64, or 16 x head size), where its lanes do the
-// elementwise work: lane l takes row l / 2 and half l % 2 of the columns, so a row's max and
+// elementwise work: lane l takes row l / 2 and half l % 2 of the columns, two at a time in
+// an order rotated per lane so that no two lanes share a bank (tc_pair), so a row's max and
 // sum are one shuffle between a lane pair. The forward's running output stays in registers
 // in that same layout (rescaled by exp(m_old - m_new) there), as the fragments' own layout is
 // unspecified; the backward's sums over the streamed tiles stay in accumulator fragments.
 // Head sizes up to 128 (DP = 16 NF columns, NF a power of two, zero-padded past hs).
 //
 // Checked against a host reference on the CUDA emulator, whose WMMA (tests/cuda_emu/include/
-// mma.h) keeps the API's rules, and on an H200 (the same bounds hold; not yet run under
-// compute-sanitizer there).
+// mma.h) keeps the API's rules. The kernels as they were before the 16-byte tile loads
+// (attention.h, att_fetch_tile) and the bank rotation below also passed on an H200, within
+// the same bounds; this version has not run on a GPU.
 #include <cuda_bf16.h>
 #include <math.h>
 #include <mma.h>
@@ -48,12 +50,39 @@ typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_acc;
 // floats (or TC_SLD when wider). WMMA wants 32-byte aligned tile pointers and ldm a multiple
 // of 8 bf16 / 4 floats: every tile below starts at a multiple of 16 rows and 16 columns of
 // these, and every array's size is a multiple of 32 bytes.
+// BLOCKS, DKV_BLOCKS: the blocks per SM that the kernels are compiled for (__launch_bounds__
+// caps their registers to fit): at hs <= 64 three blocks of the forward or dQ kernel (168
+// registers, 54 KB of shared memory each), two of dK/dV, whose 90 KB of shared memory
+// allow no more; left to itself ptxas (nvcc 13, sm_90) gave the forward 253 registers and
+// so two blocks, without spilling at three.
 template <int NF> struct tc_dims {
     static constexpr int DP = 16 * NF, LD = DP + 8, OW = (DP > TC_COLS ? DP : TC_COLS) + 4;
+    static constexpr int BLOCKS = NF >= 8 ? 2 : 3, DKV_BLOCKS = NF >= 8 ? 1 : 2;
 };
 
 static __device__ __forceinline__ const __nv_bfloat16 *bf(const uint16_t *p) {
     return reinterpret_cast<const __nv_bfloat16 *>(p);
+}
+
+// A lane's elementwise share of its warp's 16-row tiles (the fp32 scratch of scores, dP or
+// output at row stride TC_SLD or OW, the bf16 P or dS tile at TC_PLD): row i = lane / 2,
+// half hf = lane % 2 of the columns, taken two columns at a time. The lane's pair u is pair
+// tc_pair(u, n) of its half (n pairs in a half, a power of two): rotated by hf + 2 (i / 8),
+// so that the 16 lanes of each half-warp read 16 different bank pairs (float2) and all 32
+// lanes store their packed bf16 pairs to 32 different banks. Without it, at these row
+// strides (68 or 132 floats, 72 bf16), rows i and i + 8 and the two halves met on one bank:
+// 4-way conflicts on the 4- and 2-byte accesses of the softmax, P / dS and output passes,
+// 2-way on the 16-byte ones (counted for every stride and half width used).
+static __device__ __forceinline__ int tc_pair(int u, int n) {
+    int lane = threadIdx.x % 32;
+    return (u + lane % 2 + 2 * (lane / 16)) & (n - 1);   // lane / 16 = i / 8
+}
+static __device__ __forceinline__ float2 ld_pair(const float *p) {
+    MP_CHECK_ALIGN8(p);
+    return *(const float2 *)p;
+}
+static __device__ __forceinline__ void st_bf16_pair(uint16_t *p, float lo, float hi) {
+    *(uint32_t *)p = mp_bf16_pair(lo, hi);   // p is 4-byte aligned: an even column
 }
 
 // dst (n, LD) bf16 = rows [r0, r0 + n) of one head's (T, hs) slice of src (row stride ld),
@@ -107,7 +136,7 @@ static __device__ __forceinline__ void tile_times_rows(frag_acc *acc, const uint
 
 // grid (query tiles, NH, B), the longest tiles (last queries, most keys) first
 template <int NF>
-static __global__ void __launch_bounds__(TC_THREADS)
+static __global__ void __launch_bounds__(TC_THREADS, tc_dims<NF>::BLOCKS)
 attention_forward_tc_kernel(float *out, uint16_t *out_bf16, float *lse, const float *qkv, int T,
                             int C, int NH, float scale) {
     constexpr int DP = tc_dims<NF>::DP, LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
@@ -139,20 +168,25 @@ attention_forward_tc_kernel(float *out, uint16_t *out_bf16, float *lse, const fl
         __syncwarp();
         // key 0 is in the first tile and unmasked for every row, so m is finite from then
         // on; columns masked for this lane's half alone are covered by its partner's max
-        float s[TC_COLS / 2], mx = -INFINITY;
+        constexpr int NP = TC_COLS / 4;   // column pairs in a half
+        float2 s[NP];
+        float mx = -INFINITY;
         UNROLL
-        for (int t = 0; t < TC_COLS / 2; t++) {
-            int c = c0 + hf * (TC_COLS / 2) + t;
-            s[t] = c <= r ? Sw[i * TC_SLD + hf * (TC_COLS / 2) + t] * scale : -INFINITY;
-            mx = fmaxf(mx, s[t]);
+        for (int u = 0; u < NP; u++) {
+            int cc = hf * (TC_COLS / 2) + 2 * tc_pair(u, NP), c = c0 + cc;
+            float2 v = ld_pair(Sw + i * TC_SLD + cc);
+            s[u].x = c <= r ? v.x * scale : -INFINITY;
+            s[u].y = c + 1 <= r ? v.y * scale : -INFINITY;
+            mx = fmaxf(mx, fmaxf(s[u].x, s[u].y));
         }
         float mnew = fmaxf(m, fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)));
         float alpha = expf(m - mnew), ps = 0.0f;   // alpha = 0 on the first tile (m = -inf)
         UNROLL
-        for (int t = 0; t < TC_COLS / 2; t++) {
-            float p = expf(s[t] - mnew);   // masked: exp(-inf) = 0
-            Pw[i * TC_PLD + hf * (TC_COLS / 2) + t] = mp_float_to_bf16(p);
-            ps += p;
+        for (int u = 0; u < NP; u++) {
+            float px = expf(s[u].x - mnew), py = expf(s[u].y - mnew);   // masked: exp(-inf) = 0
+            st_bf16_pair(Pw + i * TC_PLD + hf * (TC_COLS / 2) + 2 * tc_pair(u, NP), px, py);
+            ps += px;
+            ps += py;
         }
         l = l * alpha + ps + __shfl_xor_sync(0xffffffffu, ps, 1);
         m = mnew;
@@ -164,7 +198,11 @@ attention_forward_tc_kernel(float *out, uint16_t *out_bf16, float *lse, const fl
             wmma::store_matrix_sync(Sw + 16 * f, acc[f], OW, wmma::mem_row_major);
         __syncwarp();
         UNROLL
-        for (int t = 0; t < HALF; t++) o[t] = o[t] * alpha + Sw[i * OW + hf * HALF + t];
+        for (int u = 0; u < HALF / 2; u++) {   // o[2u], o[2u + 1]: the columns of pair tc_pair(u)
+            float2 v = ld_pair(Sw + i * OW + hf * HALF + 2 * tc_pair(u, HALF / 2));
+            o[2 * u] = o[2 * u] * alpha + v.x;
+            o[2 * u + 1] = o[2 * u + 1] * alpha + v.y;
+        }
     }
     if (r < T) {
         size_t at = ((size_t)b * T + r) * C + h * hs;
@@ -172,7 +210,7 @@ attention_forward_tc_kernel(float *out, uint16_t *out_bf16, float *lse, const fl
         uint16_t *brow = out_bf16 ? out_bf16 + at : NULL;
         UNROLL
         for (int t = 0; t < HALF; t++) {
-            int d = hf * HALF + t;
+            int d = hf * HALF + 2 * tc_pair(t / 2, HALF / 2) + t % 2;
             if (d >= hs) continue;
             float y = o[t] * inv;
             orow[d] = y;
@@ -182,13 +220,16 @@ attention_forward_tc_kernel(float *out, uint16_t *out_bf16, float *lse, const fl
     }
 }
 
-// This lane's P and dS of one score pair (row-major scratch S, dP at ldm TC_SLD) into the
-// warp's bf16 tiles: p = exp(s scale - L) where `keep`, else 0; ds = p (dp - D) scale.
-static __device__ __forceinline__ void p_ds(uint16_t *P, uint16_t *dS, int at, float s, float dp,
-                                            float L, float D, bool keep, float scale) {
-    float p = keep ? expf(s * scale - L) : 0.0f;
-    if (P) P[at] = mp_float_to_bf16(p);
-    dS[at] = mp_float_to_bf16(p * (dp - D) * scale);
+// P and dS of two neighbouring scores (s, dp from the fp32 scratch) into the warp's bf16
+// tiles at the even element `at`: p = exp(s scale - L) where kept, else 0; ds = p (dp - D)
+// scale. The pair's L and D: one row's twice (dQ) or two rows' (dK, dV).
+static __device__ __forceinline__ void p_ds(uint16_t *P, uint16_t *dS, int at, float2 s,
+                                            float2 dp, float2 L, float2 D, bool keep_x,
+                                            bool keep_y, float scale) {
+    float px = keep_x ? expf(s.x * scale - L.x) : 0.0f;
+    float py = keep_y ? expf(s.y * scale - L.y) : 0.0f;
+    if (P) st_bf16_pair(P + at, px, py);
+    st_bf16_pair(dS + at, px * (dp.x - D.x) * scale, py * (dp.y - D.y) * scale);
 }
 
 // the warp's accumulators (16, DP), finished sums, stored into rows [rw, rw + 16) of one
@@ -215,7 +256,7 @@ static __device__ void store_rows(float *dqkv, uint16_t *dqkv_bf16, const frag_a
 // dK, dV: grid (key tiles, NH, B), a block per tile of TC_ROWS keys (the first keys, which
 // the most queries see, first), walking the query tiles from the diagonal to T in order
 template <int NF>
-static __global__ void __launch_bounds__(TC_THREADS)
+static __global__ void __launch_bounds__(TC_THREADS, tc_dims<NF>::DKV_BLOCKS)
 attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, const float *qkv,
                         const float *lse, const float *D, int T, int C, int NH, float scale) {
     constexpr int LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
@@ -255,10 +296,11 @@ attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, con
         rows_dot_rows<NF>(dPw, Vs + 16 * w * LD, dOs);  // dP^T = v_c . dO_r
         __syncwarp();
         UNROLL
-        for (int t = 0; t < TC_COLS / 2; t++) {
-            int rr = hf * (TC_COLS / 2) + t, r = r0 + rr;
-            p_ds(Pw, dSw, i * TC_PLD + rr, Sw[i * TC_SLD + rr], dPw[i * TC_SLD + rr], Ls[rr],
-                 Ds[rr], r >= c && r < T, scale);
+        for (int u = 0; u < TC_COLS / 4; u++) {   // query rows rr, rr + 1
+            int rr = hf * (TC_COLS / 2) + 2 * tc_pair(u, TC_COLS / 4), r = r0 + rr;
+            p_ds(Pw, dSw, i * TC_PLD + rr, ld_pair(Sw + i * TC_SLD + rr),
+                 ld_pair(dPw + i * TC_SLD + rr), ld_pair(Ls + rr), ld_pair(Ds + rr),
+                 r >= c && r < T, r + 1 >= c && r + 1 < T, scale);
         }
         __syncwarp();   // P^T, dS^T written by the warp's lanes, read by its fragments
         tile_times_rows<NF>(dv, Pw, dOs);   // dV += P^T dO
@@ -273,7 +315,7 @@ attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, con
 // dQ: grid (query tiles, NH, B), a block per tile of TC_ROWS queries (the longest first),
 // walking the key tiles up to the diagonal in order
 template <int NF>
-static __global__ void __launch_bounds__(TC_THREADS)
+static __global__ void __launch_bounds__(TC_THREADS, tc_dims<NF>::BLOCKS)
 attention_dq_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, const float *qkv,
                        const float *lse, const float *D, int T, int C, int NH, float scale) {
     constexpr int LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
@@ -307,10 +349,11 @@ attention_dq_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, cons
         rows_dot_rows<NF>(dPw, dOs + 16 * w * LD, Vs);  // dP = dO_r . v_c
         __syncwarp();
         UNROLL
-        for (int t = 0; t < TC_COLS / 2; t++) {
-            int cc = hf * (TC_COLS / 2) + t, c = c0 + cc;
-            p_ds(NULL, dSw, i * TC_PLD + cc, Sw[i * TC_SLD + cc], dPw[i * TC_SLD + cc], L, Dr,
-                 c <= r && r < T, scale);
+        for (int u = 0; u < TC_COLS / 4; u++) {   // keys cc, cc + 1
+            int cc = hf * (TC_COLS / 2) + 2 * tc_pair(u, TC_COLS / 4), c = c0 + cc;
+            p_ds(NULL, dSw, i * TC_PLD + cc, ld_pair(Sw + i * TC_SLD + cc),
+                 ld_pair(dPw + i * TC_SLD + cc), make_float2(L, L), make_float2(Dr, Dr),
+                 c <= r && r < T, c + 1 <= r && r < T, scale);
         }
         __syncwarp();   // dS written by the warp's lanes, read by its fragments
         tile_times_rows<NF>(dq, dSw, Ks);   // dQ += dS k
