@@ -1163,11 +1163,20 @@ static void test_optim(void **state) {
     // the fused op's copy of the state, and its bf16 destination
     float *d_p2 = dev_copy(p, n * 4), *d_m2 = gpu->alloc(n * 4), *d_v2 = gpu->alloc(n * 4);
     uint16_t *d_pb = gpu->alloc(n * 2);
+    // in two calls, so that each of the CUDA op's paths runs: [0, 2001) starts 16-byte
+    // aligned (4 elements a thread, then a tail of 1), [2001, n) does not (one a thread)
+    size_t seg[3] = {0, 2001, n};
     for (long t = 1; t <= 3; t++) {
         float *g = frand(n, -1, 1), *d_g = dev_copy(g, n * 4);
-        cpu->adamw(p, g, m, v, NULL, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
-        gpu->adamw(d_p, d_g, d_m, d_v, NULL, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
-        gpu->adamw(d_p2, d_g, d_m2, d_v2, d_pb, n, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t, 0.5f);
+        for (int s = 0; s < 2; s++) {
+            size_t o = seg[s], k = seg[s + 1] - o;
+            cpu->adamw(p + o, g + o, m + o, v + o, NULL, k, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, t,
+                       0.5f);
+            gpu->adamw(d_p + o, d_g + o, d_m + o, d_v + o, NULL, k, 1e-2f, 0.9f, 0.95f, 1e-8f,
+                       0.1f, t, 0.5f);
+            gpu->adamw(d_p2 + o, d_g + o, d_m2 + o, d_v2 + o, d_pb + o, k, 1e-2f, 0.9f, 0.95f,
+                       1e-8f, 0.1f, t, 0.5f);
+        }
         gpu->free(d_g);
         free(g);
     }
