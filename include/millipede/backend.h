@@ -67,7 +67,8 @@ typedef struct mp_backend {
                             int B, int T, int C);
     void (*encoder_backward)(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
                              int B, int T, int C);
-    // LayerNorm over C, eps 1e-5: out (N,C) and its twin, mean (N), rstd (N)
+    // LayerNorm over C, eps 1e-5: out (N,C) and its twin, mean (N), rstd (N). out may be
+    // NULL where the twin is given (bf16 mode keeps only the twin where GEMMs alone read it)
     void (*layernorm_forward)(float *out, uint16_t *out_bf16, float *mean, float *rstd,
                               const float *inp, const float *w, const float *b, int N, int C);
     // dinp (N,C) += ..., and dinp_bf16 = the sum rounded
@@ -119,7 +120,7 @@ typedef struct mp_backend {
     void (*attention_backward)(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
                                const float *qkv, const float *out, const float *att, int B,
                                int T, int C, int NH);
-    // exact (erf) GELU, elementwise over n
+    // exact (erf) GELU, elementwise over n; out may be NULL where the twin is given
     void (*gelu_forward)(float *out, uint16_t *out_bf16, const float *inp, long n);
     // dinp (N,C) = GELU'(inp) * dout, written, and its twin (either may be NULL: bf16 mode
     // keeps only the twin, which is all the GEMMs after it read); dbias (C), if not NULL, +=

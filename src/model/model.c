@@ -28,7 +28,9 @@ typedef struct {   // what one block keeps for backward
     float *ln2, *ln2_mean, *ln2_rstd;   // (N, C), (N), (N)
     float *fch, *fch_gelu;        // (N, F) dense FFN only
     // bf16 twins of the GEMM inputs (backend.h), NULL in fp32 (and fch_gelu_bf16 in a PEER
-    // / PKM block)
+    // / PKM block). bf16 mode keeps ln1, fch_gelu and a dense block's ln2 only as twins
+    // (those fp32 tensors are NULL): GEMMs are all that read them. atty stays (the attention
+    // backward's D reads it), and so does a PEER block's ln2 (its route and experts).
     uint16_t *ln1_bf16, *atty_bf16, *ln2_bf16;   // (N, C)
     uint16_t *fch_gelu_bf16;      // (N, F)
 } block_acts;
@@ -73,7 +75,7 @@ struct mp_model {
     float *dqkv;                  // (N, 3C)
     float *dfch, *dfch_gelu;      // (N, F)
     // bf16 mode: the twins the backward's GEMMs read (backend.h); dlogits is then NULL, as
-    // the LM head's GEMMs need only the twin
+    // the LM head's GEMMs need only the twin, and so is lnf (the final LayerNorm's output)
     uint16_t *lnf_bf16;           // (N, C)
     uint16_t *dlogits_bf16;       // (N, V)
     uint16_t *dres_bf16;          // (N, C)
@@ -208,6 +210,11 @@ static int uses_bf16(const mp_config *cfg, const mp_backend *be) {
 static uint16_t *twin_alloc(mp_model *m, size_t n) {
     return uses_bf16(&m->cfg, m->be) ? act_alloc(m, n, sizeof(uint16_t)) : NULL;
 }
+// an fp32 activation that only bf16 GEMMs read (a LayerNorm's output before a GEMM, GELU's
+// output): NULL in bf16 mode, where its twin is all they read and what the op writes
+static float *gemm_input_alloc(mp_model *m, size_t n) {
+    return uses_bf16(&m->cfg, m->be) ? NULL : act_alloc(m, n, sizeof(float));
+}
 
 static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, int part,
                              int n_parts, mp_comm *comm) {
@@ -235,8 +242,9 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         float **gg[] = {&g->ln1w, &g->ln1b, &g->qkvw, &g->qkvb, &g->projw, &g->projb, &g->ln2w, &g->ln2b};
         for (int s = 0; s < 8; s++) { *pp[s] = pptr(m, ix[s]); *gg[s] = gptr(m, ix[s]); }
         block_acts *a = &m->a[l];
+        const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
         a->res_in = act_alloc(m, N * C, sizeof(float));
-        a->ln1 = act_alloc(m, N * C, sizeof(float));
+        a->ln1 = gemm_input_alloc(m, N * C);
         a->ln1_mean = act_alloc(m, N, sizeof(float));
         a->ln1_rstd = act_alloc(m, N, sizeof(float));
         a->qkv = act_alloc(m, N * 3 * C, sizeof(float));
@@ -244,20 +252,20 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
         a->att = act_alloc(m, be->attention_state_floats(B, m->T, (int)C, cfg->n_heads),
                            sizeof(float));
         a->res_mid = act_alloc(m, N * C, sizeof(float));
-        a->ln2 = act_alloc(m, N * C, sizeof(float));
+        // a PEER layer reads its input in fp32 (the query GEMM, the experts)
+        a->ln2 = rc ? act_alloc(m, N * C, sizeof(float)) : gemm_input_alloc(m, N * C);
         a->ln2_mean = act_alloc(m, N, sizeof(float));
         a->ln2_rstd = act_alloc(m, N, sizeof(float));
         a->ln1_bf16 = twin_alloc(m, N * C);
         a->atty_bf16 = twin_alloc(m, N * C);
         a->ln2_bf16 = twin_alloc(m, N * C);   // the MLP's, or the PEER route's dW_q GEMM
-        const mp_retrieval_config *rc = mp_config_retrieval(cfg, l);
         if (!rc) {
             p->fcw = pptr(m, ix[8]); g->fcw = gptr(m, ix[8]);
             p->fcb = pptr(m, ix[9]); g->fcb = gptr(m, ix[9]);
             p->fcprojw = pptr(m, ix[10]); g->fcprojw = gptr(m, ix[10]);
             p->fcprojb = pptr(m, ix[11]); g->fcprojb = gptr(m, ix[11]);
             a->fch = act_alloc(m, N * F, sizeof(float));
-            a->fch_gelu = act_alloc(m, N * F, sizeof(float));
+            a->fch_gelu = gemm_input_alloc(m, N * F);
             a->fch_gelu_bf16 = twin_alloc(m, N * F);
             continue;
         }
@@ -346,7 +354,7 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
     m->inputs = act_alloc(m, N, sizeof(int32_t));
     m->targets = act_alloc(m, N, sizeof(int32_t));
     m->res_out = act_alloc(m, N * C, sizeof(float));
-    m->lnf = act_alloc(m, N * C, sizeof(float));
+    m->lnf = gemm_input_alloc(m, N * C);
     m->lnf_mean = act_alloc(m, N, sizeof(float));
     m->lnf_rstd = act_alloc(m, N, sizeof(float));
     m->logits = act_alloc(m, N * V, sizeof(float));
@@ -407,9 +415,19 @@ static void twins_free(mp_model *m) {
 
 void mp_model_without_bf16_twins(mp_model *m) {
     twins_free(m);
-    size_t N = (size_t)m->B * m->T, F = m->cfg.dense_hidden;
-    if (!m->dlogits) m->dlogits = act_alloc(m, N * m->cfg.vocab_size, sizeof(float));
-    if (!m->dfch) m->dfch = act_alloc(m, N * (F ? F : 1), sizeof(float));
+    // the fp32 tensors that bf16 mode kept only as twins
+    size_t N = (size_t)m->B * m->T, C = m->cfg.d_model, F = m->cfg.dense_hidden;
+    float **need[3 * MP_MAX_LAYERS + 3] = {&m->dlogits, &m->dfch, &m->lnf};
+    size_t size[3 * MP_MAX_LAYERS + 3] = {N * m->cfg.vocab_size, N * (F ? F : 1), N * C};
+    int n = 3;
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        block_acts *a = &m->a[l];
+        need[n] = &a->ln1, size[n++] = N * C;
+        need[n] = &a->ln2, size[n++] = N * C;
+        if (!m->ret[l]) need[n] = &a->fch_gelu, size[n++] = N * F;
+    }
+    for (int i = 0; i < n; i++)
+        if (!*need[i]) *need[i] = act_alloc(m, size[i], sizeof(float));
 }
 
 void mp_model_free(mp_model *m) {

@@ -74,7 +74,7 @@ static __global__ void layernorm_forward_kernel(float *out, uint16_t *out_bf16, 
     int n = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (n >= N) return;
     const float *x = inp + (size_t)n * C;
-    float *o = out + (size_t)n * C;
+    float *o = out ? out + (size_t)n * C : NULL;
     float s = 0.0f;
     for (int c = lane; c < C; c += 32) s += x[c];
     float m = mp_warp_sum(s) / C;
@@ -88,7 +88,7 @@ static __global__ void layernorm_forward_kernel(float *out, uint16_t *out_bf16, 
     uint16_t *ob = out_bf16 ? out_bf16 + (size_t)n * C : NULL;
     for (int c = lane; c < C; c += 32) {
         float y = (x[c] - m) * r * w[c] + b[c];
-        o[c] = y;
+        if (o) o[c] = y;
         if (ob) ob[c] = mp_float_to_bf16(y);
     }
     if (lane == 0) {
@@ -270,7 +270,7 @@ static __global__ void gelu_forward_kernel(float *out, uint16_t *out_bf16, const
     if (i >= (size_t)n) return;
     float x = inp[i];
     float y = 0.5f * x * (1.0f + erff(x * INV_SQRT2));
-    out[i] = y;
+    if (out) out[i] = y;
     if (out_bf16) out_bf16[i] = mp_float_to_bf16(y);
 }
 
