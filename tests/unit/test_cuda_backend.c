@@ -451,6 +451,12 @@ static void test_bf16_twins_elementwise(void **state) {
     gpu->layernorm_forward(out, tw, st + 2 * N, st + 3 * N, x, w, b, N, C);
     expect_twin("layernorm_forward", out, ref, tw, NC);
     expect_same_bits("layernorm_forward mean, rstd", st + 2 * N, st, 2 * N);
+    uint16_t *tw9 = twin_alloc(NC);   // bf16 mode's LayerNorm before a GEMM: the twin alone
+    gpu->zero(st + 2 * N, 2 * N * sizeof(float));   // mean, rstd written again
+    gpu->layernorm_forward(NULL, tw9, st + 2 * N, st + 3 * N, x, w, b, N, C);
+    expect_twin("layernorm_forward, twin alone", ref, NULL, tw9, NC);
+    expect_same_bits("layernorm_forward mean, rstd (twin alone)", st + 2 * N, st, 2 * N);
+    gpu->free(tw9);
     // backward adds into dinp: the twin is the sum's rounding
     float *dout = dev_rand(NC, -1, 1), *dx0 = frand(NC, -1, 1);
     float *dx = dev_copy(dx0, NC * 4), *dxr = dev_copy(dx0, NC * 4);
@@ -467,6 +473,10 @@ static void test_bf16_twins_elementwise(void **state) {
     gpu->gelu_forward(gr, NULL, gx, n);
     gpu->gelu_forward(go, tw3, gx, n);
     expect_twin("gelu_forward", go, gr, tw3, n);
+    uint16_t *tw10 = twin_alloc(n);
+    gpu->gelu_forward(NULL, tw10, gx, n);   // bf16 mode's: the twin alone
+    expect_twin("gelu_forward, twin alone", gr, NULL, tw10, n);
+    gpu->free(tw10);
     gpu->gelu_backward(gr, NULL, NULL, gx, gy, 7, 143);
     gpu->gelu_backward(go, tw4, NULL, gx, gy, 7, 143);
     expect_twin("gelu_backward", go, gr, tw4, n);
