@@ -63,18 +63,18 @@ const mp_tensor *mp_model_find(const mp_model *m, const char *name);
 float *mp_model_params(mp_model *m, mp_group g);   // group buffer (backend memory)
 float *mp_model_grads(mp_model *m, mp_group g);
 size_t mp_model_group_size(const mp_model *m, mp_group g);  // floats
-// system.precision = bf16: the bf16 copy of expert tensor t that the expert kernels read
-// (backend memory, t->numel values in t's layout); NULL in fp32, on the CPU backend and
-// for a tensor outside the experts group. Taking mp_model_params(m, MP_GROUP_EXPERTS)
-// makes the copy stale, and the next forward then rewrites it whole; the optimizer, which
-// writes the copy of every master it changes in the same pass (adamw's p_bf16), marks it
-// fresh instead.
+// system.precision = bf16: the bf16 copy of tensor t that the GEMMs (dense group) or the
+// expert kernels (experts group) read (backend memory, t->numel values in t's layout);
+// NULL in fp32, on the CPU backend and for a tensor of the keys group. Taking
+// mp_model_params(m, g) makes group g's copy stale, and the next forward then rewrites it
+// whole; the optimizer, which writes the copy of every master it changes in the same pass
+// (adamw's p_bf16), marks it fresh instead.
 uint16_t *mp_model_bf16(mp_model *m, const mp_tensor *t);
-// 1: the experts' bf16 copy holds their masters rounded (0 when there is no copy).
-int mp_model_bf16_fresh(const mp_model *m);
-// The caller has rewritten the copy of every master it changed since the copy was last
-// fresh; the next forward reads it as it is (nothing when there is no copy).
-void mp_model_bf16_set_fresh(mp_model *m);
+// 1: group g's bf16 copy holds its masters rounded (0 when there is no copy).
+int mp_model_bf16_fresh(const mp_model *m, mp_group g);
+// The caller has rewritten group g's copy of every master it changed since the copy was
+// last fresh; the next forward reads it as it is (nothing when there is no copy).
+void mp_model_bf16_set_fresh(mp_model *m, mp_group g);
 // The router state, one buffer (backend memory): for each retrieval layer in block order,
 // with query BN its running_mean (H*dk) then running_var (H*dk), then with
 // balance_rate > 0 its sub-key balance biases k1_bias (H, n) then k2_bias (H, n).

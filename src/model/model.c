@@ -84,11 +84,13 @@ struct mp_model {
     int usage_on;
     int lazy_experts;             // train.expert_optimizer = lazy_adamw: track touched rows
     mp_comm *comm;                // NULL: a single process
-    // system.precision = bf16: the experts group rounded to bf16, refreshed by the next
-    // forward whenever the fp32 masters may have changed (anyone who took the params pointer)
-    // unless the optimizer wrote it along with them (mp_model_bf16_set_fresh)
-    uint16_t *experts_bf16;       // (group_size[MP_GROUP_EXPERTS])
-    int experts_bf16_stale;
+    // system.precision = bf16: the dense and experts groups rounded to bf16, what the GEMMs
+    // and the expert kernels read (the keys group has none: only fp32 GEMMs read it). A
+    // copy is refreshed by the next forward whenever its fp32 masters may have changed
+    // (anyone who took the params pointer) unless the optimizer wrote it along with them
+    // (mp_model_bf16_set_fresh).
+    uint16_t *bf16[MP_N_GROUPS];  // (group_size[g]) or NULL
+    int bf16_stale[MP_N_GROUPS];
     // phase timing (mp_model_phase): on, in backward, the running phase and its start
     int profile, in_backward, phase;
     double phase_t0, phase_s[MP_PHASE_N];
@@ -216,6 +218,23 @@ static float *gemm_input_alloc(mp_model *m, size_t n) {
     return uses_bf16(&m->cfg, m->be) ? NULL : act_alloc(m, n, sizeof(float));
 }
 
+// dense weight w's bf16 copy (bf16 mode; NULL otherwise): what the GEMMs read instead of
+// rounding w for each call
+static const uint16_t *weight_bf16(const mp_model *m, const float *w) {
+    const float *base = m->params[MP_GROUP_DENSE];
+    if (!m->bf16[MP_GROUP_DENSE]) return NULL;
+    if (w < base || w >= base + m->group_size[MP_GROUP_DENSE])
+        mp_fatal("internal: a bf16 weight copy asked for a tensor outside the dense group");
+    return m->bf16[MP_GROUP_DENSE] + (w - base);
+}
+
+// group g's bf16 copy rewritten from its masters, in one pass, if they may have changed
+static void bf16_refresh(mp_model *m, mp_group g) {
+    if (!m->bf16[g] || !m->bf16_stale[g]) return;
+    m->be->to_bf16(m->bf16[g], m->params[g], m->group_size[g]);
+    m->bf16_stale[g] = 0;
+}
+
 static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, int part,
                              int n_parts, mp_comm *comm) {
     mp_model *m = mp_calloc(1, sizeof *m);
@@ -322,15 +341,20 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
     // Config validation refuses bf16 on a backend without it; a model built here from a
     // stored config on the CPU (ckpt verify) reads the fp32 masters.
     if (uses_bf16(cfg, be)) {
-        size_t n = m->group_size[MP_GROUP_EXPERTS];
-        m->experts_bf16 = be->alloc((n ? n : 1) * sizeof(uint16_t));
-        m->experts_bf16_stale = 1;
+        const mp_group mirrored[2] = {MP_GROUP_DENSE, MP_GROUP_EXPERTS};
+        for (int i = 0; i < 2; i++) {
+            size_t n = m->group_size[mirrored[i]];
+            m->bf16[mirrored[i]] = be->alloc((n ? n : 1) * sizeof(uint16_t));
+            m->bf16_stale[mirrored[i]] = 1;
+        }
         float *base = m->params[MP_GROUP_EXPERTS];
         for (int l = 0; l < cfg->n_layers; l++) {
             mp_retrieval_layer *r = m->ret[l];
             if (!r) continue;
-            if (r->u) r->u_bf16 = m->experts_bf16 + (r->u - base);
-            r->v_bf16 = m->experts_bf16 + (r->v - base);
+            uint16_t *eb = m->bf16[MP_GROUP_EXPERTS];
+            if (r->u) r->u_bf16 = eb + (r->u - base);
+            r->v_bf16 = eb + (r->v - base);
+            r->wq_bf16 = weight_bf16(m, r->wq);
         }
     }
     // router state: one buffer; per retrieval layer (mean, var) with query BN, then the
@@ -436,7 +460,7 @@ void mp_model_free(mp_model *m) {
     const mp_backend *be = m->be;
     if (m->profile && be->kernel_timer) be->kernel_timer(NULL);
     for (int g = 0; g < MP_N_GROUPS; g++) { be->free(m->params[g]); be->free(m->grads[g]); }
-    be->free(m->experts_bf16);
+    for (int g = 0; g < MP_N_GROUPS; g++) be->free(m->bf16[g]);
     be->free(m->router_state);
     for (int l = 0; l < m->cfg.n_layers; l++) {
         block_acts *a = &m->a[l];
@@ -490,7 +514,7 @@ void mp_model_init(mp_model *m) {
         m->be->from_host(m->params[t->group] + t->offset, host, n * sizeof(float));
         free(host);
     }
-    m->experts_bf16_stale = 1;
+    for (int g = 0; g < MP_N_GROUPS; g++) m->bf16_stale[g] = 1;
     // running statistics: mean 0, var 1
     float *host = mp_calloc(m->state_size ? m->state_size : 1, sizeof(float));
     for (int l = 0; l < m->cfg.n_layers; l++) {
@@ -511,15 +535,14 @@ const mp_tensor *mp_model_find(const mp_model *m, const char *name) {
     return NULL;
 }
 float *mp_model_params(mp_model *m, mp_group g) {
-    if (g == MP_GROUP_EXPERTS) m->experts_bf16_stale = 1;   // the caller may write the masters
+    m->bf16_stale[g] = 1;   // the caller may write the masters
     return m->params[g];
 }
 uint16_t *mp_model_bf16(mp_model *m, const mp_tensor *t) {
-    if (!m->experts_bf16 || t->group != MP_GROUP_EXPERTS) return NULL;
-    return m->experts_bf16 + t->offset;
+    return m->bf16[t->group] ? m->bf16[t->group] + t->offset : NULL;
 }
-int mp_model_bf16_fresh(const mp_model *m) { return m->experts_bf16 && !m->experts_bf16_stale; }
-void mp_model_bf16_set_fresh(mp_model *m) { m->experts_bf16_stale = 0; }
+int mp_model_bf16_fresh(const mp_model *m, mp_group g) { return m->bf16[g] && !m->bf16_stale[g]; }
+void mp_model_bf16_set_fresh(mp_model *m, mp_group g) { m->bf16_stale[g] = 0; }
 float *mp_model_grads(mp_model *m, mp_group g) { return m->grads[g]; }
 size_t mp_model_group_size(const mp_model *m, mp_group g) { return m->group_size[g]; }
 float *mp_model_router_state(mp_model *m) { return m->router_state; }
@@ -658,21 +681,19 @@ void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, const ui
     const mp_backend *be = m->be;
     use_precision(m);
     enter_phase(m, m->ret[l] ? MP_PHASE_PEER : MP_PHASE_MLP);
+    bf16_refresh(m, MP_GROUP_DENSE);   // the MLP's weights, or the route's W_q
     if (m->ret[l]) {
-        if (m->experts_bf16 && m->experts_bf16_stale) {   // one pass over the whole group
-            be->to_bf16(m->experts_bf16, m->params[MP_GROUP_EXPERTS],
-                        m->group_size[MP_GROUP_EXPERTS]);
-            m->experts_bf16_stale = 0;
-        }
+        bf16_refresh(m, MP_GROUP_EXPERTS);
         mp_retrieval_forward(m->ret[l], be, y, x, N, train);
         return;
     }
     block_params *p = &m->p[l];
     block_acts *a = &m->a[l];
     int C = m->cfg.d_model, F = m->cfg.dense_hidden;
-    be->matmul_forward(a->fch, x, x_bf16, p->fcw, p->fcb, N, C, F);
+    be->matmul_forward(a->fch, x, x_bf16, p->fcw, weight_bf16(m, p->fcw), p->fcb, N, C, F);
     be->gelu_forward(a->fch_gelu, a->fch_gelu_bf16, a->fch, (long)N * F);
-    be->matmul_forward(y, a->fch_gelu, a->fch_gelu_bf16, p->fcprojw, p->fcprojb, N, F, C);
+    be->matmul_forward(y, a->fch_gelu, a->fch_gelu_bf16, p->fcprojw, weight_bf16(m, p->fcprojw),
+                       p->fcprojb, N, F, C);
 }
 
 void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const uint16_t *dy_bf16,
@@ -690,11 +711,12 @@ void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const
     block_acts *a = &m->a[l];
     // each activation gradient is written by its one producer: nothing to zero
     be->matmul_backward(m->dfch_gelu, g->fcprojw, g->fcprojb, dy, dy_bf16, a->fch_gelu,
-                        a->fch_gelu_bf16, p->fcprojw, N, F, C, 0);
+                        a->fch_gelu_bf16, p->fcprojw, weight_bf16(m, p->fcprojw), N, F, C, 0);
     // fc's bias gradient in the pass that writes dfch (backend.h), not by reading it again;
     // in bf16 mode dfch is only its twin (m->dfch NULL), all the fc GEMMs read
     be->gelu_backward(m->dfch, m->dfch_bf16, g->fcb, a->fch, m->dfch_gelu, N, F);
-    be->matmul_backward(dx, g->fcw, NULL, m->dfch, m->dfch_bf16, x, x_bf16, p->fcw, N, C, F, 0);
+    be->matmul_backward(dx, g->fcw, NULL, m->dfch, m->dfch_bf16, x, x_bf16, p->fcw,
+                        weight_bf16(m, p->fcw), N, C, F, 0);
 }
 
 float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
@@ -710,6 +732,7 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
     m->has_targets = targets != NULL;
     m->in_backward = 0;
     enter_phase(m, MP_PHASE_EMBED);
+    bf16_refresh(m, MP_GROUP_DENSE);
     be->from_host(m->inputs, inputs, (size_t)N * sizeof(int32_t));
     if (targets) be->from_host(m->targets, targets, (size_t)N * sizeof(int32_t));
 
@@ -722,11 +745,13 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
         be->layernorm_forward(a->ln1, a->ln1_bf16, a->ln1_mean, a->ln1_rstd, a->res_in, p->ln1w,
                               p->ln1b, N, C);
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
-        be->matmul_forward(a->qkv, a->ln1, a->ln1_bf16, p->qkvw, p->qkvb, N, C, 3 * C);
+        be->matmul_forward(a->qkv, a->ln1, a->ln1_bf16, p->qkvw, weight_bf16(m, p->qkvw), p->qkvb,
+                           N, C, 3 * C);
         enter_phase(m, MP_PHASE_ATTENTION);
         be->attention_forward(a->atty, a->atty_bf16, a->att, a->qkv, B, T, C, NH);
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
-        be->matmul_forward(m->ffn_out, a->atty, a->atty_bf16, p->projw, p->projb, N, C, C);
+        be->matmul_forward(m->ffn_out, a->atty, a->atty_bf16, p->projw, weight_bf16(m, p->projw),
+                           p->projb, N, C, C);
         enter_phase(m, MP_PHASE_NORM);
         be->residual_forward(a->res_mid, a->res_in, m->ffn_out, (long)N * C);
         be->layernorm_forward(a->ln2, a->ln2_bf16, a->ln2_mean, a->ln2_rstd, a->res_mid, p->ln2w,
@@ -738,7 +763,8 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
     be->layernorm_forward(m->lnf, m->lnf_bf16, m->lnf_mean, m->lnf_rstd, m->res_out, m->lnfw,
                           m->lnfb, N, C);
     enter_phase(m, MP_PHASE_LM_HEAD);
-    be->matmul_forward(m->logits, m->lnf, m->lnf_bf16, m->wte, NULL, N, C, V);
+    be->matmul_forward(m->logits, m->lnf, m->lnf_bf16, m->wte, weight_bf16(m, m->wte), NULL, N, C,
+                       V);
     if (!targets) {
         mp_model_phase(m, MP_PHASE_NONE);
         return 0.0f;
@@ -773,7 +799,7 @@ void mp_model_backward(mp_model *m, float loss_scale) {
     // and its twin is the rounding of the sum after each of them.
     enter_phase(m, MP_PHASE_LM_HEAD);
     be->matmul_backward(m->dln, m->dwte, NULL, m->dlogits, m->dlogits_bf16, m->lnf, m->lnf_bf16,
-                        m->wte, N, C, V, 0);
+                        m->wte, weight_bf16(m, m->wte), N, C, V, 0);
     enter_phase(m, MP_PHASE_NORM);
     be->zero(m->dres, NC);
     // dres's twin feeds the last block's MLP (a PEER / PKM block reads dy in fp32)
@@ -790,13 +816,13 @@ void mp_model_backward(mp_model *m, float loss_scale) {
         // dres now holds d(res_mid): the attention branch, then LN1 adds into dres
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
         be->matmul_backward(m->datty, g->projw, g->projb, m->dres, m->dres_bf16, a->atty,
-                            a->atty_bf16, p->projw, N, C, C, 0);
+                            a->atty_bf16, p->projw, weight_bf16(m, p->projw), N, C, C, 0);
         enter_phase(m, MP_PHASE_ATTENTION);
         be->attention_backward(m->dqkv, m->dqkv_bf16, m->datty, a->qkv, a->atty, a->att, B, T, C,
                                NH);
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
         be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, m->dqkv_bf16, a->ln1, a->ln1_bf16,
-                            p->qkvw, N, C, 3 * C, 0);
+                            p->qkvw, weight_bf16(m, p->qkvw), N, C, 3 * C, 0);
         enter_phase(m, MP_PHASE_NORM);
         // dres's twin feeds block l-1's MLP; block 0's LN1 feeds only the embeddings' fp32
         // sums, and a PEER / PKM block reads dy in fp32

@@ -23,6 +23,7 @@ struct mp_retrieval_layer {
     // system.precision = bf16: bfloat16 copies of u and v, what the expert kernels read
     // (fp32 accumulation; u, v stay the fp32 master weights). NULL in fp32 mode.
     const uint16_t *u_bf16, *v_bf16;  // (rows, C)
+    const uint16_t *wq_bf16;          // (H*dk, C) W_q's bf16 copy, which its backward GEMM reads
     float *running_mean, *running_var;   // (H*dk), NULL without query BN
     // Sub-key balance biases (peer.balance_rate > 0, else NULL): k1 biases (H, n) then k2
     // biases (H, n), added to each head's sub-key scores for the selection only (the gates

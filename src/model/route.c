@@ -127,7 +127,7 @@ void mp_route_forward(mp_retrieval_layer *l, const mp_backend *be, const float *
     // too, retrieval_route.cu) it decides the top-k, which rounding of x and W_q to bf16
     // (2^-8 each) would change for a few % of the rows. Its backward needs no such care.
     int precision = be->set_precision ? be->set_precision(MP_PRECISION_FP32) : MP_PRECISION_FP32;
-    be->matmul_forward(l->q, x, NULL, l->wq, NULL, N, C, HD);
+    be->matmul_forward(l->q, x, NULL, l->wq, NULL, NULL, N, C, HD);
     if (be->set_precision) be->set_precision(precision);
     const float *qn = l->q;                                // (N, HD) what the scores read
     if (rc->query_bn) {
@@ -151,7 +151,7 @@ void mp_route_backward(mp_retrieval_layer *l, const mp_backend *be, float *dx, c
                                  qn, l->k1, l->k2, N, H, dk, n, k);
     if (rc->query_bn) query_bn_backward(l, be, N);   // dq (N, HD) = d(q)
     // dW_q (HD, C) += dq^T x, dx (N, C) += dq W_q
-    be->matmul_backward(dx, l->dwq, NULL, l->dq, NULL, x, x_bf16, l->wq, N, C, HD, 1);
+    be->matmul_backward(dx, l->dwq, NULL, l->dq, NULL, x, x_bf16, l->wq, l->wq_bf16, N, C, HD, 1);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -68,11 +68,12 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step) {
     float scale = 1.0f;
     if (c->grad_clip > 0.0f && norm > c->grad_clip) scale = c->grad_clip / norm;
     opt->t++;
-    // system.precision = bf16: the experts' bf16 copy is written in the same pass as their
-    // masters, so the next forward need not refresh it. Read before the params pointers
-    // (taking them marks the copy stale): lazy AdamW rewrites the touched rows only, which
-    // leaves the copy fresh only if it was fresh before.
-    int bf16_was_fresh = mp_model_bf16_fresh(m);
+    // system.precision = bf16: the bf16 copies of the dense weights and the expert tables
+    // are written in the same pass as their masters, so the next forward need not refresh
+    // them. Read before the params pointers (taking them marks a copy stale): lazy AdamW
+    // rewrites the touched expert rows only, which leaves that copy fresh only if it was
+    // fresh before.
+    int experts_were_fresh = mp_model_bf16_fresh(m, MP_GROUP_EXPERTS);
     for (int i = 0; i < mp_model_n_tensors(m); i++) {
         const mp_tensor *t = mp_model_tensor(m, i);
         mp_group g = t->group;
@@ -82,7 +83,7 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step) {
                                            : c->weight_decay;
         float *p = mp_model_params(m, g) + t->offset, *gr = mp_model_grads(m, g) + t->offset;
         float *mo = opt->m[g] + t->offset, *vo = opt->v[g] + t->offset;
-        uint16_t *pb = mp_model_bf16(m, t);   // (numel) or NULL: fp32, or not an expert table
+        uint16_t *pb = mp_model_bf16(m, t);   // (numel) or NULL: fp32, or the keys group
         float lr = mp_lr_at(c, g, step);
         const int32_t *rows;
         int64_t n_rows = g == MP_GROUP_EXPERTS ? mp_model_touched_rows(m, t, &rows) : -1;
@@ -93,6 +94,7 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step) {
             be->adamw(p, gr, mo, vo, pb, t->numel, lr, c->beta1, c->beta2, c->eps, wd, opt->t,
                       scale);
     }
-    if (bf16_was_fresh || !lazy_experts(c)) mp_model_bf16_set_fresh(m);
+    mp_model_bf16_set_fresh(m, MP_GROUP_DENSE);
+    if (experts_were_fresh || !lazy_experts(c)) mp_model_bf16_set_fresh(m, MP_GROUP_EXPERTS);
     return norm;
 }

@@ -291,7 +291,7 @@ typedef struct {
 
 static double mm_obj(void *p) {
     mm_ctx *c = p;
-    be->matmul_forward(c->out, c->inp, NULL, c->w, c->bias, c->N, c->C, c->OC);
+    be->matmul_forward(c->out, c->inp, NULL, c->w, NULL, c->bias, c->N, c->C, c->OC);
     return dot_r(c->out, c->R, (size_t)c->N * c->OC);
 }
 
@@ -325,7 +325,7 @@ static void test_matmul_fd(void **state) {
     memcpy(dinp, g0i, ni * sizeof(float));
     memcpy(dw, g0w, nw * sizeof(float));
     memcpy(db, g0b, OC * sizeof(float));
-    be->matmul_backward(dinp, dw, db, c.R, NULL, c.inp, NULL, c.w, N, C, OC, 1);
+    be->matmul_backward(dinp, dw, db, c.R, NULL, c.inp, NULL, c.w, NULL, N, C, OC, 1);
     sub_prefill(dinp, g0i, ni);
     sub_prefill(dw, g0w, nw);
     sub_prefill(db, g0b, OC);
@@ -333,7 +333,7 @@ static void test_matmul_fd(void **state) {
     check("matmul dw vs FD", fd_rel_error(mm_obj, &c, c.w, nw, dw, 1e-2f), FD_TOL);
     check("matmul dbias vs FD", fd_rel_error(mm_obj, &c, c.bias, OC, db, 1e-2f), FD_TOL);
     fill_nan(dinp, ni);
-    be->matmul_backward(dinp, NULL, NULL, c.R, NULL, c.inp, NULL, c.w, N, C, OC, 0);
+    be->matmul_backward(dinp, NULL, NULL, c.R, NULL, c.inp, NULL, c.w, NULL, N, C, OC, 0);
     check("matmul dinp (written) vs FD", fd_rel_error(mm_obj, &c, c.inp, ni, dinp, 1e-2f), FD_TOL);
 
     free(c.out); free(c.inp); free(c.w); free(c.bias); free(c.R);
@@ -355,16 +355,16 @@ static void matmul_naive_case(int N, int C, int OC) {
     char what[64];
     print_message("  N=%d C=%d OC=%d\n", N, C, OC);
 
-    be->matmul_forward(out, inp, NULL, w, bias, N, C, OC);
+    be->matmul_forward(out, inp, NULL, w, NULL, bias, N, C, OC);
     naive_matmul(ref, inp, w, bias, N, C, OC);
     check("matmul forward (bias)", rel_err(out, ref, no), FWD_TOL);
-    be->matmul_forward(out, inp, NULL, w, NULL, N, C, OC);
+    be->matmul_forward(out, inp, NULL, w, NULL, NULL, N, C, OC);
     naive_matmul(ref, inp, w, NULL, N, C, OC);
     check("matmul forward (no bias)", rel_err(out, ref, no), FWD_TOL);
 
     float *dinp = fbuf(ni), *dw = fbuf(nw), *db = fbuf(OC);
     fill_nan(dinp, ni);
-    be->matmul_backward(dinp, dw, db, dout, NULL, inp, NULL, w, N, C, OC, 0);
+    be->matmul_backward(dinp, dw, db, dout, NULL, inp, NULL, w, NULL, N, C, OC, 0);
     double *rdi = dbuf(ni), *rdw = dbuf(nw), *rdb = dbuf(OC);
     for (int n = 0; n < N; n++)
         for (int o = 0; o < OC; o++) {
@@ -379,19 +379,19 @@ static void matmul_naive_case(int N, int C, int OC) {
     check("matmul dw vs naive", rel_err(dw, rdw, nw), FWD_TOL);
     check("matmul dbias vs naive", rel_err(db, rdb, OC), FWD_TOL);
     // NULL gradients are skipped, the others still accumulate
-    be->matmul_backward(NULL, dw, NULL, dout, NULL, inp, NULL, w, N, C, OC, 0);
+    be->matmul_backward(NULL, dw, NULL, dout, NULL, inp, NULL, w, NULL, N, C, OC, 0);
     for (size_t i = 0; i < nw; i++) rdw[i] *= 2.0;
     snprintf(what, sizeof what, "matmul dw accumulates");
     check(what, rel_err(dw, rdw, nw), FWD_TOL);
     // the same inputs give the same bits
     float *out2 = fbuf(no), *dinp2 = fbuf(ni), *dw2 = fbuf(nw);
-    be->matmul_forward(out, inp, NULL, w, bias, N, C, OC);
-    be->matmul_forward(out2, inp, NULL, w, bias, N, C, OC);
+    be->matmul_forward(out, inp, NULL, w, NULL, bias, N, C, OC);
+    be->matmul_forward(out2, inp, NULL, w, NULL, bias, N, C, OC);
     assert_memory_equal(out, out2, no * sizeof(float));
     memset(dinp, 0, ni * sizeof(float));
     memset(dw, 0, nw * sizeof(float));
-    be->matmul_backward(dinp, dw, NULL, dout, NULL, inp, NULL, w, N, C, OC, 0);
-    be->matmul_backward(dinp2, dw2, NULL, dout, NULL, inp, NULL, w, N, C, OC, 0);
+    be->matmul_backward(dinp, dw, NULL, dout, NULL, inp, NULL, w, NULL, N, C, OC, 0);
+    be->matmul_backward(dinp2, dw2, NULL, dout, NULL, inp, NULL, w, NULL, N, C, OC, 0);
     assert_memory_equal(dinp, dinp2, ni * sizeof(float));
     assert_memory_equal(dw, dw2, nw * sizeof(float));
 

@@ -193,28 +193,28 @@ static void check_matmul(int N, int C, int OC, int with_bias) {
     size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float *x = frand(nx, -1, 1), *w = frand(nw, -1, 1), *bias = frand(OC, -1, 1);
     float *out = frand(no, 0, 0);
-    cpu->matmul_forward(out, x, NULL, w, with_bias ? bias : NULL, N, C, OC);
+    cpu->matmul_forward(out, x, NULL, w, NULL, with_bias ? bias : NULL, N, C, OC);
     float *d_x = dev_copy(x, nx * 4), *d_w = dev_copy(w, nw * 4), *d_bias = dev_copy(bias, OC * 4);
     float *d_out = gpu->alloc(no * 4);
-    gpu->matmul_forward(d_out, d_x, NULL, d_w, with_bias ? d_bias : NULL, N, C, OC);
+    gpu->matmul_forward(d_out, d_x, NULL, d_w, NULL, with_bias ? d_bias : NULL, N, C, OC);
     expect_dev("matmul out", d_out, out, no);
     float *dout = frand(no, -1, 1), *dx = frand(nx, -1, 1), *dw = frand(nw, -1, 1), *db = frand(OC, -1, 1);
     float *d_dout = dev_copy(dout, no * 4), *d_dx = dev_copy(dx, nx * 4), *d_dw = dev_copy(dw, nw * 4);
     float *d_db = dev_copy(db, OC * 4);
-    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, NULL, x, NULL, w, N, C, OC, 1);
-    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, NULL, d_x, NULL, d_w, N, C, OC, 1);
+    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, NULL, x, NULL, w, NULL, N, C, OC, 1);
+    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, NULL, d_x, NULL, d_w, NULL, N, C, OC, 1);
     expect_dev("matmul dx (added)", d_dx, dx, nx);
     expect_dev("matmul dw", d_dw, dw, nw);
     expect_dev("matmul dbias", d_db, db, OC);
     // dx written: NaN before, on both sides
     for (size_t i = 0; i < nx; i++) dx[i] = NAN;
     gpu->from_host(d_dx, dx, nx * 4);
-    cpu->matmul_backward(dx, NULL, NULL, dout, NULL, x, NULL, w, N, C, OC, 0);
-    gpu->matmul_backward(d_dx, NULL, NULL, d_dout, NULL, d_x, NULL, d_w, N, C, OC, 0);
+    cpu->matmul_backward(dx, NULL, NULL, dout, NULL, x, NULL, w, NULL, N, C, OC, 0);
+    gpu->matmul_backward(d_dx, NULL, NULL, d_dout, NULL, d_x, NULL, d_w, NULL, N, C, OC, 0);
     expect_dev("matmul dx (written)", d_dx, dx, nx);
     // NULL gradients are not written
-    gpu->matmul_backward(NULL, d_dw, NULL, d_dout, NULL, d_x, NULL, d_w, N, C, OC, 0);
-    cpu->matmul_backward(NULL, dw, NULL, dout, NULL, x, NULL, w, N, C, OC, 0);
+    gpu->matmul_backward(NULL, d_dw, NULL, d_dout, NULL, d_x, NULL, d_w, NULL, N, C, OC, 0);
+    cpu->matmul_backward(NULL, dw, NULL, dout, NULL, x, NULL, w, NULL, N, C, OC, 0);
     expect_dev("matmul dw only", d_dw, dw, nw);
     expect_dev("matmul dx untouched", d_dx, dx, nx);
     void *dev[] = {d_x, d_w, d_bias, d_out, d_dout, d_dx, d_dw, d_db};
@@ -328,11 +328,11 @@ static void check_matmul_bf16(int N, int C, int OC, int with_bias, int add) {
         gpu->from_host(d_dx, dx, nx * 4);
     }
     assert_int_equal(gpu->set_precision(MP_PRECISION_BF16), MP_PRECISION_FP32);
-    gpu->matmul_forward(d_out, d_x, NULL, d_w, with_bias ? d_bias : NULL, N, C, OC);
-    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, NULL, d_x, NULL, d_w, N, C, OC, add);
+    gpu->matmul_forward(d_out, d_x, NULL, d_w, NULL, with_bias ? d_bias : NULL, N, C, OC);
+    gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, NULL, d_x, NULL, d_w, NULL, N, C, OC, add);
     assert_int_equal(gpu->set_precision(MP_PRECISION_FP32), MP_PRECISION_BF16);
-    cpu->matmul_forward(out, x, NULL, w, with_bias ? bias : NULL, N, C, OC);
-    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, NULL, x, NULL, w, N, C, OC, add);
+    cpu->matmul_forward(out, x, NULL, w, NULL, with_bias ? bias : NULL, N, C, OC);
+    cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, NULL, x, NULL, w, NULL, N, C, OC, add);
     size_t big = no > nx ? (no > nw ? no : nw) : (nx > nw ? nx : nw);
     double *ref = malloc(big * sizeof(double)), *S = malloc(big * sizeof(double));
     double *want = malloc(big * sizeof(double));
@@ -551,14 +551,16 @@ static void test_bf16_twins_attention(void **state) {
 
 // matmul in bf16 mode: with the twins of inp and dout (to_bf16 of them) it gives out, dinp
 // and dw bit for bit as without; with inp NULL (forward) or dout NULL (backward without
-// dbias) likewise. (dbias is an fp32 column sum of dout either way.)
+// dbias) likewise, and with w NULL beside its bf16 copy (the model's dense weights). (dbias
+// is an fp32 column sum of dout either way.)
 static void check_matmul_twins(int N, int C, int OC, int with_bias) {
     size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float *x = dev_rand(nx, -1, 1), *w = dev_rand(nw, -1, 1), *bias = dev_rand(OC, -1, 1);
     float *dout = dev_rand(no, -1, 1), *b = with_bias ? bias : NULL;
-    uint16_t *xb = gpu->alloc(nx * 2), *doutb = gpu->alloc(no * 2);
+    uint16_t *xb = gpu->alloc(nx * 2), *doutb = gpu->alloc(no * 2), *wb = gpu->alloc(nw * 2);
     gpu->to_bf16(xb, x, nx);
     gpu->to_bf16(doutb, dout, no);
+    gpu->to_bf16(wb, w, nw);   // the model's copy of a dense weight
     float *o[3], *dx[3], *dw[3], *db[3];
     float *dw0 = frand(nw, -1, 1), *db0 = frand(OC, -1, 1);
     for (int k = 0; k < 3; k++) {
@@ -568,16 +570,16 @@ static void check_matmul_twins(int N, int C, int OC, int with_bias) {
         db[k] = dev_copy(db0, OC * 4);
     }
     int old = gpu->set_precision(MP_PRECISION_BF16);
-    gpu->matmul_forward(o[0], x, NULL, w, b, N, C, OC);
-    gpu->matmul_forward(o[1], x, xb, w, b, N, C, OC);
-    gpu->matmul_forward(o[2], NULL, xb, w, b, N, C, OC);
-    gpu->matmul_backward(dx[0], dw[0], b ? db[0] : NULL, dout, NULL, x, NULL, w, N, C, OC, 0);
-    gpu->matmul_backward(dx[1], dw[1], b ? db[1] : NULL, dout, doutb, x, xb, w, N, C, OC, 0);
-    gpu->matmul_backward(dx[2], dw[2], NULL, NULL, doutb, NULL, xb, w, N, C, OC, 0);
+    gpu->matmul_forward(o[0], x, NULL, w, NULL, b, N, C, OC);
+    gpu->matmul_forward(o[1], x, xb, w, NULL, b, N, C, OC);
+    gpu->matmul_forward(o[2], NULL, xb, NULL, wb, b, N, C, OC);
+    gpu->matmul_backward(dx[0], dw[0], b ? db[0] : NULL, dout, NULL, x, NULL, w, NULL, N, C, OC, 0);
+    gpu->matmul_backward(dx[1], dw[1], b ? db[1] : NULL, dout, doutb, x, xb, w, NULL, N, C, OC, 0);
+    gpu->matmul_backward(dx[2], dw[2], NULL, NULL, doutb, NULL, xb, NULL, wb, N, C, OC, 0);
     gpu->set_precision(old);
     char what[96];
     for (int k = 1; k < 3; k++) {
-        const char *how = k == 1 ? "twins" : "twins alone";
+        const char *how = k == 1 ? "twins" : "twins and the weight's copy alone";
         snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) out, %s", N, C, OC, how);
         expect_same_bits(what, o[k], o[0], no);
         snprintf(what, sizeof what, "bf16 matmul (%d, %d, %d) dinp, %s", N, C, OC, how);
@@ -588,7 +590,7 @@ static void check_matmul_twins(int N, int C, int OC, int with_bias) {
     for (int k = 0; k < 3; k++) {
         gpu->free(o[k]); gpu->free(dx[k]); gpu->free(dw[k]); gpu->free(db[k]);
     }
-    void *dev[] = {x, w, bias, dout, xb, doutb};
+    void *dev[] = {x, w, bias, dout, xb, doutb, wb};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
     free(dw0); free(db0);
 }
@@ -938,7 +940,7 @@ static void test_elementwise(void **state) {
         expect_dev("gelu backward dbias", d_b, b, Cc);
         gpu->gelu_backward(d_gd2, NULL, NULL, d_gx, d_gy, R, Cc);
         expect_same_bits("gelu backward dinp, with dbias and without", d_gd, d_gd2, m);
-        gpu->matmul_backward(NULL, NULL, d_b2, d_gd2, NULL, NULL, NULL, NULL, R, 1, Cc, 0);
+        gpu->matmul_backward(NULL, NULL, d_b2, d_gd2, NULL, NULL, NULL, NULL, NULL, R, 1, Cc, 0);
         expect_same_bits("gelu backward dbias against matmul_backward's", d_b, d_b2, Cc);
         void *dv[] = {d_gx, d_gy, d_gd, d_b, d_b2, d_gd2};
         for (size_t i = 0; i < 6; i++) gpu->free(dv[i]);
@@ -1043,7 +1045,7 @@ static void test_matmul_bias_paths(void **state) {
         gpu->zero(d_out, no * 4);
         if (cases[c].no_algo) setenv("MP_EMU_LT_NO_ALGO", "1", 1);
         gpu->kernel_timer("bias");
-        gpu->matmul_forward(d_out, NULL, xb, d_w, b, rows, C, OC);
+        gpu->matmul_forward(d_out, NULL, xb, d_w, NULL, b, rows, C, OC);
         int n = gpu->kernel_times(k, 16);
         gpu->kernel_timer(NULL);
         unsetenv("MP_EMU_LT_NO_ALGO");
@@ -2449,13 +2451,14 @@ static void test_determinism(void **state) {
     check_determinism(1);
 }
 
-// system.precision = bf16: after an optimizer step the model says its bf16 copy of the
-// experts is fresh, and it is: every element equals its master rounded to bf16, bit for
-// bit (the forward that follows reads the copy as it is). Under lazy AdamW the step
-// rewrites only the touched rows' copy, so that holds only while the untouched rows'
-// masters did not move otherwise: before the second step every master is halved through
-// mp_model_params (as a load would), and then the copy must be refreshed by the next
-// forward, not trusted. Two steps each, adamw and lazy_adamw, two micro-batches.
+// system.precision = bf16: after an optimizer step the model says its bf16 copies of the
+// dense weights and of the experts are fresh, and they are: every element equals its
+// master rounded to bf16, bit for bit (the forward that follows reads the copy as it is).
+// Under lazy AdamW the step rewrites only the touched expert rows' copy, so that holds
+// only while the untouched rows' masters did not move otherwise: before the second step
+// every expert master is halved through mp_model_params (as a load would), and then the
+// copy must be refreshed by the next forward, not trusted; after the steps the dense
+// masters are halved the same way. Two steps each, adamw and lazy_adamw, two micro-batches.
 static void check_bf16_copy_after_steps(const char *optimizer) {
     mp_config c;
     small_config(&c, MP_FFN_PEER, 1, MP_ACT_GELU, 64, 32, 4, 8, 16);
@@ -2486,19 +2489,33 @@ static void check_bf16_copy_after_steps(const char *optimizer) {
             free(h);
         }
         mp_adamw_step(&opt, m, step);
-        if (step == 0 && !mp_model_bf16_fresh(m))
-            fail_msg("%s: the bf16 copy is stale after a step", optimizer);
+        if (!mp_model_bf16_fresh(m, MP_GROUP_DENSE))   // AdamW rewrites every dense weight's
+            fail_msg("%s: the dense weights' bf16 copy is stale after a step", optimizer);
+        if (step == 0 && !mp_model_bf16_fresh(m, MP_GROUP_EXPERTS))
+            fail_msg("%s: the experts' bf16 copy is stale after a step", optimizer);
     }
-    mp_model_forward(m, in, tg, B, T, 1);   // refreshes the copy if it is stale
-    if (!mp_model_bf16_fresh(m)) fail_msg("%s: the bf16 copy is stale after a forward", optimizer);
-    int checked = 0;
+    // the dense masters changed as a load would change them: the next forward refreshes
+    size_t nd = mp_model_group_size(m, MP_GROUP_DENSE);
+    float *dd = mp_model_params(m, MP_GROUP_DENSE), *hd = host_copy(dd, nd * 4);
+    for (size_t e = 0; e < nd; e++) hd[e] *= 0.5f;
+    gpu->from_host(dd, hd, nd * 4);
+    free(hd);
+    if (mp_model_bf16_fresh(m, MP_GROUP_DENSE))
+        fail_msg("%s: the dense copy is fresh after its masters were taken", optimizer);
+    mp_model_forward(m, in, tg, B, T, 1);   // refreshes a copy that is stale
+    if (!mp_model_bf16_fresh(m, MP_GROUP_DENSE) || !mp_model_bf16_fresh(m, MP_GROUP_EXPERTS))
+        fail_msg("%s: a bf16 copy is stale after a forward", optimizer);
+    int checked[MP_N_GROUPS] = {0};
     for (int i = 0; i < mp_model_n_tensors(m); i++) {
         const mp_tensor *t = mp_model_tensor(m, i);
         const uint16_t *copy = mp_model_bf16(m, t);
-        if (!copy) continue;
+        if (!copy) {
+            if (t->group != MP_GROUP_KEYS) fail_msg("%s: %s has no bf16 copy", optimizer, t->name);
+            continue;
+        }
         uint16_t *hc = host_copy(copy, t->numel * 2);
-        // (taking the masters marks the copy stale: read after the freshness check above)
-        float *hp = host_copy(mp_model_params(m, MP_GROUP_EXPERTS) + t->offset, t->numel * 4);
+        // (taking the masters marks the copy stale: read after the freshness checks above)
+        float *hp = host_copy(mp_model_params(m, t->group) + t->offset, t->numel * 4);
         for (size_t e = 0; e < t->numel; e++) {
             float want = host_bf16(hp[e]);
             uint32_t bits;
@@ -2509,9 +2526,10 @@ static void check_bf16_copy_after_steps(const char *optimizer) {
         }
         free(hc);
         free(hp);
-        checked++;
+        checked[t->group]++;
     }
-    assert_int_equal(checked, 2);   // U and V
+    assert_int_equal(checked[MP_GROUP_EXPERTS], 2);   // U and V
+    assert_true(checked[MP_GROUP_DENSE] > 10);        // embeddings, blocks, final LayerNorm
     mp_adamw_free(&opt, m);
     mp_model_free(m);
     free(in);

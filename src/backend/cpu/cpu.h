@@ -46,11 +46,12 @@ void mp_cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, co
                   int lda, const float *B, int ldb, float beta, float *C, int ldc);
 // bias may be NULL; in backward any of dinp, dw, dbias may be NULL (not wanted).
 void mp_cpu_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf16,
-                           const float *w, const float *bias, int N, int C, int OC);
+                           const float *w, const uint16_t *w_bf16, const float *bias, int N,
+                           int C, int OC);
 void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                             const uint16_t *dout_bf16, const float *inp,
-                            const uint16_t *inp_bf16, const float *w, int N, int C, int OC,
-                            int dinp_accumulate);
+                            const uint16_t *inp_bf16, const float *w, const uint16_t *w_bf16,
+                            int N, int C, int OC, int dinp_accumulate);
 size_t mp_cpu_attention_state_floats(int B, int T, int C, int NH);
 void mp_cpu_attention_forward(float *out, uint16_t *out_bf16, float *att, const float *qkv,
                               int B, int T, int C, int NH);

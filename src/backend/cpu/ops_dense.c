@@ -240,9 +240,11 @@ static void colsum_add(float *out, const float *x, int N, int C) {
 }
 
 void mp_cpu_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf16,
-                           const float *w, const float *bias, int N, int C, int OC) {
+                           const float *w, const uint16_t *w_bf16, const float *bias, int N,
+                           int C, int OC) {
     // out (N,OC), inp (N,C), w (OC,C), bias (OC) or NULL
     mp_cpu_no_bf16(inp_bf16, "matmul_forward");
+    mp_cpu_no_bf16(w_bf16, "matmul_forward");
     if (N <= 0 || OC <= 0) return;
     mp_cpu_sgemm(0, 1, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
     if (bias) {
@@ -257,10 +259,11 @@ void mp_cpu_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf1
 
 void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                             const uint16_t *dout_bf16, const float *inp,
-                            const uint16_t *inp_bf16, const float *w, int N, int C, int OC,
-                            int dinp_accumulate) {
+                            const uint16_t *inp_bf16, const float *w, const uint16_t *w_bf16,
+                            int N, int C, int OC, int dinp_accumulate) {
     mp_cpu_no_bf16(dout_bf16, "matmul_backward");
     mp_cpu_no_bf16(inp_bf16, "matmul_backward");
+    mp_cpu_no_bf16(w_bf16, "matmul_backward");
     // dinp (N,C) = (or +=) dout (N,OC) @ w (OC,C); dw (OC,C) += dout^T @ inp (N,C);
     // dbias (OC) += column sums of dout. beta = 1 makes sgemm accumulate, beta = 0 write
     // (sgemm then never reads C).

@@ -187,11 +187,12 @@ void mp_cuda_layernorm_backward(float *dinp, uint16_t *dinp_bf16, float *dw, flo
                                 const float *dout, const float *inp, const float *w,
                                 const float *mean, const float *rstd, int N, int C);
 void mp_cuda_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf16,
-                            const float *w, const float *bias, int N, int C, int OC);
+                            const float *w, const uint16_t *w_bf16, const float *bias, int N,
+                            int C, int OC);
 void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                              const uint16_t *dout_bf16, const float *inp,
-                             const uint16_t *inp_bf16, const float *w, int N, int C, int OC,
-                             int dinp_accumulate);
+                             const uint16_t *inp_bf16, const float *w, const uint16_t *w_bf16,
+                             int N, int C, int OC, int dinp_accumulate);
 size_t mp_cuda_attention_state_floats(int B, int T, int C, int NH);
 void mp_cuda_attention_forward(float *out, uint16_t *out_bf16, float *att, const float *qkv,
                                int B, int T, int C, int NH);

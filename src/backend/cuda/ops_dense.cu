@@ -190,8 +190,8 @@ static __global__ void add_bias_kernel(float *out, const float *bias, int N, int
 
 // bf16 mode: the GEMMs run on tensor cores with fp32 sums on bf16 operands; out, dinp, dw
 // and the bias stay fp32. An operand's twin (backend.h), written by the op that produced
-// it, is read as it is; an operand without one is rounded into scratch here (one pass of
-// 4 + 2 bytes per element: the weights always, dout once for both backward GEMMs).
+// it, is read as it is, and so is a weight's bf16 copy; an operand without either is
+// rounded into scratch here (one pass of 4 + 2 bytes per element).
 static const uint16_t *bf16_operand(int slot, const float *x, const uint16_t *twin, int rows,
                                     int cols) {
     if (twin) return twin;
@@ -209,11 +209,12 @@ static void fp32_operand(const float *x, const char *what) {
 }
 
 void mp_cuda_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf16,
-                            const float *w, const float *bias, int N, int C, int OC) {
+                            const float *w, const uint16_t *w_bf16, const float *bias, int N,
+                            int C, int OC) {
     if (N <= 0 || OC <= 0) return;
     if (mp_cuda_precision() == MP_PRECISION_BF16 && C > 0) {
         const uint16_t *ib = bf16_operand(SCR_GEMM_A, inp, inp_bf16, N, C);   // (N, C)
-        const uint16_t *wb = bf16_operand(SCR_GEMM_B, w, NULL, OC, C);        // (OC, C)
+        const uint16_t *wb = bf16_operand(SCR_GEMM_B, w, w_bf16, OC, C);      // (OC, C)
         if (bias && mp_cuda_gemm_bf16_bias(N, OC, C, ib, C, wb, C, bias, out, OC)) return;
         mp_cuda_gemm_bf16(0, 1, N, OC, C, 1.0f, ib, C, wb, C, 0.0f, out, OC);
     } else {
@@ -229,8 +230,8 @@ void mp_cuda_matmul_forward(float *out, const float *inp, const uint16_t *inp_bf
 
 void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                              const uint16_t *dout_bf16, const float *inp,
-                             const uint16_t *inp_bf16, const float *w, int N, int C, int OC,
-                             int dinp_accumulate) {
+                             const uint16_t *inp_bf16, const float *w, const uint16_t *w_bf16,
+                             int N, int C, int OC, int dinp_accumulate) {
     if (N <= 0 || C <= 0) return;
     if (OC <= 0) {   // empty sums: a written dinp is 0, the rest keeps its values
         if (dinp && !dinp_accumulate) mp_cuda_zero(dinp, (size_t)N * C * sizeof(float));
@@ -240,7 +241,7 @@ void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *
     if (mp_cuda_precision() == MP_PRECISION_BF16 && (dinp || dw)) {
         const uint16_t *db = bf16_operand(SCR_GEMM_A, dout, dout_bf16, N, OC);   // (N, OC)
         if (dinp) {
-            const uint16_t *wb = bf16_operand(SCR_GEMM_B, w, NULL, OC, C);        // (OC, C)
+            const uint16_t *wb = bf16_operand(SCR_GEMM_B, w, w_bf16, OC, C);      // (OC, C)
             mp_cuda_gemm_bf16(0, 0, N, C, OC, 1.0f, db, OC, wb, C, beta_in, dinp, C);
         }
         if (dw) {
