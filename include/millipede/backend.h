@@ -65,8 +65,10 @@ typedef struct mp_backend {
     // token + position embedding: out (B,T,C) = wte[inp] + wpe[t]
     void (*encoder_forward)(float *out, const int32_t *inp, const float *wte, const float *wpe,
                             int B, int T, int C);
+    // dwte (V,C) += each position's dout row at its token, dwpe (T,C) += by position; every
+    // token in inp is below V
     void (*encoder_backward)(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
-                             int B, int T, int C);
+                             int B, int T, int C, int V);
     // LayerNorm over C, eps 1e-5: out (N,C) and its twin, mean (N), rstd (N). out may be
     // NULL where the twin is given (bf16 mode keeps only the twin where GEMMs alone read it)
     void (*layernorm_forward)(float *out, uint16_t *out_bf16, float *mean, float *rstd,

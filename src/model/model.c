@@ -831,7 +831,7 @@ void mp_model_backward(mp_model *m, float loss_scale) {
                                a->res_in, p->ln1w, a->ln1_mean, a->ln1_rstd, N, C);
     }
     enter_phase(m, MP_PHASE_EMBED);
-    be->encoder_backward(m->dwte, m->dwpe, m->dres, m->inputs, B, T, C);
+    be->encoder_backward(m->dwte, m->dwpe, m->dres, m->inputs, B, T, C, c->vocab_size);
     mp_model_phase(m, MP_PHASE_NONE);
 }
 

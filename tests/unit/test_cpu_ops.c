@@ -201,7 +201,7 @@ static void test_encoder(void **state) {
     fill(g0pe, (size_t)T * C, -1, 1);
     memcpy(dwte, g0te, (size_t)V * C * sizeof(float));
     memcpy(dwpe, g0pe, (size_t)T * C * sizeof(float));
-    be->encoder_backward(dwte, dwpe, c.R, inp, B, T, C);
+    be->encoder_backward(dwte, dwpe, c.R, inp, B, T, C, V);
     sub_prefill(dwte, g0te, (size_t)V * C);
     sub_prefill(dwpe, g0pe, (size_t)T * C);
     check("encoder dwte vs FD", fd_rel_error(enc_obj, &c, c.wte, (size_t)V * C, dwte, 1e-2f),
@@ -825,7 +825,7 @@ static void test_determinism(void **state) {
             omp_set_num_threads(threads[r]);
             dte[r] = fbuf((size_t)V * C);
             dpe[r] = fbuf((size_t)T * C);
-            be->encoder_backward(dte[r], dpe[r], dout, inp, B, T, C);
+            be->encoder_backward(dte[r], dpe[r], dout, inp, B, T, C, V);
         }
         for (int r = 1; r < 3; r++) {
             assert_memory_equal(dte[0], dte[r], (size_t)V * C * sizeof(float));

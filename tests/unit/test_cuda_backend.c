@@ -135,15 +135,16 @@ static void test_memory(void **state) {
 // ---------------------------------------------------------------------------------------
 // dense ops
 
-static void test_encoder(void **state) {
-    (void)state;
-    int B = 3, T = 5, C = 37, V = 7, N = B * T;
-    int32_t inp[15];
-    for (int i = 0; i < N; i++) inp[i] = (int32_t)(mp_hash3(1, 2, i) % V);   // repeats
+// frequent: a token in about half the positions (a run longer than the unrolled loop)
+static void check_encoder(int B, int T, int C, int V, int frequent) {
+    int N = B * T;
+    int32_t *inp = malloc((size_t)N * sizeof(int32_t));
+    for (int i = 0; i < N; i++)   // repeats
+        inp[i] = frequent && mp_hash3(3, 4, i) % 2 ? 3 : (int32_t)(mp_hash3(1, 2, i) % V);
     float *wte = frand((size_t)V * C, -1, 1), *wpe = frand((size_t)T * C, -1, 1);
     float *out = frand((size_t)N * C, 0, 0);
     cpu->encoder_forward(out, inp, wte, wpe, B, T, C);
-    int32_t *d_inp = dev_copy(inp, sizeof inp);
+    int32_t *d_inp = dev_copy(inp, (size_t)N * sizeof(int32_t));
     float *d_wte = dev_copy(wte, (size_t)V * C * 4), *d_wpe = dev_copy(wpe, (size_t)T * C * 4);
     float *d_out = gpu->alloc((size_t)N * C * 4);
     gpu->encoder_forward(d_out, d_inp, d_wte, d_wpe, B, T, C);
@@ -153,13 +154,24 @@ static void test_encoder(void **state) {
     float *dwte = frand((size_t)V * C, -1, 1), *dwpe = frand((size_t)T * C, -1, 1);
     float *d_dout = dev_copy(dout, (size_t)N * C * 4);
     float *d_dwte = dev_copy(dwte, (size_t)V * C * 4), *d_dwpe = dev_copy(dwpe, (size_t)T * C * 4);
-    cpu->encoder_backward(dwte, dwpe, dout, inp, B, T, C);
-    gpu->encoder_backward(d_dwte, d_dwpe, d_dout, d_inp, B, T, C);
-    expect_dev("encoder dwte", d_dwte, dwte, (size_t)V * C);
+    cpu->encoder_backward(dwte, dwpe, dout, inp, B, T, C, V);
+    gpu->encoder_backward(d_dwte, d_dwpe, d_dout, d_inp, B, T, C, V);
+    // both sum each row's positions in position order, with no products: the same bits
+    float *got = host_copy(d_dwte, (size_t)V * C * 4);
+    for (size_t i = 0; i < (size_t)V * C; i++)
+        if (memcmp(got + i, dwte + i, 4))
+            fail_msg("encoder dwte [%zu]: %.9g, want %.9g bit for bit", i, got[i], dwte[i]);
+    free(got);
     expect_dev("encoder dwpe", d_dwpe, dwpe, (size_t)T * C);
     void *dev[] = {d_inp, d_wte, d_wpe, d_out, d_dout, d_dwte, d_dwpe};
     for (size_t i = 0; i < 7; i++) gpu->free(dev[i]);
-    free(wte); free(wpe); free(out); free(dout); free(dwte); free(dwpe);
+    free(inp); free(wte); free(wpe); free(out); free(dout); free(dwte); free(dwpe);
+}
+
+static void test_encoder(void **state) {
+    (void)state;
+    check_encoder(3, 5, 37, 7, 0);
+    check_encoder(4, 64, 1100, 50, 1);   // more columns than a block's threads
 }
 
 static void test_layernorm(void **state) {

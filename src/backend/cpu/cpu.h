@@ -26,7 +26,7 @@ void mp_cpu_copy(void *dst, const void *src, size_t bytes);
 void mp_cpu_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
                             int B, int T, int C);
 void mp_cpu_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
-                             int B, int T, int C);
+                             int B, int T, int C, int V);
 // The CPU has no bf16 mode: every bf16 twin (backend.h) it is given must be NULL; one that
 // is not is the caller's mistake (fatal, naming op), not something to round here.
 void mp_cpu_no_bf16(const void *twin, const char *op);

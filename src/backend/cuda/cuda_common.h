@@ -180,7 +180,7 @@ __device__ __forceinline__ float mp_act_grad(int relu, float x) {
 void mp_cuda_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
                              int B, int T, int C);
 void mp_cuda_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
-                              int B, int T, int C);
+                              int B, int T, int C, int V);
 void mp_cuda_layernorm_forward(float *out, uint16_t *out_bf16, float *mean, float *rstd,
                                const float *inp, const float *w, const float *b, int N, int C);
 void mp_cuda_layernorm_backward(float *dinp, uint16_t *dinp_bf16, float *dw, float *db,
