@@ -80,15 +80,16 @@ typedef struct mp_backend {
     // out (N,OC) = inp (N,C) @ w^T (w: (OC,C)) + bias (OC) (bias may be NULL). inp_bf16:
     // inp's twin, read instead of inp in bf16 mode (then inp may be NULL), or NULL; w_bf16
     // likewise w's bf16 copy (the model keeps one of its dense weights, refreshed by the
-    // optimizer), or NULL to have w rounded for the call.
+    // optimizer; then w may be NULL), or NULL to have w rounded for the call.
     void (*matmul_forward)(float *out, const float *inp, const uint16_t *inp_bf16,
                            const float *w, const uint16_t *w_bf16, const float *bias, int N,
                            int C, int OC);
     // dinp (N,C) = dout @ w, or += with dinp_accumulate 1 (the route's query gradient joins
     // the experts' in the PEER layer's dx); dw (OC,C) += dout^T @ inp; dbias (OC) += the
     // column sums of dout. NULL gradients are skipped. In bf16 mode the GEMMs read the
-    // twins dout_bf16 and inp_bf16 and the copy w_bf16 where given; dout may then be NULL if
-    // dbias is (the LM head, whose fp32 dlogits need never exist).
+    // twins dout_bf16 and inp_bf16 and the copy w_bf16 where given (and the fp32 tensors
+    // they stand for may be NULL; dout only if dbias is: the LM head, whose fp32 dlogits
+    // need never exist).
     void (*matmul_backward)(float *dinp, float *dw, float *dbias, const float *dout,
                             const uint16_t *dout_bf16, const float *inp,
                             const uint16_t *inp_bf16, const float *w, const uint16_t *w_bf16,

@@ -57,6 +57,8 @@ namespace mp_emu {
     (((uintptr_t)(const void *)(p) & 15u) ? mp_emu::misaligned((const void *)(p), 16) : (void)0)
 #define MP_CHECK_ALIGN8(p) \
     (((uintptr_t)(const void *)(p) & 7u) ? mp_emu::misaligned((const void *)(p), 8) : (void)0)
+#define MP_CHECK_ALIGN4(p) \
+    (((uintptr_t)(const void *)(p) & 3u) ? mp_emu::misaligned((const void *)(p), 4) : (void)0)
 struct dim3 {
     unsigned x, y, z;
     constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}

@@ -201,6 +201,22 @@ static void test_layernorm(void **state) {
     for (size_t i = 0; i < 10; i++) free(host[i]);
 }
 
+// Sums that two backends add in different orders (a GEMM's dw, a bias gradient): each got[i]
+// within 2 (terms + 1) u of mag[i], the sum of its terms' magnitudes (first-order bound of
+// recursive summation with rounded products, on each side; u = 2^-24). It holds however
+// far a sum cancels, where a relative check does not: 200 terms of size 1 can sum to 0.04.
+static void expect_sums(const char *what, const float *d_got, const float *want,
+                        const double *mag, size_t n, int terms) {
+    float *got = host_copy(d_got, n * 4);
+    for (size_t i = 0; i < n; i++) {
+        double err = fabs((double)got[i] - want[i]), bound = 2.0 * (terms + 1) * 0x1p-24 * mag[i];
+        if (!(err <= bound))
+            fail_msg("%s [%zu]: got %.9g want %.9g: |error| %.3g > bound %.3g", what, i, got[i],
+                     want[i], err, bound);
+    }
+    free(got);
+}
+
 static void check_matmul(int N, int C, int OC, int with_bias) {
     size_t nx = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float *x = frand(nx, -1, 1), *w = frand(nw, -1, 1), *bias = frand(OC, -1, 1);
@@ -213,11 +229,25 @@ static void check_matmul(int N, int C, int OC, int with_bias) {
     float *dout = frand(no, -1, 1), *dx = frand(nx, -1, 1), *dw = frand(nw, -1, 1), *db = frand(OC, -1, 1);
     float *d_dout = dev_copy(dout, no * 4), *d_dx = dev_copy(dx, nx * 4), *d_dw = dev_copy(dw, nw * 4);
     float *d_db = dev_copy(db, OC * 4);
+    // the magnitudes of dw's and dbias's terms: the value each starts from, then N products
+    // (dw) or N values (dbias); mw2 for dw after a second backward adds the products again
+    double *mw = malloc(nw * sizeof(double)), *mw2 = malloc(nw * sizeof(double));
+    double *mb = malloc(OC * sizeof(double));
+    for (int o = 0; o < OC; o++) {
+        mb[o] = fabs(db[o]);
+        for (int n = 0; n < N; n++) mb[o] += fabs(dout[(size_t)n * OC + o]);
+        for (int c = 0; c < C; c++) {
+            double s = 0.0;
+            for (int n = 0; n < N; n++) s += fabs((double)dout[(size_t)n * OC + o] * x[(size_t)n * C + c]);
+            mw[(size_t)o * C + c] = fabs(dw[(size_t)o * C + c]) + s;
+            mw2[(size_t)o * C + c] = mw[(size_t)o * C + c] + s;
+        }
+    }
     cpu->matmul_backward(dx, dw, with_bias ? db : NULL, dout, NULL, x, NULL, w, NULL, N, C, OC, 1);
     gpu->matmul_backward(d_dx, d_dw, with_bias ? d_db : NULL, d_dout, NULL, d_x, NULL, d_w, NULL, N, C, OC, 1);
     expect_dev("matmul dx (added)", d_dx, dx, nx);
-    expect_dev("matmul dw", d_dw, dw, nw);
-    expect_dev("matmul dbias", d_db, db, OC);
+    expect_sums("matmul dw", d_dw, dw, mw, nw, N);
+    expect_sums("matmul dbias", d_db, db, mb, OC, N);
     // dx written: NaN before, on both sides
     for (size_t i = 0; i < nx; i++) dx[i] = NAN;
     gpu->from_host(d_dx, dx, nx * 4);
@@ -227,12 +257,12 @@ static void check_matmul(int N, int C, int OC, int with_bias) {
     // NULL gradients are not written
     gpu->matmul_backward(NULL, d_dw, NULL, d_dout, NULL, d_x, NULL, d_w, NULL, N, C, OC, 0);
     cpu->matmul_backward(NULL, dw, NULL, dout, NULL, x, NULL, w, NULL, N, C, OC, 0);
-    expect_dev("matmul dw only", d_dw, dw, nw);
+    expect_sums("matmul dw only", d_dw, dw, mw2, nw, 2 * N);
     expect_dev("matmul dx untouched", d_dx, dx, nx);
     void *dev[] = {d_x, d_w, d_bias, d_out, d_dout, d_dx, d_dw, d_db};
     for (size_t i = 0; i < 8; i++) gpu->free(dev[i]);
-    void *host[] = {x, w, bias, out, dout, dx, dw, db};
-    for (size_t i = 0; i < 8; i++) free(host[i]);
+    void *host[] = {x, w, bias, out, dout, dx, dw, db, mw, mw2, mb};
+    for (size_t i = 0; i < 11; i++) free(host[i]);
 }
 
 static void test_matmul(void **state) {
@@ -2414,7 +2444,7 @@ static void check_determinism(int bf16) {
 }
 
 // A bf16 model with its twins and the same model without (mp_model_without_bf16_twins: every
-// GEMM rounds its own operands) train bit for bit alike: a twin that its producer did not
+// GEMM rounds its own activation operands) train bit for bit alike: a twin that its producer did not
 // write in this step, or wrote from other values, changes the GEMM's operand. Blocks dense,
 // PEER, dense, so that a dense block sits above and below the PEER one; two micro-batches
 // (the second accumulates), and the losses and every gradient compared.

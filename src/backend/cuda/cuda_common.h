@@ -119,8 +119,11 @@ void mp_cuda_sort_by_key(const int32_t *key, int64_t R, int64_t key_bound, const
 #ifndef MP_CHECK_ALIGN16
 #define MP_CHECK_ALIGN16(p) ((void)0)
 #endif
-#ifndef MP_CHECK_ALIGN8   // the same for 8-byte accesses (float2, uint2)
+#ifndef MP_CHECK_ALIGN8   // the same for 8-byte accesses (float2, uint2) and 4-byte ones
 #define MP_CHECK_ALIGN8(p) ((void)0)
+#endif
+#ifndef MP_CHECK_ALIGN4
+#define MP_CHECK_ALIGN4(p) ((void)0)
 #endif
 
 // Loops over register arrays with compile-time trip counts: nvcc unrolls them, so the

@@ -24,8 +24,9 @@
 // 4-byte ones), and the 8 lanes that one such load serves at a time, reading 8 different
 // rows, hit 8 different groups of 4 banks.
 //
-// Checked against the CPU backend on the CUDA emulator (tests/cuda_emu) and on an H200
-// (unit test and compute-sanitizer clean); ptxas: no spills, 80-128 registers. bf16 mode runs
+// Checked against the CPU backend on the CUDA emulator (tests/cuda_emu). The kernels as they
+// were before the 16-byte tile loads (attention.h, att_fetch_tile) also passed on an H200
+// (unit test, compute-sanitizer clean); this version has not run on a GPU. bf16 mode runs
 // the tensor-core version of these kernels instead (ops_attention_tc.cu).
 #include <math.h>
 #include "backend/cuda/attention.h"

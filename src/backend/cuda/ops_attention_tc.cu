@@ -50,14 +50,17 @@ typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_acc;
 // floats (or TC_SLD when wider). WMMA wants 32-byte aligned tile pointers and ldm a multiple
 // of 8 bf16 / 4 floats: every tile below starts at a multiple of 16 rows and 16 columns of
 // these, and every array's size is a multiple of 32 bytes.
-// BLOCKS, DKV_BLOCKS: the blocks per SM that the kernels are compiled for (__launch_bounds__
-// caps their registers to fit): at hs <= 64 three blocks of the forward or dQ kernel (168
-// registers, 54 KB of shared memory each), two of dK/dV, whose 90 KB of shared memory
-// allow no more; left to itself ptxas (nvcc 13, sm_90) gave the forward 253 registers and
-// so two blocks, without spilling at three.
+// FWD_BLOCKS, DKV_BLOCKS, DQ_BLOCKS: the blocks per SM each kernel is compiled for
+// (__launch_bounds__ caps its registers to fit them): as many as its shared memory allows
+// (tc_*_shared below; 228 KB an SM), less where ptxas (nvcc 13, sm_90) would spill to fit:
+// the forward at NF = 1 (6 would), and at NF = 4, where 3 blocks take 168 registers and 4
+// (128) would spill. Left to itself ptxas gave the forward at NF = 4 253 registers, so 2
+// blocks; with a floor that is too high it pads the registers to the cap and loses blocks.
 template <int NF> struct tc_dims {
     static constexpr int DP = 16 * NF, LD = DP + 8, OW = (DP > TC_COLS ? DP : TC_COLS) + 4;
-    static constexpr int BLOCKS = NF >= 8 ? 2 : 3, DKV_BLOCKS = NF >= 8 ? 1 : 2;
+    static constexpr int FWD_BLOCKS = NF <= 2 ? 5 : NF == 4 ? 3 : 2;
+    static constexpr int DKV_BLOCKS = NF <= 2 ? 3 : NF == 4 ? 2 : 1;
+    static constexpr int DQ_BLOCKS = NF == 1 ? 4 : NF == 2 ? 3 : NF == 4 ? 2 : 1;
 };
 
 static __device__ __forceinline__ const __nv_bfloat16 *bf(const uint16_t *p) {
@@ -82,7 +85,8 @@ static __device__ __forceinline__ float2 ld_pair(const float *p) {
     return *(const float2 *)p;
 }
 static __device__ __forceinline__ void st_bf16_pair(uint16_t *p, float lo, float hi) {
-    *(uint32_t *)p = mp_bf16_pair(lo, hi);   // p is 4-byte aligned: an even column
+    MP_CHECK_ALIGN4(p);   // an even column
+    *(uint32_t *)p = mp_bf16_pair(lo, hi);
 }
 
 // dst (n, LD) bf16 = rows [r0, r0 + n) of one head's (T, hs) slice of src (row stride ld),
@@ -136,7 +140,7 @@ static __device__ __forceinline__ void tile_times_rows(frag_acc *acc, const uint
 
 // grid (query tiles, NH, B), the longest tiles (last queries, most keys) first
 template <int NF>
-static __global__ void __launch_bounds__(TC_THREADS, tc_dims<NF>::BLOCKS)
+static __global__ void __launch_bounds__(TC_THREADS, tc_dims<NF>::FWD_BLOCKS)
 attention_forward_tc_kernel(float *out, uint16_t *out_bf16, float *lse, const float *qkv, int T,
                             int C, int NH, float scale) {
     constexpr int DP = tc_dims<NF>::DP, LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
@@ -315,7 +319,7 @@ attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, con
 // dQ: grid (query tiles, NH, B), a block per tile of TC_ROWS queries (the longest first),
 // walking the key tiles up to the diagonal in order
 template <int NF>
-static __global__ void __launch_bounds__(TC_THREADS, tc_dims<NF>::BLOCKS)
+static __global__ void __launch_bounds__(TC_THREADS, tc_dims<NF>::DQ_BLOCKS)
 attention_dq_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, const float *qkv,
                        const float *lse, const float *D, int T, int C, int NH, float scale) {
     constexpr int LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
