@@ -122,8 +122,13 @@ typedef struct mp_backend {
     size_t (*attention_state_floats)(int B, int T, int C, int NH);
     void (*attention_forward)(float *out, uint16_t *out_bf16, float *att, const float *qkv,
                               int B, int T, int C, int NH);
-    // dqkv (B,T,3C) and its twin are written
-    void (*attention_backward)(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+    // dqkv (B,T,3C) and its twin are written (dqkv may be NULL where the twin is given:
+    // bf16 mode keeps only the twin, which is all the qkv GEMM's backward reads). dbias
+    // (3C), if not NULL, += the column sums of dqkv: the qkv GEMM's bias gradient (its
+    // matmul_backward then takes dbias NULL), in the order matmul_backward sums it, so the
+    // same bits, where the rows' blocks allow (the CUDA tensor-core kernels: T a multiple
+    // of 64; else another fixed order).
+    void (*attention_backward)(float *dqkv, uint16_t *dqkv_bf16, float *dbias, const float *dout,
                                const float *qkv, const float *out, const float *att, int B,
                                int T, int C, int NH);
     // exact (erf) GELU, elementwise over n; out may be NULL where the twin is given

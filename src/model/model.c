@@ -75,7 +75,8 @@ struct mp_model {
     float *dqkv;                  // (N, 3C)
     float *dfch, *dfch_gelu;      // (N, F)
     // bf16 mode: the twins the backward's GEMMs read (backend.h); dlogits is then NULL, as
-    // the LM head's GEMMs need only the twin, and so is lnf (the final LayerNorm's output)
+    // the LM head's GEMMs need only the twin, and so are lnf (the final LayerNorm's output),
+    // dfch and dqkv (their bias gradients come from the ops that write them)
     uint16_t *lnf_bf16;           // (N, C)
     uint16_t *dlogits_bf16;       // (N, V)
     uint16_t *dres_bf16;          // (N, C)
@@ -394,7 +395,7 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
     m->dres = act_alloc(m, N * C, sizeof(float));
     m->dln = act_alloc(m, N * C, sizeof(float));
     m->datty = act_alloc(m, N * C, sizeof(float));
-    m->dqkv = act_alloc(m, N * 3 * C, sizeof(float));
+    m->dqkv = m->dqkv_bf16 ? NULL : act_alloc(m, N * 3 * C, sizeof(float));   // as dfch
     m->dfch = m->dfch_bf16 ? NULL : act_alloc(m, N * (F ? F : 1), sizeof(float));
     m->dfch_gelu = act_alloc(m, N * (F ? F : 1), sizeof(float));
     return m;
@@ -441,9 +442,10 @@ void mp_model_without_bf16_twins(mp_model *m) {
     twins_free(m);
     // the fp32 tensors that bf16 mode kept only as twins
     size_t N = (size_t)m->B * m->T, C = m->cfg.d_model, F = m->cfg.dense_hidden;
-    float **need[3 * MP_MAX_LAYERS + 3] = {&m->dlogits, &m->dfch, &m->lnf};
-    size_t size[3 * MP_MAX_LAYERS + 3] = {N * m->cfg.vocab_size, N * (F ? F : 1), N * C};
-    int n = 3;
+    float **need[3 * MP_MAX_LAYERS + 4] = {&m->dlogits, &m->dfch, &m->lnf, &m->dqkv};
+    size_t size[3 * MP_MAX_LAYERS + 4] = {N * m->cfg.vocab_size, N * (F ? F : 1), N * C,
+                                          N * 3 * C};
+    int n = 4;
     for (int l = 0; l < m->cfg.n_layers; l++) {
         block_acts *a = &m->a[l];
         need[n] = &a->ln1, size[n++] = N * C;
@@ -818,10 +820,11 @@ void mp_model_backward(mp_model *m, float loss_scale) {
         be->matmul_backward(m->datty, g->projw, g->projb, m->dres, m->dres_bf16, a->atty,
                             a->atty_bf16, p->projw, weight_bf16(m, p->projw), N, C, C, 0);
         enter_phase(m, MP_PHASE_ATTENTION);
-        be->attention_backward(m->dqkv, m->dqkv_bf16, m->datty, a->qkv, a->atty, a->att, B, T, C,
-                               NH);
+        // qkv's bias gradient in the pass that writes dqkv (backend.h), not by reading it again
+        be->attention_backward(m->dqkv, m->dqkv_bf16, g->qkvb, m->datty, a->qkv, a->atty, a->att,
+                               B, T, C, NH);
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
-        be->matmul_backward(m->dln, g->qkvw, g->qkvb, m->dqkv, m->dqkv_bf16, a->ln1, a->ln1_bf16,
+        be->matmul_backward(m->dln, g->qkvw, NULL, m->dqkv, m->dqkv_bf16, a->ln1, a->ln1_bf16,
                             p->qkvw, weight_bf16(m, p->qkvw), N, C, 3 * C, 0);
         enter_phase(m, MP_PHASE_NORM);
         // dres's twin feeds block l-1's MLP; block 0's LN1 feeds only the embeddings' fp32

@@ -506,7 +506,7 @@ static void test_attention(void **state) {
 
     float *dqkv = fbuf(nq);
     fill_nan(dqkv, nq);
-    be->attention_backward(dqkv, NULL, c.R, c.qkv, c.out, c.att, B, T, C, NH);
+    be->attention_backward(dqkv, NULL, NULL, c.R, c.qkv, c.out, c.att, B, T, C, NH);
     check("attention dqkv vs FD", fd_rel_error(at_obj, &c, c.qkv, nq, dqkv, 1e-2f), FD_TOL);
 
     free(c.out); free(c.att); free(c.qkv); free(c.R); free(rout); free(ratt);
@@ -531,7 +531,7 @@ static void test_attention_blocks(void **state) {
     check("attention T=150 forward att", rel_err(att, ratt, na), FWD_TOL);
 
     fill_nan(dqkv, nq);
-    be->attention_backward(dqkv, NULL, dout, qkv, out, att, B, T, C, NH);
+    be->attention_backward(dqkv, NULL, NULL, dout, qkv, out, att, B, T, C, NH);
     naive_attention_backward(rd, ratt, dout, qkv, B, T, C, NH);
     check("attention T=150 dqkv vs naive", rel_err(dqkv, rd, nq), FWD_TOL);
     free(qkv); free(out); free(att); free(dout); free(dqkv);
@@ -807,7 +807,7 @@ static void test_determinism(void **state) {
         for (int r = 0; r < 3; r++) {
             omp_set_num_threads(threads[r]);
             d[r] = fbuf(nq);
-            be->attention_backward(d[r], NULL, dout, qkv, out, att, B, T, C, NH);
+            be->attention_backward(d[r], NULL, NULL, dout, qkv, out, att, B, T, C, NH);
         }
         assert_memory_equal(d[0], d[1], nq * sizeof(float));
         assert_memory_equal(d[0], d[2], nq * sizeof(float));

@@ -205,16 +205,40 @@ static void test_layernorm(void **state) {
 // within 2 (terms + 1) u of mag[i], the sum of its terms' magnitudes (first-order bound of
 // recursive summation with rounded products, on each side; u = 2^-24). It holds however
 // far a sum cancels, where a relative check does not: 200 terms of size 1 can sum to 0.04.
-static void expect_sums(const char *what, const float *d_got, const float *want,
-                        const double *mag, size_t n, int terms) {
-    float *got = host_copy(d_got, n * 4);
+static void expect_sums_host(const char *what, const float *got, const float *want,
+                             const double *mag, size_t n, int terms) {
     for (size_t i = 0; i < n; i++) {
         double err = fabs((double)got[i] - want[i]), bound = 2.0 * (terms + 1) * 0x1p-24 * mag[i];
         if (!(err <= bound))
             fail_msg("%s [%zu]: got %.9g want %.9g: |error| %.3g > bound %.3g", what, i, got[i],
                      want[i], err, bound);
     }
+}
+static void expect_sums(const char *what, const float *d_got, const float *want,
+                        const double *mag, size_t n, int terms) {
+    float *got = host_copy(d_got, n * 4);
+    expect_sums_host(what, got, want, mag, n, terms);
     free(got);
+}
+
+// got (M) against start (M) + the column sums of x (N, M), formed here in double, within
+// expect_sums's bound: a bias gradient that a backend sums in its own order
+static void expect_colsum(const char *what, const float *got, const float *start,
+                          const float *x, int N, int M) {
+    float *want = malloc((size_t)M * sizeof(float));
+    double *mag = malloc((size_t)M * sizeof(double));
+    for (int j = 0; j < M; j++) {
+        double s = start[j], a = fabs(start[j]);
+        for (int n = 0; n < N; n++) {
+            s += x[(size_t)n * M + j];
+            a += fabs(x[(size_t)n * M + j]);
+        }
+        want[j] = (float)s;
+        mag[j] = a;
+    }
+    expect_sums_host(what, got, want, mag, (size_t)M, N);
+    free(want);
+    free(mag);
 }
 
 static void check_matmul(int N, int C, int OC, int with_bias) {
@@ -574,13 +598,43 @@ static void check_attention_twins(int precision, int B, int T, int NH, int hs) {
              precision == MP_PRECISION_BF16 ? "bf16" : "fp32", T, hs);
     expect_twin(what, out, ref, tw, n1);
     expect_same_bits(what, att2, att, ns);
-    gpu->attention_backward(dqr, NULL, dout, qkv, ref, att, B, T, C, NH);
-    gpu->attention_backward(dq, tw2, dout, qkv, ref, att, B, T, C, NH);
-    snprintf(what, sizeof what, "attention_backward (%s, T %d, hs %d)",
+    gpu->attention_backward(dqr, NULL, NULL, dout, qkv, ref, att, B, T, C, NH);
+    gpu->attention_backward(dq, tw2, NULL, dout, qkv, ref, att, B, T, C, NH);
+    snprintf(what, sizeof what, "attention_backward (%s, T %d, NULL, hs %d)",
              precision == MP_PRECISION_BF16 ? "bf16" : "fp32", T, hs);
     expect_twin(what, dq, dqr, tw2, n3);
+    // qkv's bias gradient formed in the same pass (backend.h): matmul_backward's column sum
+    // of the same dqkv bit for bit where the kernels' row blocks are its (fp32 mode sums
+    // dqkv after the kernels; bf16's blocks match when T is a multiple of 64), else within
+    // the bound of two summation orders; dqkv itself unchanged by it; and in bf16 mode with
+    // dqkv NULL (the twin alone) the same twin and the same bits again
+    size_t nb = (size_t)3 * C;
+    float *db0 = frand(nb, -1, 1);
+    float *dbr = dev_copy(db0, nb * 4), *db1 = dev_copy(db0, nb * 4), *db2 = dev_copy(db0, nb * 4);
+    float *dq3 = gpu->alloc(n3 * 4);
+    uint16_t *tw3 = twin_alloc(n3);
+    gpu->matmul_backward(NULL, NULL, dbr, dqr, NULL, NULL, NULL, NULL, NULL, B * T, 1, 3 * C, 0);
+    gpu->attention_backward(dq3, NULL, db1, dout, qkv, ref, att, B, T, C, NH);
+    snprintf(what, sizeof what, "attention_backward with dbias (%s, T %d, hs %d)",
+             precision == MP_PRECISION_BF16 ? "bf16" : "fp32", T, hs);
+    expect_same_bits(what, dq3, dqr, n3);
+    if (precision == MP_PRECISION_FP32 || T % 64 == 0) {
+        expect_same_bits(what, db1, dbr, nb);
+    } else {
+        float *hq = host_copy(dqr, n3 * 4), *hb = host_copy(db1, nb * 4);
+        expect_colsum(what, hb, db0, hq, B * T, 3 * C);
+        free(hq);
+        free(hb);
+    }
+    if (precision == MP_PRECISION_BF16) {
+        gpu->attention_backward(NULL, tw3, db2, dout, qkv, ref, att, B, T, C, NH);
+        snprintf(what, sizeof what, "attention_backward, twin alone (T %d, hs %d)", T, hs);
+        expect_twin(what, dqr, NULL, tw3, n3);
+        expect_same_bits(what, db2, db1, nb);
+    }
+    free(db0);
     gpu->set_precision(old);
-    void *dev[] = {qkv, dout, out, ref, att, att2, dq, dqr, tw, tw2};
+    void *dev[] = {qkv, dout, out, ref, att, att2, dq, dqr, tw, tw2, dbr, db1, db2, dq3, tw3};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
 }
 
@@ -588,6 +642,7 @@ static void test_bf16_twins_attention(void **state) {
     (void)state;
     check_attention_twins(MP_PRECISION_BF16, 2, 70, 3, 24);
     check_attention_twins(MP_PRECISION_BF16, 1, 33, 2, 64);
+    check_attention_twins(MP_PRECISION_BF16, 2, 128, 2, 32);   // dbias's blocks are colsum's
     check_attention_twins(MP_PRECISION_FP32, 2, 70, 3, 24);
 }
 
@@ -733,10 +788,20 @@ static void check_attention(int B, int T, int NH, int hs) {
     float *dout = frand(no, -1, 1), *dqkv = frand(nq, 0, 0);
     for (size_t i = 0; i < nq; i++) dqkv[i] = NAN;
     float *d_dout = dev_copy(dout, no * 4), *d_dqkv = dev_copy(dqkv, nq * 4);
-    cpu->attention_backward(dqkv, NULL, dout, qkv, out, att, B, T, C, NH);
-    gpu->attention_backward(d_dqkv, NULL, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
-    // dq, dk and dv compared one by one: their scales differ
+    // with qkv's bias gradient: each backend's against the column sums of its own dqkv
+    float *db0 = frand((size_t)3 * C, -1, 1), *db = malloc((size_t)3 * C * 4);
+    float *d_db = dev_copy(db0, (size_t)3 * C * 4);
+    memcpy(db, db0, (size_t)3 * C * 4);
+    cpu->attention_backward(dqkv, NULL, db, dout, qkv, out, att, B, T, C, NH);
+    gpu->attention_backward(d_dqkv, NULL, d_db, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
     float *got = host_copy(d_dqkv, nq * 4), *g = malloc(no * 4), *w = malloc(no * 4);
+    float *gdb = host_copy(d_db, (size_t)3 * C * 4);
+    snprintf(what, sizeof what, "attention B %d T %d NH %d hs %d: dbias", B, T, NH, hs);
+    expect_colsum(what, db, db0, dqkv, B * T, 3 * C);
+    expect_colsum(what, gdb, db0, got, B * T, 3 * C);
+    free(db0); free(db); free(gdb);
+    gpu->free(d_db);
+    // dq, dk and dv compared one by one: their scales differ
     const char *part[3] = {"dq", "dk", "dv"};
     for (int p = 0; p < 3; p++) {
         for (size_t r = 0; r < (size_t)B * T; r++) {
@@ -811,7 +876,7 @@ static void check_attention_bf16(int B, int T, int NH, int hs) {
     float *d_qkv = dev_copy(qkv, nq * 4), *d_out = gpu->alloc(no * 4), *d_att = gpu->alloc(ng * 4);
     float *d_dout = dev_copy(dout, no * 4), *d_dqkv = dev_copy(nan, nq * 4);
     gpu->attention_forward(d_out, NULL, d_att, d_qkv, B, T, C, NH);
-    gpu->attention_backward(d_dqkv, NULL, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
+    gpu->attention_backward(d_dqkv, NULL, NULL, d_dout, d_qkv, d_out, d_att, B, T, C, NH);
     assert_int_equal(gpu->set_precision(MP_PRECISION_FP32), MP_PRECISION_BF16);
     float *out = host_copy(d_out, no * 4), *dqkv = host_copy(d_dqkv, nq * 4);
     att_case a = {B, T, NH, hs, C, qkv, dout};

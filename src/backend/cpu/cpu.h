@@ -53,11 +53,13 @@ void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
                             const uint16_t *inp_bf16, const float *w, const uint16_t *w_bf16,
                             int N, int C, int OC, int dinp_accumulate);
 size_t mp_cpu_attention_state_floats(int B, int T, int C, int NH);
+// out (C) += the column sums of x (N, C), each summed over the rows in order
+void mp_cpu_colsum_add(float *out, const float *x, int N, int C);
 void mp_cpu_attention_forward(float *out, uint16_t *out_bf16, float *att, const float *qkv,
                               int B, int T, int C, int NH);
-void mp_cpu_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
-                               const float *qkv, const float *out, const float *att, int B,
-                               int T, int C, int NH);
+void mp_cpu_attention_backward(float *dqkv, uint16_t *dqkv_bf16, float *dbias,
+                               const float *dout, const float *qkv, const float *out,
+                               const float *att, int B, int T, int C, int NH);
 void mp_cpu_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long n);
 void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, float *dbias, const float *inp,
                           const float *dout, int N, int C);

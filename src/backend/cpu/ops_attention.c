@@ -59,9 +59,9 @@ void mp_cpu_attention_forward(float *out, uint16_t *out_bf16, float *att, const 
     }
 }
 
-void mp_cpu_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
-                               const float *qkv, const float *out, const float *att, int B,
-                               int T, int C, int NH) {
+void mp_cpu_attention_backward(float *dqkv, uint16_t *dqkv_bf16, float *dbias,
+                               const float *dout, const float *qkv, const float *out,
+                               const float *att, int B, int T, int C, int NH) {
     mp_cpu_no_bf16(dqkv_bf16, "attention_backward");
     // dqkv (B,T,3C) written, dout (B,T,C), qkv (B,T,3C), att (B,NH,T,T); out is not needed
     // here: with the probabilities kept, rowsum(P dP) comes from them directly
@@ -113,4 +113,5 @@ void mp_cpu_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *do
         }
         free(ds);
     }
+    if (dbias) mp_cpu_colsum_add(dbias, dqkv, B * T, C3);   // matmul_backward's sum
 }

@@ -221,8 +221,8 @@ void mp_cpu_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha, co
 }
 
 // out (C) += the column sums of x (N, C): threads own column ranges and sum the rows in
-// order (the bias gradients of matmul_backward and gelu_backward)
-static void colsum_add(float *out, const float *x, int N, int C) {
+// order (the bias gradients of matmul_backward, gelu_backward and attention_backward)
+void mp_cpu_colsum_add(float *out, const float *x, int N, int C) {
     #pragma omp parallel
     {
         int c0, c1;
@@ -277,7 +277,7 @@ void mp_cpu_matmul_backward(float *dinp, float *dw, float *dbias, const float *d
         mp_cpu_sgemm(0, 0, N, C, OC, 1.0f, dout, OC, w, C, dinp_accumulate ? 1.0f : 0.0f, dinp,
                      C);
     if (dw) mp_cpu_sgemm(1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dw, C);
-    if (dbias) colsum_add(dbias, dout, N, OC);
+    if (dbias) mp_cpu_colsum_add(dbias, dout, N, OC);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ void mp_cpu_gelu_backward(float *dinp, uint16_t *dinp_bf16, float *dbias, const 
         dinp[i] = (cdf + x * pdf) * dout[i];
     }
     // a second pass here (host memory, no traffic to save): matmul_backward's sums
-    if (dbias) colsum_add(dbias, dinp, N, C);
+    if (dbias) mp_cpu_colsum_add(dbias, dinp, N, C);
 }
 
 void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n) {

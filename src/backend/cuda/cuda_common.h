@@ -199,17 +199,19 @@ void mp_cuda_matmul_backward(float *dinp, float *dw, float *dbias, const float *
 size_t mp_cuda_attention_state_floats(int B, int T, int C, int NH);
 void mp_cuda_attention_forward(float *out, uint16_t *out_bf16, float *att, const float *qkv,
                                int B, int T, int C, int NH);
-void mp_cuda_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
-                                const float *qkv, const float *out, const float *att, int B,
-                                int T, int C, int NH);
+void mp_cuda_attention_backward(float *dqkv, uint16_t *dqkv_bf16, float *dbias,
+                                const float *dout, const float *qkv, const float *out,
+                                const float *att, int B, int T, int C, int NH);
 // the tensor-core kernels that bf16 mode runs (ops_attention_tc.cu); nf: the head's columns
 // over 16, rounded up to 1, 2, 4 or 8; D (B, NH, T) = rowsum(dO * out); the twins out_bf16
-// and dqkv_bf16 (backend.h) written in the same stores, when not NULL
+// and dqkv_bf16 (backend.h) written in the same stores, when not NULL, and dbias's column
+// sums formed from the values stored, block by block of rows (dqkv itself may be NULL)
 void mp_cuda_attention_forward_tc(float *out, uint16_t *out_bf16, float *lse, const float *qkv,
                                   int B, int T, int C, int NH, float scale, int nf);
-void mp_cuda_attention_backward_tc(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
-                                   const float *qkv, const float *lse, const float *D, int B,
-                                   int T, int C, int NH, float scale, int nf);
+void mp_cuda_attention_backward_tc(float *dqkv, uint16_t *dqkv_bf16, float *dbias,
+                                   const float *dout, const float *qkv, const float *lse,
+                                   const float *D, int B, int T, int C, int NH, float scale,
+                                   int nf);
 void mp_cuda_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long n);
 void mp_cuda_gelu_backward(float *dinp, uint16_t *dinp_bf16, float *dbias, const float *inp,
                            const float *dout, int N, int C);

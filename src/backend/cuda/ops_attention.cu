@@ -426,11 +426,11 @@ void mp_cuda_attention_forward(float *out, uint16_t *out_bf16, float *att, const
     if (out_bf16) mp_cuda_to_bf16(out_bf16, out, (size_t)B * T * C);
 }
 
-void mp_cuda_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
-                                const float *qkv, const float *out, const float *att, int B,
-                                int T, int C, int NH) {
-    // dqkv (B,T,3C) and its twin written, dout (B,T,C), qkv (B,T,3C), out (B,T,C),
-    // att = L (B,NH,T)
+void mp_cuda_attention_backward(float *dqkv, uint16_t *dqkv_bf16, float *dbias,
+                                const float *dout, const float *qkv, const float *out,
+                                const float *att, int B, int T, int C, int NH) {
+    // dqkv (B,T,3C) and its twin written, dbias (3C) added to, dout (B,T,C), qkv (B,T,3C),
+    // out (B,T,C), att = L (B,NH,T)
     if (B <= 0 || T <= 0) return;
     if (B > 65535 || NH > 65535) mp_fatal("CUDA attention: B %d or NH %d above 65535", B, NH);
     int hs = C / NH;
@@ -441,10 +441,12 @@ void mp_cuda_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *d
                                                                         NH);
     KERNEL_CHECK();
     if (mp_cuda_precision() == MP_PRECISION_BF16) {
-        mp_cuda_attention_backward_tc(dqkv, dqkv_bf16, dout, qkv, att, D, B, T, C, NH, scale,
-                                      head_nj(hs));
+        mp_cuda_attention_backward_tc(dqkv, dqkv_bf16, dbias, dout, qkv, att, D, B, T, C, NH,
+                                      scale, head_nj(hs));
         return;
     }
+    if (!dqkv) mp_fatal("internal: attention_backward in fp32 without dqkv (its bf16 twin is only "
+                        "for bf16 mode)");
     switch (head_nj(hs)) {
     case 1: backward_launch<1>(dqkv, dout, qkv, att, D, B, T, C, NH, scale); break;
     case 2: backward_launch<2>(dqkv, dout, qkv, att, D, B, T, C, NH, scale); break;
@@ -452,4 +454,5 @@ void mp_cuda_attention_backward(float *dqkv, uint16_t *dqkv_bf16, const float *d
     default: backward_launch<8>(dqkv, dout, qkv, att, D, B, T, C, NH, scale); break;
     }
     if (dqkv_bf16) mp_cuda_to_bf16(dqkv_bf16, dqkv, (size_t)B * T * 3 * C);
+    if (dbias) mp_cuda_colsum_add(dbias, dqkv, B * T, 3 * C);   // matmul_backward's sum
 }

@@ -35,6 +35,7 @@
 #define TC_COLS 64     // rows of a streamed tile
 #define TC_PLD (TC_COLS + 8)   // bf16 row stride of a warp's P or dS tile (16, TC_COLS)
 #define TC_SLD (TC_COLS + 4)   // float row stride of a warp's score scratch (16, TC_COLS)
+static_assert(TC_ROWS == COLSUM_ROWS, "dbias's row blocks are the column-sum kernel's");
 
 // bf16 WMMA exists from sm_80 on. A build that also targets older GPUs gets kernels there
 // that trap; bf16 mode refuses such a GPU before any of them runs (backend_cuda.cu).
@@ -238,7 +239,8 @@ static __device__ __forceinline__ void p_ds(uint16_t *P, uint16_t *dS, int at, f
 
 // the warp's accumulators (16, DP), finished sums, stored into rows [rw, rw + 16) of one
 // head's slice of dqkv (column offset col of the head's q, k or v part), through the
-// scratch; dqkv_bf16 (same offsets), if not NULL, gets each value rounded
+// scratch, where they stay for block_colsum; dqkv_bf16 (same offsets), if not NULL, gets
+// each value rounded (either may be NULL)
 template <int NF>
 static __device__ void store_rows(float *dqkv, uint16_t *dqkv_bf16, const frag_acc *acc,
                                   float *Sw, int rw, int T, int C3, int col, int hs) {
@@ -251,18 +253,36 @@ static __device__ void store_rows(float *dqkv, uint16_t *dqkv_bf16, const frag_a
         if (rw + i >= T) continue;
         size_t at = (size_t)(rw + i) * C3 + col + d;
         float g = Sw[i * OW + d];
-        dqkv[at] = g;
+        if (dqkv) dqkv[at] = g;
         if (dqkv_bf16) dqkv_bf16[at] = mp_float_to_bf16(g);
     }
     __syncwarp();   // the scratch is read before the next store into it
+}
+
+// part (hs) = the column sums of the block's TC_ROWS rows, from r0 on, as store_rows left
+// them in the warps' scratches (Ws: warp w's 16 rows at w * 16 * OW), rows past T skipped:
+// each column summed in row order from 0, as mp_cuda_colsum_add's partial kernel sums a
+// block of rows of dqkv, so that with its blocks (64 rows of one sequence: T a multiple of
+// 64) the bias gradient has matmul_backward's bits. Every thread of the block calls it.
+template <int NF>
+static __device__ void block_colsum(float *part, const float *Ws, int r0, int T, int hs) {
+    constexpr int OW = tc_dims<NF>::OW;
+    __syncthreads();   // every warp's rows are in its scratch
+    for (int d = threadIdx.x; d < hs; d += TC_THREADS) {
+        float s = 0.0f;
+        for (int r = 0; r < TC_ROWS && r0 + r < T; r++) s += Ws[r * OW + d];
+        part[d] = s;
+    }
+    __syncthreads();   // read before a warp stores its next rows there
 }
 
 // dK, dV: grid (key tiles, NH, B), a block per tile of TC_ROWS keys (the first keys, which
 // the most queries see, first), walking the query tiles from the diagonal to T in order
 template <int NF>
 static __global__ void __launch_bounds__(TC_THREADS, tc_dims<NF>::DKV_BLOCKS)
-attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, const float *qkv,
-                        const float *lse, const float *D, int T, int C, int NH, float scale) {
+attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, float *part, const float *dout,
+                        const float *qkv, const float *lse, const float *D, int T, int C, int NH,
+                        float scale) {
     constexpr int LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
     extern __shared__ __align__(128) uint16_t smem[];
     uint16_t *Ks = smem;              // (TC_ROWS, LD) this block's keys
@@ -311,17 +331,23 @@ attention_dkv_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, con
         tile_times_rows<NF>(dk, dSw, Qs);   // dK += dS^T q
     }
     size_t head = (size_t)b * T * C3 + h * hs;
+    float *hd = dqkv ? dqkv + head : NULL;
     uint16_t *hb = dqkv_bf16 ? dqkv_bf16 + head : NULL;
-    store_rows<NF>(dqkv + head, hb, dk, Sw, c0 + 16 * w, T, C3, C, hs);
-    store_rows<NF>(dqkv + head, hb, dv, Sw, c0 + 16 * w, T, C3, 2 * C, hs);
+    // part: (B, key tiles, 3C) column sums, this block's row of them
+    float *pr = part ? part + ((size_t)b * gridDim.x + blockIdx.x) * C3 + h * hs : NULL;
+    store_rows<NF>(hd, hb, dk, Sw, c0 + 16 * w, T, C3, C, hs);
+    if (pr) block_colsum<NF>(pr + C, Ws, c0, T, hs);
+    store_rows<NF>(hd, hb, dv, Sw, c0 + 16 * w, T, C3, 2 * C, hs);
+    if (pr) block_colsum<NF>(pr + 2 * C, Ws, c0, T, hs);
 }
 
 // dQ: grid (query tiles, NH, B), a block per tile of TC_ROWS queries (the longest first),
 // walking the key tiles up to the diagonal in order
 template <int NF>
 static __global__ void __launch_bounds__(TC_THREADS, tc_dims<NF>::DQ_BLOCKS)
-attention_dq_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, const float *qkv,
-                       const float *lse, const float *D, int T, int C, int NH, float scale) {
+attention_dq_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, float *part, const float *dout,
+                       const float *qkv, const float *lse, const float *D, int T, int C, int NH,
+                       float scale) {
     constexpr int LD = tc_dims<NF>::LD, OW = tc_dims<NF>::OW;
     extern __shared__ __align__(128) uint16_t smem[];
     uint16_t *Qs = smem;              // (TC_ROWS, LD) this block's queries
@@ -363,8 +389,11 @@ attention_dq_tc_kernel(float *dqkv, uint16_t *dqkv_bf16, const float *dout, cons
         tile_times_rows<NF>(dq, dSw, Ks);   // dQ += dS k
     }
     size_t head = (size_t)b * T * C3 + h * hs;
-    store_rows<NF>(dqkv + head, dqkv_bf16 ? dqkv_bf16 + head : NULL, dq, Sw, r0 + 16 * w, T, C3,
-                   0, hs);
+    store_rows<NF>(dqkv ? dqkv + head : NULL, dqkv_bf16 ? dqkv_bf16 + head : NULL, dq, Sw,
+                   r0 + 16 * w, T, C3, 0, hs);
+    if (part)   // this block's row of the (B, query tiles, 3C) column sums
+        block_colsum<NF>(part + ((size_t)b * gridDim.x + r0 / TC_ROWS) * C3 + h * hs, Ws, r0, T,
+                         hs);
 }
 
 #else
@@ -374,15 +403,15 @@ static __global__ void attention_forward_tc_kernel(float *, uint16_t *, float *,
     __trap();
 }
 template <int NF>
-static __global__ void attention_dkv_tc_kernel(float *, uint16_t *, const float *, const float *,
-                                               const float *, const float *, int, int, int,
-                                               float) {
+static __global__ void attention_dkv_tc_kernel(float *, uint16_t *, float *, const float *,
+                                               const float *, const float *, const float *, int,
+                                               int, int, float) {
     __trap();
 }
 template <int NF>
-static __global__ void attention_dq_tc_kernel(float *, uint16_t *, const float *, const float *,
-                                              const float *, const float *, int, int, int,
-                                              float) {
+static __global__ void attention_dq_tc_kernel(float *, uint16_t *, float *, const float *,
+                                              const float *, const float *, const float *, int,
+                                              int, int, float) {
     __trap();
 }
 #endif
@@ -423,20 +452,20 @@ static void tc_forward_launch(float *out, uint16_t *out_bf16, float *lse, const 
 }
 
 template <int NF>
-static void tc_backward_launch(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
+static void tc_backward_launch(float *dqkv, uint16_t *dqkv_bf16, float *part, const float *dout,
                                const float *qkv, const float *lse, const float *D, int B, int T,
                                int C, int NH, float scale) {
     static int ready_kv, ready_q;
     dim3 grid((unsigned)((T + TC_ROWS - 1) / TC_ROWS), (unsigned)NH, (unsigned)B);
     size_t shb = tc_dkv_shared(NF);
     tc_allow_shared(attention_dkv_tc_kernel<NF>, shb, &ready_kv);
-    attention_dkv_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dqkv_bf16, dout, qkv, lse, D, T,
-                                                           C, NH, scale);
+    attention_dkv_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dqkv_bf16, part, dout, qkv, lse,
+                                                           D, T, C, NH, scale);
     KERNEL_CHECK();
     shb = tc_dq_shared(NF);
     tc_allow_shared(attention_dq_tc_kernel<NF>, shb, &ready_q);
-    attention_dq_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dqkv_bf16, dout, qkv, lse, D, T,
-                                                          C, NH, scale);
+    attention_dq_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dqkv_bf16, part, dout, qkv, lse,
+                                                          D, T, C, NH, scale);
     KERNEL_CHECK();
 }
 
@@ -452,13 +481,19 @@ void mp_cuda_attention_forward_tc(float *out, uint16_t *out_bf16, float *lse, co
     }
 }
 
-void mp_cuda_attention_backward_tc(float *dqkv, uint16_t *dqkv_bf16, const float *dout,
-                                   const float *qkv, const float *lse, const float *D, int B,
-                                   int T, int C, int NH, float scale, int nf) {
-    switch (nf) {
-    case 1: tc_backward_launch<1>(dqkv, dqkv_bf16, dout, qkv, lse, D, B, T, C, NH, scale); break;
-    case 2: tc_backward_launch<2>(dqkv, dqkv_bf16, dout, qkv, lse, D, B, T, C, NH, scale); break;
-    case 4: tc_backward_launch<4>(dqkv, dqkv_bf16, dout, qkv, lse, D, B, T, C, NH, scale); break;
-    default: tc_backward_launch<8>(dqkv, dqkv_bf16, dout, qkv, lse, D, B, T, C, NH, scale); break;
-    }
+void mp_cuda_attention_backward_tc(float *dqkv, uint16_t *dqkv_bf16, float *dbias,
+                                   const float *dout, const float *qkv, const float *lse,
+                                   const float *D, int B, int T, int C, int NH, float scale,
+                                   int nf) {
+    // dbias's partial sums: a row of 3C per block of TC_ROWS rows of one sequence, which
+    // the dK/dV kernel (k, v columns) and the dQ kernel (q columns) fill; then added in
+    // block order. With T a multiple of TC_ROWS (= COLSUM_ROWS) and B T <= 65535 TC_ROWS
+    // these are mp_cuda_colsum_add's blocks, so the sums are matmul_backward's.
+    int nblk = B * ((T + TC_ROWS - 1) / TC_ROWS);
+    float *part = dbias ? (float *)mp_cuda_scratch(SCR_COLSUM, (size_t)nblk * 3 * C * sizeof(float))
+                        : NULL;
+    auto launch = nf == 1 ? tc_backward_launch<1> : nf == 2 ? tc_backward_launch<2>
+                  : nf == 4 ? tc_backward_launch<4> : tc_backward_launch<8>;
+    launch(dqkv, dqkv_bf16, part, dout, qkv, lse, D, B, T, C, NH, scale);
+    if (dbias) mp_cuda_colsum_finish(dbias, part, nblk, 3 * C);
 }
