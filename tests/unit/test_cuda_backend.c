@@ -1156,6 +1156,9 @@ static void test_matmul_bias_paths(void **state) {
         int n = gpu->kernel_times(k, 16);
         gpu->kernel_timer(NULL);
         unsetenv("MP_EMU_LT_NO_ALGO");
+#ifdef MP_HAVE_CUDA
+        if (cases[c].no_algo) mp_cuda_lt_forget_plans();   // no later call inherits that plan
+#endif
         int lt = 0, gemm = 0, kernel = 0;
         for (int i = 0; i < n; i++) {
             lt += !strcmp(k[i].what, "cublasLtMatmul bf16 + bias") ? (int)k[i].calls : 0;

@@ -34,6 +34,9 @@ void mp_cuda_product_topk(const float *s1, const float *s2, const float *bias, i
 // of the backend's GEMMs: fp32 (cublasSgemm), or bf16 (A and B rounded to bf16 into
 // scratch, then the bf16 GEMM with fp32 accumulation). Exposed for the GEMM test.
 enum { MP_CUDA_GEMM_TEST_FP32, MP_CUDA_GEMM_TEST_BF16 };
+// Frees the bias-epilogue GEMMs' cuBLASLt plans (gemm_lt.cu), so that the next call of each
+// shape plans again: for the tests, after one that planned with no algorithm to be had.
+void mp_cuda_lt_forget_plans(void);
 void mp_cuda_gemm_test(int math, int trans_a, int trans_b, int M, int N, int K, float alpha,
                        const float *A, int lda, const float *B, int ldb, float beta, float *C,
                        int ldc);

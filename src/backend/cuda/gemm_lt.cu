@@ -15,6 +15,7 @@
 // its own kernel.
 #include <cublasLt.h>
 #include <string.h>
+#include "backend/cuda/cuda.h"
 #include "backend/cuda/cuda_common.h"
 
 #define LT_PLANS 64
@@ -127,6 +128,11 @@ static lt_plan *plan_for(const lt_plan *key, const float *bias) {
     *p = *key;
     plan_make(p, bias);
     return p;
+}
+
+extern "C" void mp_cuda_lt_forget_plans(void) {
+    for (int i = 0; i < g_n_plans; i++) plan_free(&g_plans[i]);
+    g_n_plans = g_evict = 0;
 }
 
 int mp_cuda_gemm_bf16_bias(int M, int N, int K, const uint16_t *A, int lda, const uint16_t *B,
