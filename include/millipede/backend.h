@@ -127,7 +127,7 @@ typedef struct mp_backend {
     // (3C), if not NULL, += the column sums of dqkv: the qkv GEMM's bias gradient (its
     // matmul_backward then takes dbias NULL), in the order matmul_backward sums it, so the
     // same bits, where the rows' blocks allow (the CUDA tensor-core kernels: T a multiple
-    // of 64; else another fixed order).
+    // of 64 and B T <= 65535 x 64; else another fixed order).
     void (*attention_backward)(float *dqkv, uint16_t *dqkv_bf16, float *dbias, const float *dout,
                                const float *qkv, const float *out, const float *att, int B,
                                int T, int C, int NH);

@@ -14,8 +14,8 @@ void mp_model_ffn_forward(mp_model *m, int l, float *y, const float *x, const ui
 void mp_model_ffn_backward(mp_model *m, int l, float *dx, const float *dy, const uint16_t *dy_bf16,
                            const float *x, const uint16_t *x_bf16, int N);
 // For the tests: frees the model's bf16 twins (backend.h) and gives it the fp32 tensors that
-// bf16 mode keeps only as twins (dlogits, dfch, the LayerNorm and GELU outputs before
-// GEMMs), so that bf16 mode's GEMMs round their activation operands themselves (the dense
+// bf16 mode keeps only as twins (dlogits, dfch, dqkv, the LayerNorm and GELU outputs
+// before GEMMs), so that bf16 mode's GEMMs round their activation operands themselves (the dense
 // weights' bf16 copies stay). The twins hold exactly those roundings: a model with them and
 // one without must train bit for bit alike.
 void mp_model_without_bf16_twins(mp_model *m);

@@ -531,9 +531,21 @@ static void test_attention_blocks(void **state) {
     check("attention T=150 forward att", rel_err(att, ratt, na), FWD_TOL);
 
     fill_nan(dqkv, nq);
-    be->attention_backward(dqkv, NULL, NULL, dout, qkv, out, att, B, T, C, NH);
+    // with qkv's bias gradient: db0 plus dqkv's column sums, each summed over the rows in
+    // order from 0 (matmul_backward's order): the same additions here, so the same bits
+    float *db = fbuf((size_t)3 * C), *db0 = fbuf((size_t)3 * C);
+    fill(db0, (size_t)3 * C, -1, 1);
+    memcpy(db, db0, (size_t)3 * C * sizeof(float));
+    be->attention_backward(dqkv, NULL, db, dout, qkv, out, att, B, T, C, NH);
     naive_attention_backward(rd, ratt, dout, qkv, B, T, C, NH);
     check("attention T=150 dqkv vs naive", rel_err(dqkv, rd, nq), FWD_TOL);
+    for (int j = 0; j < 3 * C; j++) {
+        float s = 0.0f;
+        for (int n = 0; n < B * T; n++) s += dqkv[(size_t)n * 3 * C + j];
+        if (db[j] != db0[j] + s)
+            fail_msg("attention dbias [%d]: %.9g, want %.9g", j, db[j], db0[j] + s);
+    }
+    free(db); free(db0);
     free(qkv); free(out); free(att); free(dout); free(dqkv);
     free(rout); free(ratt); free(rd);
 }

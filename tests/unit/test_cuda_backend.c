@@ -579,6 +579,19 @@ static void test_bf16_twins_elementwise(void **state) {
     free(dx0);
 }
 
+// The column-sum scratch (the backend's grow-only SCR_COLSUM) filled with nblk rows of M NaN
+// partials, through matmul_backward's bias sum over a NaN (nblk * 64, M) input: an op that
+// then leaves a partial of that many unwritten gives NaN sums, instead of reading what an
+// earlier column sum of the same shape left there (the same bits, by construction)
+static void poison_colsum(int nblk, int M) {
+    size_t n = (size_t)nblk * 64 * M;
+    float *nan = frand(n, NAN, NAN), *d = dev_copy(nan, n * 4), *junk = gpu->alloc((size_t)M * 4);
+    gpu->matmul_backward(NULL, NULL, junk, d, NULL, NULL, NULL, NULL, NULL, nblk * 64, 1, M, 0);
+    gpu->free(d);
+    gpu->free(junk);
+    free(nan);
+}
+
 // attention in bf16 mode (the tensor-core kernels store the twins) and in fp32 mode (a
 // rounding pass after the kernels): T past one 64-row tile, head size not a multiple of 16
 static void check_attention_twins(int precision, int B, int T, int NH, int hs) {
@@ -614,6 +627,8 @@ static void check_attention_twins(int precision, int B, int T, int NH, int hs) {
     float *dq3 = gpu->alloc(n3 * 4);
     uint16_t *tw3 = twin_alloc(n3);
     gpu->matmul_backward(NULL, NULL, dbr, dqr, NULL, NULL, NULL, NULL, NULL, B * T, 1, 3 * C, 0);
+    int nblk = B * ((T + 63) / 64);   // the tensor-core kernels' partial rows
+    poison_colsum(nblk, 3 * C);
     gpu->attention_backward(dq3, NULL, db1, dout, qkv, ref, att, B, T, C, NH);
     snprintf(what, sizeof what, "attention_backward with dbias (%s, T %d, hs %d)",
              precision == MP_PRECISION_BF16 ? "bf16" : "fp32", T, hs);
@@ -627,6 +642,7 @@ static void check_attention_twins(int precision, int B, int T, int NH, int hs) {
         free(hb);
     }
     if (precision == MP_PRECISION_BF16) {
+        poison_colsum(nblk, 3 * C);
         gpu->attention_backward(NULL, tw3, db2, dout, qkv, ref, att, B, T, C, NH);
         snprintf(what, sizeof what, "attention_backward, twin alone (T %d, hs %d)", T, hs);
         expect_twin(what, dqr, NULL, tw3, n3);
@@ -643,6 +659,8 @@ static void test_bf16_twins_attention(void **state) {
     check_attention_twins(MP_PRECISION_BF16, 2, 70, 3, 24);
     check_attention_twins(MP_PRECISION_BF16, 1, 33, 2, 64);
     check_attention_twins(MP_PRECISION_BF16, 2, 128, 2, 32);   // dbias's blocks are colsum's
+    check_attention_twins(MP_PRECISION_BF16, 1, 64, 2, 16);    // the narrowest kernels
+    check_attention_twins(MP_PRECISION_BF16, 1, 64, 1, 128);   // the widest
     check_attention_twins(MP_PRECISION_FP32, 2, 70, 3, 24);
 }
 

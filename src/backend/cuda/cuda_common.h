@@ -102,7 +102,8 @@ int mp_cuda_gemm_bf16_bias(int M, int N, int K, const uint16_t *A, int lda, cons
 // out (C) += column sums of in (N, C), in a fixed order: each block of
 // mp_rows_per_block(N, COLSUM_ROWS) rows sums its rows in order into a partial (part
 // (nblk, C)), then mp_cuda_colsum_finish adds the partials in block order. A kernel that
-// produces in can form the partials itself and call only the finish (gelu_backward).
+// produces in can form the partials itself and call only the finish (gelu_backward, the
+// tensor-core attention backward).
 #define COLSUM_ROWS 64
 void mp_cuda_colsum_add(float *out, const float *in, int N, int C);
 void mp_cuda_colsum_finish(float *out, const float *part, int nblk, int C);
