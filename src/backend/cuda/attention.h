@@ -37,15 +37,15 @@ static __device__ __forceinline__ att_head att_head_grads_of(const float *qkv, c
 // multiples of 4, src 16-byte aligned: one answer for every block of a launch) each thread
 // issues a batch of up to 8 of them before its first put, so that a tile costs about one
 // memory latency; a loop of scalar loads, which nvcc unrolls by 4 at most when the trip
-// count depends on the thread, costs one latency per 4 floats of the thread's share (16 for
-// a 64 x 64 tile). Other head sizes load float by float.
+// count depends on the thread, costs one latency per 4 floats of the thread's share (8 for
+// a 64 x 64 tile at 128 threads). Other head sizes load float by float.
 template <int ROWS, int DP, int THREADS, class Put>
 static __device__ __forceinline__ void att_fetch_tile(const float *src, long ld, int r0, int T,
                                                       int hs, Put put) {
     constexpr int Q = DP / 4, N = ROWS * Q, PER = (N + THREADS - 1) / THREADS;
     constexpr int BATCH = PER < 8 ? PER : 8;
     static_assert(DP % 4 == 0 && PER % BATCH == 0, "tile shape");
-    if (((hs | (int)ld) & 3) == 0 && ((uintptr_t)src & 15) == 0) {
+    if (((hs | (int)ld) & 3) == 0 && mp_aligned(src, 16)) {
         UNROLL
         for (int j0 = 0; j0 < PER; j0 += BATCH) {
             float4 v[BATCH];

@@ -120,6 +120,10 @@ void mp_cuda_sort_by_key(const int32_t *key, int64_t R, int64_t key_bound, const
 #ifndef MP_CHECK_ALIGN16
 #define MP_CHECK_ALIGN16(p) ((void)0)
 #endif
+// whether p is a multiple of `bytes` (a power of two): the test before a vector path
+__host__ __device__ __forceinline__ bool mp_aligned(const void *p, uintptr_t bytes) {
+    return ((uintptr_t)p & (bytes - 1)) == 0;
+}
 #ifndef MP_CHECK_ALIGN8   // the same for 8-byte accesses (float2, uint2) and 4-byte ones
 #define MP_CHECK_ALIGN8(p) ((void)0)
 #endif

@@ -473,12 +473,9 @@ static void tc_backward_launch(float *dqkv, uint16_t *dqkv_bf16, float *part, co
 // hs <= 128 when the model was built)
 void mp_cuda_attention_forward_tc(float *out, uint16_t *out_bf16, float *lse, const float *qkv,
                                   int B, int T, int C, int NH, float scale, int nf) {
-    switch (nf) {
-    case 1: tc_forward_launch<1>(out, out_bf16, lse, qkv, B, T, C, NH, scale); break;
-    case 2: tc_forward_launch<2>(out, out_bf16, lse, qkv, B, T, C, NH, scale); break;
-    case 4: tc_forward_launch<4>(out, out_bf16, lse, qkv, B, T, C, NH, scale); break;
-    default: tc_forward_launch<8>(out, out_bf16, lse, qkv, B, T, C, NH, scale); break;
-    }
+    auto launch = nf == 1 ? tc_forward_launch<1> : nf == 2 ? tc_forward_launch<2>
+                  : nf == 4 ? tc_forward_launch<4> : tc_forward_launch<8>;
+    launch(out, out_bf16, lse, qkv, B, T, C, NH, scale);
 }
 
 void mp_cuda_attention_backward_tc(float *dqkv, uint16_t *dqkv_bf16, float *dbias,
@@ -490,8 +487,8 @@ void mp_cuda_attention_backward_tc(float *dqkv, uint16_t *dqkv_bf16, float *dbia
     // block order. With T a multiple of TC_ROWS (= COLSUM_ROWS) and B T <= 65535 TC_ROWS
     // these are mp_cuda_colsum_add's blocks, so the sums are matmul_backward's.
     int nblk = B * ((T + TC_ROWS - 1) / TC_ROWS);
-    float *part = dbias ? (float *)mp_cuda_scratch(SCR_COLSUM, (size_t)nblk * 3 * C * sizeof(float))
-                        : NULL;
+    size_t part_bytes = (size_t)nblk * 3 * C * sizeof(float);
+    float *part = dbias ? (float *)mp_cuda_scratch(SCR_COLSUM, part_bytes) : NULL;
     auto launch = nf == 1 ? tc_backward_launch<1> : nf == 2 ? tc_backward_launch<2>
                   : nf == 4 ? tc_backward_launch<4> : tc_backward_launch<8>;
     launch(dqkv, dqkv_bf16, part, dout, qkv, lse, D, B, T, C, NH, scale);

@@ -44,8 +44,9 @@ static __global__ void encoder_dwpe_kernel(float *dwpe, const float *dout, int B
 // 4 rows' loads in flight; a loop that stopped at the first other token read its key, its
 // index and its row one after another per position, and a frequent token (a few % of the
 // positions in real text, hundreds in a batch of 16384) made that block the kernel's time.
-static __global__ void __launch_bounds__(1024) encoder_dwte_kernel(float *dwte, const float *dout, const int32_t *skey,
-                                           const int32_t *idx, const int32_t *off, int C) {
+static __global__ void __launch_bounds__(1024)
+encoder_dwte_kernel(float *dwte, const float *dout, const int32_t *skey, const int32_t *idx,
+                    const int32_t *off, int C) {
     int p = blockIdx.x;
     if (p > 0 && skey[p] == skey[p - 1]) return;
     int tok = skey[p], end = off[tok + 1];

@@ -66,8 +66,6 @@ static __global__ void adamw4_kernel(float *p, const float *g, float *m, float *
     }
 }
 
-static int aligned_to(const void *p, uintptr_t bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
-
 void mp_cuda_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf16, size_t n,
                    float lr, float beta1, float beta2, float eps, float wd, long t,
                    float grad_scale) {
@@ -78,11 +76,9 @@ void mp_cuda_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf1
     // 4 at a time where the tensor starts 16-byte aligned (its offset in the group a multiple
     // of 4 floats, as every tensor of d_model % 4 == 0 models is), the last n % 4 alone;
     // a tensor that starts elsewhere element by element
-    size_t n4 = aligned_to(p, 16) && aligned_to(g, 16) && aligned_to(m, 16) && aligned_to(v, 16) &&
-                        (!p_bf16 || aligned_to(p_bf16, 8))
-                    ? n / 4
-                    : 0,
-           done = 4 * n4;
+    bool vec = mp_aligned(p, 16) && mp_aligned(g, 16) && mp_aligned(m, 16) && mp_aligned(v, 16) &&
+               (!p_bf16 || mp_aligned(p_bf16, 8));
+    size_t n4 = vec ? n / 4 : 0, done = 4 * n4;
     if (n4) {
         adamw4_kernel<<<mp_blocks(n4, 256), 256>>>(p, g, m, v, p_bf16, n4, lr, beta1, beta2, eps,
                                                    wd, bc1, bc2, grad_scale);

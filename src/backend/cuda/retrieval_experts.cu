@@ -131,13 +131,11 @@ static __global__ void experts_forward_kernel(float *y, const float *x, const in
     for (int c = tid; c < C; c += nthr) y[m * C + c] = ys[c];
 }
 
-static int aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
 // 16-byte loads of table rows when every row starts 16-byte aligned: C a multiple of the
 // elements per load and the tables' bases aligned (a table inside a group may not be)
 template <class T>
 static bool rows_vec(const T *U, const T *V, int C) {
-    return C % (int)(16 / sizeof(T)) == 0 && aligned16(U) && aligned16(V);
+    return C % (int)(16 / sizeof(T)) == 0 && mp_aligned(U, 16) && mp_aligned(V, 16);
 }
 
 // one launch per (kind, table type, load width); above 48 KiB of shared memory a kernel has
@@ -418,8 +416,8 @@ static void grad_launch_any(const mp_expert_tables *t, int peer, const int32_t *
                             const float *pre, const float *dpre, const A *x, const A *dy, int C,
                             int relu, int overwrite, double *row_ss) {
     const int V = 16 / sizeof(A);   // 4 floats, 8 bf16
-    bool vec = C % V == 0 && aligned16(dy) && aligned16(t->dv) &&
-               (!peer || (aligned16(x) && aligned16(t->du)));
+    bool vec = C % V == 0 && mp_aligned(dy, 16) && mp_aligned(t->dv, 16) &&
+               (!peer || (mp_aligned(x, 16) && mp_aligned(t->du, 16)));
     if (vec)
         grad_launch<A, 16 / sizeof(A)>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu,
                                        overwrite, row_ss);
