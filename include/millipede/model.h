@@ -24,7 +24,7 @@ typedef struct {
     long global_rows;     // shape[0] over all ranks (== shape[0] unless sharded)
     long row_start;       // first global row held here
     mp_group group;
-    size_t offset;        // in floats, within its group's buffer
+    size_t offset;        // in floats, within its group's buffer (decayed tensors first)
     size_t numel;         // local element count
     int decay;            // 1: weight decay applies
 } mp_tensor;

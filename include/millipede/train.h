@@ -17,7 +17,9 @@ float mp_lr_at(const mp_config *c, mp_group g, long step);
 // is summed over ranks. The expert part comes from the backward's per-row squares, so a
 // backward must have run since the last mp_model_zero_grad (checked: a fatal error).
 float mp_grad_norm(mp_model *m);
-// One update at 0-based `step`: clips to train.grad_clip, applies AdamW per tensor.
+// One update at 0-based `step`: clips to train.grad_clip, applies AdamW: one backend call per
+// group and decay class (each group's buffer holds its decayed tensors first), row by row
+// for lazy AdamW's expert tables.
 // Returns the gradient norm before clipping.
 float mp_adamw_step(mp_adamw *opt, mp_model *m, long step);
 

@@ -116,9 +116,7 @@ static int add_tensor(mp_model *m, const char *name, long rows, long cols, mp_gr
     t->row_start = row_start;
     t->group = group;
     t->numel = (size_t)rows * (size_t)t->shape[1];
-    t->offset = m->group_size[group];
-    t->decay = decay;
-    m->group_size[group] += t->numel;
+    t->decay = decay;   // t->offset: lay_out_groups, once the table is complete
     m->init[i] = init;
     m->init_scale[i] = scale;
     return i;
@@ -195,6 +193,18 @@ static void build_table(mp_model *m, long part, long n_parts, int idx[MP_MAX_LAY
     top_idx[3] = add(m, "lnf.b", C, 0, 0, INIT_ZEROS, 0);
 }
 
+// Each group's buffer holds its weight-decayed tensors first, then the others, each part in
+// table order: one AdamW pass then covers a whole part (mp_adamw_step), not one tensor.
+static void lay_out_groups(mp_model *m) {
+    for (int decay = 1; decay >= 0; decay--)
+        for (int i = 0; i < m->n_tensors; i++) {
+            mp_tensor *t = &m->tensors[i];
+            if (t->decay != decay) continue;
+            t->offset = m->group_size[t->group];
+            m->group_size[t->group] += t->numel;
+        }
+}
+
 static float *pptr(mp_model *m, int i) {
     return i < 0 ? NULL : m->params[m->tensors[i].group] + m->tensors[i].offset;
 }
@@ -245,6 +255,7 @@ static mp_model *model_build(const mp_config *cfg, const mp_backend *be, int B, 
     m->T = cfg->context;
     int idx[MP_MAX_LAYERS][16], top[4];
     build_table(m, part, n_parts, idx, top);
+    lay_out_groups(m);
     for (int g = 0; g < MP_N_GROUPS; g++) {
         m->params[g] = be->alloc(m->group_size[g] * sizeof(float));
         m->grads[g] = be->alloc(m->group_size[g] * sizeof(float));

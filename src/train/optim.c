@@ -74,25 +74,38 @@ float mp_adamw_step(mp_adamw *opt, mp_model *m, long step) {
     // rewrites the touched expert rows only, which leaves that copy fresh only if it was
     // fresh before.
     int experts_were_fresh = mp_model_bf16_fresh(m, MP_GROUP_EXPERTS);
-    for (int i = 0; i < mp_model_n_tensors(m); i++) {
-        const mp_tensor *t = mp_model_tensor(m, i);
-        mp_group g = t->group;
-        float wd = !t->decay ? 0.0f
-                   : g == MP_GROUP_EXPERTS ? c->expert_weight_decay
-                   : g == MP_GROUP_KEYS    ? c->key_weight_decay
-                                           : c->weight_decay;
-        float *p = mp_model_params(m, g) + t->offset, *gr = mp_model_grads(m, g) + t->offset;
-        float *mo = opt->m[g] + t->offset, *vo = opt->v[g] + t->offset;
-        uint16_t *pb = mp_model_bf16(m, t);   // (numel) or NULL: fp32, or the keys group
+    for (int g = 0; g < MP_N_GROUPS; g++) {
+        float *p = mp_model_params(m, g), *gr = mp_model_grads(m, g);
+        float *mo = opt->m[g], *vo = opt->v[g];
         float lr = mp_lr_at(c, g, step);
-        const int32_t *rows;
-        int64_t n_rows = g == MP_GROUP_EXPERTS ? mp_model_touched_rows(m, t, &rows) : -1;
-        if (n_rows >= 0)   // lazy AdamW: the touched rows only (docs/model.md, "Lazy AdamW")
-            be->adamw_rows(p, gr, mo, vo, pb, rows, n_rows, (int)t->shape[1], lr, c->beta1,
-                           c->beta2, c->eps, wd, opt->t, scale);
-        else
-            be->adamw(p, gr, mo, vo, pb, t->numel, lr, c->beta1, c->beta2, c->eps, wd, opt->t,
-                      scale);
+        // A group's buffer holds its decayed tensors, then the others (docs/model.md): one
+        // pass over each part, instead of ~150 launches for the dense group at GPT-2 small.
+        for (int decay = 1; decay >= 0; decay--) {
+            float wd = !decay ? 0.0f
+                       : g == MP_GROUP_EXPERTS ? c->expert_weight_decay
+                       : g == MP_GROUP_KEYS    ? c->key_weight_decay
+                                               : c->weight_decay;
+            const mp_tensor *first = NULL;   // the part's lowest offset
+            size_t n = 0;
+            for (int i = 0; i < mp_model_n_tensors(m); i++) {
+                const mp_tensor *t = mp_model_tensor(m, i);
+                if ((int)t->group != g || t->decay != decay) continue;
+                const int32_t *rows;
+                int64_t n_rows = g == MP_GROUP_EXPERTS ? mp_model_touched_rows(m, t, &rows) : -1;
+                if (n_rows >= 0) {   // lazy AdamW: the touched rows only (docs/model.md)
+                    be->adamw_rows(p + t->offset, gr + t->offset, mo + t->offset, vo + t->offset,
+                                   mp_model_bf16(m, t), rows, n_rows, (int)t->shape[1], lr,
+                                   c->beta1, c->beta2, c->eps, wd, opt->t, scale);
+                    continue;
+                }
+                if (!first || t->offset < first->offset) first = t;
+                n += t->numel;
+            }
+            if (n)   // pb: (n) or NULL (fp32, or the keys group)
+                be->adamw(p + first->offset, gr + first->offset, mo + first->offset,
+                          vo + first->offset, mp_model_bf16(m, first), n, lr, c->beta1,
+                          c->beta2, c->eps, wd, opt->t, scale);
+        }
     }
     mp_model_bf16_set_fresh(m, MP_GROUP_DENSE);
     if (experts_were_fresh || !lazy_experts(c)) mp_model_bf16_set_fresh(m, MP_GROUP_EXPERTS);
