@@ -8,8 +8,9 @@
 #include "millipede/comm.h"
 #include "millipede/config.h"
 
-// Parameters live in one contiguous buffer per group, so all-reduce, checkpointing and
-// the optimizer are single calls per group:
+// Parameters live in one contiguous buffer per group, the weight-decayed tensors first, so
+// the gradient all-reduce is one call per group and AdamW one per group and decay class
+// (checkpoints store each tensor by name):
 //   DENSE   replicated: embeddings, attention, norms, dense MLPs, W_q, query BN affine
 //   KEYS    replicated: the product-key sub-key tables K1, K2 (their own lr / weight decay)
 //   EXPERTS sharded by sub-key ownership: PEER U, V and PKM V (their own lr / weight decay)
@@ -64,8 +65,9 @@ float *mp_model_params(mp_model *m, mp_group g);   // group buffer (backend memo
 float *mp_model_grads(mp_model *m, mp_group g);
 size_t mp_model_group_size(const mp_model *m, mp_group g);  // floats
 // system.precision = bf16: the bf16 copy of tensor t that the GEMMs (dense group) or the
-// expert kernels (experts group) read (backend memory, t->numel values in t's layout);
-// NULL in fp32, on the CPU backend and for a tensor of the keys group. Taking
+// expert kernels (experts group) read (backend memory, t->numel values in t's layout: the
+// copy is one buffer per group at the masters' offsets, so the copy of a range of tensors
+// starts at its first tensor's); NULL in fp32, on the CPU backend and for a tensor of the keys group. Taking
 // mp_model_params(m, g) makes group g's copy stale, and the next forward then rewrites it
 // whole; the optimizer, which writes the copy of every master it changes in the same pass
 // (adamw's p_bf16), marks it fresh instead.

@@ -2,9 +2,9 @@
 // tensors first, then the others (docs/model.md), and mp_adamw_step updates each part in one
 // backend call. Checked here: the layout covers every group exactly, the number of calls,
 // and that the update is bit for bit the backend's adamw called tensor by tensor with each
-// tensor's own learning rate and weight decay (full AdamW and lazy AdamW). The update's
-// values are checked against independent references in tests/python: test_reference.py
-// (AdamW as docs/model.md writes it, in numpy) and test_model.py (training against JAX).
+// tensor's own learning rate, weight decay and the clipping scale (full AdamW and lazy
+// AdamW). The update's values are checked against the JAX reference's AdamW steps in
+// tests/python/test_model.py.
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -41,7 +41,7 @@ static mp_config config(const char *expert_optimizer) {
     c.weight_decay = 0.1f;
     c.key_weight_decay = 0.02f;
     c.expert_weight_decay = 0.3f;
-    c.grad_clip = 0.0f;   // the reference below applies no scale
+    c.grad_clip = 1e-3f;   // below the norm: the update's gradient scale is not 1
     snprintf(c.expert_optimizer, sizeof c.expert_optimizer, "%s", expert_optimizer);
     validate(&c);
     return c;
@@ -76,6 +76,8 @@ static void check_step(const char *expert_optimizer, int want_adamw, int want_ro
     }
     const mp_backend *cpu = mp_backend_cpu();
     long step = 3;
+    float norm = mp_grad_norm(m), scale = c.grad_clip / norm;
+    assert_true(scale < 0.5f);
     for (int i = 0; i < mp_model_n_tensors(m); i++) {
         const mp_tensor *t = mp_model_tensor(m, i);
         int g = t->group;
@@ -90,16 +92,16 @@ static void check_step(const char *expert_optimizer, int want_adamw, int want_ro
         int64_t n_rows = mp_model_touched_rows(m, t, &rows);
         if (n_rows >= 0)
             cpu->adamw_rows(p[g] + o, gr, mo[g] + o, vo[g] + o, NULL, rows, n_rows,
-                            (int)t->shape[1], lr, c.beta1, c.beta2, c.eps, wd, 1, 1.0f);
+                            (int)t->shape[1], lr, c.beta1, c.beta2, c.eps, wd, 1, scale);
         else
             cpu->adamw(p[g] + o, gr, mo[g] + o, vo[g] + o, NULL, t->numel, lr, c.beta1,
-                       c.beta2, c.eps, wd, 1, 1.0f);
+                       c.beta2, c.eps, wd, 1, scale);
     }
 
     mp_adamw opt;
     mp_adamw_init(&opt, m);
     n_adamw = n_adamw_rows = 0;
-    mp_adamw_step(&opt, m, step);
+    assert_true(mp_adamw_step(&opt, m, step) == norm);
     assert_int_equal(n_adamw, want_adamw);
     assert_int_equal(n_adamw_rows, want_rows);
     for (int g = 0; g < MP_N_GROUPS; g++) {

@@ -73,9 +73,9 @@ void mp_cuda_adamw(float *p, const float *g, float *m, float *v, uint16_t *p_bf1
     // bias corrections on the host, exactly as the CPU computes them
     float bc1 = 1.0f - powf(beta1, (float)t);
     float bc2 = 1.0f - powf(beta2, (float)t);
-    // 4 at a time where the tensor starts 16-byte aligned (its offset in the group a multiple
-    // of 4 floats, as every tensor of d_model % 4 == 0 models is), the last n % 4 alone;
-    // a tensor that starts elsewhere element by element
+    // 4 at a time where the range starts 16-byte aligned (its offset in the group a multiple
+    // of 4 floats, as every tensor's of d_model % 4 == 0 models is), the last n % 4 alone;
+    // a range that starts elsewhere element by element
     bool vec = mp_aligned(p, 16) && mp_aligned(g, 16) && mp_aligned(m, 16) && mp_aligned(v, 16) &&
                (!p_bf16 || mp_aligned(p_bf16, 8));
     size_t n4 = vec ? n / 4 : 0, done = 4 * n4;
