@@ -73,6 +73,12 @@ typedef struct mp_backend {
     // NULL where the twin is given (bf16 mode keeps only the twin where GEMMs alone read it)
     void (*layernorm_forward)(float *out, uint16_t *out_bf16, float *mean, float *rstd,
                               const float *inp, const float *w, const float *b, int N, int C);
+    // res (N,C) = a + b (res may alias a), then layernorm_forward of res: the same bits as
+    // residual_forward and layernorm_forward one after the other, in one pass over a and b
+    // instead of a second read of res
+    void (*residual_layernorm_forward)(float *res, float *out, uint16_t *out_bf16, float *mean,
+                                       float *rstd, const float *a, const float *b,
+                                       const float *w, const float *bias, int N, int C);
     // dinp (N,C) += ..., and dinp_bf16 = the sum rounded
     void (*layernorm_backward)(float *dinp, uint16_t *dinp_bf16, float *dw, float *db,
                                const float *dout, const float *inp, const float *w,

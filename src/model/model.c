@@ -750,13 +750,15 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
     if (targets) be->from_host(m->targets, targets, (size_t)N * sizeof(int32_t));
 
     be->encoder_forward(m->a[0].res_in, m->inputs, m->wte, m->wpe, B, T, C);
+    enter_phase(m, MP_PHASE_NORM);
+    block_acts *a0 = &m->a[0];
+    be->layernorm_forward(a0->ln1, a0->ln1_bf16, a0->ln1_mean, a0->ln1_rstd, a0->res_in,
+                          m->p[0].ln1w, m->p[0].ln1b, N, C);
+    // Every residual add is fused with the LayerNorm that reads its sum: ln2 of the block,
+    // then ln1 of the next block (lnf after the last)
     for (int l = 0; l < c->n_layers; l++) {
         block_params *p = &m->p[l];
         block_acts *a = &m->a[l];
-        float *res_out = l + 1 < c->n_layers ? m->a[l + 1].res_in : m->res_out;
-        enter_phase(m, MP_PHASE_NORM);
-        be->layernorm_forward(a->ln1, a->ln1_bf16, a->ln1_mean, a->ln1_rstd, a->res_in, p->ln1w,
-                              p->ln1b, N, C);
         enter_phase(m, MP_PHASE_ATTN_MATMUL);
         be->matmul_forward(a->qkv, a->ln1, a->ln1_bf16, p->qkvw, weight_bf16(m, p->qkvw), p->qkvb,
                            N, C, 3 * C);
@@ -766,15 +768,21 @@ float mp_model_forward(mp_model *m, const int32_t *inputs, const int32_t *target
         be->matmul_forward(m->ffn_out, a->atty, a->atty_bf16, p->projw, weight_bf16(m, p->projw),
                            p->projb, N, C, C);
         enter_phase(m, MP_PHASE_NORM);
-        be->residual_forward(a->res_mid, a->res_in, m->ffn_out, (long)N * C);
-        be->layernorm_forward(a->ln2, a->ln2_bf16, a->ln2_mean, a->ln2_rstd, a->res_mid, p->ln2w,
-                              p->ln2b, N, C);
+        be->residual_layernorm_forward(a->res_mid, a->ln2, a->ln2_bf16, a->ln2_mean, a->ln2_rstd,
+                                       a->res_in, m->ffn_out, p->ln2w, p->ln2b, N, C);
         mp_model_ffn_forward(m, l, m->ffn_out, a->ln2, a->ln2_bf16, N, train);
         enter_phase(m, MP_PHASE_NORM);
-        be->residual_forward(res_out, a->res_mid, m->ffn_out, (long)N * C);
+        if (l + 1 < c->n_layers) {
+            block_acts *an = &m->a[l + 1];
+            be->residual_layernorm_forward(an->res_in, an->ln1, an->ln1_bf16, an->ln1_mean,
+                                           an->ln1_rstd, a->res_mid, m->ffn_out, m->p[l + 1].ln1w,
+                                           m->p[l + 1].ln1b, N, C);
+        } else {
+            be->residual_layernorm_forward(m->res_out, m->lnf, m->lnf_bf16, m->lnf_mean,
+                                           m->lnf_rstd, a->res_mid, m->ffn_out, m->lnfw, m->lnfb,
+                                           N, C);
+        }
     }
-    be->layernorm_forward(m->lnf, m->lnf_bf16, m->lnf_mean, m->lnf_rstd, m->res_out, m->lnfw,
-                          m->lnfb, N, C);
     enter_phase(m, MP_PHASE_LM_HEAD);
     be->matmul_forward(m->logits, m->lnf, m->lnf_bf16, m->wte, weight_bf16(m, m->wte), NULL, N, C,
                        V);

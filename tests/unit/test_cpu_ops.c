@@ -122,6 +122,7 @@ static void test_table(void **state) {
         (void *)be->alloc, (void *)be->free, (void *)be->zero, (void *)be->to_host,
         (void *)be->from_host, (void *)be->encoder_forward, (void *)be->encoder_backward,
         (void *)be->layernorm_forward, (void *)be->layernorm_backward,
+        (void *)be->residual_layernorm_forward,
         (void *)be->matmul_forward, (void *)be->matmul_backward, (void *)be->attention_forward,
         (void *)be->attention_state_floats, (void *)be->attention_backward,
         (void *)be->gelu_forward, (void *)be->gelu_backward,

@@ -506,6 +506,62 @@ static float *dev_rand(size_t n, float lo, float hi) {
     return d;
 }
 
+// The residual add fused with the LayerNorm after it, against residual_forward then
+// layernorm_forward on the same backend, bit for bit in every output: with the fp32 output
+// and the twin, the fp32 output alone, the twin alone, and res aliasing a. Outputs start as
+// NaN, so one left unwritten fails. Against the CPU's fused op within TOL (its LayerNorm
+// sums in another order: test_layernorm). C = 70: lanes of 2 and 3 columns; 768: GPT-2's.
+static void check_residual_layernorm(int N, int C) {
+    size_t NC = (size_t)N * C;
+    float *ha = frand(NC, -2, 3), *hb = frand(NC, -1, 1), *hw = frand(C, 0.5, 1.5);
+    float *hbias = frand(C, -1, 1), *nan = frand(NC, NAN, NAN);
+    float *a = dev_copy(ha, NC * 4), *b = dev_copy(hb, NC * 4), *w = dev_copy(hw, C * 4);
+    float *bias = dev_copy(hbias, C * 4);
+    float *res_ref = gpu->alloc(NC * 4), *out_ref = gpu->alloc(NC * 4), *st_ref = gpu->alloc(2 * N * 4);
+    uint16_t *tw_ref = twin_alloc(NC);
+    gpu->residual_forward(res_ref, a, b, (long)NC);
+    gpu->layernorm_forward(out_ref, tw_ref, st_ref, st_ref + N, res_ref, w, bias, N, C);
+    uint16_t *want_tw = host_copy(tw_ref, NC * 2);
+    for (int mode = 0; mode < 4; mode++) {   // out and twin, out, twin, out with res = a
+        float *res = dev_copy(mode == 3 ? ha : nan, NC * 4), *out = NULL;
+        float *st = dev_copy(nan, 2 * N * 4);
+        uint16_t *tw = mode == 0 || mode == 2 ? twin_alloc(NC) : NULL;
+        if (mode != 2) out = dev_copy(nan, NC * 4);
+        gpu->residual_layernorm_forward(res, out, tw, st, st + N, mode == 3 ? res : a, b, w, bias,
+                                        N, C);
+        expect_same_bits("residual_layernorm_forward res", res, res_ref, NC);
+        if (out) expect_same_bits("residual_layernorm_forward out", out, out_ref, NC);
+        if (tw) {
+            uint16_t *got = host_copy(tw, NC * 2);
+            for (size_t i = 0; i < NC; i++)
+                if (got[i] != want_tw[i])
+                    fail_msg("residual_layernorm_forward twin at %zu (mode %d): 0x%04x, want 0x%04x",
+                             i, mode, (unsigned)got[i], (unsigned)want_tw[i]);
+            free(got);
+            gpu->free(tw);
+        }
+        expect_same_bits("residual_layernorm_forward mean, rstd", st, st_ref, 2 * (size_t)N);
+        gpu->free(res);
+        gpu->free(out);
+        gpu->free(st);
+    }
+    float *res = frand(NC, 0, 0), *out = frand(NC, 0, 0), *st = frand(2 * (size_t)N, 0, 0);
+    cpu->residual_layernorm_forward(res, out, NULL, st, st + N, ha, hb, hw, hbias, N, C);
+    expect_dev("residual_layernorm_forward res (CPU)", res_ref, res, NC);
+    expect_dev("residual_layernorm_forward out (CPU)", out_ref, out, NC);
+    expect_dev("residual_layernorm_forward mean, rstd (CPU)", st_ref, st, 2 * (size_t)N);
+    void *dev[] = {a, b, w, bias, res_ref, out_ref, st_ref, tw_ref};
+    for (size_t i = 0; i < 8; i++) gpu->free(dev[i]);
+    void *host[] = {ha, hb, hw, hbias, nan, want_tw, res, out, st};
+    for (size_t i = 0; i < 9; i++) free(host[i]);
+}
+
+static void test_residual_layernorm(void **state) {
+    (void)state;
+    check_residual_layernorm(19, 70);
+    check_residual_layernorm(9, 768);
+}
+
 static void test_bf16_twins_elementwise(void **state) {
     (void)state;
     int N = 19, C = 70;
@@ -2701,6 +2757,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup(test_matmul, reset_tolerance),
         cmocka_unit_test_setup(test_matmul_bf16, reset_tolerance),
         cmocka_unit_test_setup(test_gemm_precision, reset_tolerance),
+        cmocka_unit_test_setup(test_residual_layernorm, reset_tolerance),
         cmocka_unit_test_setup(test_bf16_twins_elementwise, reset_tolerance),
         cmocka_unit_test_setup(test_bf16_twins_attention, reset_tolerance),
         cmocka_unit_test_setup(test_bf16_twins_matmul, reset_tolerance),

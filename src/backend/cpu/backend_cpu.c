@@ -42,6 +42,7 @@ static const mp_backend cpu_backend = {
     .encoder_backward = mp_cpu_encoder_backward,
     .layernorm_forward = mp_cpu_layernorm_forward,
     .layernorm_backward = mp_cpu_layernorm_backward,
+    .residual_layernorm_forward = mp_cpu_residual_layernorm_forward,
     .matmul_forward = mp_cpu_matmul_forward,
     .matmul_backward = mp_cpu_matmul_backward,
     .attention_state_floats = mp_cpu_attention_state_floats,

@@ -314,6 +314,14 @@ void mp_cpu_residual_forward(float *out, const float *a, const float *b, long n)
     for (long i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+// host memory, no traffic to save: the two ops in turn
+void mp_cpu_residual_layernorm_forward(float *res, float *out, uint16_t *out_bf16, float *mean,
+                                       float *rstd, const float *a, const float *b,
+                                       const float *w, const float *bias, int N, int C) {
+    mp_cpu_residual_forward(res, a, b, (long)N * C);
+    mp_cpu_layernorm_forward(out, out_bf16, mean, rstd, res, w, bias, N, C);
+}
+
 // ---------------------------------------------------------------------------------------
 // softmax cross-entropy
 

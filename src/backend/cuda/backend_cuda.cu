@@ -295,6 +295,7 @@ static void fill_table(mp_backend *b) {
     b->encoder_backward = mp_cuda_encoder_backward;
     b->layernorm_forward = mp_cuda_layernorm_forward;
     b->layernorm_backward = mp_cuda_layernorm_backward;
+    b->residual_layernorm_forward = mp_cuda_residual_layernorm_forward;
     b->matmul_forward = mp_cuda_matmul_forward;
     b->matmul_backward = mp_cuda_matmul_backward;
     b->set_precision = cuda_set_precision;

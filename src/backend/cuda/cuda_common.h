@@ -221,6 +221,9 @@ void mp_cuda_gelu_forward(float *out, uint16_t *out_bf16, const float *inp, long
 void mp_cuda_gelu_backward(float *dinp, uint16_t *dinp_bf16, float *dbias, const float *inp,
                            const float *dout, int N, int C);
 void mp_cuda_residual_forward(float *out, const float *a, const float *b, long n);
+void mp_cuda_residual_layernorm_forward(float *res, float *out, uint16_t *out_bf16, float *mean,
+                                        float *rstd, const float *a, const float *b,
+                                        const float *w, const float *bias, int N, int C);
 void mp_cuda_gather_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cuda_scatter_add_rows(float *dst, const float *src, const int32_t *idx, int64_t n, int C);
 void mp_cuda_crossentropy_forward(float *losses, float *stats, const float *logits,

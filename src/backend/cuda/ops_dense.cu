@@ -76,15 +76,31 @@ void mp_cuda_encoder_backward(float *dwte, float *dwpe, const float *dout, const
 // ---------------------------------------------------------------------------------------
 // LayerNorm: one warp per row
 
+// One warp per row. RESID: the row is first formed as res = inp + add and written (res may
+// alias inp), the residual add fused with the LayerNorm after it: each lane reads back only
+// the columns it wrote, so the passes below see exactly what the residual kernel would
+// have stored, and the bits are those of the two kernels in turn.
+template <bool RESID>
 static __global__ void layernorm_forward_kernel(float *out, uint16_t *out_bf16, float *mean,
-                                                float *rstd, const float *inp, const float *w,
+                                                float *rstd, float *res, const float *inp,
+                                                const float *add, const float *w,
                                                 const float *b, int N, int C) {
     int n = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (n >= N) return;
-    const float *x = inp + (size_t)n * C;
+    const float *x = RESID ? res + (size_t)n * C : inp + (size_t)n * C;
     float *o = out ? out + (size_t)n * C : NULL;
     float s = 0.0f;
-    for (int c = lane; c < C; c += 32) s += x[c];
+    if (RESID) {
+        const float *xa = inp + (size_t)n * C, *xb = add + (size_t)n * C;
+        float *xr = res + (size_t)n * C;
+        for (int c = lane; c < C; c += 32) {
+            float v = xa[c] + xb[c];
+            xr[c] = v;
+            s += v;
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) s += x[c];
+    }
     float m = mp_warp_sum(s) / C;
     float v = 0.0f;   // two passes, as on the CPU
     for (int c = lane; c < C; c += 32) {
@@ -108,8 +124,17 @@ static __global__ void layernorm_forward_kernel(float *out, uint16_t *out_bf16, 
 void mp_cuda_layernorm_forward(float *out, uint16_t *out_bf16, float *mean, float *rstd,
                                const float *inp, const float *w, const float *b, int N, int C) {
     if (N <= 0) return;
-    layernorm_forward_kernel<<<mp_blocks((size_t)N * 32, 256), 256>>>(out, out_bf16, mean, rstd,
-                                                                       inp, w, b, N, C);
+    layernorm_forward_kernel<false><<<mp_blocks((size_t)N * 32, 256), 256>>>(
+        out, out_bf16, mean, rstd, NULL, inp, NULL, w, b, N, C);
+    KERNEL_CHECK();
+}
+
+void mp_cuda_residual_layernorm_forward(float *res, float *out, uint16_t *out_bf16, float *mean,
+                                        float *rstd, const float *a, const float *b,
+                                        const float *w, const float *bias, int N, int C) {
+    if (N <= 0) return;
+    layernorm_forward_kernel<true><<<mp_blocks((size_t)N * 32, 256), 256>>>(
+        out, out_bf16, mean, rstd, res, a, b, w, bias, N, C);
     KERNEL_CHECK();
 }
 
