@@ -29,8 +29,9 @@ if [ "${1:-}" = "--test" ]; then
     # sentencepiece: the oracle of tests/python/test_tokenizer.py. 0.1.99, the release after
     # Debian 12's libsentencepiece 0.1.97 (which has no wheels for Python 3.11): it reads the
     # model files that the Debian library writes.
-    oracle="jax optax h5py numpy pytest sentencepiece==0.1.99"
-    if ! "$py" -c "import jax, optax, h5py, numpy, pytest, sentencepiece" 2>/dev/null; then
+    # filelock: JAX's compilation cache takes it to lock its folder (tests/python/conftest.py).
+    oracle="jax optax h5py numpy pytest sentencepiece==0.1.99 filelock"
+    if ! "$py" -c "import jax, optax, h5py, numpy, pytest, sentencepiece, filelock" 2>/dev/null; then
         # Debian's python marks itself externally managed; a pyenv/venv python does not
         "$py" -m pip install -q $oracle 2>/dev/null ||
             "$py" -m pip install -q --break-system-packages $oracle

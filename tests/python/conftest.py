@@ -18,6 +18,20 @@ sys.path.insert(0, str(SOURCE_DIR / "tools" / "ref"))
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# Compiling the reference's functions for each shape is most of these tests' time
+# (test_model on 2 cores: 48 s cold, 13 s with every program cached), so the compiled
+# programs are kept between runs, in the user's cache folder (MP_JAX_CACHE: another folder,
+# or "off"). JAX keys an entry by the program, its compile options, the backend and the
+# jax/jaxlib versions, so a hit runs the executable a compile would give. A size limit
+# turns on the cache's eviction and with it the lock (filelock) around every read and
+# write, for the two pytest processes that ctest -j 2 runs at once.
+_cache = os.environ.get("MP_JAX_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "millipede", "jax")
+if _cache != "off":
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 1 << 30)
 
 import millipede_ref  # noqa: E402,F401
 

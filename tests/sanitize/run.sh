@@ -29,6 +29,9 @@ exclude=(
     # Needs a GPU, and the sanitized build has no CUDA backend (nvcc takes no -fsanitize):
     # it would only exit 77 (skipped).
     'unit\.test_cuda_backend'
+    # The JAX reference's self-tests: they start no millipede process, so nothing of ours
+    # would run sanitized (about a minute of one core).
+    'py\.test_reference'
 )
 # Labels left out: slurm, crash and paper are the slow tests of the ordinary build that .ci/run
 # runs after the default suite (fake Slurm, kill -9 timing); they exercise the launcher and
