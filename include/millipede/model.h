@@ -67,10 +67,10 @@ size_t mp_model_group_size(const mp_model *m, mp_group g);  // floats
 // system.precision = bf16: the bf16 copy of tensor t that the GEMMs (dense group) or the
 // expert kernels (experts group) read (backend memory, t->numel values in t's layout: the
 // copy is one buffer per group at the masters' offsets, so the copy of a range of tensors
-// starts at its first tensor's); NULL in fp32, on the CPU backend and for a tensor of the keys group. Taking
-// mp_model_params(m, g) makes group g's copy stale, and the next forward then rewrites it
-// whole; the optimizer, which writes the copy of every master it changes in the same pass
-// (adamw's p_bf16), marks it fresh instead.
+// starts at its first tensor's); NULL in fp32, on the CPU backend and for a tensor of the
+// keys group. Taking mp_model_params(m, g) makes group g's copy stale, and the next forward
+// then rewrites it whole; the optimizer, which writes the copy of every master it changes
+// in the same pass (adamw's p_bf16), marks it fresh instead.
 uint16_t *mp_model_bf16(mp_model *m, const mp_tensor *t);
 // 1: group g's bf16 copy holds its masters rounded (0 when there is no copy).
 int mp_model_bf16_fresh(const mp_model *m, mp_group g);

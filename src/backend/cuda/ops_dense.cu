@@ -76,10 +76,10 @@ void mp_cuda_encoder_backward(float *dwte, float *dwpe, const float *dout, const
 // ---------------------------------------------------------------------------------------
 // LayerNorm: one warp per row
 
-// One warp per row. RESID: the row is first formed as res = inp + add and written (res may
-// alias inp), the residual add fused with the LayerNorm after it: each lane reads back only
-// the columns it wrote, so the passes below see exactly what the residual kernel would
-// have stored, and the bits are those of the two kernels in turn.
+// RESID: the row is first formed as res = inp + add and written (res may alias inp), the
+// residual add fused with the LayerNorm after it: each lane reads back only the columns it
+// wrote, so the passes below see exactly what the residual kernel would have stored, and
+// the bits are those of the two kernels in turn.
 template <bool RESID>
 static __global__ void layernorm_forward_kernel(float *out, uint16_t *out_bf16, float *mean,
                                                 float *rstd, float *res, const float *inp,
