@@ -24,9 +24,14 @@ jax.config.update("jax_enable_x64", True)
 # or "off"). JAX keys an entry by the program, its compile options, the backend and the
 # jax/jaxlib versions, so a hit runs the executable a compile would give. A size limit
 # turns on the cache's eviction and with it the lock (filelock) around every read and
-# write, for the two pytest processes that ctest -j 2 runs at once.
+# write, for the two pytest processes that ctest -j 2 runs at once: without filelock
+# (tools/install-deps.sh --test installs it) there is no cache, rather than an unlocked one.
 _cache = os.environ.get("MP_JAX_CACHE") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "millipede", "jax")
+try:
+    import filelock  # noqa: E402,F401
+except ImportError:
+    _cache = "off"
 if _cache != "off":
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
