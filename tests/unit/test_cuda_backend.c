@@ -510,14 +510,16 @@ static float *dev_rand(size_t n, float lo, float hi) {
 // layernorm_forward on the same backend, bit for bit in every output: with the fp32 output
 // and the twin, the fp32 output alone, the twin alone, and res aliasing a. Outputs start as
 // NaN, so one left unwritten fails. Against the CPU's fused op: res bit for bit, the rest
-// within TOL (its LayerNorm sums in another order: test_layernorm). C = 70: lanes of 2 and 3 columns; 768: GPT-2's.
+// within TOL (its LayerNorm sums in another order: test_layernorm). C = 70: lanes of 2 and 3
+// columns; 768: GPT-2's.
 static void check_residual_layernorm(int N, int C) {
     size_t NC = (size_t)N * C;
     float *ha = frand(NC, -2, 3), *hb = frand(NC, -1, 1), *hw = frand(C, 0.5, 1.5);
     float *hbias = frand(C, -1, 1), *nan = frand(NC, NAN, NAN);
     float *a = dev_copy(ha, NC * 4), *b = dev_copy(hb, NC * 4), *w = dev_copy(hw, C * 4);
     float *bias = dev_copy(hbias, C * 4);
-    float *res_ref = gpu->alloc(NC * 4), *out_ref = gpu->alloc(NC * 4), *st_ref = gpu->alloc(2 * N * 4);
+    float *res_ref = gpu->alloc(NC * 4), *out_ref = gpu->alloc(NC * 4);
+    float *st_ref = gpu->alloc(2 * N * 4);
     uint16_t *tw_ref = twin_alloc(NC);
     gpu->residual_forward(res_ref, a, b, (long)NC);
     gpu->layernorm_forward(out_ref, tw_ref, st_ref, st_ref + N, res_ref, w, bias, N, C);
@@ -538,8 +540,8 @@ static void check_residual_layernorm(int N, int C) {
             uint16_t *got = host_copy(tw, NC * 2);
             for (size_t i = 0; i < NC; i++)
                 if (got[i] != want_tw[i])
-                    fail_msg("residual_layernorm_forward twin at %zu (mode %d): 0x%04x, want 0x%04x",
-                             i, mode, (unsigned)got[i], (unsigned)want_tw[i]);
+                    fail_msg("residual_layernorm_forward twin at %zu (mode %d): 0x%04x, "
+                             "want 0x%04x", i, mode, (unsigned)got[i], (unsigned)want_tw[i]);
             free(got);
             gpu->free(tw);
         }
@@ -552,7 +554,8 @@ static void check_residual_layernorm(int N, int C) {
     float *res = frand(NC, 0, 0), *out = frand(NC, 0, 0), *st = frand(2 * (size_t)N, 0, 0);
     cpu->residual_layernorm_forward(res, out, NULL, st, st + N, ha, hb, hw, hbias, N, C);
     float *got_res = host_copy(res_ref, NC * 4);   // one rounded add: the same on both
-    if (memcmp(got_res, res, NC * 4)) fail_msg("residual_layernorm_forward res: not the CPU's bits");
+    if (memcmp(got_res, res, NC * 4))
+        fail_msg("residual_layernorm_forward res: not the CPU's bits");
     free(got_res);
     expect_dev("residual_layernorm_forward out (CPU)", out_ref, out, NC);
     expect_dev("residual_layernorm_forward mean, rstd (CPU)", st_ref, st, 2 * (size_t)N);
