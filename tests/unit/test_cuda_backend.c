@@ -2260,31 +2260,124 @@ static void grad_batch_free(grad_batch *b) {
     free(b->start); free(b->slot); free(b->row); free(b->x); free(b->dy); free(b->gate); free(b->pre);
 }
 
+// The expert tables of a gradient test on both sides: the CPU's (tc) and the GPU's (tg, with
+// bf16 copies in bf16 mode), from U and V (host, taken over), their gradients garbage and
+// every row dirty, as after an earlier step. PKM: the same buffers, but no u or du in the
+// tables (the backend tells the kinds apart by u).
+typedef struct {
+    mp_expert_tables tc, tg;
+    float *U, *V, *du, *dv, *d_U, *d_V, *d_du, *d_dv;
+    uint16_t *d_Ub, *d_Vb;
+    uint8_t *dirty, *d_dirty;
+    double *row_ss, *d_ss;
+    long rows;
+    int C, peer;
+} grad_tables;
+
+static grad_tables grad_tables_make(int peer, int bf16, long rows, int C, float *U, float *V) {
+    size_t n = (size_t)rows * C;
+    grad_tables g = {.U = U, .V = V, .rows = rows, .C = C, .peer = peer};
+    g.du = frand(n, -1, 1);
+    g.dv = frand(n, -1, 1);
+    g.dirty = malloc((size_t)rows);
+    memset(g.dirty, 1, (size_t)rows);
+    g.row_ss = calloc((size_t)rows, sizeof(double));
+    g.d_U = dev_copy(U, n * 4);
+    g.d_V = dev_copy(V, n * 4);
+    g.d_du = dev_copy(g.du, n * 4);
+    g.d_dv = dev_copy(g.dv, n * 4);
+    g.d_dirty = dev_copy(g.dirty, (size_t)rows);
+    g.d_ss = dev_copy(g.row_ss, (size_t)rows * sizeof(double));
+    if (bf16) {
+        g.d_Ub = gpu->alloc(n * 2);
+        g.d_Vb = gpu->alloc(n * 2);
+        gpu->to_bf16(g.d_Ub, g.d_U, n);
+        gpu->to_bf16(g.d_Vb, g.d_V, n);
+    }
+    g.tc = (mp_expert_tables){.u = peer ? U : NULL, .v = V, .du = peer ? g.du : NULL,
+                              .dv = g.dv, .dirty = g.dirty, .rows = rows};
+    g.tg = (mp_expert_tables){.u = peer ? g.d_U : NULL, .v = g.d_V,
+                              .u_bf16 = peer ? g.d_Ub : NULL, .v_bf16 = g.d_Vb,
+                              .du = peer ? g.d_du : NULL, .dv = g.d_dv, .dirty = g.d_dirty,
+                              .rows = rows};
+    return g;
+}
+
+static void grad_tables_free(grad_tables *g) {
+    void *dev[] = {g->d_U, g->d_V, g->d_du, g->d_dv, g->d_Ub, g->d_Vb, g->d_dirty, g->d_ss};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+    free(g->U); free(g->V); free(g->du); free(g->dv); free(g->dirty); free(g->row_ss);
+}
+
+// One experts backward of batch b on both sides (with forward, the forward before it, its y
+// and pre against the CPU's), then dU and dV against the CPU's to tol, the dirty flags
+// equal, clean rows exactly zero, and row_ss against the double sum of squares of the GPU's
+// own rows: squares are exact in double, and two orders of 2C nonnegative terms differ by at
+// most 2 (2C) 2^-53 relative. name: the step, for the messages.
+static void grad_step(grad_tables *g, const grad_batch *b, int overwrite, int forward,
+                      double tol, const char *name) {
+    int C = g->C, peer = g->peer;
+    long rows = g->rows;
+    size_t n = (size_t)rows * C, MC = (size_t)(b->M ? b->M : 1) * C, R = (size_t)(b->R ? b->R : 1);
+    float *dx = malloc(MC * 4), *dgate = malloc(R * 4);
+    cpu->experts_backward(&g->tc, dx, dgate, b->dy, b->x, b->M, b->start, b->slot, b->row,
+                          b->gate, b->pre, b->R, C, 1, overwrite, g->row_ss);
+    void *d_start = dev_copy(b->start, (size_t)(b->M + 1) * 8), *d_slot = dev_copy(b->slot, R * 4),
+         *d_row = dev_copy(b->row, R * 4), *d_x = dev_copy(b->x, MC * 4),
+         *d_dy = dev_copy(b->dy, MC * 4), *d_gate = dev_copy(b->gate, R * 4),
+         *d_pre = dev_copy(b->pre, R * 4), *d_dx = gpu->alloc(MC * 4), *d_dg = gpu->alloc(R * 4);
+    gpu->experts_backward(&g->tg, d_dx, d_dg, d_dy, d_x, b->M, d_start, d_slot, d_row, d_gate,
+                          d_pre, b->R, C, 1, overwrite, g->d_ss);
+    char what[200];
+    if (forward && b->M > 0) {
+        float *y = malloc(MC * 4), *pre = malloc(R * 4);
+        cpu->experts_forward(&g->tc, y, b->x, b->M, b->start, b->slot, b->row, b->gate, pre,
+                             b->R, C, 1);
+        gpu->experts_forward(&g->tg, d_dx, d_x, b->M, d_start, d_slot, d_row, d_gate, d_pre,
+                             b->R, C, 1);
+        snprintf(what, sizeof what, "%s: forward y", name);
+        expect_dev(what, d_dx, y, MC);
+        if (peer) {
+            snprintf(what, sizeof what, "%s: forward pre", name);
+            expect_dev(what, d_pre, pre, R);
+        }
+        free(y); free(pre);
+    }
+    float *gu = host_copy(g->d_du, n * 4), *gv = host_copy(g->d_dv, n * 4);
+    snprintf(what, sizeof what, "%s: dv", name);
+    expect_close(what, gv, g->dv, n, tol);
+    if (peer) {
+        what[strlen(what) - 1] = 'u';
+        expect_close(what, gu, g->du, n, tol);
+    }
+    uint8_t *gd = host_copy(g->d_dirty, (size_t)rows);
+    assert_memory_equal(gd, g->dirty, (size_t)rows);
+    double *gs = host_copy(g->d_ss, (size_t)rows * sizeof(double));
+    for (long r = 0; r < rows; r++) {
+        double ss = 0.0;
+        for (int c = 0; c < C; c++) {
+            size_t o = (size_t)r * C + c;
+            float a = peer ? gu[o] : 0.0f, v = gv[o];
+            if (!gd[r] && (a != 0.0f || v != 0.0f))
+                fail_msg("%s: row %ld is clean but reads %g, %g", what, r, a, v);
+            ss += (double)a * a + (double)v * v;
+        }
+        if (!(fabs(gs[r] - ss) <= 4.0 * C * ldexp(1.0, -53) * ss))
+            fail_msg("%s: row_ss[%ld] = %.17g, the row's sum of squares %.17g", what, r, gs[r], ss);
+        if (!gd[r] && gs[r] != 0.0) fail_msg("%s: row_ss[%ld] of a clean row %g", what, r, gs[r]);
+    }
+    free(gd); free(gu); free(gv); free(gs); free(dx); free(dgate);
+    void *dev[] = {d_start, d_slot, d_row, d_x, d_dy, d_gate, d_pre, d_dx, d_dg};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+}
+
 static void check_grad_modes(int peer, int bf16, int C) {
     int S = 4;
     long rows = 12;
     size_t n = (size_t)rows * C;
-    float *U = frand(n, -1, 1), *V = frand(n, -1, 1), *du = frand(n, -1, 1), *dv = frand(n, -1, 1);
+    float *U = frand(n, -1, 1), *V = frand(n, -1, 1);
     if (bf16) { truncate_bf16(U, n); truncate_bf16(V, n); }
-    uint8_t *dirty = malloc((size_t)rows);
-    memset(dirty, 1, (size_t)rows);   // garbage everywhere, as after an earlier step
-    double *row_ss = calloc((size_t)rows, sizeof(double));
-    mp_expert_tables tc = {.u = peer ? U : NULL, .v = V, .du = peer ? du : NULL, .dv = dv,
-                           .dirty = dirty, .rows = rows};
-    float *d_U = dev_copy(U, n * 4), *d_V = dev_copy(V, n * 4);
-    float *d_du = dev_copy(du, n * 4), *d_dv = dev_copy(dv, n * 4);
-    uint8_t *d_dirty = dev_copy(dirty, (size_t)rows);
-    double *d_ss = dev_copy(row_ss, (size_t)rows * sizeof(double));
-    uint16_t *d_Ub = NULL, *d_Vb = NULL;
-    if (bf16) {
-        d_Ub = gpu->alloc(n * 2);
-        d_Vb = gpu->alloc(n * 2);
-        gpu->to_bf16(d_Ub, d_U, n);
-        gpu->to_bf16(d_Vb, d_V, n);
-    }
-    mp_expert_tables tg = {.u = peer ? d_U : NULL, .v = d_V, .u_bf16 = peer ? d_Ub : NULL,
-                           .v_bf16 = d_Vb, .du = peer ? d_du : NULL, .dv = d_dv,
-                           .dirty = d_dirty, .rows = rows};
+    grad_tables g = grad_tables_make(peer, bf16, rows, C, U, V);
     static const int32_t A[] = {0, 1, 2, 5}, B[] = {2, 3, 7}, Cs[] = {1, 3, 11};
     struct { const int32_t *set; int n_set, M, overwrite; const char *name; } plan[] = {
         {A, 4, 40, 1, "step 1, overwrite"},
@@ -2294,65 +2387,14 @@ static void check_grad_modes(int peer, int bf16, int C) {
     };
     for (int p = 0; p < 4; p++) {
         grad_batch b = grad_batch_make(plan[p].M, S, C, plan[p].set, plan[p].n_set, bf16);
-        size_t MC = (size_t)(b.M ? b.M : 1) * C, R = (size_t)(b.R ? b.R : 1);
-        float *dx = malloc(MC * 4), *dgate = malloc(R * 4);
-        cpu->experts_backward(&tc, dx, dgate, b.dy, b.x, b.M, b.start, b.slot, b.row, b.gate,
-                              b.pre, b.R, C, 1, plan[p].overwrite, row_ss);
-        void *d_start = dev_copy(b.start, (size_t)(b.M + 1) * 8), *d_slot = dev_copy(b.slot, R * 4),
-             *d_row = dev_copy(b.row, R * 4), *d_x = dev_copy(b.x, MC * 4),
-             *d_dy = dev_copy(b.dy, MC * 4), *d_gate = dev_copy(b.gate, R * 4),
-             *d_pre = dev_copy(b.pre, R * 4), *d_dx = gpu->alloc(MC * 4), *d_dg = gpu->alloc(R * 4);
-        gpu->experts_backward(&tg, d_dx, d_dg, d_dy, d_x, b.M, d_start, d_slot, d_row, d_gate,
-                              d_pre, b.R, C, 1, plan[p].overwrite, d_ss);
-        char what[160];
-        if (b.M > 0) {   // the forward too: its 16-byte (C = 40) and scalar (C = 42) passes
-            float *y = malloc(MC * 4), *pre = malloc(R * 4);
-            cpu->experts_forward(&tc, y, b.x, b.M, b.start, b.slot, b.row, b.gate, pre, b.R, C, 1);
-            gpu->experts_forward(&tg, d_dx, d_x, b.M, d_start, d_slot, d_row, d_gate, d_pre, b.R,
-                                 C, 1);
-            snprintf(what, sizeof what, "grad modes %s%s C %d, %s: forward y", peer ? "peer" : "pkm",
-                     bf16 ? " bf16" : "", C, plan[p].name);
-            expect_dev(what, d_dx, y, MC);
-            if (peer) {
-                snprintf(what, sizeof what, "grad modes %s%s C %d, %s: forward pre",
-                         peer ? "peer" : "pkm", bf16 ? " bf16" : "", C, plan[p].name);
-                expect_dev(what, d_pre, pre, R);
-            }
-            free(y); free(pre);
-        }
-        snprintf(what, sizeof what, "grad modes %s%s C %d, %s: dv", peer ? "peer" : "pkm",
+        char name[120];
+        snprintf(name, sizeof name, "grad modes %s%s C %d, %s", peer ? "peer" : "pkm",
                  bf16 ? " bf16" : "", C, plan[p].name);
-        expect_dev(what, d_dv, dv, n);
-        if (peer) {
-            what[strlen(what) - 1] = 'u';
-            expect_dev(what, d_du, du, n);
-        }
-        uint8_t *gd = host_copy(d_dirty, (size_t)rows);
-        assert_memory_equal(gd, dirty, (size_t)rows);
-        float *gu = peer ? host_copy(d_du, n * 4) : NULL, *gv = host_copy(d_dv, n * 4);
-        double *gs = host_copy(d_ss, (size_t)rows * sizeof(double));
-        for (long r = 0; r < rows; r++) {
-            double ss = 0.0;
-            for (int c = 0; c < C; c++) {
-                size_t o = (size_t)r * C + c;
-                float a = gu ? gu[o] : 0.0f, v = gv[o];
-                if (!gd[r] && (a != 0.0f || v != 0.0f))
-                    fail_msg("%s: row %ld is clean but reads %g, %g", what, r, a, v);
-                ss += (double)a * a + (double)v * v;
-            }
-            if (!(fabs(gs[r] - ss) <= 4.0 * C * ldexp(1.0, -53) * ss))
-                fail_msg("%s: row_ss[%ld] = %.17g, the row's sum of squares %.17g", what, r, gs[r], ss);
-            if (!gd[r] && gs[r] != 0.0) fail_msg("%s: row_ss[%ld] of a clean row %g", what, r, gs[r]);
-        }
-        free(gd); free(gu); free(gv); free(gs); free(dx); free(dgate);
-        void *dev[] = {d_start, d_slot, d_row, d_x, d_dy, d_gate, d_pre, d_dx, d_dg};
-        for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+        // the forward too: its 16-byte (C = 40) and scalar (C = 42) passes
+        grad_step(&g, &b, plan[p].overwrite, 1, g_tol, name);
         grad_batch_free(&b);
     }
-    gpu->free(d_U); gpu->free(d_V); gpu->free(d_du); gpu->free(d_dv); gpu->free(d_dirty);
-    gpu->free(d_ss);
-    if (bf16) { gpu->free(d_Ub); gpu->free(d_Vb); }
-    free(U); free(V); free(du); free(dv); free(dirty); free(row_ss);
+    grad_tables_free(&g);
 }
 
 static void test_expert_grad_modes(void **state) {
@@ -2364,6 +2406,151 @@ static void test_expert_grad_modes(void **state) {
         check_grad_modes(0, 1, C);
     }
 }
+
+#ifdef MP_HAVE_CUDA
+// Rows with more than MP_CUDA_GRAD_SEG records (a collapsed router's), which the CUDA
+// backend sums segment by segment and then adds the segments' sums in order, against the
+// CPU's one sum in record order: three segments with a short last one, two with a last of
+// one record, exactly MP_CUDA_GRAD_SEG records (one sum, the boundary), a hot row added to
+// (accumulate) and one zeroed by the next step's overwrite. Exact arithmetic makes the two
+// orders comparable bit for bit: x, dy, U and V are multiples of 1/4 in [-1/2, 1/2] (bf16
+// values too), gates k/4 (k = 1..4), pre-activations multiples of 1/16 in [-2, 2] with ReLU
+// (act' is 0 or 1). Then dy . v is a multiple of 1/16 of magnitude <= C/4, dpre = gate
+// (dy . v) act' and g = gate act(pre) multiples of 1/64, and every term of dU (dpre x, at
+// most 5.25 at C = 42) and dV (g dy, at most 1) a multiple of 2^-8; a row's sums over at
+// most 2600 + 1100 records stay below 2^15 in magnitude, so every partial sum, in any order,
+// is a multiple of 2^-8 that fp32's 24 bits hold exactly. A missed, repeated or misplaced
+// record or segment changes a sum unless its terms happen to cancel.
+static float *dyadic(size_t n, int lo, int hi, float unit) {   // k unit, k in [lo, hi]
+    float *x = frand(n, 0, 1);
+    for (size_t i = 0; i < n; i++) {
+        int k = lo + (int)(x[i] * (float)(hi - lo + 1));
+        x[i] = (float)(k > hi ? hi : k) * unit;
+    }
+    return x;
+}
+
+static void shuffle_i32(int32_t *v, int64_t n) {   // Fisher-Yates, from the test's stream
+    float *u01 = frand((size_t)n, 0, 1);
+    for (int64_t a = n - 1; a > 0; a--) {
+        int64_t b = (int64_t)(u01[a] * (float)(a + 1));
+        if (b > a) b = a;
+        int32_t t = v[a]; v[a] = v[b]; v[b] = t;
+    }
+    free(u01);
+}
+
+static void check_grad_hot_rows(int peer, int bf16, int C) {
+    const int SEG = MP_CUDA_GRAD_SEG, S = 2;   // S records per token
+    long rows = 8;
+    size_t n = (size_t)rows * C;
+    grad_tables g = grad_tables_make(peer, bf16, rows, C, dyadic(n, -2, 2, 0.25f),
+                                     dyadic(n, -2, 2, 0.25f));
+    struct { int count[8], overwrite; const char *name; } plan[] = {   // records per row
+        {{2 * SEG + 552, 0, 0, SEG + 1, 0, SEG, 7, 0}, 1, "step 1, overwrite"},
+        {{SEG + 76, 6, 0, 3, 0, 2 * SEG + 1, 0, 0}, 0, "step 1, accumulate"},
+        {{0, 0, SEG + 476, 0, 0, 0, 4, 0}, 1, "step 2, overwrite"},
+    };
+    for (int p = 0; p < 3; p++) {
+        grad_batch b = {0};
+        for (int r = 0; r < rows; r++) b.R += plan[p].count[r];
+        b.M = (int)(b.R / S);   // the counts add up to an even R
+        size_t MC = (size_t)b.M * C;
+        b.start = malloc((size_t)(b.M + 1) * sizeof(int64_t));
+        b.slot = malloc((size_t)b.R * 4);
+        b.row = malloc((size_t)b.R * 4);
+        for (int m = 0; m <= b.M; m++) b.start[m] = (int64_t)m * S;
+        int64_t i = 0;
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < plan[p].count[r]; j++) b.row[i++] = r;
+        shuffle_i32(b.row, b.R);
+        for (i = 0; i < b.R; i++) b.slot[i] = (int32_t)(i / S);
+        b.x = dyadic(MC, -2, 2, 0.25f);
+        b.dy = dyadic(MC, -2, 2, 0.25f);
+        b.gate = dyadic((size_t)b.R, 1, 4, 0.25f);
+        b.pre = dyadic((size_t)b.R, -32, 32, 1.0f / 16);
+        char name[120];
+        snprintf(name, sizeof name, "hot rows %s%s C %d, %s", peer ? "peer" : "pkm",
+                 bf16 ? " bf16" : "", C, plan[p].name);
+        grad_step(&g, &b, plan[p].overwrite, 0, 0.0, name);
+        grad_batch_free(&b);
+    }
+    grad_tables_free(&g);
+}
+
+static void test_expert_grad_hot_rows(void **state) {
+    (void)state;
+    for (int C = 40; C <= 42; C += 2) {   // 16-byte loads (C % 8 == 0), and scalar ones
+        check_grad_hot_rows(1, 0, C);
+        check_grad_hot_rows(0, 0, C);
+        check_grad_hot_rows(1, 1, C);
+        check_grad_hot_rows(0, 1, C);
+    }
+}
+
+// The route's backward with sub-keys that hold more than MP_CUDA_SUBKEY_SEG records (a
+// router collapsed onto a few sub-keys), which the CUDA backend sums by segments and then
+// adds the segments' sums in order, against the CPU's one sum in record order: three
+// segments with a short last one, two, three with a last of one record, exactly
+// MP_CUDA_SUBKEY_SEG records (the boundary) and a key without records. Bit for bit, by
+// exact arithmetic as in check_grad_hot_rows: gates are multiples of 1/8 in [1/8, 1/2],
+// the gate gradients multiples of 1/8 in [-1/2, 1/2], qn, K1 and K2 multiples of 1/4 in
+// [-1/2, 1/2]. With k = 4 the softmax's sum is a multiple of 1/64 of magnitude <= 1, the
+// score gradient ds a multiple of 2^-9 of magnitude <= 3/4, each term ds qn of dK a
+// multiple of 2^-11 of magnitude <= 3/8, and a key's sum over at most 8892 records (plus
+// its old value, a multiple of 1/16 of magnitude <= 1/2) below 2^12: 23 bits, which fp32
+// holds exactly in any order. dqn (sums of ds K over k) and ds are exact likewise.
+static void test_subkey_grad_hot_keys(void **state) {
+    (void)state;
+    const int SEG = MP_CUDA_SUBKEY_SEG, H = 2, k = 4, dk = 16, n = 8, S = H * k, half = dk / 2;
+    const int counts[2][8] = {   // records per sub-key, first and second half
+        {2 * SEG + 700, 529, 529, SEG + 1, 529, SEG, 528, 0},
+        {652, SEG + 3000, 652, 652, 652, 652, 2 * SEG + 1, 651},
+    };
+    int64_t R = 0;
+    for (int a = 0; a < n; a++) R += counts[0][a];
+    int N = (int)(R / S);   // 19200 records, 2400 tokens
+    int32_t *sel[2];
+    for (int side = 0; side < 2; side++) {
+        sel[side] = malloc((size_t)R * 4);
+        int64_t i = 0;
+        for (int a = 0; a < n; a++)
+            for (int j = 0; j < counts[side][a]; j++) sel[side][i++] = a;
+        assert_int_equal(i, R);
+        shuffle_i32(sel[side], R);   // the records' keys in a shuffled order
+    }
+    size_t NHD = (size_t)N * H * dk, NK = (size_t)n * half;
+    float *gate = dyadic((size_t)R, 1, 4, 0.125f), *dgate = dyadic((size_t)R, -4, 4, 0.125f);
+    float *qn = dyadic(NHD, -2, 2, 0.25f), *k1 = dyadic(NK, -2, 2, 0.25f);
+    float *k2 = dyadic(NK, -2, 2, 0.25f);
+    float *dk1 = dyadic(NK, -8, 8, 0.0625f), *dk2 = dyadic(NK, -8, 8, 0.0625f);
+    float *d_gate = dev_copy(gate, (size_t)R * 4), *d_dgate = dev_copy(dgate, (size_t)R * 4);
+    float *d_qn = dev_copy(qn, NHD * 4), *d_k1 = dev_copy(k1, NK * 4), *d_k2 = dev_copy(k2, NK * 4);
+    float *d_dk1 = dev_copy(dk1, NK * 4), *d_dk2 = dev_copy(dk2, NK * 4);
+    int32_t *d_sa = dev_copy(sel[0], (size_t)R * 4), *d_sb = dev_copy(sel[1], (size_t)R * 4);
+    float *dqn = malloc(NHD * 4), *d_dqn = gpu->alloc(NHD * 4);
+    cpu->retrieval_route_backward(dqn, dk1, dk2, dgate, gate, sel[0], sel[1], qn, k1, k2, N, H,
+                                  dk, n, k);
+    gpu->retrieval_route_backward(d_dqn, d_dk1, d_dk2, d_dgate, d_gate, d_sa, d_sb, d_qn, d_k1,
+                                  d_k2, N, H, dk, n, k);
+    float *g = host_copy(d_dk1, NK * 4);
+    expect_close("hot sub-keys: dK1", g, dk1, NK, 0.0);
+    free(g);
+    g = host_copy(d_dk2, NK * 4);
+    expect_close("hot sub-keys: dK2", g, dk2, NK, 0.0);
+    free(g);
+    g = host_copy(d_dqn, NHD * 4);
+    expect_close("hot sub-keys: dqn", g, dqn, NHD, 0.0);
+    free(g);
+    g = host_copy(d_dgate, (size_t)R * 4);
+    expect_close("hot sub-keys: score gradients", g, dgate, (size_t)R, 0.0);
+    free(g);
+    void *dev[] = {d_gate, d_dgate, d_qn, d_k1, d_k2, d_dk1, d_dk2, d_sa, d_sb, d_dqn};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) gpu->free(dev[i]);
+    free(sel[0]); free(sel[1]); free(gate); free(dgate); free(qn); free(k1); free(k2);
+    free(dk1); free(dk2); free(dqn);
+}
+#endif
 
 // "huge": element offsets past 2^31, checked by value. Expert tables of C = 1024 and
 // 2^21 + 64 rows (2^31 + 2^16 elements, 8 GiB each of U, V, dU, dV: on the emulator with
@@ -2791,6 +2978,10 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup(test_layer_pkm_bf16_exact, reset_tolerance),
         cmocka_unit_test_setup(test_layer_peer_bf16, reset_tolerance),
         cmocka_unit_test_setup(test_expert_grad_modes, reset_tolerance),
+#ifdef MP_HAVE_CUDA
+        cmocka_unit_test_setup(test_expert_grad_hot_rows, reset_tolerance),
+        cmocka_unit_test_setup(test_subkey_grad_hot_keys, reset_tolerance),
+#endif
         cmocka_unit_test_setup(test_model, reset_tolerance),
         cmocka_unit_test_setup(test_determinism, reset_tolerance),
         cmocka_unit_test_setup(test_bf16_copy_after_steps, reset_tolerance),

@@ -13,7 +13,7 @@
 //
 //   bench_peer_cuda [--d 1024] [--n 1024] [--heads 8] [--topk 16] [--dk 128]
 //                   [--tokens 16384] [--iters 20] [--warmup 5] [--pkm] [--no-bn]
-//                   [--precision fp32|bf16] [--no-check]
+//                   [--precision fp32|bf16] [--no-check] [--collapse]
 //
 // After the timing it checks the layer's values (check_layer below: a few tokens' y and a
 // few touched rows of dU and dV recomputed in double on the host) and prints a second JSON
@@ -24,6 +24,14 @@
 // bf16 reads; the fp32 masters belong to the optimizer, which is not part of the layer),
 // their gradients are fp32. (PEER still holds an fp32 U, all NaN and not counted: the
 // backend tells PEER from PKM by it; see main.)
+//
+// --collapse: a router collapsed onto k experts. Sub-key balance biases (docs/model.md) of
+// +1000 on the first m = ceil(sqrt(k)) sub-keys of each half, in every head, make every
+// token and head select among the same m^2 experts (the gates stay the softmax of the plain
+// scores), so k rows get tokens x heads records each: 131,072 at the paper's shape, the
+// worst case of the expert gradients' hot rows (docs/cuda.md, "Expert gradients"). Its
+// times beside a run without it are that case's cost. The biases stay put (balance rate 0)
+// but their update still runs, as in training: a copy of the counts to the host per step.
 //
 // Exits 77 (and says why) when no GPU is usable.
 #include <math.h>
@@ -358,7 +366,7 @@ static int check_layer(mp_retrieval_layer *l, const float *x, const float *dy, f
 
 int main(int argc, char **argv) {
     int d = 1024, n = 1024, H = 8, k = 16, dk = 128, N = 16384, iters = 20, warmup = 5;
-    int pkm = 0, bn = 1, bf16 = 0, check = 1;
+    int pkm = 0, bn = 1, bf16 = 0, check = 1, collapse = 0;
     for (int i = 1; i < argc; i++) {
         int *dst = NULL;
         if (!strcmp(argv[i], "--d")) dst = &d;
@@ -372,6 +380,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--pkm")) pkm = 1;
         else if (!strcmp(argv[i], "--no-bn")) bn = 0;
         else if (!strcmp(argv[i], "--no-check")) check = 0;
+        else if (!strcmp(argv[i], "--collapse")) collapse = 1;
         else if (!strcmp(argv[i], "--precision") && i + 1 < argc) {
             const char *p = argv[++i];
             if (strcmp(p, "fp32") && strcmp(p, "bf16"))
@@ -466,6 +475,20 @@ int main(int argc, char **argv) {
     l.dgate = dalloc(NS * 4, &g_bytes_acts);
     float *x = dtensor(NC, 0, 1.0f, 10, &g_bytes_acts), *dy = dtensor(NC, 0, 1.0f, 11, &g_bytes_acts);
     float *y = dalloc(NC * 4, &g_bytes_acts), *dx = dalloc(NC * 4, &g_bytes_acts);
+    if (collapse) {
+        size_t G = 2 * (size_t)H * n;
+        int m = (int)ceil(sqrt((double)k));
+        float *bias = mp_calloc(G, sizeof(float));
+        for (size_t g = 0; g < 2 * (size_t)H; g++)
+            for (int a = 0; a < m; a++) bias[g * n + a] = 1000.0f;
+        l.key_bias = dalloc(G * sizeof(float), &g_bytes_params);
+        be->from_host(l.key_bias, bias, G * sizeof(float));
+        free(bias);
+        l.key_counts = dalloc(G * sizeof(int32_t), &g_bytes_acts);
+        l.key_counts_i32 = mp_calloc(G, sizeof(int32_t));
+        l.key_counts_host = mp_calloc(G + 1, sizeof(double));
+        l.key_bias_host = mp_calloc(G, sizeof(float));
+    }
     mp_exchange_init(&l.ex, NULL, be);
     mp_cuda_synchronize();
     size_t mem1 = mp_cuda_memory_used();
@@ -545,7 +568,7 @@ int main(int argc, char **argv) {
     const double GiB = 1024.0 * 1024.0 * 1024.0;
     printf("{\"impl\": \"millipede-cuda\", \"layer\": \"%s\", \"precision\": \"%s\", "
            "\"device\": \"%s\", \"d\": %d, \"n_experts\": %ld, \"heads\": %d, \"topk\": %d, "
-           "\"dk\": %d, \"tokens\": %d, \"query_bn\": %d, \"iters\": %d, "
+           "\"dk\": %d, \"tokens\": %d, \"query_bn\": %d, \"collapse\": %d, \"iters\": %d, "
            "\"fwd_ms\": %.4f, \"fwdbwd_ms\": %.4f, \"route_ms\": %.4f, \"experts_ms\": %.4f, "
            "\"experts_bwd_ms\": %.4f, \"route_bwd_ms\": %.4f, \"zero_expert_grads_ms\": %.4f, "
            "\"params_gib\": %.3f, \"grads_gib\": %.3f, \"acts_gib\": %.3f, "
@@ -553,7 +576,7 @@ int main(int argc, char **argv) {
            "\"fwdbwd_bytes\": %.4g, \"fwd_tbps\": %.3f, \"fwdbwd_tbps\": %.3f, "
            "\"fwdbwd_touched_bytes\": %.4g, \"fwdbwd_touched_tbps\": %.3f, \"copy_tbps\": %.3f, "
            "\"fwdbwd_touched_of_copy\": %.3f}\n",
-           pkm ? "pkm" : "peer", bf16 ? "bf16" : "fp32", mp_cuda_device_name(), d, rc.n_experts, H, k, dk, N, bn, iters,
+           pkm ? "pkm" : "peer", bf16 ? "bf16" : "fp32", mp_cuda_device_name(), d, rc.n_experts, H, k, dk, N, bn, collapse, iters,
            m_fwd, m_all, m_phase[P_ROUTE], m_phase[P_EXPERTS], m_phase[P_EXPERTS_BWD],
            m_phase[P_ROUTE_BWD], t_zero, g_bytes_params / GiB, g_bytes_grads / GiB,
            g_bytes_acts / GiB, (double)(mem2 > mem1 ? mem2 - mem1 : 0) / GiB, mem0 / GiB, touched,

@@ -10,6 +10,14 @@
 extern "C" {
 #endif
 
+// Records per segment of a hot row in the expert gradients (retrieval_experts.cu): a row
+// with more records is summed by segments, then the segments' sums in order. Exposed for
+// the test that gives rows more.
+#define MP_CUDA_GRAD_SEG 1024
+// The same for the sub-key gradients (retrieval_route.cu), whose keys hold N H k / n records
+// each on average (2048 at the paper's shape).
+#define MP_CUDA_SUBKEY_SEG 4096
+
 // Waits for all queued GPU work (benchmarks time with events, tests read results after it).
 void mp_cuda_synchronize(void);
 // GPU timing: an event marks a point in the queued work; mp_cuda_event_ms waits for `to`

@@ -3,9 +3,10 @@
 // reductions and the ops each file exports to the backend table.
 //
 // Everything runs on the legacy default stream, so kernels, cuBLAS calls and cudaMemcpy are
-// ordered without explicit synchronisation. No op uses atomics or a reduction whose order
-// depends on scheduling: every output element has one writer and sums run in a fixed order,
-// so results are bitwise repeatable on the same GPU, toolkit and shapes (cuBLAS guarantees
+// ordered without explicit synchronisation. No floating-point sum uses atomics or an order
+// that depends on scheduling (integer atomics only count, or hand out places in a list):
+// every output element has one writer and sums run in a fixed order, so results are bitwise
+// repeatable on the same GPU, toolkit and shapes (cuBLAS guarantees
 // the same for its GEMMs on one architecture and SM count).
 #pragma once
 #include <cublas_v2.h>
@@ -48,11 +49,22 @@ enum {
     SCR_XB, SCR_DYB, // experts backward, bf16 mode: x and dy rounded to bf16
     SCR_GEMM_A, SCR_GEMM_B,   // matmul, bf16 mode: GEMM operands rounded to bf16
     SCR_ROW_SS,      // experts backward: sums of squares per (column block, row)
+    SCR_HOT_PLAN,    // mp_cuda_plan_hot_keys
+    SCR_HOT_PART,    // partial sums of the hot keys' segments (experts and sub-key gradients)
     SCR_LT_WORKSPACE,   // cuBLASLt's workspace (gemm_lt.cu)
     SCR_COUNT
 };
 void *mp_cuda_scratch(int slot, size_t bytes);
 void mp_cuda_zero(void *p, size_t bytes);   // the backend's zero: a memset on the stream
+
+// Lets `kernel` launch with up to `bytes` of dynamic shared memory (above 48 KiB a kernel has
+// to opt in), calling the runtime only when bytes exceeds what *allowed, the caller's static
+// for that kernel, says was set before.
+template <class F> static inline void mp_cuda_allow_shared(F *kernel, size_t bytes, size_t *allowed) {
+    if (bytes <= *allowed) return;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    *allowed = bytes;
+}
 
 static inline unsigned mp_blocks(size_t n, int threads) {
     size_t b = (n + (size_t)threads - 1) / (size_t)threads;
@@ -114,7 +126,23 @@ void mp_cuda_colsum_finish(float *out, const float *part, int nblk, int C);
 // run starts in idx. The results live in scratch (SCR_SORT_*) until the next sort.
 void mp_cuda_sort_by_key(const int32_t *key, int64_t R, int64_t key_bound, const int32_t **idx,
                          const int32_t **skey, const int32_t **off);
-
+// The hot keys of a sort's grouping: those of `keys` with more than seg of the R records
+// (off from mp_cuda_sort_by_key), each cut into segments of seg records, the last shorter.
+// For the sums that give each key one worker: a key holding most of the records (a
+// collapsed router's expert row or sub-key) would keep its worker busy long after the rest
+// of the GPU had finished, so those keys are left to one worker per segment, writing a
+// partial sum, and one per key adding its partials in segment order: another fixed order.
+// The lists are device memory (scratch SCR_HOT_PLAN, until the next plan), filled on the
+// stream by one kernel; their sizes are read there by the kernels that use them, and the
+// host knows only bounds: at most R / seg hot keys and 2 R / seg segments. Integer atomics
+// hand out the places in the lists, so which key lands where varies; no sum depends on it.
+typedef struct {
+    int32_t *count;                 // (2) hot keys, segments
+    int32_t *key, *first, *nseg;    // (max_hot) each hot key, its first segment, its segments
+    int32_t *seg_key, *seg_index;   // (max_seg) each segment's key and its place in the key
+    int64_t max_hot, max_seg;       // host: the bounds
+} mp_hot_keys;
+mp_hot_keys mp_cuda_plan_hot_keys(const int32_t *off, int64_t keys, int64_t R, int seg);
 // 16-byte accesses (float4, uint4) must be 16-byte aligned: a GPU faults on one that is not,
 // x86 does it quietly, so the emulator (tests/cuda_emu) defines this check; here it is free.
 #ifndef MP_CHECK_ALIGN16

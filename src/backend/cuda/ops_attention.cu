@@ -364,9 +364,9 @@ static size_t dq_shared(int NJ) {
 template <int NJ>
 static void forward_launch(float *out, float *lse, const float *qkv, int B, int T, int C, int NH,
                            float scale) {
+    static size_t allowed;
     size_t shb = forward_shared(NJ);
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<NJ>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
+    mp_cuda_allow_shared(attention_forward_kernel<NJ>, shb, &allowed);
     dim3 grid((unsigned)((T + ATT_ROWS - 1) / ATT_ROWS), (unsigned)NH, (unsigned)B);
     attention_forward_kernel<NJ><<<grid, ATT_THREADS, shb>>>(out, lse, qkv, T, C, NH, scale);
     KERNEL_CHECK();
@@ -376,15 +376,14 @@ template <int NJ>
 static void backward_launch(float *dqkv, const float *dout, const float *qkv, const float *lse,
                             const float *D, int B, int T, int C, int NH, float scale) {
     dim3 grid((unsigned)((T + ATT_ROWS - 1) / ATT_ROWS), (unsigned)NH, (unsigned)B);
+    static size_t allowed_kv, allowed_q;
     size_t shb = dkv_shared(NJ);
-    CUDA_CHECK(cudaFuncSetAttribute(attention_dkv_kernel<NJ>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
+    mp_cuda_allow_shared(attention_dkv_kernel<NJ>, shb, &allowed_kv);
     attention_dkv_kernel<NJ><<<grid, ATT_THREADS, shb>>>(dqkv, dout, qkv, lse, D, T, C, NH,
                                                          scale);
     KERNEL_CHECK();
     shb = dq_shared(NJ);
-    CUDA_CHECK(cudaFuncSetAttribute(attention_dq_kernel<NJ>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
+    mp_cuda_allow_shared(attention_dq_kernel<NJ>, shb, &allowed_q);
     attention_dq_kernel<NJ><<<grid, ATT_THREADS, shb>>>(dqkv, dout, qkv, lse, D, T, C, NH, scale);
     KERNEL_CHECK();
 }

@@ -432,19 +432,12 @@ static size_t tc_dq_shared(int NF) {
            4 * TC_WARPS * 16 * (OW + TC_SLD);
 }
 
-// set once per instantiation: the dynamic shared memory above 48 KiB that the launch needs
-template <class F> static void tc_allow_shared(F *kernel, size_t bytes, int *done) {
-    if (*done) return;
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    *done = 1;
-}
-
 template <int NF>
 static void tc_forward_launch(float *out, uint16_t *out_bf16, float *lse, const float *qkv, int B,
                               int T, int C, int NH, float scale) {
-    static int ready;
+    static size_t allowed;
     size_t shb = tc_forward_shared(NF);
-    tc_allow_shared(attention_forward_tc_kernel<NF>, shb, &ready);
+    mp_cuda_allow_shared(attention_forward_tc_kernel<NF>, shb, &allowed);
     dim3 grid((unsigned)((T + TC_ROWS - 1) / TC_ROWS), (unsigned)NH, (unsigned)B);
     attention_forward_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(out, out_bf16, lse, qkv, T, C, NH,
                                                                scale);
@@ -455,15 +448,15 @@ template <int NF>
 static void tc_backward_launch(float *dqkv, uint16_t *dqkv_bf16, float *part, const float *dout,
                                const float *qkv, const float *lse, const float *D, int B, int T,
                                int C, int NH, float scale) {
-    static int ready_kv, ready_q;
+    static size_t allowed_kv, allowed_q;
     dim3 grid((unsigned)((T + TC_ROWS - 1) / TC_ROWS), (unsigned)NH, (unsigned)B);
     size_t shb = tc_dkv_shared(NF);
-    tc_allow_shared(attention_dkv_tc_kernel<NF>, shb, &ready_kv);
+    mp_cuda_allow_shared(attention_dkv_tc_kernel<NF>, shb, &allowed_kv);
     attention_dkv_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dqkv_bf16, part, dout, qkv, lse,
                                                            D, T, C, NH, scale);
     KERNEL_CHECK();
     shb = tc_dq_shared(NF);
-    tc_allow_shared(attention_dq_tc_kernel<NF>, shb, &ready_q);
+    mp_cuda_allow_shared(attention_dq_tc_kernel<NF>, shb, &allowed_q);
     attention_dq_tc_kernel<NF><<<grid, TC_THREADS, shb>>>(dqkv, dqkv_bf16, part, dout, qkv, lse,
                                                           D, T, C, NH, scale);
     KERNEL_CHECK();

@@ -16,6 +16,7 @@
 // x and dy rows are read 16 bytes at a time when C and the bases allow. Nothing of shape
 // (tokens, H, k, d) is ever stored: per record only the pre-activation (forward) and its
 // gradient (backward) are kept.
+#include "backend/cuda/cuda.h"
 #include "backend/cuda/cuda_common.h"
 
 #define EXP_THREADS 256
@@ -144,9 +145,9 @@ template <bool PEER, class T, int W>
 static void forward_launch_w(float *y, const float *x, int64_t M, const int64_t *slot_start,
                              const int32_t *row, const float *gate, float *pre, const T *U,
                              const T *V, int C, int relu) {
+    static size_t allowed;   // per instantiation
     size_t shb = shared_bytes(C);
-    CUDA_CHECK(cudaFuncSetAttribute(experts_forward_kernel<PEER, T, W>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
+    mp_cuda_allow_shared(experts_forward_kernel<PEER, T, W>, shb, &allowed);
     experts_forward_kernel<PEER, T, W><<<(unsigned)M, threads_for(C), shb>>>(
         y, x, slot_start, row, gate, pre, U, V, C, relu);
     KERNEL_CHECK();
@@ -260,7 +261,68 @@ static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, c
 // repeatable. ss_part (or NULL): the item's sum of squares after the update (the lane's
 // columns in order, then warp butterflies), item-indexed; grad_rows_done folds it per row
 // and updates dirty, after this kernel, which only reads dirty.
+//
+// A hot row, one with more than GRAD_SEG records (a router that sends most tokens to a few
+// experts: at the paper's shape a collapsed row can get 131,072), would keep its warp busy
+// long after the rest of the grid had finished. Its records are cut into segments of
+// GRAD_SEG (mp_cuda_plan_hot_keys): one warp per (column block, segment) sums its segment
+// into a partial row (experts_grad_seg_kernel), then one per (column block, hot row) adds
+// the partials in segment order (experts_grad_hot_kernel). Another fixed order, so still
+// repeatable; a row with at most GRAD_SEG records keeps the one sum in record order.
 #define GRAD_WARPS 8
+#define GRAD_SEG MP_CUDA_GRAD_SEG   // cuda.h
+
+// One lane's share of one column block: av (+)= sum over records [p0, p1) of g_i dy[slot_i]
+// (g_i = gate_i act(pre_i), or gate_i for PKM), au (+)= sum of dpre_i x[slot_i], in record
+// order. gs, ds, ms: the warp's shared staging for EXP_CHUNK records' scalars. has: whether
+// the lane's columns exist (c < C); every lane stages, only those with columns sum.
+template <bool PEER, class A, int V>
+__device__ __forceinline__ void grad_sum_records(float *av, float *au, int p0, int p1, int c,
+                                                 bool has, float *gs, float *ds, int32_t *ms,
+                                                 const int32_t *idx, const int32_t *slot,
+                                                 const float *gate, const float *pre,
+                                                 const float *dpre, const A *x, const A *dy,
+                                                 int C, int relu) {
+    int lane = threadIdx.x % 32;
+    for (int base = p0; base < p1; base += EXP_CHUNK) {
+        int cnt = min(EXP_CHUNK, p1 - base);
+        __syncwarp();   // the previous chunk's scalars are read
+        for (int j = lane; j < cnt; j += 32) {
+            int i = idx[base + j];
+            ms[j] = slot[i];
+            gs[j] = PEER ? gate[i] * mp_act_fwd(relu, pre[i]) : gate[i];
+            ds[j] = PEER ? dpre[i] : 0.0f;
+        }
+        __syncwarp();
+        if (!has) continue;
+        float a[V];
+        for (int j = 0; j < cnt; j++) {
+            load_vals<V>(a, dy + (size_t)ms[j] * C + c);
+            for (int k = 0; k < V; k++) av[k] += gs[j] * a[k];
+        }
+        if (PEER)
+            for (int j = 0; j < cnt; j++) {
+                load_vals<V>(a, x + (size_t)ms[j] * C + c);
+                for (int k = 0; k < V; k++) au[k] += ds[j] * a[k];
+            }
+    }
+}
+
+// the row's new values stored, and the warp's sum of squares of them into ss_part[it]
+template <bool PEER, int V>
+__device__ __forceinline__ void grad_store_row(float *dur, float *dvr, const float *au,
+                                               const float *av, int c, bool has,
+                                               double *ss_part, int64_t it) {
+    double ss = 0.0;
+    if (has) {
+        store_vals<V>(dvr + c, av);
+        if (PEER) store_vals<V>(dur + c, au);
+        for (int k = 0; k < V; k++) ss += (double)au[k] * au[k] + (double)av[k] * av[k];
+    }
+    ss = mp_warp_sum_d(ss);
+    if (threadIdx.x % 32 == 0 && ss_part) ss_part[it] = ss;
+}
+
 template <bool PEER, class A, int V>
 static __global__ void __launch_bounds__(32 * GRAD_WARPS)
 experts_grad_kernel(float *du, float *dv, const uint8_t *dirty, double *ss_part,
@@ -277,6 +339,7 @@ experts_grad_kernel(float *du, float *dv, const uint8_t *dirty, double *ss_part,
         int c = (int)(it / rows) * WC + lane * V;   // this lane's first column
         bool has = c < C;   // V > 1 only when V divides C: then c < C means c + V <= C
         int p0 = off ? off[r] : 0, p1 = off ? off[r + 1] : 0;
+        if (p1 - p0 > GRAD_SEG) continue;   // a hot row: the segment kernels' (below)
         float *dvr = dv + (size_t)r * C, *dur = PEER ? du + (size_t)r * C : NULL;
         float av[V], au[V];
         for (int k = 0; k < V; k++) av[k] = au[k] = 0.0f;
@@ -291,36 +354,73 @@ experts_grad_kernel(float *du, float *dv, const uint8_t *dirty, double *ss_part,
             load_vals<V>(av, dvr + c);
             if (PEER) load_vals<V>(au, dur + c);
         }
-        for (int base = p0; base < p1; base += EXP_CHUNK) {
-            int cnt = min(EXP_CHUNK, p1 - base);
-            __syncwarp();   // the previous chunk's scalars are read
-            for (int j = lane; j < cnt; j += 32) {
-                int i = idx[base + j];
-                ms[w][j] = slot[i];
-                gs[w][j] = PEER ? gate[i] * mp_act_fwd(relu, pre[i]) : gate[i];
-                ds[w][j] = PEER ? dpre[i] : 0.0f;
-            }
-            __syncwarp();
-            if (!has) continue;
-            float a[V];
-            for (int j = 0; j < cnt; j++) {
-                load_vals<V>(a, dy + (size_t)ms[w][j] * C + c);
-                for (int k = 0; k < V; k++) av[k] += gs[w][j] * a[k];
-            }
-            if (PEER)
-                for (int j = 0; j < cnt; j++) {
-                    load_vals<V>(a, x + (size_t)ms[w][j] * C + c);
-                    for (int k = 0; k < V; k++) au[k] += ds[w][j] * a[k];
-                }
-        }
-        double ss = 0.0;
+        grad_sum_records<PEER, A, V>(av, au, p0, p1, c, has, gs[w], ds[w], ms[w], idx, slot,
+                                     gate, pre, dpre, x, dy, C, relu);
+        grad_store_row<PEER, V>(dur, dvr, au, av, c, has, ss_part, it);
+    }
+}
+
+// Per (column block, segment): the segment's sums from zero into its partial rows
+// (pu, pv: (segments, C); pu unused for PKM), item = cb * segments + segment.
+template <bool PEER, class A, int V>
+static __global__ void __launch_bounds__(32 * GRAD_WARPS)
+experts_grad_seg_kernel(float *pu, float *pv, mp_hot_keys hot, const int32_t *idx,
+                        const int32_t *off, const int32_t *slot, const float *gate,
+                        const float *pre, const float *dpre, const A *x, const A *dy, int C,
+                        int relu) {
+    __shared__ float gs[GRAD_WARPS][EXP_CHUNK], ds[GRAD_WARPS][EXP_CHUNK];
+    __shared__ int32_t ms[GRAD_WARPS][EXP_CHUNK];
+    constexpr int WC = 32 * V;
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32, nblk = (C + WC - 1) / WC;
+    int64_t segs = hot.count[1], items = segs * nblk, stride = (int64_t)gridDim.x * GRAD_WARPS;
+    for (int64_t it = (int64_t)blockIdx.x * GRAD_WARPS + w; it < items; it += stride) {
+        int64_t s = it % segs;
+        int c = (int)(it / segs) * WC + lane * V;
+        bool has = c < C;
+        int r = hot.seg_key[s], p0 = off[r] + hot.seg_index[s] * GRAD_SEG;
+        int p1 = min(p0 + GRAD_SEG, off[r + 1]);
+        float av[V], au[V];
+        for (int k = 0; k < V; k++) av[k] = au[k] = 0.0f;
+        grad_sum_records<PEER, A, V>(av, au, p0, p1, c, has, gs[w], ds[w], ms[w], idx, slot,
+                                     gate, pre, dpre, x, dy, C, relu);
+        if (!has) continue;
+        store_vals<V>(pv + (size_t)s * C + c, av);   // plain stores: read back soon, from L2
+        if (PEER) store_vals<V>(pu + (size_t)s * C + c, au);
+    }
+}
+
+// Per (column block, hot row): the row's value (0 in overwrite mode) plus its partials in
+// segment order, stored, with its sum of squares at the main kernel's item index.
+template <bool PEER, int V>
+static __global__ void __launch_bounds__(32 * GRAD_WARPS)
+experts_grad_hot_kernel(float *du, float *dv, double *ss_part, const float *pu, const float *pv,
+                        mp_hot_keys hot, int64_t rows, int C, int overwrite) {
+    constexpr int WC = 32 * V;
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32, nblk = (C + WC - 1) / WC;
+    int64_t nhot = hot.count[0], items = nhot * nblk, stride = (int64_t)gridDim.x * GRAD_WARPS;
+    for (int64_t it = (int64_t)blockIdx.x * GRAD_WARPS + w; it < items; it += stride) {
+        int64_t h = it % nhot, cb = it / nhot;
+        int c = (int)cb * WC + lane * V;
+        bool has = c < C;
+        int64_t r = hot.key[h];
+        float *dvr = dv + (size_t)r * C, *dur = PEER ? du + (size_t)r * C : NULL;
+        float av[V], au[V], a[V];
+        for (int k = 0; k < V; k++) av[k] = au[k] = 0.0f;
         if (has) {
-            store_vals<V>(dvr + c, av);
-            if (PEER) store_vals<V>(dur + c, au);
-            for (int k = 0; k < V; k++) ss += (double)au[k] * au[k] + (double)av[k] * av[k];
+            if (!overwrite) {
+                load_vals<V>(av, dvr + c);
+                if (PEER) load_vals<V>(au, dur + c);
+            }
+            for (int s = hot.first[h], e = s + hot.nseg[h]; s < e; s++) {
+                load_vals<V>(a, pv + (size_t)s * C + c);
+                for (int k = 0; k < V; k++) av[k] += a[k];
+                if (PEER) {
+                    load_vals<V>(a, pu + (size_t)s * C + c);
+                    for (int k = 0; k < V; k++) au[k] += a[k];
+                }
+            }
         }
-        ss = mp_warp_sum_d(ss);
-        if (lane == 0 && ss_part) ss_part[it] = ss;
+        grad_store_row<PEER, V>(dur, dvr, au, av, c, has, ss_part, cb * rows + r);
     }
 }
 
@@ -349,9 +449,9 @@ template <bool PEER, class T, int W>
 static void dx_launch_w(float *dx, float *dgate, float *dpre, const float *dy, int64_t M,
                         const int64_t *slot_start, const int32_t *row, const float *gate,
                         const float *pre, const T *U, const T *V, int C, int relu) {
+    static size_t allowed;   // per instantiation
     size_t shb = shared_bytes(C);
-    CUDA_CHECK(cudaFuncSetAttribute(experts_dx_kernel<PEER, T, W>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shb));
+    mp_cuda_allow_shared(experts_dx_kernel<PEER, T, W>, shb, &allowed);
     experts_dx_kernel<PEER, T, W><<<(unsigned)M, threads_for(C), shb>>>(
         dx, dgate, dpre, dy, slot_start, row, gate, pre, U, V, C, relu);
     KERNEL_CHECK();
@@ -384,11 +484,41 @@ static unsigned grad_blocks(int64_t items) {
     return (unsigned)(need < want ? need : want);
 }
 
+// The hot rows' passes (above experts_grad_kernel), after it; the kernels read the actual
+// counts from the plan, the grids are sized by its bounds.
+template <class A, int V>
+static void grad_hot_launch(const mp_expert_tables *t, int peer, const int32_t *idx,
+                            const int32_t *off, const int32_t *slot, const float *gate,
+                            const float *pre, const float *dpre, const A *x, const A *dy,
+                            int64_t R, int C, int relu, int overwrite, double *ss_part) {
+    int nblk = (C + 32 * V - 1) / (32 * V);
+    mp_hot_keys hot = mp_cuda_plan_hot_keys(off, t->rows, R, GRAD_SEG);
+    float *pv = (float *)mp_cuda_scratch(SCR_HOT_PART,
+                                         (size_t)hot.max_seg * C * (peer ? 2 : 1) * sizeof(float));
+    float *pu = peer ? pv + (size_t)hot.max_seg * C : NULL;   // (max_seg, C) each
+    unsigned nb = grad_blocks(hot.max_seg * nblk);
+    if (peer)
+        experts_grad_seg_kernel<true, A, V><<<nb, 32 * GRAD_WARPS>>>(
+            pu, pv, hot, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+    else
+        experts_grad_seg_kernel<false, A, V><<<nb, 32 * GRAD_WARPS>>>(
+            NULL, pv, hot, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+    KERNEL_CHECK();
+    nb = grad_blocks(hot.max_hot * nblk);
+    if (peer)
+        experts_grad_hot_kernel<true, V><<<nb, 32 * GRAD_WARPS>>>(t->du, t->dv, ss_part, pu, pv,
+                                                                  hot, t->rows, C, overwrite);
+    else
+        experts_grad_hot_kernel<false, V><<<nb, 32 * GRAD_WARPS>>>(NULL, t->dv, ss_part, NULL, pv,
+                                                                   hot, t->rows, C, overwrite);
+    KERNEL_CHECK();
+}
+
 template <class A, int V>
 static void grad_launch(const mp_expert_tables *t, int peer, const int32_t *idx,
                         const int32_t *off, const int32_t *slot, const float *gate,
-                        const float *pre, const float *dpre, const A *x, const A *dy, int C,
-                        int relu, int overwrite, double *row_ss) {
+                        const float *pre, const float *dpre, const A *x, const A *dy, int64_t R,
+                        int C, int relu, int overwrite, double *row_ss) {
     int nblk = (C + 32 * V - 1) / (32 * V);
     int64_t items = t->rows * nblk;
     double *ss_part = row_ss ? (double *)mp_cuda_scratch(SCR_ROW_SS, (size_t)items * sizeof(double))
@@ -403,6 +533,9 @@ static void grad_launch(const mp_expert_tables *t, int peer, const int32_t *idx,
             NULL, t->dv, t->dirty, ss_part, idx, off, slot, gate, pre, dpre, x, dy, t->rows, C,
             relu, overwrite);
     KERNEL_CHECK();
+    if (off && R > GRAD_SEG)   // else no row can be hot
+        grad_hot_launch<A, V>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, R, C, relu,
+                              overwrite, ss_part);
     grad_rows_done_kernel<<<mp_blocks((size_t)t->rows, 256), 256>>>(t->dirty, row_ss, ss_part, off,
                                                                     t->rows, nblk, overwrite);
     KERNEL_CHECK();
@@ -413,16 +546,16 @@ static void grad_launch(const mp_expert_tables *t, int peer, const int32_t *idx,
 template <class A>
 static void grad_launch_any(const mp_expert_tables *t, int peer, const int32_t *idx,
                             const int32_t *off, const int32_t *slot, const float *gate,
-                            const float *pre, const float *dpre, const A *x, const A *dy, int C,
-                            int relu, int overwrite, double *row_ss) {
+                            const float *pre, const float *dpre, const A *x, const A *dy,
+                            int64_t R, int C, int relu, int overwrite, double *row_ss) {
     const int V = 16 / sizeof(A);   // 4 floats, 8 bf16
     bool vec = C % V == 0 && mp_aligned(dy, 16) && mp_aligned(t->dv, 16) &&
                (!peer || (mp_aligned(x, 16) && mp_aligned(t->du, 16)));
     if (vec)
-        grad_launch<A, 16 / sizeof(A)>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu,
-                                       overwrite, row_ss);
+        grad_launch<A, 16 / sizeof(A)>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, R, C,
+                                       relu, overwrite, row_ss);
     else
-        grad_launch<A, 1>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu, overwrite,
+        grad_launch<A, 1>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, R, C, relu, overwrite,
                           row_ss);
 }
 
@@ -458,10 +591,10 @@ void mp_cuda_experts_backward(const mp_expert_tables *t, float *dx, float *dgate
         uint16_t *dyb = (uint16_t *)mp_cuda_scratch(SCR_DYB, (MC ? MC : 1) * sizeof(uint16_t)); // (M, C)
         if (peer && MC) mp_cuda_to_bf16(xb, x, MC);
         if (MC) mp_cuda_to_bf16(dyb, dy, MC);
-        grad_launch_any<uint16_t>(t, peer, idx, off, slot, gate, pre, dpre, xb, dyb, C, relu,
-                                  overwrite, row_ss);
+        grad_launch_any<uint16_t>(t, peer, idx, off, slot, gate, pre, dpre, xb, dyb, R, C,
+                                  relu, overwrite, row_ss);
     } else {
-        grad_launch_any<float>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, C, relu,
+        grad_launch_any<float>(t, peer, idx, off, slot, gate, pre, dpre, x, dy, R, C, relu,
                                overwrite, row_ss);
     }
 }

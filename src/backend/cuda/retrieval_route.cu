@@ -504,16 +504,20 @@ static __global__ void softmax_dq_kernel(float *dq, float *dgate, const float *g
 // GPU waiting on one load at a time: 4.5 ms on an H200 for a sum of 0.1 GB. Here the block's
 // SUBKEY_THREADS threads are R = SUBKEY_THREADS / CW record lanes of CW columns; lane r sums
 // records r, r + R, ..., and the R partial sums are added in lane order, so each run adds the
-// same terms in the same order (no atomics).
+// same terms in the same order (no atomics). A key with more than SUBKEY_SEG records (a
+// router collapsed onto a few sub-keys gives each of them N H k / m, 524,288 at the paper's
+// shape for m = 4) is left to subkey_grad_seg_kernel, a block per segment of SUBKEY_SEG
+// records, and subkey_grad_hot_kernel, which adds the segments' sums in order.
 #define SUBKEY_THREADS 256
-static __global__ void subkey_grad_kernel(float *dkey, const int32_t *idx, const int32_t *off,
-                                          const float *dscore, const float *qn, int S, int k,
-                                          int dk, int col0, int CW) {
-    __shared__ float part[SUBKEY_THREADS];   // (R, CW)
-    int key = blockIdx.x, half = dk / 2, H = S / k, R = blockDim.x / CW;
+#define SUBKEY_SEG MP_CUDA_SUBKEY_SEG   // cuda.h
+
+// The block's sum of the key's records [p0, p1) (lanes as above) into dst (half), added to
+// what dst holds (add) or written over it
+static __device__ void subkey_sum(float *dst, int add, float *part, const int32_t *idx, int p0,
+                                  int p1, const float *dscore, const float *qn, int S, int k,
+                                  int dk, int col0, int CW) {
+    int half = dk / 2, H = S / k, R = blockDim.x / CW;
     int lane = threadIdx.x / CW, cc = threadIdx.x % CW;
-    int p0 = off[key], p1 = off[key + 1];
-    if (p0 == p1) return;   // the whole block leaves together
     for (int cb = 0; cb < half; cb += CW) {
         int c = cb + cc;
         float acc = 0.0f;
@@ -529,12 +533,71 @@ static __global__ void subkey_grad_kernel(float *dkey, const int32_t *idx, const
         part[threadIdx.x] = acc;
         __syncthreads();
         if (lane == 0 && c < half) {
-            float s = dkey[(size_t)key * half + c];
+            float s = add ? dst[c] : 0.0f;
             for (int r = 0; r < R; r++) s += part[r * CW + cc];
-            dkey[(size_t)key * half + c] = s;
+            dst[c] = s;
         }
         __syncthreads();   // part is refilled by the next column chunk
     }
+}
+
+static __global__ void subkey_grad_kernel(float *dkey, const int32_t *idx, const int32_t *off,
+                                          const float *dscore, const float *qn, int S, int k,
+                                          int dk, int col0, int CW) {
+    __shared__ float part[SUBKEY_THREADS];   // (R, CW)
+    int key = blockIdx.x, p0 = off[key], p1 = off[key + 1];
+    // the whole block leaves together: no records, or a hot key (the segment kernels')
+    if (p0 == p1 || p1 - p0 > SUBKEY_SEG) return;
+    subkey_sum(dkey + (size_t)key * (dk / 2), 1, part, idx, p0, p1, dscore, qn, S, k, dk, col0,
+               CW);
+}
+
+// Per segment of a hot key (a block each, looping): its sum from zero into pseg (segments,
+// half)
+static __global__ void subkey_grad_seg_kernel(float *pseg, mp_hot_keys hot, const int32_t *idx,
+                                              const int32_t *off, const float *dscore,
+                                              const float *qn, int S, int k, int dk, int col0,
+                                              int CW) {
+    __shared__ float part[SUBKEY_THREADS];
+    for (int s = blockIdx.x; s < hot.count[1]; s += gridDim.x) {
+        int key = hot.seg_key[s], p0 = off[key] + hot.seg_index[s] * SUBKEY_SEG;
+        int p1 = min(p0 + SUBKEY_SEG, off[key + 1]);
+        subkey_sum(pseg + (size_t)s * (dk / 2), 0, part, idx, p0, p1, dscore, qn, S, k, dk, col0,
+                   CW);
+    }
+}
+
+// Per (hot key, column): dkey += the key's segment sums in segment order
+static __global__ void subkey_grad_hot_kernel(float *dkey, const float *pseg, mp_hot_keys hot,
+                                              int half) {
+    int64_t items = (int64_t)hot.count[0] * half, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t it = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; it < items; it += stride) {
+        int h = (int)(it / half), c = (int)(it % half);
+        float *d = dkey + (size_t)hot.key[h] * half + c, s = *d;
+        for (int j = hot.first[h], e = j + hot.nseg[h]; j < e; j++) s += pseg[(size_t)j * half + c];
+        *d = s;
+    }
+}
+
+// dkey += the sub-key gradients of the records grouped by key (idx, off from the sort), the
+// hot keys' segments after the rest
+static void subkey_grad(float *dkey, const int32_t *idx, const int32_t *off, const float *dscore,
+                        const float *qn, int64_t R, int n, int S, int k, int dk, int col0,
+                        int cw) {
+    subkey_grad_kernel<<<n, SUBKEY_THREADS>>>(dkey, idx, off, dscore, qn, S, k, dk, col0, cw);
+    KERNEL_CHECK();
+    if (R <= SUBKEY_SEG) return;   // no key can be hot
+    int half = dk / 2;
+    mp_hot_keys hot = mp_cuda_plan_hot_keys(off, n, R, SUBKEY_SEG);
+    float *pseg = (float *)mp_cuda_scratch(SCR_HOT_PART, (size_t)hot.max_seg * half * sizeof(float));
+    unsigned nb = (unsigned)(hot.max_seg < 65535 ? hot.max_seg : 65535);
+    subkey_grad_seg_kernel<<<nb, SUBKEY_THREADS>>>(pseg, hot, idx, off, dscore, qn, S, k, dk,
+                                                   col0, cw);
+    KERNEL_CHECK();
+    size_t items = (size_t)hot.max_hot * half;
+    subkey_grad_hot_kernel<<<mp_blocks(items < 65535 * 256 ? items : 65535 * 256, 256), 256>>>(
+        dkey, pseg, hot, half);
+    KERNEL_CHECK();
 }
 
 // part (nblk, 2, HD): per block of rows, the sums of dqn and of dqn * xhat in double
@@ -626,10 +689,9 @@ void mp_cuda_retrieval_route_backward(float *dqn, float *dk1, float *dk2, float 
     // SUBKEY_THREADS, so every thread has a record lane) by SUBKEY_THREADS / CW >= 2 lanes
     int cw = half <= 32 ? 32 : half <= 64 ? 64 : 128;
     const int32_t *idx, *off;
-    mp_cuda_sort_by_key(sel_a, (int64_t)N * S, n, &idx, NULL, &off);
-    subkey_grad_kernel<<<n, SUBKEY_THREADS>>>(dk1, idx, off, dgate, qn, S, k, dk, 0, cw);
-    KERNEL_CHECK();
-    mp_cuda_sort_by_key(sel_b, (int64_t)N * S, n, &idx, NULL, &off);
-    subkey_grad_kernel<<<n, SUBKEY_THREADS>>>(dk2, idx, off, dgate, qn, S, k, dk, half, cw);
-    KERNEL_CHECK();
+    int64_t R = (int64_t)N * S;
+    mp_cuda_sort_by_key(sel_a, R, n, &idx, NULL, &off);
+    subkey_grad(dk1, idx, off, dgate, qn, R, n, S, k, dk, 0, cw);
+    mp_cuda_sort_by_key(sel_b, R, n, &idx, NULL, &off);
+    subkey_grad(dk2, idx, off, dgate, qn, R, n, S, k, dk, half, cw);
 }
