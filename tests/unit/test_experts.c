@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -177,6 +178,53 @@ static void run_modes(int peer) {
 static void test_modes_peer(void **state) { (void)state; run_modes(1); }
 static void test_modes_pkm(void **state) { (void)state; run_modes(0); }
 
+// A row with more than a thread's share of the records has its columns split among the
+// threads (expert_grads in retrieval_cpu.c), which must not change a bit: each element sums
+// the same records in the same order. One thread (no row is hot then) against 3 (the heavy
+// row, 3/4 of the records, is), in overwrite and accumulate mode, at C = 200 (three blocks
+// of 64 columns and a last one of 8). A wrong column range, a block counted twice or left
+// out, or a lost zeroing gives other bits.
+static void test_hot_row_threads(void **state) {
+    (void)state;
+    int C = 200, S = 4, threads = omp_get_max_threads();
+    long rows = 6;
+    size_t n = (size_t)rows * C;
+    static const int32_t set[] = {4, 4, 4, 1, 4, 4, 2, 4, 5};   // row 4: most odd records too
+    float *out[2][2];   // [threads 1, 3][du, dv]
+    double *ss[2];
+    uint8_t *dirty[2];
+    for (int run = 0; run < 2; run++) {
+        omp_set_num_threads(run == 0 ? 1 : 3);
+        float *U = malloc(n * sizeof(float)), *V = malloc(n * sizeof(float));
+        out[run][0] = malloc(n * sizeof(float));
+        out[run][1] = malloc(n * sizeof(float));
+        fill(U, n, -1, 1, 31);
+        fill(V, n, -1, 1, 32);
+        fill(out[run][0], n, -1, 1, 33);
+        fill(out[run][1], n, -1, 1, 34);
+        dirty[run] = malloc((size_t)rows);
+        memset(dirty[run], 1, (size_t)rows);
+        ss[run] = calloc((size_t)rows, sizeof(double));
+        mp_expert_tables t = {.u = U, .v = V, .du = out[run][0], .dv = out[run][1],
+                              .dirty = dirty[run], .rows = rows};
+        for (int p = 0; p < 2; p++) {   // overwrite, then accumulate
+            batch b = make_batch(40, S, C, set, 9, 40 + p);
+            be->experts_backward(&t, b.dx, b.dgate, b.dy, b.x, b.M, b.start, b.slot, b.row,
+                                 b.gate, b.pre, b.R, C, 1, p == 0, ss[run]);
+            free_batch(&b);
+        }
+        free(U); free(V);
+    }
+    omp_set_num_threads(threads);
+    assert_memory_equal(out[0][0], out[1][0], n * sizeof(float));
+    assert_memory_equal(out[0][1], out[1][1], n * sizeof(float));
+    assert_memory_equal(ss[0], ss[1], (size_t)rows * sizeof(double));
+    assert_memory_equal(dirty[0], dirty[1], (size_t)rows);
+    for (int run = 0; run < 2; run++) {
+        free(out[run][0]); free(out[run][1]); free(ss[run]); free(dirty[run]);
+    }
+}
+
 // The model's use of the modes (tests/unit/small_config.h: a PEER and a PKM block): a step
 // of two micro-batches, then a step of one on other tokens. After each step every expert
 // row the step's forwards selected is dirty and no other, the other rows read exactly
@@ -250,6 +298,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_modes_peer),
         cmocka_unit_test(test_modes_pkm),
+        cmocka_unit_test(test_hot_row_threads),
         cmocka_unit_test(test_model_steps),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -7,6 +7,7 @@
 // repeatable. Nothing here talks to other ranks: the BatchNorm sums come back as this rank's
 // partial sums and src/model/route.c reduces them.
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 #include "backend/cpu/cpu.h"
@@ -324,6 +325,31 @@ static double row_sum_squares(const float *x, int n) {
     return s;
 }
 
+// Columns [c0, c1) of row r's dU and dV: its records (items[p0 .. p1)) added in order, from
+// zero in overwrite mode
+#define ROW_GRAD_COLS 64   // columns per thread when a hot row's columns are split
+static void row_grad(const mp_expert_tables *t, long r, int c0, int c1, int64_t p0, int64_t p1,
+                     const int64_t *items, const float *dy, const float *x, const int32_t *slot,
+                     const float *gate, const float *pre, const float *dpre, int C, int relu,
+                     int overwrite) {
+    int peer = t->u != NULL, w = c1 - c0;
+    float *dv = t->dv + r * C + c0;
+    float *du = peer ? t->du + r * C + c0 : NULL;
+    if (overwrite) {
+        memset(dv, 0, (size_t)w * sizeof(float));
+        if (peer) memset(du, 0, (size_t)w * sizeof(float));
+    }
+    for (int64_t p = p0; p < p1; p++) {
+        int64_t i = items[p], m = slot[i];
+        float g = gate[i];
+        if (peer) {
+            g *= act_fwd(relu, pre[i]);
+            axpy(du, dpre[i], x + m * C + c0, w);
+        }
+        axpy(dv, g, dy + m * C + c0, w);
+    }
+}
+
 // dU and dV, one expert row at a time: records are bucketed by row (a stable counting
 // sort over the touched rows), so each row sums its records in arrival order. overwrite:
 // a touched row starts from zero (0 + a == a: the same bits as zeroing first), and a dirty
@@ -367,26 +393,35 @@ static void expert_grads(const mp_expert_tables *t, const float *dy, const float
             if (row_ss) row_ss[r] = 0.0;
         }
     }
+    // A row with more than a thread's share of the records (a collapsed router's: all of them
+    // on k rows) would keep one thread busy while the others wait, so its columns are split
+    // among the threads instead. Each element still sums the row's records in order, so the
+    // bits are the same either way.
+    int64_t hot = R / omp_get_max_threads() + 1;
+    int nblk = (C + ROW_GRAD_COLS - 1) / ROW_GRAD_COLS;
 #pragma omp parallel for schedule(dynamic, 16)
     for (long k = 0; k < n_touched; k++) {
         long r = touched[k];
-        float *dv = t->dv + r * C;
-        float *du = peer ? t->du + r * C : NULL;
-        if (overwrite) {
-            memset(dv, 0, (size_t)C * sizeof(float));
-            if (peer) memset(du, 0, (size_t)C * sizeof(float));
-        }
-        for (int64_t p = begin[k]; p < begin[k + 1]; p++) {
-            int64_t i = items[p], m = slot[i];
-            float g = gate[i];
-            if (peer) {
-                g *= act_fwd(relu, pre[i]);
-                axpy(du, dpre[i], x + m * C, C);
-            }
-            axpy(dv, g, dy + m * C, C);
-        }
+        if (begin[k + 1] - begin[k] >= hot) continue;
+        row_grad(t, r, 0, C, begin[k], begin[k + 1], items, dy, x, slot, gate, pre, dpre, C,
+                 relu, overwrite);
         dirty[r] = 1;
-        if (row_ss) row_ss[r] = (peer ? row_sum_squares(du, C) : 0.0) + row_sum_squares(dv, C);
+        if (row_ss)
+            row_ss[r] = (peer ? row_sum_squares(t->du + r * C, C) : 0.0) +
+                        row_sum_squares(t->dv + r * C, C);
+    }
+    for (long k = 0; k < n_touched; k++) {
+        long r = touched[k];
+        if (begin[k + 1] - begin[k] < hot) continue;
+#pragma omp parallel for schedule(static)
+        for (int b = 0; b < nblk; b++)
+            row_grad(t, r, b * ROW_GRAD_COLS, b + 1 < nblk ? (b + 1) * ROW_GRAD_COLS : C,
+                     begin[k], begin[k + 1], items, dy, x, slot, gate, pre, dpre, C, relu,
+                     overwrite);
+        dirty[r] = 1;
+        if (row_ss)
+            row_ss[r] = (peer ? row_sum_squares(t->du + r * C, C) : 0.0) +
+                        row_sum_squares(t->dv + r * C, C);
     }
 }
 
