@@ -2409,16 +2409,17 @@ static void test_expert_grad_modes(void **state) {
 
 #ifdef MP_HAVE_CUDA
 // Rows with more than MP_CUDA_GRAD_SEG records (a collapsed router's), which the CUDA
-// backend sums segment by segment and then adds the segments' sums in order, against the
-// CPU's one sum in record order: three segments with a short last one, two with a last of
-// one record, exactly MP_CUDA_GRAD_SEG records (one sum, the boundary), a hot row added to
-// (accumulate) and one zeroed by the next step's overwrite. Exact arithmetic makes the two
+// backend sums segment by segment (the last one takes the remainder) and then adds the
+// segments' sums in order, against the CPU's one sum in record order: three segments (the
+// last of 1576 records), two (the last of 1025), one (a row of 1025), exactly
+// MP_CUDA_GRAD_SEG records (one sum, the boundary) in an overwrite and in an accumulate
+// step, a hot row added to (accumulate) and one zeroed by the next step's overwrite. Exact arithmetic makes the two
 // orders comparable bit for bit: x, dy, U and V are multiples of 1/4 in [-1/2, 1/2] (bf16
 // values too), gates k/4 (k = 1..4), pre-activations multiples of 1/16 in [-2, 2] with ReLU
 // (act' is 0 or 1). Then dy . v is a multiple of 1/16 of magnitude <= C/4, dpre = gate
 // (dy . v) act' and g = gate act(pre) multiples of 1/64, and every term of dU (dpre x, at
 // most 5.25 at C = 42) and dV (g dy, at most 1) a multiple of 2^-8; a row's sums over at
-// most 2600 + 1100 records stay below 2^15 in magnitude, so every partial sum, in any order,
+// most 3624 + 1100 records stay below 2^15 in magnitude, so every partial sum, in any order,
 // is a multiple of 2^-8 that fp32's 24 bits hold exactly. A missed, repeated or misplaced
 // record or segment changes a sum unless its terms happen to cancel.
 static float *dyadic(size_t n, int lo, int hi, float unit) {   // k unit, k in [lo, hi]
@@ -2447,8 +2448,8 @@ static void check_grad_hot_rows(int peer, int bf16, int C) {
     grad_tables g = grad_tables_make(peer, bf16, rows, C, dyadic(n, -2, 2, 0.25f),
                                      dyadic(n, -2, 2, 0.25f));
     struct { int count[8], overwrite; const char *name; } plan[] = {   // records per row
-        {{2 * SEG + 552, 0, 0, SEG + 1, 0, SEG, 7, 0}, 1, "step 1, overwrite"},
-        {{SEG + 76, 6, 0, 3, 0, 2 * SEG + 1, 0, 0}, 0, "step 1, accumulate"},
+        {{3 * SEG + 552, 0, 0, SEG + 1, 0, SEG, 7, 0}, 1, "step 1, overwrite"},
+        {{SEG + 76, 7, 0, SEG, 0, 2 * SEG + 1, 0, 0}, 0, "step 1, accumulate"},
         {{0, 0, SEG + 476, 0, 0, 0, 4, 0}, 1, "step 2, overwrite"},
     };
     for (int p = 0; p < 3; p++) {
@@ -2491,25 +2492,26 @@ static void test_expert_grad_hot_rows(void **state) {
 // The route's backward with sub-keys that hold more than MP_CUDA_SUBKEY_SEG records (a
 // router collapsed onto a few sub-keys), which the CUDA backend sums by segments and then
 // adds the segments' sums in order, against the CPU's one sum in record order: three
-// segments with a short last one, two, three with a last of one record, exactly
-// MP_CUDA_SUBKEY_SEG records (the boundary) and a key without records. Bit for bit, by
+// segments (the last of 4796 records), two (the last of 4097), one (keys of 4097, 7096 and
+// 4747 records), exactly MP_CUDA_SUBKEY_SEG records (the boundary) and a key without
+// records. Bit for bit, by
 // exact arithmetic as in check_grad_hot_rows: gates are multiples of 1/8 in [1/8, 1/2],
 // the gate gradients multiples of 1/8 in [-1/2, 1/2], qn, K1 and K2 multiples of 1/4 in
 // [-1/2, 1/2]. With k = 4 the softmax's sum is a multiple of 1/64 of magnitude <= 1, the
 // score gradient ds a multiple of 2^-9 of magnitude <= 3/4, each term ds qn of dK a
-// multiple of 2^-11 of magnitude <= 3/8, and a key's sum over at most 8892 records (plus
-// its old value, a multiple of 1/16 of magnitude <= 1/2) below 2^12: 23 bits, which fp32
+// multiple of 2^-11 of magnitude <= 3/8, and a key's sum over at most 12988 records (plus
+// its old value, a multiple of 1/16 of magnitude <= 1/2) below 2^13: 24 bits, which fp32
 // holds exactly in any order. dqn (sums of ds K over k) and ds are exact likewise.
 static void test_subkey_grad_hot_keys(void **state) {
     (void)state;
     const int SEG = MP_CUDA_SUBKEY_SEG, H = 2, k = 4, dk = 16, n = 8, S = H * k, half = dk / 2;
     const int counts[2][8] = {   // records per sub-key, first and second half
-        {2 * SEG + 700, 529, 529, SEG + 1, 529, SEG, 528, 0},
-        {652, SEG + 3000, 652, 652, 652, 652, 2 * SEG + 1, 651},
+        {3 * SEG + 700, 529, 529, SEG + 1, 529, SEG, 528, 0},
+        {652, SEG + 3000, 652, 652, 652, 652, 2 * SEG + 1, 4747},
     };
     int64_t R = 0;
     for (int a = 0; a < n; a++) R += counts[0][a];
-    int N = (int)(R / S);   // 19200 records, 2400 tokens
+    int N = (int)(R / S);   // 23296 records, 2912 tokens
     int32_t *sel[2];
     for (int side = 0; side < 2; side++) {
         sel[side] = malloc((size_t)R * 4);

@@ -27,11 +27,13 @@
 //
 // --collapse: a router collapsed onto k experts. Sub-key balance biases (docs/model.md) of
 // +1000 on the first m = ceil(sqrt(k)) sub-keys of each half, in every head, make every
-// token and head select among the same m^2 experts (the gates stay the softmax of the plain
-// scores), so k rows get tokens x heads records each: 131,072 at the paper's shape, the
-// worst case of the expert gradients' hot rows (docs/cuda.md, "Expert gradients"). Its
-// times beside a run without it are that case's cost. The biases stay put (balance rate 0)
-// but their update still runs, as in training: a copy of the counts to the host per step.
+// token and head select among the same m^2 >= k experts (the gates stay the softmax of the
+// plain scores). When k is a square (16, the paper's) k rows get tokens x heads records each
+// (131,072 at the paper's shape) and each of the m sub-keys a half m times as many: the
+// worst case of the expert and sub-key gradients' hot rows (docs/cuda.md, "Expert
+// gradients"). Its experts-backward and route-backward times beside a run without it are
+// that case's cost; its forward is not comparable: the biases stay put (balance rate 0) but
+// their update still runs, as in training, a copy of the counts to the host per step.
 //
 // Exits 77 (and says why) when no GPU is usable.
 #include <math.h>

@@ -127,20 +127,21 @@ void mp_cuda_colsum_finish(float *out, const float *part, int nblk, int C);
 void mp_cuda_sort_by_key(const int32_t *key, int64_t R, int64_t key_bound, const int32_t **idx,
                          const int32_t **skey, const int32_t **off);
 // The hot keys of a sort's grouping: those of `keys` with more than seg of the R records
-// (off from mp_cuda_sort_by_key), each cut into segments of seg records, the last shorter.
+// (off from mp_cuda_sort_by_key), each cut into segments of seg records, the last of seg to
+// 2 seg - 1 (it takes the remainder).
 // For the sums that give each key one worker: a key holding most of the records (a
 // collapsed router's expert row or sub-key) would keep its worker busy long after the rest
 // of the GPU had finished, so those keys are left to one worker per segment, writing a
 // partial sum, and one per key adding its partials in segment order: another fixed order.
 // The lists are device memory (scratch SCR_HOT_PLAN, until the next plan), filled on the
 // stream by one kernel; their sizes are read there by the kernels that use them, and the
-// host knows only bounds: at most R / seg hot keys and 2 R / seg segments. Integer atomics
-// hand out the places in the lists, so which key lands where varies; no sum depends on it.
+// host knows only a bound: at most R / seg segments, and so hot keys. Integer atomics hand
+// out the places in the lists, so which key lands where varies; no sum depends on it.
 typedef struct {
     int32_t *count;                 // (2) hot keys, segments
-    int32_t *key, *first, *nseg;    // (max_hot) each hot key, its first segment, its segments
-    int32_t *seg_key, *seg_index;   // (max_seg) each segment's key and its place in the key
-    int64_t max_hot, max_seg;       // host: the bounds
+    int32_t *key, *first, *nseg;    // (max_seg) each hot key, its first segment, its segments
+    int32_t *seg_begin, *seg_end;   // (max_seg) each segment's records [begin, end) in idx
+    int64_t max_seg;                // host: the bound on both counts
 } mp_hot_keys;
 mp_hot_keys mp_cuda_plan_hot_keys(const int32_t *off, int64_t keys, int64_t R, int seg);
 // 16-byte accesses (float4, uint4) must be 16-byte aligned: a GPU faults on one that is not,

@@ -265,7 +265,7 @@ static __global__ void experts_dx_kernel(float *dx, float *dgate, float *dpre, c
 // A hot row, one with more than GRAD_SEG records (a router that sends most tokens to a few
 // experts: at the paper's shape a collapsed row can get 131,072), would keep its warp busy
 // long after the rest of the grid had finished. Its records are cut into segments of
-// GRAD_SEG (mp_cuda_plan_hot_keys): one warp per (column block, segment) sums its segment
+// GRAD_SEG, the last taking the remainder (mp_cuda_plan_hot_keys): one warp per (column block, segment) sums its segment
 // into a partial row (experts_grad_seg_kernel), then one per (column block, hot row) adds
 // the partials in segment order (experts_grad_hot_kernel). Another fixed order, so still
 // repeatable; a row with at most GRAD_SEG records keeps the one sum in record order.
@@ -365,9 +365,8 @@ experts_grad_kernel(float *du, float *dv, const uint8_t *dirty, double *ss_part,
 template <bool PEER, class A, int V>
 static __global__ void __launch_bounds__(32 * GRAD_WARPS)
 experts_grad_seg_kernel(float *pu, float *pv, mp_hot_keys hot, const int32_t *idx,
-                        const int32_t *off, const int32_t *slot, const float *gate,
-                        const float *pre, const float *dpre, const A *x, const A *dy, int C,
-                        int relu) {
+                        const int32_t *slot, const float *gate, const float *pre,
+                        const float *dpre, const A *x, const A *dy, int C, int relu) {
     __shared__ float gs[GRAD_WARPS][EXP_CHUNK], ds[GRAD_WARPS][EXP_CHUNK];
     __shared__ int32_t ms[GRAD_WARPS][EXP_CHUNK];
     constexpr int WC = 32 * V;
@@ -377,8 +376,7 @@ experts_grad_seg_kernel(float *pu, float *pv, mp_hot_keys hot, const int32_t *id
         int64_t s = it % segs;
         int c = (int)(it / segs) * WC + lane * V;
         bool has = c < C;
-        int r = hot.seg_key[s], p0 = off[r] + hot.seg_index[s] * GRAD_SEG;
-        int p1 = min(p0 + GRAD_SEG, off[r + 1]);
+        int p0 = hot.seg_begin[s], p1 = hot.seg_end[s];
         float av[V], au[V];
         for (int k = 0; k < V; k++) av[k] = au[k] = 0.0f;
         grad_sum_records<PEER, A, V>(av, au, p0, p1, c, has, gs[w], ds[w], ms[w], idx, slot,
@@ -424,7 +422,7 @@ experts_grad_hot_kernel(float *du, float *dv, double *ss_part, const float *pu, 
     }
 }
 
-// After experts_grad_kernel, per row: row_ss (or NULL) = the row's item sums in column-block
+// After experts_grad_kernel and the hot rows' kernels, per row: row_ss (or NULL) = the row's item sums in column-block
 // order for a row with records, 0 for a row the overwrite pass left zero, kept otherwise; and
 // dirty = whether the row may be nonzero now.
 static __global__ void grad_rows_done_kernel(uint8_t *dirty, double *row_ss, const double *ss_part,
@@ -499,12 +497,12 @@ static void grad_hot_launch(const mp_expert_tables *t, int peer, const int32_t *
     unsigned nb = grad_blocks(hot.max_seg * nblk);
     if (peer)
         experts_grad_seg_kernel<true, A, V><<<nb, 32 * GRAD_WARPS>>>(
-            pu, pv, hot, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+            pu, pv, hot, idx, slot, gate, pre, dpre, x, dy, C, relu);
     else
         experts_grad_seg_kernel<false, A, V><<<nb, 32 * GRAD_WARPS>>>(
-            NULL, pv, hot, idx, off, slot, gate, pre, dpre, x, dy, C, relu);
+            NULL, pv, hot, idx, slot, gate, pre, dpre, x, dy, C, relu);
     KERNEL_CHECK();
-    nb = grad_blocks(hot.max_hot * nblk);
+    nb = grad_blocks(hot.max_seg * nblk);   // hot rows: no more than segments
     if (peer)
         experts_grad_hot_kernel<true, V><<<nb, 32 * GRAD_WARPS>>>(t->du, t->dv, ss_part, pu, pv,
                                                                   hot, t->rows, C, overwrite);

@@ -507,7 +507,8 @@ static __global__ void softmax_dq_kernel(float *dq, float *dgate, const float *g
 // same terms in the same order (no atomics). A key with more than SUBKEY_SEG records (a
 // router collapsed onto a few sub-keys gives each of them N H k / m, 524,288 at the paper's
 // shape for m = 4) is left to subkey_grad_seg_kernel, a block per segment of SUBKEY_SEG
-// records, and subkey_grad_hot_kernel, which adds the segments' sums in order.
+// records (the last one of up to twice that: mp_cuda_plan_hot_keys), and
+// subkey_grad_hot_kernel, which adds the segments' sums in order.
 #define SUBKEY_THREADS 256
 #define SUBKEY_SEG MP_CUDA_SUBKEY_SEG   // cuda.h
 
@@ -555,13 +556,11 @@ static __global__ void subkey_grad_kernel(float *dkey, const int32_t *idx, const
 // Per segment of a hot key (a block each, looping): its sum from zero into pseg (segments,
 // half)
 static __global__ void subkey_grad_seg_kernel(float *pseg, mp_hot_keys hot, const int32_t *idx,
-                                              const int32_t *off, const float *dscore,
-                                              const float *qn, int S, int k, int dk, int col0,
-                                              int CW) {
+                                              const float *dscore, const float *qn, int S, int k,
+                                              int dk, int col0, int CW) {
     __shared__ float part[SUBKEY_THREADS];
     for (int s = blockIdx.x; s < hot.count[1]; s += gridDim.x) {
-        int key = hot.seg_key[s], p0 = off[key] + hot.seg_index[s] * SUBKEY_SEG;
-        int p1 = min(p0 + SUBKEY_SEG, off[key + 1]);
+        int p0 = hot.seg_begin[s], p1 = hot.seg_end[s];
         subkey_sum(pseg + (size_t)s * (dk / 2), 0, part, idx, p0, p1, dscore, qn, S, k, dk, col0,
                    CW);
     }
@@ -591,10 +590,10 @@ static void subkey_grad(float *dkey, const int32_t *idx, const int32_t *off, con
     mp_hot_keys hot = mp_cuda_plan_hot_keys(off, n, R, SUBKEY_SEG);
     float *pseg = (float *)mp_cuda_scratch(SCR_HOT_PART, (size_t)hot.max_seg * half * sizeof(float));
     unsigned nb = (unsigned)(hot.max_seg < 65535 ? hot.max_seg : 65535);
-    subkey_grad_seg_kernel<<<nb, SUBKEY_THREADS>>>(pseg, hot, idx, off, dscore, qn, S, k, dk,
-                                                   col0, cw);
+    subkey_grad_seg_kernel<<<nb, SUBKEY_THREADS>>>(pseg, hot, idx, dscore, qn, S, k, dk, col0,
+                                                   cw);
     KERNEL_CHECK();
-    size_t items = (size_t)hot.max_hot * half;
+    size_t items = (size_t)hot.max_seg * half;   // hot keys: no more than segments
     subkey_grad_hot_kernel<<<mp_blocks(items < 65535 * 256 ? items : 65535 * 256, 256), 256>>>(
         dkey, pseg, hot, half);
     KERNEL_CHECK();

@@ -64,36 +64,34 @@ static __global__ void plan_hot_keys_kernel(mp_hot_keys hot, const int32_t *off,
                                             int seg) {
     int64_t key = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (key >= keys) return;
-    int n = off[key + 1] - off[key];
-    if (n <= seg) return;
-    int nseg = (n + seg - 1) / seg;
+    int p0 = off[key], p1 = off[key + 1];
+    if (p1 - p0 <= seg) return;
+    int nseg = (p1 - p0) / seg;   // the last takes the remainder: no p0 + seg past p1
     int h = atomicAdd(&hot.count[0], 1), s0 = atomicAdd(&hot.count[1], nseg);
     hot.key[h] = (int32_t)key;
     hot.first[h] = s0;
     hot.nseg[h] = nseg;
     for (int s = 0; s < nseg; s++) {
-        hot.seg_key[s0 + s] = (int32_t)key;
-        hot.seg_index[s0 + s] = s;
+        hot.seg_begin[s0 + s] = p0 + s * seg;
+        hot.seg_end[s0 + s] = s + 1 < nseg ? p0 + (s + 1) * seg : p1;
     }
 }
 
 mp_hot_keys mp_cuda_plan_hot_keys(const int32_t *off, int64_t keys, int64_t R, int seg) {
     mp_hot_keys hot;
-    // a hot key of n = q seg + r records (q >= 1, 0 <= r < seg) has q + (r > 0) <= 2q
-    // segments, and the q of all hot keys add up to at most R / seg: so at most that many
-    // hot keys, and twice that many segments
-    hot.max_hot = R / seg;
-    hot.max_seg = 2 * hot.max_hot;
-    int32_t *ints = (int32_t *)mp_cuda_scratch(
-        SCR_HOT_PLAN, (size_t)(2 + 3 * hot.max_hot + 2 * hot.max_seg) * sizeof(int32_t));
+    // a hot key of n records has floor(n / seg) >= 1 segments, so all of them, and the hot
+    // keys, number at most R / seg
+    hot.max_seg = R / seg;
+    int32_t *ints = (int32_t *)mp_cuda_scratch(SCR_HOT_PLAN,
+                                               (size_t)(2 + 5 * hot.max_seg) * sizeof(int32_t));
     hot.count = ints;
     hot.key = ints + 2;
-    hot.first = hot.key + hot.max_hot;
-    hot.nseg = hot.first + hot.max_hot;
-    hot.seg_key = hot.nseg + hot.max_hot;
-    hot.seg_index = hot.seg_key + hot.max_seg;
+    hot.first = hot.key + hot.max_seg;
+    hot.nseg = hot.first + hot.max_seg;
+    hot.seg_begin = hot.nseg + hot.max_seg;
+    hot.seg_end = hot.seg_begin + hot.max_seg;
     mp_cuda_zero(hot.count, 2 * sizeof(int32_t));
-    if (keys > 0 && hot.max_hot > 0) {
+    if (keys > 0 && hot.max_seg > 0) {
         plan_hot_keys_kernel<<<mp_blocks((size_t)keys, 256), 256>>>(hot, off, keys, seg);
         KERNEL_CHECK();
     }
